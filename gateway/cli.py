@@ -1,0 +1,259 @@
+"""The `gateway` command line (SPEC §12).
+
+    gateway --version
+    gateway check -c FILE [--syntax-only]
+    gateway run (-c FILE | --demo) [--workers N | --single-process] [--log-format F]
+    gateway sink [--listen HOST:PORT] [--starttls] [--cert F --key F] [--maildir DIR]
+    gateway certs demo DIR [--hostname H]
+
+Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
+usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
+traceback. The server, sink and certificate modules are imported only by the subcommand that
+needs them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def native_backend() -> str:
+    """"native" or "python": which core `gateway.native` uses (python if it cannot load)."""
+    try:
+        from . import native
+        backend = getattr(native, "BACKEND", "python")
+    except Exception:
+        return "python"
+    return backend if isinstance(backend, str) and backend else "python"
+
+
+def version_line() -> str:
+    return f"gateway {__version__} (native core: {native_backend()})"
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _config_error(exc: ConfigError) -> int:
+    _error(f"{exc.path}: {exc.message}" if exc.path else exc.message)
+    return EXIT_CONFIG
+
+
+# ---------------------------------------------------------------------------------------------
+# check
+
+
+def summary_table(config) -> str:
+    """The per-listener table `gateway check` prints."""
+    from .config import format_hostport
+
+    header = ("NAME", "TYPE", "BIND", "PROTOCOL", "TLS/CLIENT", "MAX CONN", "BACKLOG",
+              "UPSTREAM", "UPSTREAM TLS", "RULES")
+    rows = [header]
+    for lst in config.listeners:
+        up = lst.upstream
+        rules = str(len(lst.rules))
+        if lst.client_rules:
+            rules += f" (+{len(lst.client_rules)} client)"
+        rows.append((
+            lst.name, lst.type, format_hostport(lst.host, lst.port), lst.protocol,
+            f"{lst.tls}/{lst.client_tls}", str(lst.max_connections), str(lst.backlog),
+            format_hostport(up.host, up.port), f"{up.mode}/{up.tls}", rules,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def cmd_check(args) -> int:
+    from .config import check_files, load_config
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(summary_table(config))
+    if not args.syntax_only:
+        problems = check_files(config)
+        if problems:
+            for problem in problems:
+                _error(problem)
+            return EXIT_CONFIG
+    checked = "syntax" if args.syntax_only else "syntax and files"
+    print(f"{args.config}: OK ({len(config.listeners)} listeners, {checked} checked)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def cmd_run(args) -> int:
+    from .config import demo_config, load_config
+    from .logs import EventLog
+    try:
+        config = demo_config() if args.demo else load_config(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    if args.single_process:
+        config = dataclasses.replace(config, workers=1, single_process=True)
+    elif args.workers is not None:
+        config = dataclasses.replace(config, workers=args.workers)
+    log = EventLog(args.log_format or config.log_format)
+    for warning in config.warnings:
+        log.event("config_warning", level="warning", message=warning)
+    from . import server
+    try:
+        result = server.run(config, log=log, demo=bool(args.demo))
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK if result is None else int(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# sink
+
+
+def cmd_sink(args) -> int:
+    from .config import parse_hostport
+    from .logs import EventLog
+    try:
+        host, port = parse_hostport(args.listen, "--listen", port_zero_ok=True)
+    except ConfigError as exc:
+        return _config_error(exc)
+    cert, key = args.cert, args.key
+    if (cert is None) != (key is None):
+        _error("--cert and --key go together")
+        return EXIT_CONFIG
+    if args.starttls and cert is None:
+        import tempfile
+        from .tls.certs import write_demo_certificate
+        directory = tempfile.mkdtemp(prefix="gateway-sink-")
+        cert, key = (str(p) for p in write_demo_certificate(directory, "localhost"))
+    log = EventLog(args.log_format)
+    from . import sink
+    try:
+        result = sink.main_sink(host, port, cert, key, args.maildir, log)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    return EXIT_OK if result is None else int(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# certs
+
+
+def cmd_certs_demo(args) -> int:
+    from .tls.certs import write_demo_certificate
+    hostname = args.hostname or socket.getfqdn()
+    try:
+        os.makedirs(args.directory, exist_ok=True)
+        cert_path, key_path = write_demo_certificate(args.directory, hostname)
+    except OSError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    print(f"certificate: {cert_path}")
+    print(f"key:         {key_path}")
+    print("this self-signed certificate is for demonstrations only")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (one per CPU) or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Mail TLS gateway: owns the TLS of SMTP and IMAP servers.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a configuration file and summarise it")
+    p.add_argument("-c", "--config", required=True, metavar="FILE")
+    p.add_argument("--syntax-only", action="store_true",
+                   help="skip the checks of certificate/key files and user/group")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="run the gateway")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config", metavar="FILE")
+    source.add_argument("--demo", action="store_true",
+                        help="run the embedded demonstration configuration with its sink")
+    workers = p.add_mutually_exclusive_group()
+    workers.add_argument("--workers", type=_positive_int, metavar="N",
+                         help="worker processes (0 = one per CPU); overrides the file")
+    workers.add_argument("--single-process", action="store_true",
+                         help="serve in one process, without forking workers")
+    p.add_argument("--log-format", choices=("logfmt", "json"),
+                   help="override gateway.log_format")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sink", help="run the test sink (an SMTP server that stores mail)")
+    p.add_argument("--listen", default="127.0.0.1:2526", metavar="HOST:PORT")
+    p.add_argument("--starttls", action="store_true",
+                   help="offer STARTTLS (with a demo certificate unless --cert/--key)")
+    p.add_argument("--cert", metavar="FILE")
+    p.add_argument("--key", metavar="FILE")
+    p.add_argument("--maildir", metavar="DIR", help="store received messages here")
+    p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
+    p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("certs", help="certificate helpers")
+    certs = p.add_subparsers(dest="certs_command", metavar="ACTION")
+    demo = certs.add_parser("demo", help="write a self-signed demonstration certificate")
+    demo.add_argument("directory", metavar="DIR")
+    demo.add_argument("--hostname", metavar="H", help="default: this machine's FQDN")
+    demo.set_defaults(func=cmd_certs_demo)
+    p.set_defaults(func=None, subparser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:     # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    if args.version:
+        print(version_line())
+        return EXIT_OK
+    func = getattr(args, "func", None)
+    if func is None:
+        (getattr(args, "subparser", None) or parser).print_usage(sys.stderr)
+        return EXIT_CONFIG
+    return func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

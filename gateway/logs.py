@@ -1,0 +1,228 @@
+"""Structured event log (SPEC §7): one line per event, logfmt (default) or JSON lines.
+
+    log = EventLog("logfmt")
+    conn = log.bind(listener="inbound").bind(conn=new_conn_id(), client="192.0.2.7:40001")
+    conn.event("tls", side="client", version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256")
+
+gives ``ts=2025-01-01T12:00:00.123Z level=info event=tls conn=… listener=inbound client=…
+side=client version=TLSv1.3 cipher=TLS_AES_128_GCM_SHA256``.
+
+Key order: ``ts``, ``level``, ``event``, then the bound fields (``conn``, ``listener``,
+``client`` first when bound, then the others in the order they were bound), then the call's
+fields. A call field with the name of a bound field replaces its value in place; ``None``
+values are left out. Logging never raises: odd values are rendered as safe text and a failing
+stream is ignored.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import secrets
+import sys
+import time
+from typing import Any, TextIO
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("logfmt", "json")
+_LEADING = ("conn", "listener", "client")      # bound fields that always come first
+_RESERVED = ("ts", "level", "event")
+_MAX_DEPTH = 4
+
+
+def new_conn_id() -> str:
+    """A short random connection id: 10 lower-case base32 characters (50 bits)."""
+    return base64.b32encode(secrets.token_bytes(7)).decode("ascii")[:10].lower()
+
+
+def timestamp(now: float | None = None) -> str:
+    """RFC 3339 UTC with milliseconds: ``2025-01-01T12:00:00.123Z``."""
+    if now is None:
+        now = time.time()
+    seconds = int(now)
+    millis = int((now - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+# ---------------------------------------------------------------------------------------------
+# Value rendering
+
+
+def _text(value: Any) -> str:
+    """Any value as text, without raising."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="backslashreplace")
+    try:
+        return str(value)
+    except Exception:
+        try:
+            return repr(value)
+        except Exception:
+            return f"<unprintable {type(value).__name__}>"
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe version of *value* (str, int, finite float, bool, None, list, dict)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth < _MAX_DEPTH:
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [_plain(v, depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {_text(k): _plain(v, depth + 1) for k, v in value.items()}
+    return _text(value)
+
+
+def _logfmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        text = ",".join(_text(v) if not isinstance(v, bool) else _logfmt_value(v)
+                        for v in value)
+    elif isinstance(value, dict):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = _text(value)
+    if text == "":
+        return '""'
+    needs_quotes = False
+    out = []
+    for ch in text:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+            needs_quotes = True
+        elif ch == " " or ch == "=":
+            out.append(ch)
+            needs_quotes = True
+        elif ch == "\n":
+            out.append("\\n")
+            needs_quotes = True
+        elif ch == "\r":
+            out.append("\\r")
+            needs_quotes = True
+        elif ch == "\t":
+            out.append("\\t")
+            needs_quotes = True
+        elif not ch.isprintable():
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+            needs_quotes = True
+        else:
+            out.append(ch)
+    text = "".join(out)
+    return f'"{text}"' if needs_quotes else text
+
+
+def _logfmt_key(key: str) -> str:
+    cleaned = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "_.-:/")) else "_"
+                      for ch in key)
+    return cleaned or "_"
+
+
+def format_logfmt(record: dict[str, Any]) -> str:
+    return " ".join(f"{_logfmt_key(k)}={_logfmt_value(v)}" for k, v in record.items())
+
+
+def format_json(record: dict[str, Any]) -> str:
+    plain = {k: _plain(v) for k, v in record.items()}
+    try:
+        return json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
+    except Exception:   # pragma: no cover - _plain leaves nothing json cannot encode
+        return json.dumps({k: _text(v) for k, v in record.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loggers
+
+
+def _merge(fields: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(fields)
+    for k, v in extra.items():
+        k = _text(k)
+        if k in _RESERVED:
+            k += "_"
+        merged[k] = v
+    return merged
+
+
+def _order_bound(fields: dict[str, Any]) -> dict[str, Any]:
+    ordered = {k: fields[k] for k in _LEADING if k in fields}
+    ordered.update((k, v) for k, v in fields.items() if k not in ordered)
+    return ordered
+
+
+class EventLog:
+    """Writes one line per event to *stream* (default: ``sys.stderr`` at write time)."""
+
+    def __init__(self, fmt: str = "logfmt", stream: TextIO | None = None,
+                 min_level: str = "debug"):
+        if fmt not in FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        self.fmt = fmt
+        self.stream = stream
+        self.min_level = min_level
+        self._min_rank = LEVELS.index(min_level) if min_level in LEVELS else 0
+        self._format = format_json if fmt == "json" else format_logfmt
+
+    def bind(self, **fields: Any) -> BoundLog:
+        return BoundLog(self, _merge({}, fields))
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        self._emit(event, level, {}, fields)
+
+    def format(self, event: str, level: str = "info", **fields: Any) -> str:
+        """The line (without newline) that `event` would write."""
+        return self._format(self._record(event, level, {}, fields))
+
+    @staticmethod
+    def _record(event: str, level: str, bound: dict[str, Any],
+                fields: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {"ts": timestamp(), "level": _text(level),
+                                  "event": _text(event)}
+        merged = _order_bound(bound)
+        merged.update(_merge({}, fields))
+        record.update((k, v) for k, v in merged.items() if v is not None)
+        return record
+
+    def _emit(self, event: str, level: str, bound: dict[str, Any],
+              fields: dict[str, Any]) -> None:
+        try:
+            if level in LEVELS and LEVELS.index(level) < self._min_rank:
+                return
+            line = self._format(self._record(event, level, bound, fields))
+        except Exception as exc:  # never let logging break a session
+            try:
+                line = self._format({"ts": timestamp(), "level": "error",
+                                     "event": "log_error", "failed_event": _text(event),
+                                     "reason": _text(exc)})
+            except Exception:
+                return
+        stream = self.stream if self.stream is not None else sys.stderr
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            pass
+
+
+class BoundLog:
+    """An EventLog with fields bound (per listener, per connection)."""
+
+    __slots__ = ("_log", "fields")
+
+    def __init__(self, log: EventLog, fields: dict[str, Any]):
+        self._log = log
+        self.fields = fields
+
+    def bind(self, **fields: Any) -> BoundLog:
+        return BoundLog(self._log, _merge(self.fields, fields))
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        self._log._emit(event, level, self.fields, fields)

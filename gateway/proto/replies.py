@@ -1,0 +1,60 @@
+"""Reply texts the gateway originates itself (SPEC §4.1–§4.5).
+
+Operators' scripts match on these codes and texts: change them only with the SPEC.
+Each constant is (code, "enhanced-code text").
+"""
+
+READY_TLS = (220, "2.0.0 Ready to start TLS")
+OK = (250, "2.0.0 Ok")
+MAIL_OK = (250, "2.1.0 Ok")
+BYE = (221, "2.0.0 Bye")
+
+TOO_MANY_CONNECTIONS = (421, "4.7.0 Too many connections, try again later")
+TIMEOUT = (421, "4.4.2 Timeout exceeded")
+SHUTTING_DOWN = (421, "4.3.2 Service shutting down")
+UNVERIFIED_CLIENT_CERT = (421, "4.7.1 Unverified client certificate")
+TOO_MANY_ERRORS = (421, "4.7.0 Too many errors")
+
+UPSTREAM_UNAVAILABLE = (451, "4.4.1 Upstream server unavailable")
+UPSTREAM_TLS_NOT_OFFERED = (451, "4.7.5 TLS is required, but was not offered by host")
+UPSTREAM_TLS_FAILED = (451, "4.7.5 TLS handshake with upstream failed")
+UPSTREAM_NOT_TRUSTED = (451, "4.7.5 Server certificate not trusted")
+UPSTREAM_LOST = (451, "4.4.2 Upstream connection lost")
+TOO_MANY_RECIPIENTS = (452, "4.5.3 Too many recipients")
+NEEDS_OTHER_POLICY = (452, "4.5.3 Recipient needs a different TLS policy, send it in a new transaction")
+
+LINE_TOO_LONG = (500, "5.5.2 Line too long")
+UNRECOGNIZED = (500, "5.5.2 Error: command not recognized")
+NUL_IN_COMMAND = (500, "5.5.2 Error: NUL character not allowed")
+SYNTAX = (501, "5.5.4 Syntax error")
+BAD_SENDER = (501, "5.1.7 Bad sender address syntax")
+BAD_RECIPIENT = (501, "5.1.3 Bad recipient address syntax")
+NOT_IMPLEMENTED = (502, "5.5.1 Command not implemented")
+STARTTLS_UNAVAILABLE = (502, "5.5.1 STARTTLS not available")
+HELO_ONLY = (502, "5.5.1 Error: command not implemented, use HELO")
+NEED_HELO = (503, "5.5.1 Error: send HELO/EHLO first")
+NESTED_MAIL = (503, "5.5.1 Error: nested MAIL command")
+NEED_MAIL = (503, "5.5.1 Error: need MAIL command")
+NEED_RCPT = (503, "5.5.1 Error: need RCPT command")
+MUST_STARTTLS = (530, "5.7.0 Must issue a STARTTLS command first")
+MUST_USE_TLS = (530, "5.7.0 Must use TLS")
+STRONGER_CIPHER = (530, "5.7.0 Must use stronger TLS cipher")
+BARE_NEWLINE = (550, "5.5.2 Bare CR or LF not allowed")
+TOO_BIG = (552, "5.3.4 Message size exceeds fixed limit")
+NO_SMTPUTF8_UPSTREAM = (553, "5.6.7 SMTPUTF8 not supported by the upstream server")
+SYNC_ERROR = (554, "5.5.0 SMTP protocol synchronization error")
+TLS_ACTIVE = (554, "5.5.1 Error: TLS already active")
+NO_VALID_RECIPIENTS = (554, "5.5.1 No valid recipients")
+UNSUPPORTED_PARAMETER = (555, "5.5.4 Unsupported parameter")
+
+
+def render(code: int, lines) -> bytes:
+    """Render a (possibly multi-line) reply: `250-a\\r\\n250 b\\r\\n`."""
+    if isinstance(lines, str):
+        lines = (lines,)
+    lines = list(lines) or [""]
+    out = []
+    for i, line in enumerate(lines):
+        sep = " " if i == len(lines) - 1 else "-"
+        out.append(f"{code}{sep}{line}\r\n" if line else f"{code}{sep.strip()}\r\n")
+    return "".join(out).encode("utf-8", "replace")
