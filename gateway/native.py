@@ -1,35 +1,74 @@
 """The line scanner facade: the compiled cffi core or its pure-Python twin (SPEC §10).
 
-GATEWAY_PURE_PYTHON=1 forces the twin. Otherwise the compiled `gateway._native` is used; if it
-is missing, GATEWAY_REQUIRE_NATIVE=1 turns that into an ImportError (CI), else the twin is used.
-`BACKEND` says which one is active.
+GATEWAY_PURE_PYTHON=1 forces the twin (`gateway.pyscan`) and the compiled module is not even
+imported. Otherwise the compiled `gateway._native` is used; if it cannot be imported,
+GATEWAY_REQUIRE_NATIVE=1 turns that into an ImportError (CI), else the twin is used.
+
+Exports BACKEND ("native" or "python"), the flags BARE_CR/BARE_LF/NUL and scan_line,
+find_literal, DataScanner with the semantics documented in gateway/pyscan.py.
+`native_backend` is the compiled implementation under those same names (None when it is not
+loaded), so tests and benchmarks can hold the two side by side.
+
+The C functions trust their arguments: the wrappers here check them (with the same errors as
+the twin) and pass the caller's buffer with ffi.from_buffer, without copying it.
 """
 from __future__ import annotations
 
 import os
 
 from . import pyscan
-from .pyscan import BARE_CR, BARE_LF, NUL  # noqa: F401  (same values in C)
+from .pyscan import BARE_CR, BARE_LF, NUL, _check_start
 
-_lib = _ffi = None
+__all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "scan_line", "find_literal", "DataScanner",
+           "native_backend"]
+
+_ffi = _lib = None
 if os.environ.get("GATEWAY_PURE_PYTHON") != "1":
     try:
         from ._native import ffi as _ffi, lib as _lib
-    except ImportError:
+    except ImportError as exc:
         if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
             raise ImportError("GATEWAY_REQUIRE_NATIVE=1 but the native core gateway._native "
-                              "is not built")
+                              f"cannot be imported: {exc}") from exc
+
+_FLAG_BITS = 3          # GW_FLAG_BITS: gw_scan_line returns (end << 3) | flags
+_KEEP_OUT = 1 << 18     # a scanner keeps an output buffer up to this size between feeds
+
+
+def _native_scan_line(buf, start: int = 0) -> tuple[int, int]:
+    src = _ffi.from_buffer(buf)
+    if type(start) is not int or start < 0:
+        start = _check_start(start)
+    n = len(src)
+    if start >= n:
+        return -1, 0
+    r = _lib.gw_scan_line(src, n, start)
+    if r < 0:
+        return -1, 0
+    return r >> _FLAG_BITS, r & 7
+
+
+def _native_find_literal(line) -> tuple[int, bool]:
+    src = _ffi.from_buffer(line)
+    r = _lib.gw_find_literal(src, len(src))
+    if r >= 0:
+        return r >> 1, bool(r & 1)
+    if r == -1:
+        return -1, False
+    return -2, r == -3
 
 
 class _NativeDataScanner:
-    """DataScanner over the C transducer; same API as pyscan.DataScanner."""
+    """pyscan.DataScanner over the C transducer (same API and results)."""
 
-    __slots__ = ("normalize", "_st")
+    __slots__ = ("normalize", "_st", "_outlen", "_out", "_cap")
 
     def __init__(self, normalize: bool = True):
         self.normalize = normalize
-        self._st = _ffi.new("gw_data_t *")
-        self._st.out_ls = 1
+        self._st = _ffi.new("gw_data_t *")          # zeroed: the start of a message
+        self._outlen = _ffi.new("size_t *")
+        self._out = None
+        self._cap = 0
 
     @property
     def done(self) -> bool:
@@ -44,47 +83,42 @@ class _NativeDataScanner:
         return self._st.size
 
     def feed(self, data) -> tuple[bytes, int]:
-        n = len(data)
-        if n == 0 or self._st.done:
+        """Consume *data*: (output for the upstream, input octets consumed)."""
+        src = _ffi.from_buffer(data)
+        n = len(src)
+        st = self._st
+        if n == 0 or st.done:
             return b"", 0
-        out = _ffi.new("unsigned char[]", 2 * n + 4)
-        outlen = _ffi.new("size_t *")
-        used = _lib.gw_data_feed(self._st, _ffi.from_buffer(data), n, out, outlen)
-        return _ffi.buffer(out, outlen[0])[:], used
+        need = 2 * n + 4                               # the bound proved in scan.c
+        out, cap = self._out, self._cap
+        if need > cap:
+            out, cap = _alloc("unsigned char[]", need), need
+            if need <= _KEEP_OUT:
+                self._out, self._cap = out, cap
+        used = _lib.gw_data_feed(st, src, n, out, cap, self._outlen)
+        if used < 0:                                   # cannot happen: cap >= 2n+4
+            raise AssertionError("gw_data_feed: output buffer too small")
+        return _ffi.buffer(out, self._outlen[0])[:], used
 
 
-def _native_scan_line(buf, start: int = 0) -> tuple[int, int]:
-    if start < 0:
-        raise ValueError("start must be >= 0")
-    flags = _ffi.new("unsigned int *")
-    end = _lib.gw_scan_line(_ffi.from_buffer(buf), len(buf), start, flags)
-    return end, flags[0]
-
-
-def _native_find_literal(line) -> tuple[int, bool]:
-    n = _ffi.new("long long *")
-    plus = _ffi.new("int *")
-    found = _lib.gw_find_literal(_ffi.from_buffer(line), len(line), n, plus)
-    if found == 0:
-        return -1, False
-    return n[0], bool(plus[0])
-
-
-class native_backend:
+class _NativeBackend:
     """The compiled implementation under the twin's names (for tests and benchmarks)."""
+    BARE_CR, BARE_LF, NUL = BARE_CR, BARE_LF, NUL
     scan_line = staticmethod(_native_scan_line)
     find_literal = staticmethod(_native_find_literal)
     DataScanner = _NativeDataScanner
 
 
 if _lib is not None:
+    _alloc = _ffi.new_allocator(should_clear_after_alloc=False)
+    native_backend = _NativeBackend
     BACKEND = "native"
     scan_line = _native_scan_line
     find_literal = _native_find_literal
     DataScanner = _NativeDataScanner
 else:
+    native_backend = None
     BACKEND = "python"
-    native_backend = None  # noqa: F811
     scan_line = pyscan.scan_line
     find_literal = pyscan.find_literal
     DataScanner = pyscan.DataScanner

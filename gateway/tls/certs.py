@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEMO_CERT_NAME = "demo.crt"
-DEMO_KEY_NAME = "demo.key"
-DEMO_VALIDITY_DAYS = 825
+DEMO_CERT_NAME = "cert.pem"
+DEMO_KEY_NAME = "key.pem"
+DEMO_VALIDITY_DAYS = 365
 
 _SUPPORTED_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
                    ed448.Ed448PrivateKey)
@@ -60,7 +60,7 @@ def demo_certificate(hostname: str) -> tuple[bytes, bytes]:
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=DEMO_VALIDITY_DAYS))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -82,8 +82,11 @@ def demo_certificate(hostname: str) -> tuple[bytes, bytes]:
     return cert_pem, key_pem
 
 
-def write_demo_certificate(directory, hostname: str) -> tuple[Path, Path]:
-    """Write a demo certificate to *directory* (``demo.crt``, ``demo.key`` mode 0600)."""
+def write_demo_certificate(directory, hostname: str) -> tuple[str, str]:
+    """Write a demo certificate to *directory* (``cert.pem``, ``key.pem`` mode 0600).
+
+    Returns the two paths (certificate, key) as strings.
+    """
     directory = Path(directory)
     cert_pem, key_pem = demo_certificate(hostname)
     cert_path = directory / DEMO_CERT_NAME
@@ -95,7 +98,7 @@ def write_demo_certificate(directory, hostname: str) -> tuple[Path, Path]:
     finally:
         os.close(fd)
     cert_path.write_bytes(cert_pem)
-    return cert_path, key_path
+    return str(cert_path), str(key_path)
 
 
 def _same_public_key(cert: x509.Certificate, key) -> bool:
@@ -103,8 +106,8 @@ def _same_public_key(cert: x509.Certificate, key) -> bool:
     return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
 
 
-def load_pem_bytes(cert_pem: bytes, key_pem: bytes, *, cert_source: str = "certificate",
-                   key_source: str = "key") -> tuple[list[x509.Certificate], object]:
+def load_pem_bytes(cert_pem: bytes, key_pem: bytes, *, cert_source: str = "the certificate PEM",
+                   key_source: str = "the private key PEM") -> tuple[list[x509.Certificate], object]:
     """Parse a chain PEM and a key PEM; (certificates leaf first, private key).
 
     Raises ValueError saying what is wrong (no certificate, unparsable or encrypted key, key
@@ -113,7 +116,8 @@ def load_pem_bytes(cert_pem: bytes, key_pem: bytes, *, cert_source: str = "certi
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError as exc:
-        raise ValueError(f"{cert_source}: no usable PEM certificate ({exc})") from None
+        raise ValueError(f"{cert_source}: no PEM certificate found (not PEM, or damaged)") \
+            from None
     if not chain:
         raise ValueError(f"{cert_source}: no PEM certificate found")
     try:
@@ -121,15 +125,13 @@ def load_pem_bytes(cert_pem: bytes, key_pem: bytes, *, cert_source: str = "certi
     except TypeError:
         raise ValueError(f"{key_source}: the private key is encrypted; "
                          f"an unencrypted key is needed") from None
-    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-        raise ValueError(f"{key_source}: not a usable PEM private key ({exc})") from None
-    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for odd key types
+    except Exception as exc:  # ValueError, or UnsupportedAlgorithm for odd key types
         raise ValueError(f"{key_source}: not a usable PEM private key ({exc})") from None
     if not isinstance(key, _SUPPORTED_KEYS):
         raise ValueError(f"{key_source}: unsupported private key type "
                          f"{type(key).__name__}")
     if not _same_public_key(chain[0], key):
-        raise ValueError(f"{key_source} does not match the certificate in {cert_source} "
+        raise ValueError(f"{key_source} does not match {cert_source} "
                          f"(the private key belongs to another certificate)")
     return chain, key
 

@@ -1,0 +1,229 @@
+"""Profiles → OpenSSL contexts (SPEC §3).
+
+Every context is built once at start-up (or reload) and shared by all connections of a
+listener / upstream; building one validates the profile, so a bad cipher string or group list
+fails the start with a ValueError that names it.
+
+Certificate verification never fails a handshake here. The verify callback accepts every
+chain and records what OpenSSL found in the connection's `VerifyState`; the TLS stream turns
+that into `TLSInfo.verified` / `verify_error`, so the SMTP layer can answer with a reply
+(`421 4.7.1`, `451 4.7.5`) instead of the peer seeing a bare TLS alert. A context built with
+verification therefore must only be used through gateway.tls.stream.TLSStream, which reads
+that state.
+"""
+from __future__ import annotations
+
+import os
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+from .certs import load_pem_bytes, load_pem_files
+from .profiles import Profile, validate_profile
+
+PROTOCOL_VERSIONS = {
+    "TLSv1": SSL.TLS1_VERSION,
+    "TLSv1.1": SSL.TLS1_1_VERSION,
+    "TLSv1.2": SSL.TLS1_2_VERSION,
+    "TLSv1.3": SSL.TLS1_3_VERSION,
+}
+
+# The session-id context: OpenSSL refuses to resume a session on a server that verifies peers
+# unless one is set.
+_SESSION_ID_CONTEXT = b"mail-tls-gateway"
+
+
+class VerifyState:
+    """What the verify callback saw on one connection (attached as the connection's app data)."""
+
+    __slots__ = ("called", "errors")
+
+    def __init__(self) -> None:
+        self.called = False
+        self.errors: list[tuple[int, int, str]] = []     # (depth, X509 error code, text)
+
+    @property
+    def first_error(self) -> str | None:
+        if not self.errors:
+            return None
+        depth, _code, text = self.errors[0]
+        return text if depth == 0 else f"{text} (certificate at depth {depth})"
+
+
+def verify_error_string(code: int) -> str:
+    """OpenSSL's text for an X509_V_ERR_* code."""
+    try:
+        return _ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except Exception:  # pragma: no cover - binding missing
+        return f"certificate verify error {code}"
+
+
+def _record_verify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
+    """Verify callback: never fails the handshake, records the outcome instead."""
+    state = conn.get_app_data()
+    if isinstance(state, VerifyState):
+        state.called = True
+        if not ok:
+            state.errors.append((depth, errno, verify_error_string(errno)))
+    return True
+
+
+def _openssl_reason(exc: Exception) -> str:
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        parts = [str(err[-1]) for err in args[0] if isinstance(err, tuple) and err]
+        if parts:
+            return "; ".join(parts)
+    return str(exc) or type(exc).__name__
+
+
+def _base_context(profile: Profile, *, server: bool) -> SSL.Context:
+    validate_profile(profile)
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(PROTOCOL_VERSIONS[profile.min_version])
+    ctx.set_max_proto_version(PROTOCOL_VERSIONS[profile.max_version])
+    options = (SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_COMPRESSION
+               | SSL.OP_NO_RENEGOTIATION)
+    if server:
+        options |= SSL.OP_CIPHER_SERVER_PREFERENCE
+    if not profile.session_resumption:
+        options |= SSL.OP_NO_TICKET
+    ctx.set_options(options)
+    if hasattr(_lib, "SSL_MODE_RELEASE_BUFFERS"):
+        ctx.set_mode(_lib.SSL_MODE_RELEASE_BUFFERS)     # idle connections hold less memory
+
+    try:
+        ctx.set_cipher_list(profile.ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f'profile {profile.name}: OpenSSL cannot apply ciphers = '
+                         f'"{profile.ciphers}" ({_openssl_reason(exc)})') from None
+    if hasattr(ctx, "set_tls13_ciphersuites"):
+        try:
+            ctx.set_tls13_ciphersuites(profile.ciphersuites.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError) as exc:
+            raise ValueError(f'profile {profile.name}: OpenSSL cannot apply ciphersuites = '
+                             f'"{profile.ciphersuites}" ({_openssl_reason(exc)})') from None
+    apply_groups(ctx, profile.groups, profile_name=profile.name)
+    ctx.set_verify_depth(profile.verify_depth)
+
+    if server:
+        ctx.set_session_id(_SESSION_ID_CONTEXT)
+        if profile.session_resumption:
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        else:
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    else:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def apply_groups(ctx: SSL.Context, groups: str, *, profile_name: str = "?") -> None:
+    """Restrict the key-exchange groups of *ctx* (pyOpenSSL has no public call for a list)."""
+    try:
+        encoded = groups.encode("ascii")
+    except UnicodeEncodeError:
+        encoded = None
+    if not encoded or b"\0" in encoded:
+        raise ValueError(f'profile {profile_name}: OpenSSL cannot apply groups = "{groups}"')
+    result = _lib.SSL_CTX_set1_curves_list(ctx._context, encoded)
+    if result != 1:
+        _lib.ERR_clear_error()        # leave no stale error for the next OpenSSL call
+        raise ValueError(f'profile {profile_name}: OpenSSL cannot apply groups = "{groups}" '
+                         f"(unknown or unsupported group name in the list)")
+
+
+def _use_certificate(ctx: SSL.Context, chain, key) -> None:
+    ctx.use_certificate(chain[0])
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(key)
+    ctx.check_privatekey()
+
+
+def _load_verify_locations(ctx: SSL.Context, profile: Profile) -> None:
+    try:
+        ctx.load_verify_locations(profile.ca_file, profile.ca_path)
+    except SSL.Error as exc:
+        where = " and ".join(
+            f"{k} {v}" for k, v in (("ca_file", profile.ca_file), ("ca_path", profile.ca_path))
+            if v)
+        raise ValueError(f"profile {profile.name}: cannot load CA certificates from {where} "
+                         f"({_openssl_reason(exc)})") from None
+
+
+def server_context(profile: Profile, cert_path=None, key_path=None, *, cert_pem: bytes | None = None,
+                   key_pem: bytes | None = None, request_client_cert: bool = False) -> SSL.Context:
+    """A context for the client leg, where the gateway is the TLS server.
+
+    The certificate comes from files (*cert_path* chain PEM, *key_path*) or from memory
+    (*cert_pem*, *key_pem*, e.g. the demo certificate). With *request_client_cert* (client
+    level `verify`) a certificate is requested but not required, and checked against the
+    profile's ``ca_file``/``ca_path`` (one of them is mandatory).
+    """
+    ctx = _base_context(profile, server=True)
+    if cert_path is not None or key_path is not None:
+        if cert_path is None or key_path is None:
+            raise ValueError("a server certificate needs both a certificate and a key file")
+        if cert_pem is not None or key_pem is not None:
+            raise ValueError("give the server certificate as files or as PEM data, not both")
+        chain, key = load_pem_files(cert_path, key_path)
+    elif cert_pem is not None and key_pem is not None:
+        chain, key = load_pem_bytes(cert_pem, key_pem)
+    else:
+        raise ValueError("a server context needs a certificate and its key")
+    try:
+        _use_certificate(ctx, chain, key)
+    except SSL.Error as exc:
+        raise ValueError(f"OpenSSL cannot use the server certificate and key "
+                         f"({_openssl_reason(exc)})") from None
+
+    if request_client_cert:
+        if not profile.ca_file and not profile.ca_path:
+            raise ValueError(f"profile {profile.name}: verifying client certificates needs "
+                             f"ca_file or ca_path (the system CA store would accept any "
+                             f"public certificate)")
+        _load_verify_locations(ctx, profile)
+        if profile.ca_file:
+            try:                          # the CA names sent in the CertificateRequest
+                ctx.load_client_ca(os.fsencode(profile.ca_file))
+            except SSL.Error:
+                pass
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _record_verify)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    return ctx
+
+
+def client_context(profile: Profile, *, verify: bool = False, cert_path=None,
+                   key_path=None) -> SSL.Context:
+    """A context for the upstream leg, where the gateway is the TLS client.
+
+    With *verify* the server's chain is checked against the profile's ``ca_file``/``ca_path``
+    or, when it names neither, the system's default CA store; the name check is the stream's
+    (``verify_hostname``). An optional client certificate (*cert_path*, *key_path*) is
+    presented when the server asks for one.
+    """
+    ctx = _base_context(profile, server=False)
+    if cert_path is not None or key_path is not None:
+        if cert_path is None or key_path is None:
+            raise ValueError("a client certificate needs both a certificate and a key file")
+        chain, key = load_pem_files(cert_path, key_path)
+        try:
+            _use_certificate(ctx, chain, key)
+        except SSL.Error as exc:
+            raise ValueError(f"OpenSSL cannot use the client certificate and key "
+                             f"({_openssl_reason(exc)})") from None
+    if verify:
+        if profile.ca_file or profile.ca_path:
+            _load_verify_locations(ctx, profile)
+        else:
+            try:
+                ctx.set_default_verify_paths()
+            except SSL.Error as exc:
+                raise ValueError(f"cannot load the system CA certificates "
+                                 f"({_openssl_reason(exc)})") from None
+        ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    return ctx

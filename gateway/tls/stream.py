@@ -1,0 +1,436 @@
+"""TLS as a trio stream: a memory-BIO pyOpenSSL connection over any trio.abc.Stream.
+
+The shape follows trio's own SSLStream: OpenSSL never touches a socket. Each operation calls
+the TLS object in a loop; ciphertext OpenSSL wants to send is taken from its outgoing BIO and
+sent (in order, under a FIFO lock), and when OpenSSL wants more input the loop flushes what is
+pending first and then does exactly one transport receive, feeding the bytes to the incoming
+BIO. Because the TLS object is only touched between awaits, one task may send while another
+receives (the proxy relays both directions at once); two tasks sending, or two receiving, at
+the same time is a bug and raises trio.BusyResourceError.
+
+Two tasks can both find that OpenSSL needs input (say a receive and a handshake); only one of
+them reads from the transport, the other waits for that read and retries (`_recv_count`).
+
+Verification never fails the handshake (see gateway.tls.context): after do_handshake(),
+`info.verified` tells whether the peer's chain (and, on the client side with
+`verify_hostname`, its name) checked out.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+import trio
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+
+from ..errors import TLSError
+from .context import VerifyState, verify_error_string
+
+# Plaintext read per SSL_read when the caller gives no max_bytes (one TLS record holds 16 KiB).
+DEFAULT_RECEIVE_SIZE = 65536
+# Plaintext handed to one SSL_write: bounds the ciphertext buffered before it is sent.
+_SEND_CHUNK = 65536
+_BIO_READ_SIZE = 262144
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """What was negotiated; `verified` per SPEC §3 (see TLSStream)."""
+
+    version: str
+    cipher: str
+    bits: int
+    peer_subject: str | None
+    peer_cert_present: bool
+    verified: bool
+    verify_error: str | None
+    resumed: bool
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class _Exclusive:
+    """Raise BusyResourceError when two tasks run the same operation at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str):
+        self._held = False
+        self._message = message
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(self, *exc_info) -> None:
+        self._held = False
+
+
+class _PeerEOF(Exception):
+    """The transport ended without a close_notify (internal)."""
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _sni_bytes(name: str) -> bytes:
+    name = name.rstrip(".")
+    try:
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        return name.encode("idna")
+
+
+def _reason_of(exc: BaseException) -> str:
+    """OpenSSL's reason text ("wrong version number"), or None-ish fallbacks."""
+    args = getattr(exc, "args", ())
+    if isinstance(exc, SSL.SysCallError):
+        if len(args) >= 2 and args[1]:
+            return str(args[1])
+        return "system call error"
+    if args and isinstance(args[0], list) and args[0]:
+        reasons = [str(e[-1]) for e in args[0] if isinstance(e, tuple) and e and e[-1]]
+        if reasons:
+            return reasons[0]
+    return str(exc) or type(exc).__name__
+
+
+def _is_eof_error(exc: BaseException) -> bool:
+    """Called once EOF was fed to OpenSSL: does *exc* just say the input ended?"""
+    if isinstance(exc, SSL.SysCallError):
+        return True
+    return "unexpected eof" in _reason_of(exc).lower()
+
+
+class TLSStream(trio.abc.Stream):
+    """A TLS connection over *transport_stream* using the pyOpenSSL *context*.
+
+    ``server_hostname`` (client side) sets SNI unless it is an IP literal, and is the name
+    checked with *verify_hostname*. The handshake runs on the first send/receive or on
+    do_handshake(); `info` is available after it.
+    """
+
+    # A peer that does not read must not hold aclose() forever.
+    close_notify_timeout: float = 5.0
+
+    def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, *,
+                 server_side: bool, server_hostname: str | None = None,
+                 verify_hostname: bool = False):
+        if verify_hostname and not server_hostname:
+            raise ValueError("verify_hostname needs a server_hostname")
+        if verify_hostname and server_side:
+            raise ValueError("verify_hostname is for the client side")
+        self.transport_stream = transport_stream
+        self.context = context
+        self.server_side = server_side
+        self.server_hostname = server_hostname
+        self.verify_hostname = verify_hostname
+        self.unclean_eof = False
+
+        self._conn = SSL.Connection(context, None)
+        self._verify_state = VerifyState()
+        self._conn.set_app_data(self._verify_state)
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+            if server_hostname and not _is_ip_literal(server_hostname):
+                self._conn.set_tlsext_host_name(_sni_bytes(server_hostname))
+
+        self._state = _State.OK
+        self._info: TLSInfo | None = None
+        self._handshake_started = False
+        self._handshake_done = trio.Event()
+        self._handshake_failure: str | None = None
+        self._peer_closed = False          # close_notify or EOF seen on receive
+        self._transport_eof = False
+        self._close_notify_sent = False
+        # TLS 1.3 session tickets the server writes as its handshake ends: held back and sent
+        # with the next outgoing bytes, so a peer that only sends cannot deadlock against us.
+        self._delayed_outgoing = b""
+
+        self._send_lock = trio.StrictFIFOLock()     # keeps ciphertext in order on the wire
+        self._recv_lock = trio.Lock()
+        self._recv_count = 0
+        self._send_guard = _Exclusive("another task is already sending on this TLS stream")
+        self._recv_guard = _Exclusive("another task is already receiving on this TLS stream")
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def info(self) -> TLSInfo:
+        if self._info is None:
+            raise RuntimeError("the TLS handshake has not completed")
+        return self._info
+
+    @property
+    def handshake_complete(self) -> bool:
+        return self._info is not None
+
+    async def do_handshake(self) -> None:
+        """Run the handshake (once; concurrent callers wait for the first)."""
+        if self._info is not None:
+            self._check_open()
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_usable()
+        if self._handshake_started:
+            await self._handshake_done.wait()
+            if self._info is None:
+                raise TLSError(self._handshake_failure or "handshake failed")
+            return
+        self._handshake_started = True
+        try:
+            try:
+                await self._retry(self._conn.do_handshake, is_handshake=True)
+            except _PeerEOF:
+                raise TLSError("connection closed during handshake") from None
+            except trio.BrokenResourceError as exc:
+                raise TLSError("connection lost during handshake") from exc
+            self._info = self._build_info()
+        except BaseException as exc:
+            self._mark_broken()
+            self._handshake_failure = (exc.reason if isinstance(exc, TLSError)
+                                       else "handshake interrupted")
+            raise
+        finally:
+            self._handshake_done.set()
+
+    async def send_all(self, data) -> None:
+        with self._send_guard:
+            self._check_usable()
+            if self._info is None:
+                await self.do_handshake()
+            if self._close_notify_sent:
+                raise trio.ClosedResourceError("the TLS stream was closed")
+            view = memoryview(data).cast("B") if data else memoryview(b"")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            while view:
+                chunk = view[:_SEND_CHUNK]
+                written = await self._retry(self._conn.send, chunk)
+                view = view[written:]
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._recv_guard:
+            self._check_open()
+            if self._peer_closed:             # clean or not, the end stays the end
+                await trio.lowlevel.checkpoint()
+                return b""
+            self._check_usable()
+            if self._info is None:
+                await self.do_handshake()
+            if max_bytes is None:
+                max_bytes = DEFAULT_RECEIVE_SIZE
+            else:
+                max_bytes = int(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            try:
+                return await self._retry(self._conn.recv, max_bytes)
+            except SSL.ZeroReturnError:
+                self._peer_closed = True
+                return b""
+            except _PeerEOF:
+                self._peer_closed = True
+                self.unclean_eof = True
+                return b""
+
+    async def aclose(self) -> None:
+        """Send close_notify (once; the peer's is not awaited), then close the transport."""
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        was_ok = self._state is _State.OK and self._info is not None
+        self._state = _State.CLOSED
+        try:
+            if was_ok and not self._close_notify_sent:
+                self._close_notify_sent = True
+                try:
+                    self._conn.shutdown()
+                except SSL.Error:
+                    pass
+                to_send = self._take_outgoing()
+                if to_send:
+                    with trio.move_on_after(self.close_notify_timeout):
+                        try:
+                            async with self._send_lock:
+                                await self.transport_stream.send_all(to_send)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError,
+                                trio.BusyResourceError):
+                            pass
+        finally:
+            await self.transport_stream.aclose()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        async with self._send_lock:
+            pass
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _mark_broken(self) -> None:
+        if self._state is _State.OK:          # a closed stream stays closed
+            self._state = _State.BROKEN
+
+    def _check_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("the TLS stream is broken after an earlier error")
+
+    def _take_outgoing(self) -> bytes:
+        """What OpenSSL wrote to its outgoing BIO; held-back bytes ride along, never alone."""
+        parts = []
+        while True:
+            try:
+                parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+            except SSL.WantReadError:
+                break
+        if parts and self._delayed_outgoing:
+            parts.insert(0, self._delayed_outgoing)
+            self._delayed_outgoing = b""
+        return b"".join(parts)
+
+    async def _send_alert(self) -> None:
+        """Best effort: deliver the alert OpenSSL wrote on a failure before we give up."""
+        data = self._take_outgoing()
+        if not data or self._state is _State.CLOSED:
+            return
+        with trio.move_on_after(1):
+            try:
+                async with self._send_lock:
+                    await self.transport_stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                    OSError):
+                pass
+
+    async def _retry(self, fn, *args, is_handshake: bool = False):
+        """Call *fn* on the TLS object until it completes, moving ciphertext as it asks."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        yielded = False
+        while True:
+            want_read = False
+            finished = False
+            result = None
+            try:
+                result = fn(*args)
+                finished = True
+            except SSL.WantReadError:
+                want_read = True
+            except SSL.ZeroReturnError:
+                raise
+            except SSL.Error as exc:
+                eof = self._transport_eof and _is_eof_error(exc)
+                self._mark_broken()
+                if not eof:
+                    await self._send_alert()
+                if eof:
+                    raise _PeerEOF() from exc
+                raise TLSError(_reason_of(exc)) from exc
+            except TLSError:
+                self._mark_broken()
+                raise
+
+            to_send = self._take_outgoing()
+            if (is_handshake and finished and self.server_side
+                    and self._conn.get_protocol_version_name() == "TLSv1.3"):
+                # Only session tickets are left; hold them (see _delayed_outgoing).
+                self._delayed_outgoing = to_send
+                to_send = b""
+
+            if to_send:
+                try:
+                    async with self._send_lock:
+                        yielded = True
+                        await self.transport_stream.send_all(to_send)
+                except BaseException:
+                    # Ciphertext was taken from OpenSSL and not (fully) sent: no way back.
+                    self._mark_broken()
+                    raise
+            elif want_read:
+                if self._transport_eof:
+                    # OpenSSL wants input after EOF was fed: should not happen; treat as EOF.
+                    self._mark_broken()
+                    raise _PeerEOF()
+                seen = self._recv_count
+                async with self._recv_lock:
+                    yielded = True
+                    if seen == self._recv_count:
+                        # Nobody else read while we waited for the lock: read once.
+                        data = await self.transport_stream.receive_some()
+                        if data:
+                            self._conn.bio_write(data)
+                        else:
+                            self._transport_eof = True
+                            self._conn.bio_shutdown()
+                        self._recv_count += 1
+            if finished:
+                break
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
+
+    def _build_info(self) -> TLSInfo:
+        conn = self._conn
+        cert = conn.get_peer_certificate(as_cryptography=True)
+        subject = cert.subject.rfc4514_string() if cert is not None else None
+        requested = bool(conn.get_verify_mode() & SSL.VERIFY_PEER)
+        verified = False
+        error: str | None = None
+        if requested:
+            if cert is None:
+                error = "no client certificate" if self.server_side else "no server certificate"
+            else:
+                error = self._verify_state.first_error
+                if error is None:
+                    code = _lib.SSL_get_verify_result(conn._ssl)
+                    if code != 0:
+                        error = verify_error_string(code)
+                if error is None and self.verify_hostname:
+                    error = self._check_name()
+                verified = error is None
+        elif self.verify_hostname:
+            error = "certificate verification is not enabled in the TLS context"
+        return TLSInfo(
+            version=conn.get_protocol_version_name(),
+            cipher=conn.get_cipher_name() or "",
+            bits=conn.get_cipher_bits() or 0,
+            peer_subject=subject,
+            peer_cert_present=cert is not None,
+            verified=verified,
+            verify_error=error,
+            resumed=bool(_lib.SSL_session_reused(conn._ssl)),
+        )
+
+    def _check_name(self) -> str | None:
+        from service_identity import CertificateError, VerificationError
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        name = self.server_hostname or ""
+        try:
+            if _is_ip_literal(name):
+                verify_ip_address(self._conn, name.strip("[]"))
+            else:
+                verify_hostname(self._conn, name.rstrip("."))
+        except (VerificationError, CertificateError) as exc:
+            detail = str(exc)
+            return (f"hostname mismatch: the certificate does not match {name}"
+                    + (f" ({detail})" if detail else ""))
+        return None
