@@ -1,0 +1,380 @@
+"""One client SMTP session: joins the sans-IO server core to the upstream leg (SPEC §4).
+
+The session moves bytes between the client stream and `SMTPServer`, performs the client-side
+TLS handshake when the core says STARTTLS (or at once on an implicit listener), opens the
+upstream leg lazily at the first RCPT TO, and answers the core's events with the upstream's own
+replies or the gateway's tempfails. It never answers DATA with 250 before the upstream did.
+"""
+from __future__ import annotations
+
+import datetime
+import email.utils
+import re
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import TLSError
+from ..proto import replies as R
+from ..proto import smtp_server as S
+from ..tls.stream import TLSStream
+from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+def relayed(reply) -> tuple[int, list[str]]:
+    """An upstream reply as the client sees it: X.0.0 added where no enhanced code is (§4.1)."""
+    code = reply.code
+    lines = list(reply.lines) or [""]
+    if code // 100 in (2, 4, 5):
+        lines = [ln if _ENHANCED.match(ln) else f"{code // 100}.0.0 {ln}".rstrip()
+                 for ln in lines]
+    return code, lines
+
+
+@dataclass
+class Transaction:
+    mail: S.Mail
+    rcpts: list[str] = field(default_factory=list)
+    failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
+    refusal: object = None                     # the upstream's refusal of MAIL, likewise
+    levels: set[str] = field(default_factory=set)
+
+
+class SMTPSession:
+    def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
+        self.rt = rt                    # ListenerRuntime (gateway.server)
+        self.listener = rt.listener
+        self.stream = stream
+        self.client_addr = client_addr
+        self.log = log
+        self.conn_id = conn_id
+        self.client_level = self.listener.client_tls
+        self.tls = None                 # client leg TLSInfo
+        self.leg: UpstreamLeg | None = None
+        self.txn: Transaction | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.messages = 0
+        self._msg_bytes = 0
+        self._leg_broken = False
+        self.core = S.SMTPServer(
+            hostname=rt.hostname,
+            esmtp=self.listener.esmtp,
+            max_message_size=self.listener.max_message_size,
+            smtputf8=self.listener.smtputf8,
+            dsn=self.listener.dsn,
+            max_recipients=self.listener.max_recipients,
+            bare_newline=self.listener.bare_newline,
+            offer_starttls=self.listener.tls == "starttls" and self.client_level != "none",
+            require_tls=self.client_level in ("required", "verify"),
+        )
+
+    # --- the session ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        start = trio.current_time()
+        self.log.event("conn_open")
+        try:
+            if self.listener.tls == "implicit":
+                if not await self._handshake():
+                    return
+                self.core.tls_active = True
+            self.core.greeting()
+            await self._flush()
+            await self._loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.leg is not None:
+                    with trio.move_on_after(2):
+                        await self.leg.quit()
+                with trio.move_on_after(1):
+                    try:
+                        await self.stream.aclose()
+                    except Exception:
+                        pass
+            self.log.event("conn_close", duration=round(trio.current_time() - start, 3),
+                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                           messages=self.messages)
+
+    async def _loop(self) -> None:
+        core = self.core
+        while True:
+            event = core.next_event()
+            for code, text in core.take_rejections():
+                self.log.event("reject", code=code, reason=text)
+            if event is S.NEED_DATA:
+                await self._flush()
+                data = await self._receive()
+                if data is None:
+                    core.respond(*R.TIMEOUT)
+                    self.log.event("reject", code=421, reason="timeout")
+                    await self._flush()
+                    return
+                core.receive_data(data)
+                continue
+            if isinstance(event, (S.ConnectionClosed, S.Quit)):
+                if self.txn is not None and core.in_data and self.leg is not None:
+                    await self.leg.close()          # client vanished mid-message: drop it
+                await self._flush()
+                return
+            handler = getattr(self, "_on_" + type(event).__name__)
+            await handler(event)
+            if core.closed:
+                await self._flush()
+                return
+
+    async def _receive(self) -> bytes | None:
+        t = self.listener.timeouts
+        timeout = t.data if self.core.in_data else t.command
+        with trio.move_on_after(timeout):
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
+                data = b""
+            self.bytes_in += len(data)
+            return data
+        return None
+
+    async def _flush(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            self.bytes_out += len(out)
+            await self.stream.send_all(out)
+
+    # --- TLS on the client leg --------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        tls = TLSStream(self.stream, self.rt.server_ctx, server_side=True)
+        try:
+            with trio.fail_after(self.listener.timeouts.tls_handshake):
+                await tls.do_handshake()
+        except (TLSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = getattr(exc, "reason", None) or "handshake timeout"
+            self.log.event("tls_error", level="warning", side="client", reason=reason)
+            return False
+        self.stream = tls
+        self.tls = info = tls.info
+        self.log.event("tls", side="client", version=info.version, cipher=info.cipher,
+                       bits=info.bits, verified=info.verified, peer=info.peer_subject)
+        return True
+
+    async def _on_StartTLS(self, event) -> None:
+        self.core.respond(*R.READY_TLS)
+        await self._flush()
+        discarded = self.core.start_tls()
+        if discarded:
+            self.log.event("starttls_injection", level="warning", discarded=discarded)
+        if not await self._handshake():
+            self.core.closed = True
+            return
+        self.core.tls_established()
+        await self._end_transaction()
+
+    # --- envelope ---------------------------------------------------------------------------
+
+    async def _on_Hello(self, event) -> None:
+        await self._end_transaction()
+
+    async def _on_Reset(self, event) -> None:
+        await self._end_transaction()
+
+    async def _end_transaction(self) -> None:
+        self.txn = None
+        if self.leg is not None:
+            await self.leg.reset()
+
+    async def _on_Mail(self, event: S.Mail) -> None:
+        if self.client_level == "verify" and not (self.tls and self.tls.verified):
+            self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+            return
+        if self.leg is not None:
+            await self.leg.reset()
+        self.txn = Transaction(event)
+        self.core.respond(*R.MAIL_OK)
+
+    async def _on_Rcpt(self, event: S.Rcpt) -> None:
+        txn = self.txn
+        if txn.failure is not None:
+            self._refuse(txn.failure)
+            return
+        if txn.refusal is not None:
+            self.core.respond(*relayed(txn.refusal))
+            return
+        level = resolve_level(self.listener.upstream.tls, self.tls is not None)
+        leg = self.leg
+        if leg is not None and leg.closed:
+            self.leg = leg = None
+        if leg is not None and not leg.satisfies(level):
+            if leg.in_transaction:
+                self._refuse(R.NEEDS_OTHER_POLICY)
+                return
+            await leg.quit()
+            self.leg = leg = None
+        try:
+            if leg is None:
+                await self._flush()
+                self.leg = leg = await self._open_leg(level)
+            if not leg.in_transaction:
+                reply = await leg.command(self._mail_line(txn.mail, leg))
+                if reply.code // 100 != 2:
+                    txn.refusal = reply
+                    self.core.respond(*relayed(reply))
+                    return
+                leg.in_transaction = True
+            if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
+                self._refuse(R.NO_SMTPUTF8_UPSTREAM)
+                return
+            reply = await leg.command(self._rcpt_line(event, leg))
+        except UpstreamFailure as failure:
+            await self._leg_failed(failure, [event.address])
+            txn.failure = failure.reply
+            self._refuse(failure.reply)
+            return
+        if reply.code // 100 == 2:
+            txn.rcpts.append(event.address)
+            txn.levels.add(level)
+        self.core.respond(*relayed(reply))
+
+    async def _open_leg(self, level: str) -> UpstreamLeg:
+        def tls_error(reason):
+            self.log.event("tls_error", level="warning", side="upstream", reason=reason,
+                           fallback="plaintext")
+        leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
+                                     client_helo=self.core.helo, on_tls_error=tls_error)
+        if leg.tls is not None:
+            info = leg.tls
+            self.log.event("tls", side="upstream", version=info.version, cipher=info.cipher,
+                           bits=info.bits, verified=info.verified, peer=info.peer_subject)
+        else:
+            self.log.event("upstream", tls="none", policy=level,
+                           offered=leg.tls_offered)
+        return leg
+
+    async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
+        self.log.event("upstream_error", level="warning", reason=failure.reason,
+                       code=failure.reply[0])
+        if failure.tls_required:
+            domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
+            self.log.event("tls_alert", level="warning", domains=",".join(domains),
+                           reason=failure.reason)
+        if self.leg is not None:
+            await self.leg.close()
+            self.leg = None
+
+    def _mail_line(self, mail: S.Mail, leg: UpstreamLeg) -> str:
+        ext = leg.extensions
+        keep = {"SIZE": "SIZE" in ext, "BODY": "8BITMIME" in ext, "SMTPUTF8": "SMTPUTF8" in ext,
+                "RET": "DSN" in ext, "ENVID": "DSN" in ext}
+        return f"MAIL FROM:<{mail.address}>" + _params(mail.params, keep)
+
+    def _rcpt_line(self, rcpt: S.Rcpt, leg: UpstreamLeg) -> str:
+        dsn = "DSN" in leg.extensions
+        return f"RCPT TO:<{rcpt.address}>" + _params(rcpt.params, {"NOTIFY": dsn, "ORCPT": dsn})
+
+    def _refuse(self, reply: tuple[int, str], close: bool = False) -> None:
+        self.log.event("reject", code=reply[0], reason=reply[1])
+        self.core.respond(*reply, close=close)
+
+    # --- message ----------------------------------------------------------------------------
+
+    async def _on_Data(self, event) -> None:
+        leg = self.leg
+        if leg is None:
+            self._refuse(R.UPSTREAM_LOST)
+            return
+        try:
+            reply = await leg.command("DATA")
+            if reply.code == 354:
+                self._leg_broken = False
+                self._msg_bytes = 0
+                self.core.respond(354, list(reply.lines))
+                if self.listener.received_header:
+                    await leg.send_data(self._received_header())
+            else:
+                self.core.respond(*relayed(reply))
+        except UpstreamFailure as failure:
+            await self._leg_failed(failure, self.txn.rcpts)
+            self._refuse(failure.reply)
+
+    async def _on_DataChunk(self, event: S.DataChunk) -> None:
+        self._msg_bytes += len(event.data)
+        if self._leg_broken:
+            return
+        try:
+            await self.leg.send_data(event.data)
+        except UpstreamFailure as failure:
+            self._leg_broken = True
+            await self._leg_failed(failure, self.txn.rcpts)
+
+    async def _on_DataAbort(self, event: S.DataAbort) -> None:
+        # drop the upstream before the terminating dot: it discards the partial message (§4.4)
+        self._leg_broken = True
+        if self.leg is not None:
+            await self.leg.close()
+
+    async def _on_DataEnd(self, event: S.DataEnd) -> None:
+        txn = self.txn
+        if event.aborted == "size":
+            reply = R.TOO_BIG
+        elif event.aborted == "bare_newline":
+            reply = R.BARE_NEWLINE
+        elif self._leg_broken:
+            reply = R.UPSTREAM_LOST
+        else:
+            try:
+                code, lines = relayed(await self.leg.finish_data())
+                reply = (code, lines)
+            except UpstreamFailure as failure:
+                await self._leg_failed(failure, txn.rcpts)
+                reply = failure.reply
+        code = reply[0]
+        result = "accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4 else "rejected"
+        if result == "accepted":
+            self.messages += 1
+        else:
+            self.log.event("reject", code=code, reason=_text(reply[1]))
+        leg = self.leg
+        self.log.event(
+            "message", result=result, mail_from=txn.mail.address, rcpts=",".join(txn.rcpts),
+            size=event.size, reply=f"{code} {_text(reply[1])}",
+            client_tls=self.tls.version if self.tls else "none",
+            upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
+        )
+        if leg is not None and (leg.closed or self._leg_broken):
+            await leg.close()
+            self.leg = None
+        self.txn = None
+        self.core.respond(*reply)
+
+    def _received_header(self) -> bytes:
+        ip = self.client_addr[0]
+        helo = self.core.helo or "unknown"
+        esmtp = "ESMTP" if self.core.esmtp_session else "SMTP"
+        lines = [f"Received: from {helo} (unknown [{ip}])"]
+        if self.tls is not None:
+            t = self.tls
+            lines.append(f"\t(using {t.version} with cipher {t.cipher} ({t.bits}/{t.bits} bits))")
+            esmtp += "S"
+        msg_id = f"{self.conn_id}.{self.messages + 1}"
+        for_part = f"\n\tfor <{self.txn.rcpts[0]}>" if len(self.txn.rcpts) == 1 else ""
+        date = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc))
+        lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {msg_id}"
+                     f"{for_part}; {date}")
+        text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _params(params: dict, keep: dict) -> str:
+    out = []
+    for key, value in params.items():
+        if keep.get(key):
+            out.append(key if value is None else f"{key}={value}")
+    return (" " + " ".join(out)) if out else ""
+
+
+def _text(text) -> str:
+    return text if isinstance(text, str) else " / ".join(text)

@@ -1,0 +1,288 @@
+"""The gateway's SMTP leg to the upstream server (SPEC §3.2, §4.4, §4.5, §6).
+
+`UpstreamLeg.open()` connects, reads the greeting, says EHLO, negotiates TLS as the level asks,
+re-reads EHLO over TLS and optionally sends XCLIENT. Nothing of the envelope is sent before the
+leg satisfies its level. Every failure becomes an `UpstreamFailure` carrying the SPEC's reply.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import ProtocolError, TLSError
+from ..proto import replies as R
+from ..proto.smtp_client import Reply, SMTPClient
+from ..tls.stream import TLSStream
+
+TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
+
+
+class UpstreamFailure(Exception):
+    """The upstream leg could not be had or was lost.
+
+    `reply` is what the client gets; `tls_required` marks failures to get TLS that the level
+    required (those raise a tls_alert, SPEC §8)."""
+
+    def __init__(self, reply: tuple[int, str], reason: str, *, tls_required: bool = False):
+        super().__init__(reason)
+        self.reply = reply
+        self.reason = reason
+        self.tls_required = tls_required
+
+
+def resolve_level(level: str, client_tls: bool) -> str:
+    """`allowed` mirrors the client leg (§3.2); other levels stand."""
+    if level == "allowed":
+        return "required" if client_tls else "none"
+    return level
+
+
+@dataclass
+class UpstreamSettings:
+    """What a leg needs to know, fixed per listener at start-up."""
+    host: str
+    port: int
+    mode: str                      # starttls | implicit
+    server_name: str | None
+    helo_name: str
+    tls_context: object            # SSL.Context for the upstream leg
+    connect_timeout: float
+    reply_timeout: float
+    data_done_timeout: float
+    forward_client: bool = False
+
+
+class UpstreamLeg:
+    def __init__(self, settings: UpstreamSettings, level: str):
+        self.settings = settings
+        self.level = level
+        self.stream = None
+        self.client = SMTPClient()
+        self.extensions: dict[str, str] = {}
+        self.tls = None                 # TLSInfo once encrypted
+        self.tls_offered = False
+        self.tls_failed = False         # offered but refused/failed (preferred fell back)
+        self.handshake_seconds = 0.0
+        self.closed = False
+        self.in_transaction = False     # MAIL sent and not yet finished/RSET
+        self.tls_error: str | None = None
+
+    # --- policy -----------------------------------------------------------------------------
+
+    def satisfies(self, level: str) -> bool:
+        """Can a recipient whose resolved level is *level* travel on this leg? (§4.3)"""
+        if self.closed:
+            return False
+        if level == "verify":
+            return self.tls is not None and self.tls.verified
+        if level == "required":
+            return self.tls is not None
+        if level == "preferred":
+            return self.tls is not None or not self.tls_offered or self.tls_failed
+        return self.tls is None       # none
+
+    # --- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, settings: UpstreamSettings, level: str, *, client_addr=None,
+                   client_helo=None, on_tls_error=None) -> "UpstreamLeg":
+        leg = cls(settings, level)
+        try:
+            await leg._open(try_tls=True, client_addr=client_addr, client_helo=client_helo)
+        except _Fallback as fb:
+            # preferred: STARTTLS offered but refused or failed; once more, in plaintext (§3.2)
+            if on_tls_error is not None:
+                on_tls_error(fb.reason)
+            await leg.close()
+            leg = cls(settings, level)
+            leg.tls_offered = leg.tls_failed = True
+            leg.tls_error = fb.reason
+            await leg._open(try_tls=False, client_addr=client_addr, client_helo=client_helo)
+        return leg
+
+    async def _open(self, *, try_tls: bool, client_addr, client_helo) -> None:
+        s = self.settings
+        try:
+            with trio.fail_after(s.connect_timeout):
+                self.stream = await trio.open_tcp_stream(s.host, s.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
+        try:
+            if s.mode == "implicit":
+                await self._handshake(fallback=False)
+            greeting = await self._read_reply(phase="greeting")
+            if greeting.code != 220:
+                raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"greeting {greeting.code}")
+            await self._ehlo()
+            if s.mode == "starttls" and self.level != "none" and try_tls:
+                if "STARTTLS" in self.extensions:
+                    self.tls_offered = True
+                    await self._starttls()
+                elif self.level in TLS_LEVELS_REQUIRING_TLS:
+                    await self._quit_quietly()
+                    raise UpstreamFailure(R.UPSTREAM_TLS_NOT_OFFERED, "STARTTLS not offered",
+                                          tls_required=True)
+            if self.level == "verify" and not (self.tls and self.tls.verified):
+                await self._quit_quietly()
+                why = (self.tls.verify_error if self.tls else None) or "not verified"
+                raise UpstreamFailure(R.UPSTREAM_NOT_TRUSTED, f"certificate: {why}",
+                                      tls_required=True)
+            if s.forward_client and client_addr and "XCLIENT" in self.extensions:
+                await self._xclient(client_addr, client_helo)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _ehlo(self) -> None:
+        reply = await self.command(f"EHLO {self.settings.helo_name}")
+        if reply.code == 250:
+            self.extensions = self.client.parse_ehlo(reply)
+            return
+        reply = await self.command(f"HELO {self.settings.helo_name}")
+        if reply.code != 250:
+            raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"HELO refused {reply.code}")
+        self.extensions = {}
+
+    async def _starttls(self) -> None:
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            self._tls_failed(f"STARTTLS refused: {reply.code} {reply.text}")
+        if self.client.has_leftover():
+            # response injection (CVE-2021-38371 class): bytes after the one reply (§6)
+            self._tls_failed("response injection after STARTTLS")
+        await self._handshake(fallback=self.level == "preferred")
+        self.client.reset()
+        await self._ehlo()
+
+    def _tls_failed(self, reason: str):
+        if self.level == "preferred":
+            raise _Fallback(reason)
+        raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason,
+                              tls_required=self.level in TLS_LEVELS_REQUIRING_TLS)
+
+    async def _handshake(self, *, fallback: bool) -> None:
+        s = self.settings
+        name = s.server_name or s.host
+        tls = TLSStream(self.stream, s.tls_context, server_side=False,
+                        server_hostname=name, verify_hostname=self.level == "verify")
+        start = trio.current_time()
+        try:
+            with trio.fail_after(s.connect_timeout):
+                await tls.do_handshake()
+        except (TLSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = getattr(exc, "reason", None) or "handshake timeout"
+            if fallback:
+                raise _Fallback(reason)
+            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason,
+                                  tls_required=self.level in TLS_LEVELS_REQUIRING_TLS
+                                  or s.mode == "implicit")
+        self.handshake_seconds = trio.current_time() - start
+        self.stream = tls
+        self.tls = tls.info
+
+    async def _xclient(self, client_addr, client_helo) -> None:
+        ip, port = client_addr[0], client_addr[1]
+        try:
+            if ipaddress.ip_address(ip).version == 6:
+                ip = "IPV6:" + ip
+        except ValueError:
+            pass
+        attrs = [f"ADDR={ip}", f"PORT={port}", "NAME=[UNAVAILABLE]"]
+        if client_helo:
+            attrs.append(f"HELO={_xtext(client_helo)}")
+        reply = await self.command("XCLIENT " + " ".join(attrs))
+        if reply.code == 220:            # a new greeting: say EHLO again
+            await self._ehlo()
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def command(self, line: str, timeout: float | None = None) -> Reply:
+        await self._send(self.client.send(line))
+        return await self._read_reply(timeout=timeout)
+
+    async def send_data(self, data: bytes) -> None:
+        await self._send(data)
+
+    async def finish_data(self) -> Reply:
+        await self._send(b".\r\n")
+        reply = await self._read_reply(timeout=self.settings.data_done_timeout)
+        self.in_transaction = False
+        return reply
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError, OSError) as exc:
+            self.closed = True
+            raise UpstreamFailure(R.UPSTREAM_LOST, f"send: {exc!r}")
+
+    async def _read_reply(self, timeout: float | None = None, phase: str = "reply") -> Reply:
+        timeout = self.settings.reply_timeout if timeout is None else timeout
+        lost = R.UPSTREAM_UNAVAILABLE if phase == "greeting" else R.UPSTREAM_LOST
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    reply = self.client.next_reply()
+                    if reply is not None:
+                        return reply
+                    data = await self.stream.receive_some(65536)
+                    self.client.receive_data(data)
+        except trio.TooSlowError:
+            self.closed = True
+            raise UpstreamFailure(lost, f"{phase} timeout")
+        except ProtocolError as exc:
+            self.closed = True
+            raise UpstreamFailure(lost if phase == "greeting" else R.UPSTREAM_LOST, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError, OSError) as exc:
+            self.closed = True
+            raise UpstreamFailure(lost, f"{phase}: {exc!r}")
+
+    # --- closing ----------------------------------------------------------------------------
+
+    async def reset(self) -> None:
+        """End an unfinished transaction (RSET) so the leg can carry the next one."""
+        if self.in_transaction and not self.closed:
+            try:
+                reply = await self.command("RSET")
+                if reply.code != 250:
+                    await self.close()
+            except UpstreamFailure:
+                await self.close()
+        self.in_transaction = False
+
+    async def _quit_quietly(self) -> None:
+        try:
+            with trio.move_on_after(2):
+                await self.command("QUIT")
+        except UpstreamFailure:
+            pass
+
+    async def quit(self) -> None:
+        if not self.closed:
+            await self._quit_quietly()
+        await self.close()
+
+    async def close(self) -> None:
+        """Close at once; mid-DATA this drops the message (no terminating dot is sent)."""
+        self.closed = True
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+
+class _Fallback(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _xtext(value: str) -> str:
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
+                   for c in value)
