@@ -1,23 +1,45 @@
-"""Builds the native core (cffi API mode) next to the pure-Python package.
+"""Builds the native core (cffi API mode, _native/build.py) next to the pure-Python package.
 
-The C extension is optional: if it cannot be compiled, installation still succeeds and the
-gateway uses its pure-Python twin (`gateway --version` says which is in use). CI sets
-GATEWAY_REQUIRE_NATIVE=1 so that a missing extension fails the tests there.
+The C extension is optional: if it cannot be compiled, `pip install .` still succeeds with a
+warning and the gateway uses its pure-Python twin (`gateway --version` says which is in use).
+CI sets GATEWAY_REQUIRE_NATIVE=1 so that a missing extension fails the tests there.
+
+Development: `python setup.py build_ext --inplace` puts gateway/_native*.so in the tree.
 """
+import sys
+
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 
 class OptionalBuildExt(build_ext):
+    """build_ext that turns a failed C build into a warning."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        for ext in self.extensions:
+            # lets `--inplace` skip copying an extension that was not built
+            ext.optional = True
+
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:  # compiler missing or failing: fall back to the twin
-            print(f"WARNING: native core {ext.name} not built ({exc}); "
-                  "the pure-Python scanner will be used")
+        except Exception as exc:  # no compiler, missing headers, compile or link error
+            print(f"WARNING: the native core {ext.name} was not built ({exc}); "
+                  "the gateway will use its pure-Python scanner", file=sys.stderr)
+
+
+class SdistWithNative(sdist):
+    """sdist that also ships the cffi build script (the C sources and header come with the
+    extension's sources and depends)."""
+
+    def add_defaults(self):
+        super().add_defaults()
+        self.filelist.extend(["_native/build.py", "_native/scan.c", "_native/gateway_native.h"])
 
 
 setup(
     cffi_modules=["_native/build.py:ffibuilder"],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "sdist": SdistWithNative},
 )

@@ -1,29 +1,37 @@
-"""cffi build script for the native core (API mode). setup.py names it in cffi_modules;
-it is exec'd by cffi's setuptools integration and never imports the gateway package."""
+"""cffi build script for the native core (API mode): builds the extension `gateway._native`.
+
+setup.py names it in cffi_modules (cffi exec's this file; it never imports the gateway
+package). `python _native/build.py`, from the project root, compiles it alone. Paths are
+relative to the project root, where setup.py runs.
+"""
+import sys
 
 from cffi import FFI
 
-
-ffibuilder = FFI()
-ffibuilder.cdef("""
+# Exactly the declarations of _native/gateway_native.h (the #defines stay in the header).
+CDEF = """
 typedef struct {
     int state;
-    int out_ls;
+    int out_mid;
     int done;
     unsigned int flags;
     unsigned long long size;
 } gw_data_t;
-long gw_scan_line(const unsigned char *buf, size_t len, size_t start, unsigned int *flags);
-size_t gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
-                    unsigned char *out, size_t *outlen);
-int gw_find_literal(const unsigned char *line, size_t len, long long *n, int *plus);
-""")
+long long gw_scan_line(const unsigned char *buf, size_t len, size_t start);
+long long gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
+                       unsigned char *out, size_t outcap, size_t *outlen);
+long long gw_find_literal(const unsigned char *line, size_t len);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "gateway._native",
     '#include "gateway_native.h"',
-    sources=["_native/scan.c"],     # relative to the project root (setup.py)
+    sources=["_native/scan.c"],
     include_dirs=["_native"],
-    extra_compile_args=["-O2", "-std=c99", "-Wall"],
+    depends=["_native/gateway_native.h"],
+    extra_compile_args=[] if sys.platform == "win32" else ["-O2", "-std=c99", "-Wall"],
 )
 
 if __name__ == "__main__":

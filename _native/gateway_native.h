@@ -1,4 +1,6 @@
-/* The native core's whole exported API (must match the cdef in build.py). */
+/* The native core's whole exported API. _native/build.py declares exactly this to cffi (its
+ * cdef must match, minus the #defines and comments); gateway/native.py wraps it and checks
+ * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py. */
 #ifndef GATEWAY_NATIVE_H
 #define GATEWAY_NATIVE_H
 #include <stddef.h>
@@ -6,23 +8,30 @@
 #define GW_BARE_CR 1
 #define GW_BARE_LF 2
 #define GW_NUL 4
+#define GW_FLAG_BITS 3             /* gw_scan_line packs the flags into the low 3 bits */
 
+/* DataScanner state; zero-initialised (cffi's ffi.new) is the start of a message. */
 typedef struct {
-    int state;                 /* input state: 0 line start, 1 dot, 2 dot-CR, 3 mid, 4 CR */
-    int out_ls;                /* output is at a line start (for re-stuffing) */
-    int done;                  /* <CRLF>.<CRLF> seen */
-    unsigned int flags;        /* GW_BARE_CR | GW_BARE_LF | GW_NUL seen so far */
-    unsigned long long size;   /* raw input octets consumed */
+    int state;                     /* input state: 0 client line start, 1 dot, 2 dot-CR,
+                                      3 inside a line, 4 CR pending */
+    int out_mid;                   /* the output is NOT at the start of a line */
+    int done;                      /* the client's <CRLF>.<CRLF> was seen */
+    unsigned int flags;            /* GW_BARE_CR | GW_BARE_LF | GW_NUL seen so far */
+    unsigned long long size;       /* raw input octets consumed (the end marker excluded) */
 } gw_data_t;
 
-/* End of the line starting at buf[start] (index past its LF) or -1; *flags for that line. */
-long gw_scan_line(const unsigned char *buf, size_t len, size_t start, unsigned int *flags);
+/* The line starting at buf[start] (start < len): -1 if it has no LF yet, else
+ * (end << GW_FLAG_BITS) | flags with end the index just past its LF. */
+long long gw_scan_line(const unsigned char *buf, size_t len, size_t start);
 
-/* Transform DATA input; out must hold 2*inlen+4 bytes. Returns octets consumed. */
-size_t gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
-                    unsigned char *out, size_t *outlen);
+/* Feed DATA input. Writes the upstream framing to out (outcap must be at least 2*inlen+4)
+ * and its length to *outlen; returns the input octets consumed (it stops right after the
+ * end marker), or -1 (nothing done) if outcap is too small. */
+long long gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
+                       unsigned char *out, size_t outcap, size_t *outlen);
 
-/* IMAP literal {n} / {n+} at the end of line: 1 found, 0 none, -2 more than 18 digits. */
-int gw_find_literal(const unsigned char *line, size_t len, long long *n, int *plus);
+/* IMAP literal {N} / {N+} at the end of line (no CRLF): -1 none; -2 (no '+') or -3 ('+')
+ * when N has more than 18 digits; else 2*N + plus. */
+long long gw_find_literal(const unsigned char *line, size_t len);
 
 #endif

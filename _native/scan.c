@@ -1,166 +1,172 @@
-/* Line scanner for the gateway's hot path. Semantics are defined by gateway/pyscan.py,
- * its pure-Python twin; tests compare the two on generated input. */
+/* Line scanner for the gateway's hot path (SPEC section 10). The semantics are those of
+ * gateway/pyscan.py, its pure-Python twin; the tests compare the two on generated input.
+ * Arguments are checked by gateway/native.py before they get here. */
 #include <string.h>
 #include "gateway_native.h"
 
 enum { LS = 0, DOT = 1, DOTCR = 2, MID = 3, CR = 4 };
 
-long gw_scan_line(const unsigned char *buf, size_t len, size_t start, unsigned int *flags)
-{
-    unsigned int f = 0;
-    const unsigned char *lf;
-    size_t end, body_end, i;
+/* Bytes that stop the copy loop inside a line. */
+static const unsigned char special[256] = { [0] = 1, ['\n'] = 1, ['\r'] = 1 };
 
-    *flags = 0;
+long long gw_scan_line(const unsigned char *buf, size_t len, size_t start)
+{
+    const unsigned char *p, *lf;
+    size_t end, body_end;
+    unsigned int f = 0;
+
     if (start >= len)
         return -1;
-    lf = memchr(buf + start, '\n', len - start);
+    p = buf + start;
+    lf = memchr(p, '\n', len - start);
     if (lf == NULL)
         return -1;
-    end = (size_t)(lf - buf);
+    end = (size_t)(lf - buf);                   /* index of the LF */
     body_end = end;
     if (end > start && buf[end - 1] == '\r')
-        body_end = end - 1;
+        body_end = end - 1;                     /* the line's own CRLF */
     else
         f |= GW_BARE_LF;
-    if (body_end > start && memchr(buf + start, '\r', body_end - start) != NULL)
+    /* body_end stops before the first LF, so every CR before it is not followed by LF */
+    if (memchr(p, '\r', body_end - start) != NULL)
         f |= GW_BARE_CR;
-    for (i = start; i < end; i++) {
-        if (buf[i] == 0) {
-            f |= GW_NUL;
-            break;
-        }
-    }
-    *flags = f;
-    return (long)(end + 1);
+    if (memchr(p, 0, end - start) != NULL)
+        f |= GW_NUL;
+    return ((long long)(end + 1) << GW_FLAG_BITS) | f;
 }
 
-/* Output bound: a byte in MID emits at most 2 ('.' stuffed at line start, or LF -> CRLF);
- * a CR emits nothing when consumed and its CRLF (2) is emitted while the next byte is
- * processed, which may then emit 2 itself; a pending CR from an earlier feed adds 2 once.
- * Hence at most 2*inlen + 2 <= 2*inlen + 4. */
-size_t gw_data_feed(gw_data_t *s, const unsigned char *in, size_t n,
-                    unsigned char *out, size_t *outlen)
+/* Output bound: o <= 2*inlen + 2 <= outcap. Charge every output byte to an input byte:
+ *  - a run of k >= 1 ordinary bytes inside a line emits k, plus one re-stuffing '.' at most:
+ *    <= 2k, so <= 2 per byte;
+ *  - a bare LF inside a line emits CRLF: 2 for 1 byte;
+ *  - a CR (inside a line, or the CR of a leading ".\r") emits nothing when consumed; exactly
+ *    one CRLF (2 bytes) is emitted for it later, when the next byte is looked at (that byte
+ *    is then either consumed as its LF, emitting nothing more, or handled again as an
+ *    ordinary byte and charged for itself); charge those 2 bytes to the CR;
+ *  - a leading '.', a NUL, the LF after a CR and the final LF of the marker emit nothing.
+ * So each byte consumed by this call is charged at most 2, except that the CRLF of a CR
+ * consumed by the PREVIOUS call (state CR or DOTCR on entry: one CR at most) lands in this
+ * call's output: 2 more. Total <= 2*inlen + 2, within the 2*inlen + 4 the caller provides
+ * (and that gw_data_feed checks before writing anything). */
+long long gw_data_feed(gw_data_t *s, const unsigned char *in, size_t n,
+                       unsigned char *out, size_t outcap, size_t *outlen)
 {
     size_t i = 0, o = 0;
-    int st = s->state, ols = s->out_ls, done = 0;
-    unsigned int flags = s->flags;
+    int st, mid, done = 0;
+    unsigned int flags;
 
-    if (s->done) {
-        *outlen = 0;
+    *outlen = 0;
+    if (outcap < 4 || (outcap - 4) / 2 < n)
+        return -1;
+    if (s->done)
         return 0;
-    }
+    st = s->state;
+    mid = s->out_mid;
+    flags = s->flags;
     while (i < n) {
         unsigned char b = in[i];
         switch (st) {
-        case MID: {
-            size_t j = i;
-            while (j < n && in[j] != '\r' && in[j] != '\n' && in[j] != 0)
-                j++;
-            if (j > i) {
-                if (ols && in[i] == '.')
-                    out[o++] = '.';
+        case MID:
+            if (!special[b]) {
+                size_t j = i + 1;
+                while (j < n && !special[in[j]])
+                    j++;
+                if (!mid && b == '.')
+                    out[o++] = '.';             /* re-stuff an output line start */
                 memcpy(out + o, in + i, j - i);
                 o += j - i;
-                ols = 0;
+                mid = 1;
                 i = j;
-                continue;
-            }
-            i++;
-            if (b == '\r') {
-                st = CR;
+            } else if (b == '\r') {
+                st = CR;                        /* decided by the next byte */
+                i++;
             } else if (b == '\n') {
                 flags |= GW_BARE_LF;
                 out[o++] = '\r';
                 out[o++] = '\n';
-                ols = 1;
+                mid = 0;                        /* an output line start, not a client one */
+                i++;
             } else {
-                flags |= GW_NUL;
+                flags |= GW_NUL;                /* removed */
+                i++;
             }
-            continue;
-        }
-        case LS:
+            break;
+        case LS:                                /* client line start: after CRLF, or first */
             if (b == '.') {
                 st = DOT;
                 i++;
             } else {
                 st = MID;
             }
-            continue;
-        case DOT:
+            break;
+        case DOT:                               /* leading dot: deleted unless CRLF follows */
             if (b == '\r') {
                 st = DOTCR;
                 i++;
             } else {
                 st = MID;
             }
-            continue;
+            break;
         case DOTCR:
-            if (b == '\n') {
+            if (b == '\n') {                    /* <CRLF>.<CRLF>: the end */
                 i++;
                 done = 1;
                 goto finished;
             }
-            flags |= GW_BARE_CR;
+            flags |= GW_BARE_CR;                /* ".\r" + other: dot deleted, CR is bare */
             out[o++] = '\r';
             out[o++] = '\n';
-            ols = 1;
-            st = MID;
-            continue;
-        default: /* CR */
+            mid = 0;
+            st = MID;                           /* b is handled again */
+            break;
+        default:                                /* CR pending */
             out[o++] = '\r';
             out[o++] = '\n';
-            ols = 1;
+            mid = 0;
             if (b == '\n') {
                 i++;
                 st = LS;
             } else {
                 flags |= GW_BARE_CR;
-                st = MID;
+                st = MID;                       /* b is handled again */
             }
-            continue;
+            break;
         }
     }
 finished:
     s->state = st;
-    s->out_ls = ols;
+    s->out_mid = mid;
     s->flags = flags;
     s->size += i;
     if (done) {
         s->done = 1;
-        s->size -= 3;
+        s->size -= 3;                           /* ".\r\n"; its CRLF before is content */
     }
     *outlen = o;
-    return i;
+    return (long long)i;
 }
 
-int gw_find_literal(const unsigned char *line, size_t len, long long *n, int *plus)
+long long gw_find_literal(const unsigned char *line, size_t len)
 {
     size_t end, d;
     long long v = 0;
+    int plus = 0;
 
-    *n = -1;
-    *plus = 0;
     if (len < 3 || line[len - 1] != '}')
-        return 0;
-    end = len - 1;                      /* index of '}' */
+        return -1;
+    end = len - 1;                              /* one past the last digit */
     if (line[end - 1] == '+') {
-        *plus = 1;
+        plus = 1;
         end--;
     }
     d = end;
     while (d > 0 && line[d - 1] >= '0' && line[d - 1] <= '9')
         d--;
-    if (d == end || d == 0 || line[d - 1] != '{') {
-        *plus = 0;
-        return 0;
-    }
-    if (end - d > 18) {
-        *n = -2;
-        return -2;
-    }
+    if (d == end || d == 0 || line[d - 1] != '{')
+        return -1;
+    if (end - d > 18)
+        return -2 - plus;
     for (; d < end; d++)
         v = v * 10 + (line[d] - '0');
-    *n = v;
-    return 1;
+    return 2 * v + plus;
 }

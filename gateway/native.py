@@ -36,20 +36,20 @@ _KEEP_OUT = 1 << 18     # a scanner keeps an output buffer up to this size betwe
 
 
 def _native_scan_line(buf, start: int = 0) -> tuple[int, int]:
-    src = _ffi.from_buffer(buf)
-    if type(start) is not int or start < 0:
+    src = _from_buffer(buf)
+    if start.__class__ is not int or start < 0:
         start = _check_start(start)
-    n = len(src)
-    if start >= n:
+    try:
+        r = _scan(src, len(src), start)          # C: -1 when start >= len
+    except OverflowError:                        # start beyond size_t: past any buffer
         return -1, 0
-    r = _lib.gw_scan_line(src, n, start)
     if r < 0:
         return -1, 0
     return r >> _FLAG_BITS, r & 7
 
 
 def _native_find_literal(line) -> tuple[int, bool]:
-    src = _ffi.from_buffer(line)
+    src = _from_buffer(line)
     r = _lib.gw_find_literal(src, len(src))
     if r >= 0:
         return r >> 1, bool(r & 1)
@@ -84,7 +84,7 @@ class _NativeDataScanner:
 
     def feed(self, data) -> tuple[bytes, int]:
         """Consume *data*: (output for the upstream, input octets consumed)."""
-        src = _ffi.from_buffer(data)
+        src = _from_buffer(data)
         n = len(src)
         st = self._st
         if n == 0 or st.done:
@@ -111,6 +111,8 @@ class _NativeBackend:
 
 if _lib is not None:
     _alloc = _ffi.new_allocator(should_clear_after_alloc=False)
+    _from_buffer = _ffi.from_buffer
+    _scan = _lib.gw_scan_line
     native_backend = _NativeBackend
     BACKEND = "native"
     scan_line = _native_scan_line

@@ -342,3 +342,87 @@ async def test_pipelined_transactions_on_one_connection():
     assert [m.rcpts for m in sink.messages] == [["b0@example.test"],
                                                 ["c@example.test", "d@example.test"]]
     assert sink.connections == 1        # the leg is reused for the second transaction
+
+
+async def test_upstream_preferred_falls_back_to_plaintext_once(upstream_cert):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(upstream_cert.cert), str(upstream_cert.key))
+    async with running_sink(ssl_context=ctx,
+                            starttls_reply=b"454 4.7.0 TLS not available\r\n") as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                reply = await in_thread(lambda: smtp_send(port))
+                await sink.wait_for_messages(1)
+    assert reply[0] == 250
+    assert sink.connections == 2 and not sink.messages[0].tls
+    assert logs.of("tls_error", side="upstream", fallback="plaintext")
+    assert not logs.of("tls_alert")
+
+
+async def test_idle_client_gets_421_timeout():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          timeouts={"command": 0.3})])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                out = await in_thread(_raw_session, port, b"")
+    assert out == b"421 4.4.2 Timeout exceeded\r\n"
+
+
+async def test_over_max_connections_gets_421():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          max_connections=1)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def two():
+                with socket.create_connection(("127.0.0.1", port), timeout=20) as first:
+                    assert first.makefile("rb").readline().startswith(b"220 ")
+                    with socket.create_connection(("127.0.0.1", port), timeout=20) as second:
+                        return second.makefile("rb").read()
+            with trio.fail_after(30):
+                out = await in_thread(two)
+    assert out == b"421 4.7.0 Too many connections, try again later\r\n"
+
+
+async def _dropping_upstream(task_status=trio.TASK_STATUS_IGNORED):
+    """An upstream that accepts the envelope and DATA, then dies mid-message."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def handle(stream):
+        await stream.send_all(b"220 drop.test ESMTP\r\n")
+        buf = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    await stream.send_all(b"250-drop.test\r\n250 PIPELINING\r\n")
+                elif verb == b"DATA":
+                    await stream.send_all(b"354 go ahead\r\n")
+                    await stream.receive_some(10)
+                    await stream.aclose()
+                    return
+                else:
+                    await stream.send_all(b"250 2.0.0 ok\r\n")
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_upstream_lost_mid_message(nursery):
+    up_port = await nursery.start(_dropping_upstream)
+    data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+    async with running_gateway(data) as (gw, logs):
+        port = gw.addresses["smtp"][1]
+        with trio.fail_after(30):
+            reply = await in_thread(lambda: smtp_send(port, body=b"x" * 300_000 + b"\r\n"))
+    assert reply == (451, b"4.4.2 Upstream connection lost")
+    assert logs.of("message", result="tempfail")
