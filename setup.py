@@ -10,7 +10,9 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
-from setuptools.command.sdist import sdist
+
+# What an sdist needs to build the extension besides its C sources.
+NATIVE_FILES = ["_native/build.py", "_native/gateway_native.h", "_native/scan.c"]
 
 
 class OptionalBuildExt(build_ext):
@@ -29,17 +31,13 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: the native core {ext.name} was not built ({exc}); "
                   "the gateway will use its pure-Python scanner", file=sys.stderr)
 
-
-class SdistWithNative(sdist):
-    """sdist that also ships the cffi build script (the C sources and header come with the
-    extension's sources and depends)."""
-
-    def add_defaults(self):
-        super().add_defaults()
-        self.filelist.extend(["_native/build.py", "_native/scan.c", "_native/gateway_native.h"])
+    def get_source_files(self):
+        # sdist asks build_ext for the extension's files; add the build script and header
+        files = super().get_source_files()
+        return files + [f for f in NATIVE_FILES if f not in files]
 
 
 setup(
     cffi_modules=["_native/build.py:ffibuilder"],
-    cmdclass={"build_ext": OptionalBuildExt, "sdist": SdistWithNative},
+    cmdclass={"build_ext": OptionalBuildExt},
 )

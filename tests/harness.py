@@ -118,3 +118,18 @@ def smtp_send(port, *, starttls=False, implicit=False, ctx=None, mail_from="alic
             if code // 100 != 2:
                 return code, text
         return s.data(body)
+
+
+def gateway_subprocess_env() -> dict:
+    """Environment for `python -m gateway` subprocesses: they import the same `gateway` as
+    this test process (the installed package in CI, never the source tree by accident)."""
+    import os
+    from pathlib import Path
+
+    import gateway
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(gateway.__file__).resolve().parent.parent)
+    return env
+
+
+NEUTRAL_CWD = "/"      # `python -m` puts the cwd on sys.path: never run from the source tree

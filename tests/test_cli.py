@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
+from harness import NEUTRAL_CWD, gateway_subprocess_env
 from gateway.config import GatewayConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "gateway.example.toml"
 
 
-def gateway(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+def gateway(*args: str, cwd: Path = Path(NEUTRAL_CWD)) -> subprocess.CompletedProcess:
+    env = gateway_subprocess_env()
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
                           text=True, timeout=60, cwd=cwd, env=env)
 
@@ -27,6 +27,8 @@ def test_version_mentions_the_native_core():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("gateway 0.1.0 (native core: ")
     assert result.stdout.strip().split("native core: ")[1] in ("native)", "python)")
+    if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
+        assert "native core: native" in result.stdout
 
 
 def test_check_example_file():

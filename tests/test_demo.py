@@ -1,13 +1,13 @@
 """The README's first command: `gateway run --demo`, then swaks --tls through it."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from harness import NEUTRAL_CWD, gateway_subprocess_env
 from peers import require, run_swaks
 
 pytestmark = pytest.mark.peers
@@ -23,9 +23,9 @@ def _wait_for_line(proc, needle: str, lines: list[str]) -> None:
 
 def test_demo_with_swaks_tls():
     require("swaks")
-    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--demo"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=gateway_subprocess_env(),
+                            cwd=NEUTRAL_CWD)
     lines: list[str] = []
     try:
         _wait_for_line(proc, "listener=demo-smtps", lines)
