@@ -8,16 +8,50 @@ from __future__ import annotations
 import signal
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
 from .config import GatewayConfig, Listener
+from .conncount import ConnectionCounts
 from .logs import new_conn_id
+from .metrics import NullMetrics
 from .proto import replies as R
 from .relay.smtp_session import SMTPSession
 from .relay.upstream import UpstreamSettings
 from .tls import context as tls_context
 from .tls.certs import demo_certificate
+
+
+RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
+
+
+class WorkerState:
+    """What every session of one process shares: draining (SPEC §9) and connection counts."""
+
+    def __init__(self, counts=None, row: int = 0, metrics=None):
+        self.draining = False
+        self.idle_scopes: set[trio.CancelScope] = set()
+        self.counts = counts if counts is not None else ConnectionCounts(1, 1)
+        self.row = row
+        self.metrics = metrics if metrics is not None else NullMetrics()
+        self.sessions = 0                        # open connections in this process
+        self.no_sessions = trio.Event()
+
+    def session_started(self) -> None:
+        self.sessions += 1
+
+    def session_ended(self) -> None:
+        self.sessions -= 1
+        if self.sessions == 0:
+            self.no_sessions.set()
+            self.no_sessions = trio.Event()
+
+    def drain(self) -> None:
+        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
+        self.draining = True
+        for scope in list(self.idle_scopes):
+            scope.cancel()
 
 
 @dataclass
@@ -27,7 +61,8 @@ class ListenerRuntime:
     server_ctx: object | None
     upstream: UpstreamSettings
     log: object
-    active: int = 0
+    index: int = 0                      # position in config.listeners (connection counts)
+    state: WorkerState | None = None
 
 
 @dataclass
@@ -37,6 +72,17 @@ class Gateway:
     runtimes: list[ListenerRuntime]
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     demo_certificate: bool = False
+    accept_scope: trio.CancelScope | None = None
+    retiring: bool = False
+
+    def stop_accepting(self, *, retire: bool = False) -> None:
+        """Begin the drain: no new connections; serve() returns when sessions are done.
+
+        A shutdown answers idle sessions 421 4.3.2 at once. A retirement (a reload replaced
+        this worker) lets every session go on for up to shutdown_grace, then drains."""
+        self.retiring = retire
+        if self.accept_scope is not None:
+            self.accept_scope.cancel()
 
 
 def _needs_server_tls(listener: Listener) -> bool:
@@ -44,11 +90,13 @@ def _needs_server_tls(listener: Listener) -> bool:
                                           and listener.client_tls != "none")
 
 
-def build_runtimes(config: GatewayConfig, log) -> tuple[list[ListenerRuntime], bool]:
+def build_runtimes(config: GatewayConfig, log,
+                   state: WorkerState | None = None) -> tuple[list[ListenerRuntime], bool]:
     """TLS contexts and upstream settings for every listener. Returns (runtimes, demo_used)."""
     demo_pems = None
     runtimes = []
-    for listener in config.listeners:
+    state = state if state is not None else WorkerState()
+    for index, listener in enumerate(config.listeners):
         profile = config.profiles[listener.profile]
         server_ctx = None
         if _needs_server_tls(listener):
@@ -82,20 +130,80 @@ def build_runtimes(config: GatewayConfig, log) -> tuple[list[ListenerRuntime], b
             connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client)
         runtimes.append(ListenerRuntime(listener, config.hostname, server_ctx, settings,
-                                        log.bind(listener=listener.name)))
+                                        log.bind(listener=listener.name), index, state))
     return runtimes, demo_pems is not None
 
 
-async def _bind(listener: Listener) -> trio.SocketListener:
+def bind_socket(listener: Listener, *, reuse_port: bool = False,
+                port: int | None = None) -> socket.socket:
+    """A listening stdlib socket for *listener* (the supervisor keeps these, SPEC §9)."""
     host = listener.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    await sock.bind((host, listener.port))
-    sock.listen(listener.backlog)
-    return trio.SocketListener(sock)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, listener.port if port is None else port))
+        sock.listen(listener.backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first returns bytes already read (after a PROXY protocol header)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes):
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes=None):
+        if self.prefix:
+            n = len(self.prefix) if max_bytes is None else max_bytes
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data):
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self):
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self):
+        await self.stream.aclose()
+
+
+async def _read_proxy_header(rt: ListenerRuntime, stream, peer, log):
+    """SPEC §9: the real client address from a trusted load balancer, else None (closed)."""
+    from .proxy_protocol import ProxyHeaderError, is_trusted, parse_proxy_header
+    m, name = rt.state.metrics, rt.listener.name
+    if not is_trusted(peer[0], rt.listener.trusted_proxies):
+        log.event("reject", level="warning", code=0, reason="PROXY header from untrusted peer")
+        m.connections_rejected_total.labels(name, "untrusted_proxy").inc()
+        return None
+    buf = b""
+    try:
+        with trio.fail_after(rt.listener.timeouts.tls_handshake):
+            while True:
+                parsed = parse_proxy_header(buf)
+                if parsed is not None:
+                    break
+                data = await stream.receive_some(4096)
+                if not data:
+                    raise ProxyHeaderError("connection closed before the PROXY header")
+                buf += data
+    except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {exc or 'timeout'}")
+        m.connections_rejected_total.labels(name, "bad_proxy_header").inc()
+        return None
+    info, used = parsed
+    source = info.source or peer
+    return (source[0], source[1]), PrefixedStream(stream, buf[used:])
 
 
 async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
@@ -105,13 +213,27 @@ async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
     except OSError:
         await stream.aclose()
         return
-    client = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+    if rt.listener.proxy_protocol:
+        got = await _read_proxy_header(rt, stream, peer, rt.log.bind(
+            client=_fmt_addr(peer)))
+        if got is None:
+            await stream.aclose()
+            return
+        peer, stream = got
+    client = _fmt_addr(peer)
     conn_id = new_conn_id()
     log = rt.log.bind(conn=conn_id, client=client)
-    rt.active += 1
+    state = rt.state
+    counts = state.counts
+    counts.add(state.row, rt.index, 1)
+    state.session_started()
+    m, name = state.metrics, rt.listener.name
+    m.connections_total.labels(name, rt.listener.protocol).inc()
+    m.connections_active.labels(name).inc()
     try:
-        if rt.active > rt.listener.max_connections:
+        if counts.total(rt.index) > rt.listener.max_connections:
             log.event("reject", code=421, reason="too many connections")
+            m.connections_rejected_total.labels(name, "max_connections").inc()
             with trio.move_on_after(5):
                 if rt.listener.tls != "implicit":
                     try:
@@ -125,46 +247,106 @@ async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
         else:
             await stream.aclose()      # IMAP arrives with SPEC §5
     finally:
-        rt.active -= 1
+        counts.add(state.row, rt.index, -1)
+        state.session_ended()
+        m.connections_active.labels(name).dec()
 
 
-async def serve(config: GatewayConfig, log, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Bind every listener and serve until cancelled; reports a `Gateway` when bound."""
-    runtimes, demo = build_runtimes(config, log)
+def _fmt_addr(peer) -> str:
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+
+
+async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState | None = None,
+                runtimes=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve every listener; reports a `Gateway` once bound.
+
+    *sockets*: listening stdlib sockets, one per listener, owned by a supervisor (else bound
+    here). Runs until cancelled, or until `Gateway.stop_accepting()`: then idle sessions get
+    421 4.3.2, transactions in flight get `shutdown_grace` seconds, and serve() returns."""
+    state = state if state is not None else WorkerState()
+    if runtimes is None:
+        runtimes, demo = build_runtimes(config, log, state)
+    else:
+        runtimes, demo = runtimes
     gateway = Gateway(config, runtimes, demo_certificate=demo)
-    async with trio.open_nursery() as nursery:
-        for rt in runtimes:
-            sock_listener = await _bind(rt.listener)
-            host, port = sock_listener.socket.getsockname()[:2]
-            gateway.addresses[rt.listener.name] = (host, port)
-            rt.log.event("listening", bind=f"{host}:{port}", protocol=rt.listener.protocol,
-                         tls=rt.listener.tls, client_tls=rt.listener.client_tls,
-                         upstream=f"{rt.upstream.host}:{rt.upstream.port}",
-                         upstream_tls=rt.listener.upstream.tls)
+    state.metrics.demo_certificate.set(1 if demo else 0)
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as acceptors:
+            gateway.accept_scope = acceptors.cancel_scope
+            for rt, sock in zip(runtimes, sockets or [None] * len(runtimes)):
+                if sock is None:
+                    sock = bind_socket(rt.listener)
+                else:
+                    sock = sock.dup()        # the owner keeps its own descriptor open
+                sock_listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                host, port = sock.getsockname()[:2]
+                gateway.addresses[rt.listener.name] = (host, port)
+                rt.log.event("listening", bind=f"{host}:{port}",
+                             protocol=rt.listener.protocol, tls=rt.listener.tls,
+                             client_tls=rt.listener.client_tls,
+                             upstream=f"{rt.upstream.host}:{rt.upstream.port}",
+                             upstream_tls=rt.listener.upstream.tls)
 
-            async def handler(stream, rt=rt):
-                await _handle(rt, stream)
-            nursery.start_soon(trio.serve_listeners, handler, [sock_listener])
-        task_status.started(gateway)
+                async def handler(stream, rt=rt):
+                    await _handle(rt, stream)
+                acceptors.start_soon(partial(trio.serve_listeners, handler, [sock_listener],
+                                             handler_nursery=handlers))
+            task_status.started(gateway)
+        # accepting stopped: drain
+        log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)
+        if gateway.retiring:
+            handlers.start_soon(_retire, state, handlers.cancel_scope, config.shutdown_grace)
+        else:
+            state.drain()
+            handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+
+
+async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> None:
+    with trio.move_on_after(grace):
+        while state.sessions:
+            await state.no_sessions.wait()
+    state.drain()
+    scope.deadline = trio.current_time() + 5
 
 
 def run(config: GatewayConfig, log, demo: bool = False) -> int:
-    """Blocking entry point of `gateway run`: serve until SIGTERM/SIGINT, then exit 0."""
+    """`gateway run`: the supervisor with workers, or one process with --single-process."""
+    if not config.single_process:
+        from .supervisor import Supervisor
+        return Supervisor(config, log, demo=demo).run()
+    return run_single(config, log, demo)
 
+
+async def run_demo_sink(config: GatewayConfig, log, *, task_status=trio.TASK_STATUS_IGNORED):
+    from .sink import Sink
+    up = config.listeners[0].upstream
+    sink = Sink(hostname="sink.demo")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.serve, up.host, up.port)
+        log.event("demo_sink", bind=f"{up.host}:{up.port}")
+        task_status.started()
+
+
+async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
+                             runtimes=None) -> None:
+    """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL) as signals:
+        async with trio.open_nursery() as nursery:
+            gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
+                                                  state=state, runtimes=runtimes))
+            async for signum in signals:
+                log.event("shutdown", signal=signal.Signals(signum).name)
+                gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
+                break
+
+
+def run_single(config: GatewayConfig, log, demo: bool = False) -> int:
     async def main():
         async with trio.open_nursery() as nursery:
             if demo:
-                from .sink import Sink
-                up = config.listeners[0].upstream
-                sink = Sink(hostname="sink.demo")
-                await nursery.start(sink.serve, up.host, up.port)
-                log.event("demo_sink", bind=f"{up.host}:{up.port}")
-            await nursery.start(serve, config, log)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.event("shutdown", signal=signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+                await nursery.start(run_demo_sink, config, log)
+            await serve_until_signal(config, log)
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

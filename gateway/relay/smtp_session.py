@@ -20,6 +20,10 @@ from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
 
+_FAILURE_KINDS = {R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
+                  R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
+                  R.UPSTREAM_LOST: "lost"}
+_SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
@@ -51,6 +55,8 @@ class SMTPSession:
         self.log = log
         self.conn_id = conn_id
         self.client_level = self.listener.client_tls
+        self.metrics = rt.state.metrics
+        self.name = self.listener.name
         self.tls = None                 # client leg TLSInfo
         self.leg: UpstreamLeg | None = None
         self.txn: Transaction | None = None
@@ -96,7 +102,9 @@ class SMTPSession:
                         await self.stream.aclose()
                     except Exception:
                         pass
-            self.log.event("conn_close", duration=round(trio.current_time() - start, 3),
+            duration = trio.current_time() - start
+            self.metrics.session_seconds.labels(self.name, "smtp").observe(duration)
+            self.log.event("conn_close", duration=round(duration, 3),
                            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                            messages=self.messages)
 
@@ -105,10 +113,14 @@ class SMTPSession:
         while True:
             event = core.next_event()
             for code, text in core.take_rejections():
-                self.log.event("reject", code=code, reason=text)
+                self._rejected(code, text)
             if event is S.NEED_DATA:
                 await self._flush()
                 data = await self._receive()
+                if data is _SHUTDOWN:
+                    core.respond(*R.SHUTTING_DOWN)
+                    await self._flush()
+                    return
                 if data is None:
                     core.respond(*R.TIMEOUT)
                     self.log.event("reject", code=421, reason="timeout")
@@ -127,17 +139,29 @@ class SMTPSession:
                 await self._flush()
                 return
 
-    async def _receive(self) -> bytes | None:
+    async def _receive(self):
+        """Client bytes; None on timeout; _SHUTDOWN when the worker drains an idle session."""
         t = self.listener.timeouts
         timeout = t.data if self.core.in_data else t.command
-        with trio.move_on_after(timeout):
+        state = self.rt.state
+        idle = not self.core.in_transaction and not self.core.in_data
+        if idle and state.draining:
+            return _SHUTDOWN
+        with trio.CancelScope() as drain_scope:
+            if idle:
+                state.idle_scopes.add(drain_scope)
             try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
-                data = b""
-            self.bytes_in += len(data)
-            return data
-        return None
+                with trio.move_on_after(timeout):
+                    try:
+                        data = await self.stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
+                        data = b""
+                    self.bytes_in += len(data)
+                    return data
+                return None
+            finally:
+                state.idle_scopes.discard(drain_scope)
+        return _SHUTDOWN
 
     async def _flush(self) -> None:
         out = self.core.data_to_send()
@@ -149,15 +173,20 @@ class SMTPSession:
 
     async def _handshake(self) -> bool:
         tls = TLSStream(self.stream, self.rt.server_ctx, server_side=True)
+        start = trio.current_time()
         try:
             with trio.fail_after(self.listener.timeouts.tls_handshake):
                 await tls.do_handshake()
         except (TLSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = getattr(exc, "reason", None) or "handshake timeout"
             self.log.event("tls_error", level="warning", side="client", reason=reason)
+            self.metrics.tls_handshakes_total.labels(self.name, "client", "none", "error").inc()
             return False
         self.stream = tls
         self.tls = info = tls.info
+        self.metrics.tls_handshakes_total.labels(self.name, "client", info.version, "ok").inc()
+        self.metrics.tls_handshake_seconds.labels(self.name, "client").observe(
+            trio.current_time() - start)
         self.log.event("tls", side="client", version=info.version, cipher=info.cipher,
                        bits=info.bits, verified=info.verified, peer=info.peer_subject)
         return True
@@ -243,10 +272,16 @@ class SMTPSession:
         def tls_error(reason):
             self.log.event("tls_error", level="warning", side="upstream", reason=reason,
                            fallback="plaintext")
+            self.metrics.tls_handshakes_total.labels(self.name, "upstream", "none",
+                                                     "error").inc()
         leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
                                      client_helo=self.core.helo, on_tls_error=tls_error)
         if leg.tls is not None:
             info = leg.tls
+            self.metrics.tls_handshakes_total.labels(self.name, "upstream", info.version,
+                                                     "ok").inc()
+            self.metrics.tls_handshake_seconds.labels(self.name, "upstream").observe(
+                leg.handshake_seconds)
             self.log.event("tls", side="upstream", version=info.version, cipher=info.cipher,
                            bits=info.bits, verified=info.verified, peer=info.peer_subject)
         else:
@@ -255,12 +290,15 @@ class SMTPSession:
         return leg
 
     async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
+        kind = _FAILURE_KINDS.get(failure.reply, "other")
         self.log.event("upstream_error", level="warning", reason=failure.reason,
                        code=failure.reply[0])
+        self.metrics.upstream_errors_total.labels(self.name, kind).inc()
         if failure.tls_required:
             domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
             self.log.event("tls_alert", level="warning", domains=",".join(domains),
                            reason=failure.reason)
+            self.metrics.tls_alerts_total.labels(self.name, kind).inc()
         if self.leg is not None:
             await self.leg.close()
             self.leg = None
@@ -276,8 +314,15 @@ class SMTPSession:
         return f"RCPT TO:<{rcpt.address}>" + _params(rcpt.params, {"NOTIFY": dsn, "ORCPT": dsn})
 
     def _refuse(self, reply: tuple[int, str], close: bool = False) -> None:
-        self.log.event("reject", code=reply[0], reason=reply[1])
+        self._rejected(*reply)
         self.core.respond(*reply, close=close)
+
+    def _rejected(self, code: int, text) -> None:
+        text = _text(text)
+        self.log.event("reject", code=code, reason=text)
+        if code in (421, 530, 550, 552, 553, 554, 555) or text.startswith("4.5.3 Recipient"):
+            self.metrics.policy_rejections_total.labels(
+                self.name, f"{code}_{text.split(' ')[0]}").inc()
 
     # --- message ----------------------------------------------------------------------------
 
@@ -333,10 +378,12 @@ class SMTPSession:
                 reply = failure.reply
         code = reply[0]
         result = "accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4 else "rejected"
+        self.metrics.messages_total.labels(self.name, result).inc()
         if result == "accepted":
             self.messages += 1
+            self.metrics.message_bytes_total.labels(self.name).inc(event.size)
         else:
-            self.log.event("reject", code=code, reason=_text(reply[1]))
+            self._rejected(code, reply[1])
         leg = self.leg
         self.log.event(
             "message", result=result, mail_from=txn.mail.address, rcpts=",".join(txn.rcpts),

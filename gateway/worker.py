@@ -1,0 +1,50 @@
+"""A worker process: serves the supervisor's sockets with trio until SIGTERM (SPEC §9).
+
+It loads certificates and builds TLS contexts, then drops privileges (so keys may stay
+readable by root only), then serves; SIGTERM stops accepting and drains.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import signal
+from functools import partial
+
+import trio
+
+from .supervisor import BOOT_ERROR
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    if os.getuid() != 0 or not (user or group):
+        return
+    gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(user).pw_gid
+    os.setgroups([])
+    os.setgid(gid)
+    if user:
+        os.setuid(pwd.getpwnam(user).pw_uid)
+
+
+def run_worker(config, sockets, log, counts, row: int, slot: int) -> int:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # ^C reaches the supervisor, which drains
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)      # until trio listens for the retire signal
+    from .server import WorkerState, build_runtimes, serve_until_signal
+    log = log.bind(worker=os.getpid())
+    metrics = None
+    if config.metrics:
+        from .metrics import Metrics
+        metrics = Metrics()
+    state = WorkerState(counts=counts, row=row, metrics=metrics)
+    try:
+        runtimes = build_runtimes(config, log, state)   # keys read while still privileged
+        drop_privileges(config.user, config.group)
+    except Exception as exc:
+        log.event("fatal", level="error", message=f"worker start: {exc}")
+        return BOOT_ERROR
+    trio.run(partial(serve_until_signal, config, log, sockets=sockets, state=state,
+                     runtimes=runtimes))
+    return 0

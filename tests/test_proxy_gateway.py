@@ -1,0 +1,120 @@
+"""PROXY protocol on listeners (SPEC §9): HAProxy in front with send-proxy-v2, and hand-made
+v1/v2 headers from trusted and untrusted peers."""
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+
+import pytest
+import trio
+
+from gateway.proxy_protocol import build_v1, build_v2
+from harness import config_dict, in_thread, listener_dict, running_gateway, running_sink
+from peers import free_port, require, wait_for_port
+
+
+def _proxy_listener(sink_port, trusted=("127.0.0.1/32",)):
+    return listener_dict(upstream_port=sink_port, client_tls="none", proxy_protocol=True,
+                         trusted_proxies=list(trusted), forward_client=True)
+
+
+def _session_with_header(port: int, header: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(header)
+        f = s.makefile("rb")
+        try:
+            greeting = f.readline()
+        except ConnectionResetError:          # closed with our header unread
+            return b""
+        if greeting:
+            s.sendall(b"QUIT\r\n")
+            f.readline()
+        return greeting
+
+
+@pytest.mark.parametrize("build", [build_v1, build_v2])
+async def test_trusted_header_gives_the_real_client_address(build):
+    async with running_sink() as sink:
+        data = config_dict([_proxy_listener(sink.port)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            header = build(("203.0.113.5", 40001), ("127.0.0.1", port))
+            with trio.fail_after(20):
+                greeting = await in_thread(_session_with_header, port, header)
+    assert greeting.startswith(b"220 ")
+    assert logs.of("conn_open")[0]["client"] == "203.0.113.5:40001"
+
+
+@pytest.mark.parametrize("header", [b"GET / HTTP/1.0\r\n\r\n", b"PROXY TCP4 1.2.3.4\r\n",
+                                    b"\r\n\r\n\x00\r\nQUIT\n\x99\x11\x00\x00"])
+async def test_malformed_header_closes_the_connection(header):
+    async with running_sink() as sink:
+        data = config_dict([_proxy_listener(sink.port)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(20):
+                greeting = await in_thread(_session_with_header, port, header)
+    assert greeting == b""
+    assert "bad PROXY header" in logs.of("reject")[0]["reason"]
+    assert not logs.of("conn_open")
+
+
+async def test_untrusted_peer_is_refused():
+    async with running_sink() as sink:
+        data = config_dict([_proxy_listener(sink.port, trusted=("192.0.2.1/32",))])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            header = build_v2(("203.0.113.5", 40001), ("127.0.0.1", port))
+            with trio.fail_after(20):
+                greeting = await in_thread(_session_with_header, port, header)
+    assert greeting == b""
+    assert "untrusted" in logs.of("reject")[0]["reason"]
+
+
+HAPROXY_CFG = """
+global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp_in
+    bind 127.0.0.1:{front}
+    default_backend gateways
+backend gateways
+    server gw1 127.0.0.1:{gw} send-proxy-v2
+"""
+
+
+@pytest.mark.peers
+async def test_haproxy_send_proxy_v2(pubdir):
+    haproxy = require("haproxy")
+    async with running_sink(xclient=True) as sink:
+        data = config_dict([_proxy_listener(sink.port)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            front = free_port()
+            cfg = pubdir / f"haproxy-{front}.cfg"
+            cfg.write_text(HAPROXY_CFG.format(front=front, gw=port))
+            proc = subprocess.Popen([haproxy, "-db", "-f", str(cfg)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                await in_thread(lambda: wait_for_port("127.0.0.1", front, 20))
+
+                def send():
+                    with smtplib.SMTP("127.0.0.1", front, timeout=20,
+                                      source_address=("127.0.0.2", 0)) as s:
+                        s.sendmail("alice@client.test", ["bob@example.test"],
+                                   b"Subject: via haproxy\r\n\r\nhi\r\n")
+                with trio.fail_after(30):
+                    await in_thread(send)
+                    await sink.wait_for_messages(1)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+    opened = logs.of("conn_open")
+    assert opened[-1]["client"].startswith("127.0.0.2:")       # not HAProxy's 127.0.0.1
+    assert sink.messages[0].xclient.get("ADDR") == "127.0.0.2"
+    assert b"[127.0.0.2]" in sink.messages[0].data               # Received header

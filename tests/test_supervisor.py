@@ -1,0 +1,314 @@
+"""The supervisor with real worker processes (SPEC §9, §11): crash replacement under load,
+reload, drain on SIGTERM, and the shared metrics endpoint. The gateway runs as
+`python -m gateway run -c FILE` in a subprocess; the upstream is the sink in this process."""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread, running_sink
+from peers import free_port
+
+
+class GatewayProcess:
+    """`gateway run` in a subprocess, with its log lines collected by a thread."""
+
+    def __init__(self, config_path, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
+            stderr=subprocess.PIPE, text=True, env=gateway_subprocess_env(), cwd=NEUTRAL_CWD)
+        self.lines: list[str] = []
+        self._new = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self._new.put(line)
+        self._new.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> list[str]:
+        """Block (in a thread) until *count* log lines match *pattern* in total."""
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        while True:
+            found = [ln for ln in self.lines if rx.search(ln)]
+            if len(found) >= count:
+                return found
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {pattern!r} in log:\n" + "".join(self.lines[-40:]))
+            try:
+                if self._new.get(timeout=left) is None and not [
+                        ln for ln in self.lines if rx.search(ln)][count - 1:]:
+                    raise AssertionError("gateway exited:\n" + "".join(self.lines[-40:]))
+            except queue.Empty:
+                pass
+
+    def worker_pids(self) -> list[int]:
+        started = [int(m.group(1)) for ln in self.lines
+                   if (m := re.search(r"event=worker_start .*worker_pid=(\d+)", ln))]
+        exited = {int(m.group(1)) for ln in self.lines
+                  if (m := re.search(r"event=worker_exit .*worker_pid=(\d+)", ln))}
+        return [p for p in started if p not in exited]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def write_config(path, *, port, sink_port, metrics_port, server_cert, client_tls="optional",
+                 workers=2, grace=10, extra=""):
+    path.write_text(f"""
+[gateway]
+hostname = "mx.test"
+workers = {workers}
+metrics = "127.0.0.1:{metrics_port}"
+shutdown_grace = {grace}
+
+[certificates.main]
+cert = "{server_cert.cert}"
+key = "{server_cert.key}"
+
+[[listeners]]
+name = "mx"
+protocol = "smtp"
+bind = "127.0.0.1:{port}"
+tls = "starttls"
+client_tls = "{client_tls}"
+certificate = "main"
+{extra}
+
+[listeners.upstream]
+address = "127.0.0.1:{sink_port}"
+tls = "none"
+""")
+
+
+def one_session(port: int, ctx, n: int) -> str:
+    """One STARTTLS session; the outcome: ok, tempfail, closed or refused."""
+    try:
+        with smtplib.SMTP("localhost", port, timeout=30) as s:
+            s.starttls(context=ctx)
+            s.ehlo("client.test")
+            s.sendmail("alice@client.test", ["bob@example.test"],
+                       f"Subject: load {n}\r\n\r\nmessage {n}\r\n".encode())
+            return "ok"
+    except ConnectionRefusedError:
+        return "refused"
+    except smtplib.SMTPResponseException as exc:
+        return "tempfail" if 400 <= exc.smtp_code < 500 else f"error {exc.smtp_code}"
+    except (smtplib.SMTPServerDisconnected, ConnectionResetError, BrokenPipeError, OSError):
+        return "closed"
+
+
+def scrape(port: int) -> dict:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out: dict = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            out[key] = out.get(key, 0) + sample.value
+    return out
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+
+
+@pytest.fixture
+def ports():
+    return free_port(), free_port()
+
+
+async def test_kill_9_worker_under_load_loses_nothing(tmp_path, server_cert, ports):
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert)
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+            ctx = client_context(server_cert.ca)
+            victim = gw.worker_pids()[0]
+            killed = threading.Event()
+
+            def load():
+                results = []
+                with ThreadPoolExecutor(8) as pool:
+                    futures = []
+                    for n in range(200):
+                        futures.append(pool.submit(one_session, port, ctx, n))
+                        if n == 60:
+                            os.kill(victim, signal.SIGKILL)
+                            killed.set()
+                    results = [f.result() for f in futures]
+                return results
+            with trio.fail_after(120):
+                results = await in_thread(load)
+                await in_thread(lambda: gw.wait_for(r"event=worker_start", count=3))
+                after = await in_thread(
+                    lambda: [one_session(port, ctx, 1000 + n) for n in range(20)])
+                samples = await in_thread(scrape, metrics_port)
+        finally:
+            assert gw.stop() == 0
+    assert killed.is_set()
+    assert "refused" not in results
+    assert set(results) <= {"ok", "tempfail", "closed"}
+    assert results.count("ok") >= 150
+    assert after == ["ok"] * 20                         # the replacement serves
+    # every acknowledged message reached the upstream
+    bodies = [m.data for m in sink.messages]
+    for n, r in enumerate(results):
+        if r == "ok":
+            assert any(b.endswith(b"\r\nmessage %d\r\n" % n) for b in bodies), n
+    assert total(samples, "gateway_worker_restarts_total") == 1
+
+
+async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert, ports):
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert)
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+            ctx = client_context(server_cert.ca)
+            with trio.fail_after(60):
+                results = await in_thread(
+                    lambda: list(ThreadPoolExecutor(4).map(
+                        lambda n: one_session(port, ctx, n), range(30))))
+                await in_thread(lambda: gw.wait_for(r"event=conn_close", count=30))
+                samples = await in_thread(scrape, metrics_port)
+                health = await in_thread(lambda: urllib.request.urlopen(
+                    f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).status)
+        finally:
+            assert gw.stop() == 0
+    assert results == ["ok"] * 30
+    served = {ln.split("worker=")[1].split()[0] for ln in gw.lines
+              if "event=conn_close" in ln and "worker=" in ln}
+    assert total(samples, "gateway_connections_total", listener="mx", protocol="smtp") == 30
+    assert total(samples, "gateway_messages_total", listener="mx", result="accepted") == 30
+    assert total(samples, "gateway_tls_handshakes_total", listener="mx", side="client",
+                 version="TLSv1.3", result="ok") == 30
+    assert total(samples, "gateway_connections_active", listener="mx") == 0
+    assert total(samples, "gateway_session_seconds_count", listener="mx") == 30
+    assert total(samples, "gateway_message_bytes_total", listener="mx") > 0
+    assert total(samples, "gateway_build_info") >= 1
+    assert health == 200
+    assert len(served) >= 1
+
+
+def plaintext_mail(port: int):
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo("client.test")
+        return s.docmd("MAIL FROM:<alice@client.test>")
+
+
+async def test_sighup_reload_changes_policy_without_refusing(tmp_path, server_cert, ports):
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        kw = dict(port=port, sink_port=sink.port, metrics_port=metrics_port,
+                  server_cert=server_cert)
+        write_config(cfg, **kw)
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+            ctx = client_context(server_cert.ca)
+            assert (await in_thread(plaintext_mail, port))[0] == 250
+            stop = threading.Event()
+
+            def load():
+                out = []
+                n = 0
+                while not stop.is_set() and n < 400:
+                    out.append(one_session(port, ctx, n))
+                    n += 1
+                return out
+
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    box = []
+                    nursery.start_soon(lambda: _collect(box, load))
+                    write_config(cfg, client_tls="required", **kw)
+                    gw.proc.send_signal(signal.SIGHUP)
+                    await in_thread(lambda: gw.wait_for(r"event=reloaded"))
+                    await in_thread(lambda: gw.wait_for(r"event=worker_exit", count=2))
+                    after = await in_thread(plaintext_mail, port)
+                    cfg.write_text("this is [ not toml")
+                    gw.proc.send_signal(signal.SIGHUP)
+                    await in_thread(lambda: gw.wait_for(r"event=reload_failed"))
+                    still = await in_thread(plaintext_mail, port)
+                    stop.set()
+        finally:
+            assert gw.stop() == 0
+    results = box[0]
+    assert results and set(results) == {"ok"}           # not one refused or failed session
+    assert after == (530, b"5.7.0 Must issue a STARTTLS command first")
+    assert still == (530, b"5.7.0 Must issue a STARTTLS command first")
+
+
+async def _collect(box, fn):
+    box.append(await trio.to_thread.run_sync(fn))
+
+
+async def test_sigterm_lets_data_finish_and_idle_sessions_get_421(tmp_path, server_cert, ports):
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert, workers=1, client_tls="none")
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening"))
+
+            def scenario():
+                busy = socket.create_connection(("127.0.0.1", port), timeout=20)
+                idle = socket.create_connection(("127.0.0.1", port), timeout=20)
+                bf, idf = busy.makefile("rb"), idle.makefile("rb")
+                bf.readline(), idf.readline()
+                busy.sendall(b"EHLO c\r\n")
+                while not bf.readline().startswith(b"250 "):
+                    pass
+                busy.sendall(b"MAIL FROM:<a@c.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+                replies = [bf.readline() for _ in range(3)]
+                busy.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+                gw.proc.send_signal(signal.SIGTERM)
+                idle_reply = idf.read()                       # 421, then close
+                busy.sendall(b"second half\r\n.\r\nQUIT\r\n")
+                final = bf.read()
+                busy.close(), idle.close()
+                return replies, idle_reply, final
+            with trio.fail_after(60):
+                replies, idle_reply, final = await in_thread(scenario)
+                code = await in_thread(gw.proc.wait, 30)
+        finally:
+            gw.stop()
+    assert replies[2].startswith(b"354")
+    assert idle_reply == b"421 4.3.2 Service shutting down\r\n"
+    assert final.startswith(b"250 2.0.0 Ok: queued")
+    assert code == 0
+    assert sink.messages and b"second half" in sink.messages[0].data
