@@ -242,10 +242,16 @@ async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
                         pass
             await stream.aclose()
             return
-        if rt.listener.protocol == "smtp":
-            await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
-        else:
-            await stream.aclose()      # IMAP arrives with SPEC §5
+        try:
+            if rt.listener.protocol == "smtp":
+                await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
+            else:
+                await stream.aclose()      # IMAP arrives with SPEC §5
+        except Exception as exc:           # a bug in one session must not end the worker
+            log.event("session_error", level="error", message=repr(exc))
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
     finally:
         counts.add(state.row, rt.index, -1)
         state.session_ended()

@@ -55,6 +55,10 @@ class Supervisor:
         if self.config.metrics:
             from . import metrics as M
             self.metrics_dir = M.prepare_multiprocess_dir()
+            if self.config.user or self.config.group:   # workers write there after dropping
+                from .worker import resolve_ids
+                uid, gid = resolve_ids(self.config.user, self.config.group)
+                os.chown(self.metrics_dir, uid, gid)
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             self.sockets = [[bind_socket(l, reuse_port=True) for l in self.config.listeners]

@@ -16,14 +16,21 @@ import trio
 from .supervisor import BOOT_ERROR
 
 
+def resolve_ids(user: str | None, group: str | None) -> tuple[int, int]:
+    """(uid, gid) to run as; -1 leaves one unchanged (os.chown's convention)."""
+    uid = pwd.getpwnam(user).pw_uid if user else -1
+    gid = grp.getgrnam(group).gr_gid if group else (pwd.getpwnam(user).pw_gid if user else -1)
+    return uid, gid
+
+
 def drop_privileges(user: str | None, group: str | None) -> None:
     if os.getuid() != 0 or not (user or group):
         return
-    gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(user).pw_gid
+    uid, gid = resolve_ids(user, group)
     os.setgroups([])
     os.setgid(gid)
-    if user:
-        os.setuid(pwd.getpwnam(user).pw_uid)
+    if uid != -1:
+        os.setuid(uid)
 
 
 def run_worker(config, sockets, log, counts, row: int, slot: int) -> int:

@@ -312,3 +312,33 @@ async def test_sigterm_lets_data_finish_and_idle_sessions_get_421(tmp_path, serv
     assert final.startswith(b"250 2.0.0 Ok: queued")
     assert code == 0
     assert sink.messages and b"second half" in sink.messages[0].data
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+async def test_workers_drop_privileges_after_loading_keys(tmp_path, server_cert, ports):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert, workers=1)
+        text = cfg.read_text().replace('hostname = "mx.test"',
+                                       'hostname = "mx.test"\nuser = "nobody"')
+        cfg.write_text(text)
+        key_mode = os.stat(server_cert.key).st_mode
+        os.chmod(server_cert.key, 0o600)                  # readable by root only
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening"))
+            pid = gw.worker_pids()[0]
+            status = open(f"/proc/{pid}/status").read()
+            uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M).groups()
+            ctx = client_context(server_cert.ca)
+            result = await in_thread(one_session, port, ctx, 1)
+        finally:
+            os.chmod(server_cert.key, key_mode)
+            assert gw.stop() == 0
+    assert set(uids) == {str(nobody.pw_uid)}
+    assert os.getpid() != pid
+    assert result == "ok"
