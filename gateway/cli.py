@@ -180,6 +180,42 @@ def cmd_certs_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# track
+
+
+def cmd_track(args) -> int:
+    import json
+
+    from .tracking import format_table, query
+    path = args.file
+    if path is None:
+        from .config import load_config
+        try:
+            path = load_config(args.config).tracking_log if args.config else None
+        except ConfigError as exc:
+            return _config_error(exc)
+        if not path:
+            _error("no tracking log: give -f FILE or -c FILE with gateway.tracking_log")
+            return EXIT_CONFIG
+    tls = True if args.tls else False if args.no_tls else None
+    try:
+        records = list(query(path, mail_from=args.mail_from, rcpt=args.to, since=args.since,
+                             until=args.until, tls=tls))
+    except OSError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except ValueError as exc:
+        _error(f"bad time: {exc}")
+        return EXIT_CONFIG
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec, ensure_ascii=False))
+    else:
+        print(format_table(records))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # parser
 
 
@@ -228,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maildir", metavar="DIR", help="store received messages here")
     p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("track", help="query the message tracking log")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-f", "--file", metavar="FILE", help="a tracking JSON-lines file")
+    where.add_argument("-c", "--config", metavar="FILE", help="use its gateway.tracking_log")
+    p.add_argument("--from", dest="mail_from", metavar="ADDR|DOMAIN")
+    p.add_argument("--to", metavar="ADDR|DOMAIN")
+    p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-24T10:00Z")
+    p.add_argument("--until", metavar="TIME")
+    leg = p.add_mutually_exclusive_group()
+    leg.add_argument("--tls", action="store_true", help="only messages with TLS on both legs")
+    leg.add_argument("--no-tls", action="store_true", help="only messages with a plaintext leg")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=cmd_track)
 
     p = sub.add_parser("certs", help="certificate helpers")
     certs = p.add_subparsers(dest="certs_command", metavar="ACTION")

@@ -35,6 +35,7 @@ class WorkerState:
         self.counts = counts if counts is not None else ConnectionCounts(1, 1)
         self.row = row
         self.metrics = metrics if metrics is not None else NullMetrics()
+        self.tracking = None                     # TrackingLog when tracking_log is set
         self.sessions = 0                        # open connections in this process
         self.no_sessions = trio.Event()
 
@@ -270,6 +271,9 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
     here). Runs until cancelled, or until `Gateway.stop_accepting()`: then idle sessions get
     421 4.3.2, transactions in flight get `shutdown_grace` seconds, and serve() returns."""
     state = state if state is not None else WorkerState()
+    if state.tracking is None and config.tracking_log:
+        from .tracking import TrackingLog
+        state.tracking = TrackingLog(config.tracking_log)
     if runtimes is None:
         runtimes, demo = build_runtimes(config, log, state)
     else:

@@ -48,6 +48,9 @@ def run_worker(config, sockets, log, counts, row: int, slot: int) -> int:
     state = WorkerState(counts=counts, row=row, metrics=metrics)
     try:
         runtimes = build_runtimes(config, log, state)   # keys read while still privileged
+        if config.tracking_log:
+            from .tracking import TrackingLog
+            state.tracking = TrackingLog(config.tracking_log)
         drop_privileges(config.user, config.group)
     except Exception as exc:
         log.event("fatal", level="error", message=f"worker start: {exc}")

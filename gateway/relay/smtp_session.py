@@ -18,6 +18,7 @@ from ..errors import TLSError
 from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
+from ..tracking import TrackingRecord, now_rfc3339
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
 
 _FAILURE_KINDS = {R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
@@ -44,6 +45,8 @@ class Transaction:
     failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
     refusal: object = None                     # the upstream's refusal of MAIL, likewise
     levels: set[str] = field(default_factory=set)
+    attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
+    last_refusal: tuple[int, str] | None = None
 
 
 class SMTPSession:
@@ -65,6 +68,7 @@ class SMTPSession:
         self.messages = 0
         self._msg_bytes = 0
         self._leg_broken = False
+        self._tracked = 0
         self.core = S.SMTPServer(
             hostname=rt.hostname,
             esmtp=self.listener.esmtp,
@@ -93,6 +97,7 @@ class SMTPSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             pass
         finally:
+            self._track_unsent()
             with trio.CancelScope(shield=True):
                 if self.leg is not None:
                     with trio.move_on_after(2):
@@ -212,6 +217,7 @@ class SMTPSession:
         await self._end_transaction()
 
     async def _end_transaction(self) -> None:
+        self._track_unsent()
         self.txn = None
         if self.leg is not None:
             await self.leg.reset()
@@ -222,11 +228,13 @@ class SMTPSession:
             return
         if self.leg is not None:
             await self.leg.reset()
+        self._track_unsent()
         self.txn = Transaction(event)
         self.core.respond(*R.MAIL_OK)
 
     async def _on_Rcpt(self, event: S.Rcpt) -> None:
         txn = self.txn
+        txn.attempted.append(event.address)
         if txn.failure is not None:
             self._refuse(txn.failure)
             return
@@ -266,6 +274,8 @@ class SMTPSession:
         if reply.code // 100 == 2:
             txn.rcpts.append(event.address)
             txn.levels.add(level)
+        else:
+            txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
 
     async def _open_leg(self, level: str) -> UpstreamLeg:
@@ -314,6 +324,8 @@ class SMTPSession:
         return f"RCPT TO:<{rcpt.address}>" + _params(rcpt.params, {"NOTIFY": dsn, "ORCPT": dsn})
 
     def _refuse(self, reply: tuple[int, str], close: bool = False) -> None:
+        if self.txn is not None:
+            self.txn.last_refusal = (reply[0], _text(reply[1]))
         self._rejected(*reply)
         self.core.respond(*reply, close=close)
 
@@ -391,11 +403,37 @@ class SMTPSession:
             client_tls=self.tls.version if self.tls else "none",
             upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
         )
+        self._track(txn, result, f"{code} {_text(reply[1])}", event.size, txn.rcpts)
         if leg is not None and (leg.closed or self._leg_broken):
             await leg.close()
             self.leg = None
         self.txn = None
         self.core.respond(*reply)
+
+    def _track_unsent(self) -> None:
+        """A transaction that ends without DATA but with refused recipients is tracked too."""
+        txn = self.txn
+        if txn is not None and txn.last_refusal is not None and not txn.rcpts:
+            code, text = txn.last_refusal
+            result = "tempfail" if code // 100 == 4 else "rejected"
+            self._track(txn, result, f"{code} {text}", 0, txn.attempted)
+            txn.last_refusal = None
+
+    def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+        tracking = self.rt.state.tracking
+        if tracking is None:
+            return
+        leg = self.leg
+        self._tracked += 1
+        tracking.write(TrackingRecord(
+            id=f"{self.conn_id}.{self._tracked}", time=now_rfc3339(), listener=self.name,
+            client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
+            mail_from=txn.mail.address, recipients=list(rcpts), size=size,
+            client_tls=f"{self.tls.version} {self.tls.cipher}" if self.tls else None,
+            upstream=f"{self.rt.upstream.host}:{self.rt.upstream.port}",
+            upstream_tls=(f"{leg.tls.version} {leg.tls.cipher}"
+                          if leg is not None and leg.tls is not None else None),
+            result=result, reply=reply))
 
     def _received_header(self) -> bytes:
         ip = self.client_addr[0]
