@@ -21,9 +21,10 @@ from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
 
-_FAILURE_KINDS = {R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
-                  R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
-                  R.UPSTREAM_LOST: "lost"}
+_FAILURE_KINDS = {                    # metric label of each upstream failure reply
+    R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
+    R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
+    R.UPSTREAM_LOST: "lost"}
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
