@@ -1,8 +1,14 @@
 """``gateway sink``: a small, fast trio SMTP server that accepts everything and records it.
 
 It is the demo upstream and the upstream used by the gateway's tests and benchmarks.  It is
-deliberately lenient: it ends DATA on a line that is exactly "." whether that line ends in
-CRLF or a bare LF, so smuggling that reaches it shows up as an extra message.
+deliberately lenient, like the receivers SMTP smuggling (CVE-2023-51764 class) exploits: it ends
+DATA on a line that is exactly "." whether that line ends in CRLF or a bare LF, so smuggling
+that reaches it shows up as an extra message (a strict sink would hide it).  For a correct
+client this is exactly `<CRLF>.<CRLF>`.  Dot-stuffing is undone at every line start.
+
+Bounds per connection: command lines up to 64 KiB, messages up to `max_size` octets (SIZE,
+advertised; a larger message is read to its end, dropped and answered `552 5.3.4`), and an idle
+timeout (300 s) on every read.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ MAX_SIZE = 104857600
 # End of DATA: a line that is exactly "." (CRLF or bare LF), preceded by a line end.
 _DATA_END = re.compile(rb"\n\.\r?\n")
 _ADDR = re.compile(rb"^\s*<([^>]*)>(.*)$", re.S)
+_SIZE = re.compile(rb"(?i)>.*\sSIZE=(\d{1,20})(?:\s|$)")
 
 _ids = itertools.count(1)
 
@@ -57,6 +64,7 @@ class _Conn:
         self.tls_version: str | None = None
         self.helo: str | None = None
         self.xclient: dict[str, str] = {}
+        self.timeout = sink.idle_timeout
         self.reset()
 
     def reset(self) -> None:
@@ -67,11 +75,14 @@ class _Conn:
 
     async def read_more(self) -> None:
         await self.flush()
-        with trio.move_on_after(IDLE_TIMEOUT) as scope:
+        self.buf += await self.receive()
+
+    async def receive(self) -> bytes:
+        with trio.move_on_after(self.timeout) as scope:
             chunk = await self.stream.receive_some(READ_SIZE)
         if scope.cancelled_caught or not chunk:
             raise _Closed()
-        self.buf += chunk
+        return chunk
 
     def reply(self, data: bytes) -> None:
         self.out.append(data)
@@ -100,7 +111,8 @@ class _Conn:
             del self.buf[:nl + 1]
             if line.endswith(b"\r"):
                 line = line[:-1]
-            self.lines.append(line)
+            if self.sink.keep_messages:
+                self.lines.append(line)
             if len(line) > MAX_LINE:
                 self.reply(b"500 5.5.2 Error: line too long\r\n")
                 continue
@@ -113,7 +125,7 @@ class _Conn:
         if verb == b"EHLO":
             self.helo = arg.strip().decode("utf-8", "replace") or None
             self.reset()
-            caps = [host, b"PIPELINING", b"SIZE %d" % MAX_SIZE, b"8BITMIME",
+            caps = [host, b"PIPELINING", b"SIZE %d" % self.sink.max_size, b"8BITMIME",
                     b"ENHANCEDSTATUSCODES", b"SMTPUTF8"]
             if self.sink.ssl_context is not None and self.sink.offer_starttls and not self.tls:
                 caps.append(b"STARTTLS")
@@ -129,6 +141,10 @@ class _Conn:
             addr = self._address(arg, b"FROM:")
             if addr is None:
                 self.reply(b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n")
+                return
+            size = _SIZE.search(arg)
+            if size is not None and int(size.group(1)) > self.sink.max_size:
+                self.reply(b"552 5.3.4 Message size exceeds fixed limit\r\n")
                 return
             self.reset()
             self.mail_from = addr
@@ -150,6 +166,10 @@ class _Conn:
                 return
             self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n")
             data = await self.read_data()
+            if data is None:
+                self.reply(b"552 5.3.4 Message size exceeds fixed limit\r\n")
+                self.reset()
+                return
             self.sink._record(SinkMessage(
                 mail_from=self.mail_from, rcpts=list(self.rcpts), data=data, tls=self.tls,
                 tls_version=self.tls_version, xclient=dict(self.xclient), helo=self.helo))
@@ -189,24 +209,28 @@ class _Conn:
             return None
         return m.group(1).decode("utf-8", "replace")
 
-    async def read_data(self) -> bytes:
-        """Read up to the end-of-data line; return the un-dot-stuffed content."""
+    async def read_data(self) -> bytes | None:
+        """Read up to the end-of-data line; return the un-dot-stuffed content, or None when
+        the message was larger than max_size (its bytes are read and dropped)."""
         acc = bytearray(b"\n")      # sentinel line end: the first line starts after it
         acc += self.buf
         self.buf = bytearray()
+        limit = self.sink.max_size
+        too_big = False
         pos = 0
         while True:
             m = _DATA_END.search(acc, pos)
             if m is not None:
                 break
+            if len(acc) > limit + 5:       # the content alone is already over the limit
+                too_big = True       # keep only what an end-of-data match could start in
+                del acc[:len(acc) - 3]
             pos = max(0, len(acc) - 3)
             await self.flush()
-            with trio.move_on_after(IDLE_TIMEOUT) as scope:
-                chunk = await self.stream.receive_some(READ_SIZE)
-            if scope.cancelled_caught or not chunk:
-                raise _Closed()
-            acc += chunk
+            acc += await self.receive()
         self.buf = acc[m.end():]
+        if too_big or m.start() > limit:    # the content is acc[1:m.start() + 1]
+            return None
         body = bytes(acc[:m.start() + 1])
         if b"\n." in body:
             body = body.replace(b"\n.", b"\n")
@@ -230,7 +254,7 @@ class _Conn:
         self.buf.clear()            # never carry plaintext over into the TLS session
         tls_stream = trio.SSLStream(self.stream, ctx, server_side=True)
         self.stream = tls_stream
-        with trio.move_on_after(IDLE_TIMEOUT) as scope:
+        with trio.move_on_after(self.timeout) as scope:
             await tls_stream.do_handshake()
         if scope.cancelled_caught:
             raise _Closed()
@@ -249,7 +273,14 @@ class Sink:
                  offer_starttls: bool = True, starttls_reply: bytes | None = None,
                  reject_rcpt: set[str] | frozenset = frozenset(),
                  data_reply: bytes | None = None,
-                 on_message: Callable[[SinkMessage], Any] | None = None):
+                 on_message: Callable[[SinkMessage], Any] | None = None,
+                 keep_messages: bool = True, max_size: int = MAX_SIZE,
+                 idle_timeout: float = IDLE_TIMEOUT):
+        """`starttls_reply`: raw bytes sent instead of the normal 220 to STARTTLS (the TLS
+        handshake follows when they start with "220"); `reject_rcpt`: addresses answered
+        `550 5.1.1 No such user`; `data_reply`: raw final reply to DATA (the message is still
+        recorded); `on_message`: called with each message; `keep_messages=False` only counts
+        messages (`message_count`), for long benchmark runs."""
         self.hostname = hostname
         self.ssl_context = ssl_context
         self.xclient = xclient
@@ -259,7 +290,11 @@ class Sink:
         self.reject_rcpt = frozenset(reject_rcpt)
         self.data_reply = data_reply
         self.on_message = on_message
+        self.keep_messages = keep_messages
+        self.max_size = max_size
+        self.idle_timeout = idle_timeout
         self.messages: list[SinkMessage] = []
+        self.message_count = 0
         self.connections = 0
         self.sessions: list[list[bytes]] = []
         self.port: int | None = None
@@ -309,7 +344,9 @@ class Sink:
                     pass
 
     def _record(self, msg: SinkMessage) -> None:
-        self.messages.append(msg)
+        self.message_count += 1
+        if self.keep_messages:
+            self.messages.append(msg)
         if self.maildir is not None:
             self._write_maildir(msg)
         event, self._changed = self._changed, trio.Event()
@@ -331,7 +368,8 @@ class Sink:
             pass
 
     async def wait_for_messages(self, n: int) -> None:
-        while len(self.messages) < n:
+        """Return once at least *n* messages have arrived (bound it with trio.fail_after)."""
+        while self.message_count < n:
             await self._changed.wait()
 
 
@@ -345,9 +383,11 @@ def main_sink(host: str, port: int, cert, key, maildir, log) -> int | None:
     def on_message(msg: SinkMessage) -> None:
         if log is not None:
             log.event("message", mail_from=msg.mail_from, rcpts=",".join(msg.rcpts),
-                      size=len(msg.data), tls=msg.tls)
+                      size=len(msg.data), tls=msg.tls, tls_version=msg.tls_version)
 
-    sink = Sink(ssl_context=ctx, maildir=maildir, on_message=on_message)
+    # A long-running sink (demo, benchmarks) keeps nothing in memory: the log and the maildir
+    # are its record.
+    sink = Sink(ssl_context=ctx, maildir=maildir, on_message=on_message, keep_messages=False)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

@@ -250,3 +250,183 @@ async def test_on_message_callback_and_bad_tls_client_ends_quietly(server_cert):
             await trio.to_thread.run_sync(_send, sink.port)
             await sink.wait_for_messages(1)
     assert seen == sink.messages
+
+
+# --- the sink against the gateway's own sans-IO client core -----------------------------------
+
+from gateway.proto.smtp_client import Reply, SMTPClient  # noqa: E402
+
+
+class _Leg:
+    """A minimal upstream leg: trio TCP stream + SMTPClient (what relay/upstream does)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.client = SMTPClient()
+
+    async def reply(self) -> Reply:
+        while (r := self.client.next_reply()) is None:
+            self.client.receive_data(await self.stream.receive_some(65536))
+        return r
+
+    async def command(self, line: str) -> Reply:
+        await self.stream.send_all(self.client.send(line))
+        return await self.reply()
+
+
+async def test_injected_starttls_reply_is_seen_as_leftover(server_cert):
+    with trio.fail_after(20):
+        async with running(ssl_context=_server_context(server_cert),
+                           starttls_reply=b"220 go\r\n250-injected\r\n") as sink:
+            leg = _Leg(await trio.open_tcp_stream("127.0.0.1", sink.port))
+            assert (await leg.reply()).code == 220
+            ehlo = await leg.command("EHLO gw.test")
+            assert "STARTTLS" in SMTPClient.parse_ehlo(ehlo)
+            assert await leg.command("STARTTLS") == Reply(220, ("go",))
+            if not leg.client.has_leftover():          # the rest may come in a later segment
+                with trio.move_on_after(2):
+                    leg.client.receive_data(await leg.stream.receive_some(65536))
+            assert leg.client.has_leftover()
+            assert leg.client.take_leftover() == b"250-injected\r\n"
+            await leg.stream.aclose()
+    assert not any(line.upper().startswith((b"MAIL", b"RCPT", b"DATA"))
+                   for line in sink.sessions[0])
+
+
+async def test_client_core_relays_a_message_over_starttls(server_cert):
+    client_ctx = ssl.create_default_context(cafile=str(server_cert.ca))
+    with trio.fail_after(20):
+        async with running(ssl_context=_server_context(server_cert)) as sink:
+            leg = _Leg(await trio.open_tcp_stream("127.0.0.1", sink.port))
+            await leg.reply()
+            await leg.command("EHLO gw.test")
+            assert (await leg.command("STARTTLS")).code == 220
+            assert not leg.client.has_leftover()
+            leg.stream = trio.SSLStream(leg.stream, client_ctx, server_hostname="localhost")
+            await leg.stream.do_handshake()
+            leg.client.reset()
+            ext = SMTPClient.parse_ehlo(await leg.command("EHLO gw.test"))
+            assert "STARTTLS" not in ext and {"PIPELINING", "SIZE", "8BITMIME",
+                                               "ENHANCEDSTATUSCODES", "SMTPUTF8"} <= set(ext)
+            # pipelined: MAIL, RCPT x2, DATA in one write
+            await leg.stream.send_all(b"".join(leg.client.send(c) for c in (
+                "MAIL FROM:<a@gw.test> SIZE=20", "RCPT TO:<b@up.test>", "RCPT TO:<c@up.test>",
+                "DATA")))
+            codes = [(await leg.reply()).code for _ in range(4)]
+            assert codes == [250, 250, 250, 354] and leg.client.pending == 0
+            await leg.stream.send_all(b"Subject: t\r\n\r\n..dot\r\n.\r\n")
+            done = await leg.reply()
+            assert done.code == 250 and done.enhanced == "2.0.0"
+            assert (await leg.command("QUIT")).code == 221
+            await leg.stream.aclose()
+    (msg,) = sink.messages
+    assert msg.tls and msg.rcpts == ["b@up.test", "c@up.test"] and msg.helo == "gw.test"
+    assert msg.data == b"Subject: t\r\n\r\n.dot\r\n"
+
+
+# --- more knobs and bounds --------------------------------------------------------------------
+
+def _starttls_with_pipelined_plaintext(port, ca) -> bytes:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+        f = raw.makefile("rb")
+        f.readline()
+        raw.sendall(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<injected@x>\r\n")
+        while not f.readline().startswith(b"220 "):
+            pass
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"NOOP\r\nQUIT\r\n")
+            out = b""
+            while chunk := tls.recv(4096):
+                out += chunk
+            return out
+
+
+async def test_plaintext_pipelined_after_starttls_is_discarded(server_cert):
+    with trio.fail_after(20):
+        async with running(ssl_context=_server_context(server_cert)) as sink:
+            out = await trio.to_thread.run_sync(
+                _starttls_with_pipelined_plaintext, sink.port, server_cert.ca)
+    assert out == b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
+    assert sink.sessions[0] == [b"EHLO c", b"STARTTLS", b"NOOP", b"QUIT"]
+
+
+async def test_size_limit():
+    big = b"Subject: big\r\n\r\n" + b"x" * 300 + b"\r\n"
+    with trio.fail_after(20):
+        async with running(max_size=200) as sink:
+            out = await trio.to_thread.run_sync(
+                _raw, sink.port,
+                b"EHLO c\r\nMAIL FROM:<a@x> SIZE=201\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n"
+                b"DATA\r\n" + big + b".\r\n"
+                b"MAIL FROM:<a@x> SIZE=50\r\nRCPT TO:<b@y>\r\nDATA\r\nsmall\r\n.\r\nQUIT\r\n")
+            await sink.wait_for_messages(1)
+    assert b"250-SIZE 200\r\n" in out
+    assert out.count(b"552 5.3.4 Message size exceeds fixed limit\r\n") == 2
+    assert [m.data for m in sink.messages] == [b"small\r\n"]
+    assert out.endswith(b"221 2.0.0 Bye\r\n")
+
+
+async def test_size_limit_exact_boundary():
+    body = b"y" * 198 + b"\r\n"            # 200 octets
+    with trio.fail_after(20):
+        async with running(max_size=200) as sink:
+            code, _ = await trio.to_thread.run_sync(_send, sink.port, body)
+            code2, _ = await trio.to_thread.run_sync(_send, sink.port, b"z" + body)
+    assert (code, code2) == (250, 552)
+    assert [m.data for m in sink.messages] == [body]
+
+
+async def test_keep_messages_false_counts_only():
+    with trio.fail_after(20):
+        async with running(keep_messages=False) as sink:
+            for _ in range(3):
+                await trio.to_thread.run_sync(_send, sink.port)
+            await sink.wait_for_messages(3)
+    assert sink.message_count == 3 and sink.messages == [] and sink.connections == 3
+
+
+async def test_long_command_line_closes():
+    with trio.fail_after(20):
+        async with running() as sink:
+            out = await trio.to_thread.run_sync(_raw, sink.port, b"NOOP " + b"x" * 70000)
+    assert out == b"500 5.5.2 Error: line too long\r\n"
+
+
+async def test_idle_timeout_closes():
+    with trio.fail_after(20):
+        async with running(idle_timeout=0.3) as sink:
+            out = await trio.to_thread.run_sync(_raw, sink.port, b"NOOP\r\n")
+    assert out == b"250 2.0.0 Ok\r\n"          # then the server hung up on its own
+
+
+def _readline(proc, timeout: float) -> bytes:
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no log line from the sink process"
+    return proc.stdout.readline()
+
+
+def test_main_sink_cli_entry(server_cert, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys; from gateway.sink import main_sink; from gateway.logs import EventLog;"
+            f"main_sink('127.0.0.1', 0, {str(server_cert.cert)!r}, {str(server_cert.key)!r},"
+            f" {str(tmp_path)!r}, EventLog('json', sys.stdout))")
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE,
+                            env={**os.environ})
+    try:
+        listening = json.loads(_readline(proc, 20))
+        assert listening["event"] == "listening" and listening["starttls"] is True
+        ctx = ssl.create_default_context(cafile=str(server_cert.ca))
+        assert _send(listening["port"], starttls_ctx=ctx)[0] == 250
+        message = json.loads(_readline(proc, 20))
+        assert message["event"] == "message" and message["size"] == len(BODY)
+        assert message["tls"] is True and message["rcpts"] == "bob@example.test"
+        (name,) = os.listdir(tmp_path / "new")
+        assert (tmp_path / "new" / name).read_bytes() == BODY
+    finally:
+        proc.kill()
+        proc.wait(10)

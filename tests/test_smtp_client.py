@@ -1,12 +1,12 @@
-"""The sans-IO SMTP client core (upstream replies), fed bytes directly."""
+"""The sans-IO SMTP client core (upstream replies), fed bytes directly: no sockets, no trio."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import ProtocolError
-from gateway.proto.smtp_client import Reply, SMTPClient
+from gateway.proto.smtp_client import MAX_LINE, MAX_LINES, Reply, SMTPClient
 
 STREAM = (b"220 up.test ESMTP\r\n250-up.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"
           b"250 STARTTLS\r\n550 5.1.1 No such user\r\n")
@@ -22,25 +22,283 @@ def drain(c: SMTPClient) -> list[Reply]:
     return out
 
 
-def test_every_split_point():
-    for cut in range(len(STREAM) + 1):
-        c = SMTPClient()
-        got = []
-        for part in (p for p in (STREAM[:cut], STREAM[cut:]) if p):
+def feed_chunks(chunks) -> list[Reply]:
+    c = SMTPClient()
+    got = []
+    for part in chunks:
+        if part:
             c.receive_data(part)
             got += drain(c)
-        assert got == EXPECT
+    assert not c.has_leftover()
+    return got
 
 
-@given(st.lists(st.integers(0, len(STREAM)), max_size=6))
-def test_any_chunking(cuts):
+# --- framing ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream, expect", [
+    (b"250 2.0.0 Ok\r\n", [Reply(250, ("2.0.0 Ok",))]),
+    (STREAM, EXPECT),
+])
+def test_every_split_point(stream, expect):
+    for cut in range(len(stream) + 1):
+        assert feed_chunks([stream[:cut], stream[cut:]]) == expect
+    for a in range(len(stream) + 1):            # every pair of split points
+        for b in range(a, len(stream) + 1, 7):
+            assert feed_chunks([stream[:a], stream[a:b], stream[b:]]) == expect
+
+
+def test_byte_by_byte():
     c = SMTPClient()
-    got, prev = [], 0
-    for cut in sorted(cuts) + [len(STREAM)]:
-        c.receive_data(STREAM[prev:cut]) if cut > prev else None
-        got += drain(c)
-        prev = max(prev, cut)
+    got = []
+    for i in range(len(STREAM)):
+        c.receive_data(STREAM[i:i + 1])
+        r = c.next_reply()
+        # a reply completes exactly at the LF that ends its last ("250 ...") line
+        line_start = STREAM.rfind(b"\n", 0, i) + 1
+        ends_reply = STREAM[i:i + 1] == b"\n" and STREAM[line_start + 3:line_start + 4] == b" "
+        assert (r is not None) == ends_reply
+        if r is not None:
+            got.append(r)
     assert got == EXPECT
+
+
+def test_bare_lf_tolerated_and_bare_code():
+    assert feed_chunks([b"220 hi\n250-a\r\n250\n354\r\n"]) == [
+        Reply(220, ("hi",)), Reply(250, ("a", "")), Reply(354, ("",))]
+
+
+_line_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40)
+_reply = st.builds(Reply, st.integers(200, 599),
+                   st.lists(_line_text, min_size=1, max_size=5).map(tuple))
+
+
+def _wire(reply: Reply, lf_only: bool) -> bytes:
+    end = b"\n" if lf_only else b"\r\n"
+    out = b""
+    for i, text in enumerate(reply.lines):
+        sep = b" " if i == len(reply.lines) - 1 else b"-"
+        out += b"%d" % reply.code + sep + text.encode() + end
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_reply, st.booleans()), min_size=1, max_size=6), st.data())
+def test_any_chunking_yields_the_same_replies(replies, data):
+    stream = b"".join(_wire(r, lf) for r, lf in replies)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    chunks, prev = [], 0
+    for cut in cuts + [len(stream)]:
+        chunks.append(stream[prev:cut])
+        prev = cut
+    assert feed_chunks(chunks) == [r for r, _ in replies]
+
+
+# --- Reply: enhanced codes and rendering ------------------------------------------------------
+
+@pytest.mark.parametrize("text, enhanced", [
+    ("2.1.0 Ok", "2.1.0"), ("5.7.1", "5.7.1"), ("4.4.2\tlost", "4.4.2"),
+    ("5.100.999 big", "5.100.999"), ("Ok", None), ("2.1.0Ok", None), ("3.0.0 go", None),
+    ("2.1 Ok", None), ("5.1234.1 x", None), ("", None), (" 2.1.0 Ok", None),
+])
+def test_enhanced_detection(text, enhanced):
+    assert Reply(250, (text,)).enhanced == enhanced
+
+
+def test_reply_classes():
+    r = Reply(250, ("ok",))
+    assert r.is_positive and r.is_completion and not r.is_negative and r.kind == 2
+    assert Reply(354, ("go",)).is_intermediate and Reply(354, ("go",)).is_positive
+    assert Reply(421, ("bye",)).is_transient and Reply(421, ("x",)).is_negative
+    assert Reply(550, ("no",)).is_permanent and not Reply(550, ("no",)).is_positive
+    assert Reply(250, ()).text == ""
+
+
+@pytest.mark.parametrize("reply, wire", [
+    (Reply(250, ("Ok",)), b"250 2.0.0 Ok\r\n"),
+    (Reply(550, ("No such user",)), b"550 5.0.0 No such user\r\n"),
+    (Reply(451, ("",)), b"451 4.0.0\r\n"),
+    (Reply(250, ("2.1.5 Ok",)), b"250 2.1.5 Ok\r\n"),
+    (Reply(250, ("up.test", "PIPELINING", "SIZE 10")),
+     b"250-2.0.0 up.test\r\n250-2.0.0 PIPELINING\r\n250 2.0.0 SIZE 10\r\n"),
+    # first line has a code, a continuation lacks one: it gets the same code
+    (Reply(550, ("5.7.1 refused", "see docs")), b"550-5.7.1 refused\r\n550 5.7.1 see docs\r\n"),
+    (Reply(354, ("End data with <CR><LF>.<CR><LF>",)),
+     b"354 End data with <CR><LF>.<CR><LF>\r\n"),         # 3xx: no enhanced codes exist
+    (Reply(250, ("a\rb\x00c\td",)), b"250 2.0.0 a b c\td\r\n"),   # no bare CR/NUL relayed
+])
+def test_to_bytes_adds_x00(reply, wire):
+    assert reply.to_bytes() == wire
+
+
+def test_to_bytes_without_adding_round_trips():
+    c = SMTPClient()
+    c.receive_data(STREAM)
+    assert b"".join(r.to_bytes(add_enhanced=False) for r in drain(c)) == STREAM
+
+
+# --- bounds -----------------------------------------------------------------------------------
+
+def test_long_line_truncated_without_unbounded_buffering():
+    c = SMTPClient()
+    c.receive_data(b"250 ")
+    for _ in range(1024):                       # 1 MiB in 1 KiB chunks
+        c.receive_data(b"x" * 1024)
+        assert len(c._buf) <= MAX_LINE + 2
+        assert c.next_reply() is None
+    c.receive_data(b"tail\r\n250 next\r\n")
+    r = c.next_reply()
+    assert r.code == 250 and r.text == "x" * (MAX_LINE - 4)
+    assert c.next_reply() == Reply(250, ("next",))
+    assert not c.has_leftover()
+
+
+def test_long_line_in_one_chunk_is_cut_at_once():
+    c = SMTPClient()
+    c.receive_data(b"250-" + b"y" * (1 << 20))
+    assert len(c._buf) <= MAX_LINE + 2
+    c.receive_data(b"\r\n250 end\r\n")
+    assert c.next_reply() == Reply(250, ("y" * (MAX_LINE - 4), "end"))
+
+
+def test_line_of_exactly_max_is_kept():
+    text = "z" * (MAX_LINE - 4)
+    for extra, expect in ((0, text), (1, text), (3, text)):
+        c = SMTPClient()
+        c.receive_data(b"250 " + text.encode() + b"!" * extra + b"\r\n")
+        assert c.next_reply().text == expect
+
+
+def test_long_line_then_eof_is_connection_closed():
+    c = SMTPClient()
+    c.receive_data(b"250 " + b"x" * 5000)
+    c.receive_data(b"")
+    with pytest.raises(ProtocolError, match="connection closed"):
+        c.next_reply()
+
+
+def test_hundred_lines_ok_hundred_and_one_too_long():
+    c = SMTPClient()
+    c.receive_data(b"250-x\r\n" * (MAX_LINES - 1) + b"250 end\r\n")
+    assert len(c.next_reply().lines) == MAX_LINES
+    c = SMTPClient()
+    c.receive_data(b"250-x\r\n" * MAX_LINES + b"250 end\r\n")
+    with pytest.raises(ProtocolError, match="reply too long"):
+        drain(c)
+    with pytest.raises(ProtocolError, match="reply too long"):   # the error sticks
+        c.next_reply()
+
+
+def test_too_long_detected_before_the_reply_ends():
+    c = SMTPClient()
+    for _ in range(MAX_LINES + 1):
+        c.receive_data(b"250-x\r\n")
+    with pytest.raises(ProtocolError, match="reply too long"):
+        c.next_reply()
+
+
+@pytest.mark.parametrize("raw", [
+    b"hello\r\n", b"25\r\n", b"250xok\r\n", b"250-a\r\n251 b\r\n", b"150 x\r\n", b"650 x\r\n",
+    b"\r\n", b"2a0 x\r\n", b" 250 x\r\n",
+])
+def test_malformed(raw):
+    c = SMTPClient()
+    c.receive_data(raw)
+    with pytest.raises(ProtocolError):
+        drain(c)
+
+
+@pytest.mark.parametrize("data", [b"250-a\r\n", b"250 par", b"", b"250-a\r\n250 b"])
+def test_eof_mid_reply(data):
+    c = SMTPClient()
+    if data:
+        c.receive_data(data)
+    c.receive_data(b"")
+    with pytest.raises(ProtocolError, match="connection closed"):
+        drain(c)
+
+
+def test_eof_after_complete_reply_returns_it_first():
+    c = SMTPClient()
+    c.receive_data(b"221 2.0.0 Bye\r\n")
+    c.receive_data(b"")
+    assert c.next_reply() == Reply(221, ("2.0.0 Bye",))
+    with pytest.raises(ProtocolError, match="connection closed"):
+        c.next_reply()
+    with pytest.raises(RuntimeError):
+        c.receive_data(b"more")
+
+
+# --- STARTTLS leftover (SPEC §6) --------------------------------------------------------------
+
+def test_leftover_after_starttls_reply_is_detected():
+    c = SMTPClient()
+    c.send("STARTTLS")
+    c.receive_data(b"220 go\r\n250-injected\r\n")
+    assert c.next_reply() == Reply(220, ("go",))
+    assert c.has_leftover()
+    assert c.pending_bytes() == b"250-injected\r\n"
+    with pytest.raises(ProtocolError, match="injection"):
+        c.reset()                                # the check cannot be skipped
+    assert c.take_leftover() == b"250-injected\r\n"
+    assert not c.has_leftover() and c.pending_bytes() == b""
+
+    c2 = SMTPClient()
+    c2.receive_data(b"220 go\r\n")
+    c2.next_reply()
+    assert not c2.has_leftover()
+    c2.reset()
+
+
+@pytest.mark.parametrize("after", [b"2", b"\r\n", b"x" * 5000])
+def test_any_extra_byte_is_leftover(after):
+    c = SMTPClient()
+    c.receive_data(b"220 go\r\n" + after)
+    assert c.next_reply() == Reply(220, ("go",))
+    assert c.has_leftover()
+
+
+def test_reset_gives_a_fresh_parser():
+    c = SMTPClient()
+    c.receive_data(b"220 hi\r\n")
+    c.next_reply()
+    c.send("STARTTLS")
+    c.receive_data(b"220 go\r\n")
+    c.next_reply()
+    c.reset()
+    assert c.pending == 0
+    c.send("EHLO gw")
+    c.receive_data(b"250-up\r\n250 SIZE 5\r\n")
+    assert c.next_reply() == Reply(250, ("up", "SIZE 5"))
+    assert c.last_command == "EHLO"          # no greeting is expected after STARTTLS
+
+
+# --- commands, pipelining, EHLO -------------------------------------------------------------
+
+def test_send_and_pending_with_pipelining():
+    c = SMTPClient()
+    assert c.send("MAIL FROM:<a@b> SIZE=10") == b"MAIL FROM:<a@b> SIZE=10\r\n"
+    c.send("RCPT TO:<c@d>")
+    c.send("data")
+    assert c.pending == 3 and c.pending_commands == ("MAIL", "RCPT", "DATA")
+    c.receive_data(b"220 greeting\r\n250 2.1.0 Ok\r\n550 5.1.1 No\r\n")
+    assert c.next_reply().code == 220 and c.last_command is None and c.pending == 3
+    assert c.next_reply().code == 250 and c.last_command == "MAIL"
+    assert c.next_reply().code == 550 and c.last_command == "RCPT"
+    assert c.pending == 1
+    c.receive_data(b"554 5.5.1 No valid recipients\r\n")
+    assert c.next_reply().code == 554 and c.last_command == "DATA" and c.pending == 0
+
+
+@pytest.mark.parametrize("bad", ["RCPT TO:<a@b>\r\nDATA", "NOOP\n", "NOOP\r", "MAIL\x00"])
+def test_send_rejects_line_breaks(bad):
+    c = SMTPClient()
+    with pytest.raises(ValueError):
+        c.send(bad)
+    assert c.pending == 0
+
+
+def test_send_utf8():
+    assert SMTPClient().send("RCPT TO:<jörg@例え.jp>") == "RCPT TO:<jörg@例え.jp>\r\n".encode()
 
 
 def test_ehlo_and_enhanced():
@@ -51,53 +309,10 @@ def test_ehlo_and_enhanced():
     assert rej.enhanced == "5.1.1" and ehlo.enhanced is None
 
 
-def test_long_line_truncated_without_unbounded_buffering():
-    c = SMTPClient()
-    c.receive_data(b"250 ")
-    for _ in range(1000):
-        c.receive_data(b"x" * 1024)
-        assert len(c._buf) <= 600
-    c.receive_data(b"tail\r\n")
-    r = c.next_reply()
-    assert r.code == 250 and len(r.text) == 512 - 4
-
-
-def test_too_many_lines():
-    c = SMTPClient()
-    c.receive_data(b"250-x\r\n" * 101 + b"250 end\r\n")
-    with pytest.raises(ProtocolError, match="too long"):
-        drain(c)
-
-
-@pytest.mark.parametrize("raw", [b"hello\r\n", b"25\r\n", b"250xok\r\n", b"250-a\r\n251 b\r\n"])
-def test_malformed(raw):
-    c = SMTPClient()
-    c.receive_data(raw)
-    with pytest.raises(ProtocolError):
-        drain(c)
-
-
-def test_eof_mid_reply():
-    c = SMTPClient()
-    c.receive_data(b"250-a\r\n")
-    c.receive_data(b"")
-    with pytest.raises(ProtocolError, match="closed"):
-        drain(c)
-
-
-def test_leftover_after_starttls_reply_is_detected():
-    c = SMTPClient()
-    c.receive_data(b"220 go\r\n250-injected\r\n")
-    assert c.next_reply() == Reply(220, ("go",))
-    assert c.has_leftover()
-    c2 = SMTPClient()
-    c2.receive_data(b"220 go\r\n")
-    c2.next_reply()
-    assert not c2.has_leftover()
-
-
-def test_send_rejects_newlines():
-    c = SMTPClient()
-    assert c.send("MAIL FROM:<a@b>") == b"MAIL FROM:<a@b>\r\n"
-    with pytest.raises(ValueError):
-        c.send("RCPT TO:<a@b>\r\nDATA")
+def test_parse_ehlo_details():
+    r = Reply(250, ("up.test Hello", "pipelining", "AUTH PLAIN  LOGIN", "size",
+                    "XCLIENT ADDR PORT NAME HELO", "  8BITMIME  ", ""))
+    assert SMTPClient.parse_ehlo(r) == {"PIPELINING": "", "AUTH": "PLAIN  LOGIN", "SIZE": "",
+                                        "XCLIENT": "ADDR PORT NAME HELO", "8BITMIME": ""}
+    assert SMTPClient.parse_ehlo(Reply(250, ("only.name",))) == {}
+    assert SMTPClient.parse_ehlo(Reply(502, ("5.5.1 no", "STARTTLS"))) == {}

@@ -1,131 +1,277 @@
-"""Sans-IO SMTP client core: the gateway's side of the upstream leg (SPEC §4.5, §6).
+"""Sans-IO SMTP client core: the gateway's side of the upstream leg (SPEC §4.1, §4.5, §6).
 
-Bytes from the server go in with `receive_data()`; complete replies come out of
-`next_reply()`. Reply lines are cut at 512 octets (the rest of the line is dropped as it
-arrives, so a hostile server cannot grow the buffer) and a reply of more than 100 lines is a
-protocol error. After the one reply to STARTTLS, `has_leftover()` tells whether the server sent
-anything more before the handshake: that is response injection and the leg must be aborted.
+No sockets, no trio, no TLS in here: bytes from the server go in with `receive_data()`
+(``b""`` is EOF), complete replies come out of `next_reply()` (``None``: need more data), and
+`send()` renders a command line for the caller to write.
+
+Bounds (SPEC §4.5): a reply line is cut at `MAX_LINE` (512) octets, not counting its line end.
+The rest of an over-long line is dropped as it arrives, so however a hostile server chunks a
+huge line, the receive buffer holds at most ~512 octets of it plus the chunk just received. A
+reply of more than `MAX_LINES` (100) lines is a `ProtocolError`, as is a malformed line, a
+continuation line whose code differs, or EOF before a complete reply. After a `ProtocolError`
+the core stays broken: every later `next_reply()` raises the same error.
+
+Line ends: CRLF, and a bare LF ending a server line is tolerated (we are the client; being
+lenient about what the server ends its lines with cannot smuggle anything into a message).
+
+STARTTLS and response injection (SPEC §6, CVE-2021-38371 class)::
+
+    wire.send_all(client.send("STARTTLS"))
+    reply = await read_one_reply()          # loop: next_reply() / receive_some()
+    if reply.code != 220: ...               # refused
+    if client.has_leftover():               # the server sent more than that one reply
+        junk = client.take_leftover()       # (for the log) -- and abort the leg
+        raise ...
+    ... TLS handshake on the raw stream ...
+    client.reset()                          # fresh parser for the encrypted session
+
+`reset()` refuses (ProtocolError) to run while leftover bytes are still buffered, so the check
+cannot be skipped silently.
 """
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass
 
 from ..errors import ProtocolError
 
-MAX_LINE = 512
-MAX_LINES = 100
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
+MAX_LINE = 512           # octets of a reply line kept, line end excluded (SPEC §4.5)
+MAX_LINES = 100          # lines in one reply (SPEC §4.5)
+
+# RFC 3463 status code at the start of a line's text: class 2/4/5, subject and detail 1-3 digits.
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=[ \t]|$)")
+# Characters never relayed to our client inside reply text (CR, NUL, other C0 controls, DEL).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
 class Reply:
+    """One complete SMTP reply. `lines` holds each line's text without code and separator."""
     code: int
-    lines: tuple[str, ...]          # text of each line, without code and separator
+    lines: tuple[str, ...]
 
     @property
     def text(self) -> str:
+        """The first line's text (``""`` for a bare ``250``)."""
         return self.lines[0] if self.lines else ""
 
     @property
     def enhanced(self) -> str | None:
+        """The enhanced status code that starts the first line (``"2.1.0"``), else None."""
         m = _ENHANCED.match(self.text)
-        return m.group(1) if m else None
+        return m.group(0) if m else None
+
+    @property
+    def kind(self) -> int:
+        """First digit of the code: 2 completion, 3 intermediate, 4 transient, 5 permanent."""
+        return self.code // 100
 
     @property
     def is_positive(self) -> bool:
-        return 200 <= self.code < 400
+        """2xx or 3xx: the command was accepted (or may go on)."""
+        return self.kind in (2, 3)
+
+    @property
+    def is_completion(self) -> bool:
+        return self.kind == 2
+
+    @property
+    def is_intermediate(self) -> bool:
+        return self.kind == 3
+
+    @property
+    def is_transient(self) -> bool:
+        return self.kind == 4
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.kind == 5
+
+    @property
+    def is_negative(self) -> bool:
+        return self.kind in (4, 5)
+
+    def to_bytes(self, add_enhanced: bool = True) -> bytes:
+        """Render the reply for our own client, ``250-a\\r\\n250 b\\r\\n``.
+
+        With `add_enhanced`, a 2xx/4xx/5xx line without an enhanced status code gets one: the
+        first line's code if it has one, else ``X.0.0`` with X the reply's first digit (SPEC
+        §4.1), on every line of a multi-line reply. 3xx replies (``354``) have no enhanced codes
+        (RFC 3463 defines classes 2, 4 and 5 only) and are left as they are. Control characters
+        inside the text (a bare CR, NUL...) become spaces, so nothing but our own CRLF ends a
+        line.
+        """
+        lines = list(self.lines) or [""]
+        if add_enhanced and self.kind in (2, 4, 5):
+            status = self.enhanced or f"{self.kind}.0.0"
+            lines = [ln if _ENHANCED.match(ln) else f"{status} {ln}".rstrip() for ln in lines]
+        out = []
+        last = len(lines) - 1
+        for i, ln in enumerate(lines):
+            ln = _CONTROL.sub(" ", ln)
+            sep = " " if i == last else "-"
+            out.append(f"{self.code:03d}{sep}{ln}\r\n" if ln else f"{self.code:03d}{sep.strip()}\r\n")
+        return "".join(out).encode("utf-8", "surrogateescape")
 
 
 class SMTPClient:
-    def __init__(self):
-        self._buf = bytearray()
-        self._lines: list[tuple[int, bool, str]] = []   # (code, last, text) of the open reply
-        self._skipping = False                           # dropping the tail of a long line
+    """Parser of server replies plus renderer of commands, for one SMTP client session.
+
+    `greeting`: the first reply received is the server's greeting and answers no command
+    (True for a fresh connection; `reset()` clears it, as no greeting follows STARTTLS).
+    """
+
+    def __init__(self, *, greeting: bool = True):
+        self._buf = bytearray()                 # bytes received, not yet consumed
+        self._skipping = False                  # dropping the tail of an over-long line
         self._eof = False
-        self.pending = 0
+        self._error: ProtocolError | None = None
+        self._code: int | None = None           # code of the open (incomplete) reply
+        self._texts: list[str] = []             # texts of the open reply's lines so far
+        self._pending: deque[str] = deque()     # verbs of commands sent, awaiting replies
+        self._greeting = greeting
+        self.last_command: str | None = None    # verb the last reply answered (None: greeting)
+
+    # --- input ------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        """Feed bytes received from the server; ``b""`` means the server closed."""
         if not data:
             self._eof = True
             return
+        if self._eof:
+            raise RuntimeError("receive_data() after EOF")
         if self._skipping:
             nl = data.find(b"\n")
             if nl < 0:
-                return
-            data = data[nl + 1:]
+                return                          # still inside the over-long line: drop it
             self._skipping = False
-            self._buf += b"\n"                          # the truncated line ends here
+            data = data[nl:]                    # keep the LF that ends the truncated line
         self._buf += data
-        self._trim()
-
-    def _trim(self) -> None:
-        """Bound the partial last line to MAX_LINE octets."""
-        last = self._buf.rfind(b"\n") + 1
-        if len(self._buf) - last > MAX_LINE + 2:
-            del self._buf[last + MAX_LINE:]
+        # Bound the partial last line. It was at most MAX_LINE + 2 octets before this chunk,
+        # so this rfind scans at most the new chunk plus that.
+        start = self._buf.rfind(b"\n") + 1
+        if len(self._buf) - start > MAX_LINE + 2:   # room for a CR and one more byte
+            del self._buf[start + MAX_LINE:]
             self._skipping = True
 
     def next_reply(self) -> Reply | None:
+        """The next complete reply, or None when more data is needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_reply()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next_reply(self) -> Reply | None:
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
-                if self._skipping and self._buf:
-                    return None
                 if self._eof:
                     raise ProtocolError("connection closed")
                 return None
-            raw = bytes(self._buf[:nl])
+            end = nl - 1 if nl > 0 and self._buf[nl - 1] == 0x0D else nl
+            raw = bytes(self._buf[:min(end, MAX_LINE)])
             del self._buf[:nl + 1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            raw = raw[:MAX_LINE]
-            code, last, text = self._parse_line(raw)
-            if self._lines and self._lines[0][0] != code:
+            code, last, text = _parse_line(raw)
+            if self._code is None:
+                self._code = code
+            elif code != self._code:
                 raise ProtocolError(f"reply code changed within a reply: {raw[:40]!r}")
-            self._lines.append((code, last, text))
-            if len(self._lines) > MAX_LINES:
+            self._texts.append(text)
+            if len(self._texts) > MAX_LINES:
                 raise ProtocolError("reply too long")
             if last:
-                lines, self._lines = self._lines, []
-                self.pending = max(0, self.pending - 1)
-                return Reply(code, tuple(t for _, _, t in lines))
+                reply = Reply(code, tuple(self._texts))
+                self._code, self._texts = None, []
+                if self._greeting:
+                    self._greeting = False
+                    self.last_command = None
+                elif self._pending:
+                    self.last_command = self._pending.popleft()
+                else:
+                    self.last_command = None    # unsolicited (e.g. 421 before closing)
+                return reply
 
-    @staticmethod
-    def _parse_line(raw: bytes) -> tuple[int, bool, str]:
-        if len(raw) < 3 or not raw[:3].isdigit() or raw[0:1] not in b"2345":
-            raise ProtocolError(f"malformed reply line: {raw[:40]!r}")
-        sep = raw[3:4]
-        if sep not in (b"", b" ", b"-"):
-            raise ProtocolError(f"malformed reply line: {raw[:40]!r}")
-        return int(raw[:3]), sep != b"-", raw[4:].decode("utf-8", "replace")
+    # --- output -----------------------------------------------------------------------------
 
     def send(self, command: str) -> bytes:
-        if "\r" in command or "\n" in command:
-            raise ValueError("CR or LF inside an SMTP command")
-        self.pending += 1
-        return command.encode("utf-8", "surrogateescape") + b"\r\n"
+        """Render one command line (CRLF added) and count it as awaiting a reply.
+
+        CR, LF or NUL inside the command is a ValueError: a command line never carries a
+        second one. Text is UTF-8 (surrogate escapes pass raw bytes through)."""
+        if "\r" in command or "\n" in command or "\x00" in command:
+            raise ValueError("CR, LF or NUL inside an SMTP command")
+        data = command.encode("utf-8", "surrogateescape") + b"\r\n"
+        self._pending.append(command.split(" ", 1)[0].upper())
+        return data
+
+    @property
+    def pending(self) -> int:
+        """Commands sent whose replies have not been read yet (pipelining)."""
+        return len(self._pending)
+
+    @property
+    def pending_commands(self) -> tuple[str, ...]:
+        """Verbs of the commands awaiting replies, oldest first."""
+        return tuple(self._pending)
+
+    # --- leftover (STARTTLS response injection, SPEC §6) ----------------------------------
+
+    def pending_bytes(self) -> bytes:
+        """Bytes received but not yet consumed by `next_reply()` (a copy)."""
+        return bytes(self._buf)
 
     def has_leftover(self) -> bool:
-        return bool(self._buf) or bool(self._lines)
+        """True when anything was received beyond the replies read so far: after the one
+        reply to STARTTLS this is response injection, and the leg must be aborted."""
+        return bool(self._buf) or self._code is not None or self._skipping
 
     def take_leftover(self) -> bytes:
+        """Remove and return the unconsumed bytes (for logging before aborting the leg).
+        A partly parsed reply is dropped as well."""
         out = bytes(self._buf)
         self._buf.clear()
+        self._code, self._texts = None, []
+        self._skipping = False
         return out
 
     def reset(self) -> None:
-        """A fresh parser after the TLS upgrade (the leftover must have been checked)."""
-        self._buf.clear()
-        self._lines = []
-        self._skipping = False
-        self.pending = 0
+        """A fresh parser after the TLS upgrade. The leftover must be empty (checked before
+        the handshake); if it is not, this raises ProtocolError rather than lose it."""
+        if self.has_leftover():
+            raise ProtocolError("response injection: bytes received before the TLS handshake")
+        self._eof = False
+        self._error = None
+        self._pending.clear()
+        self._greeting = False
+        self.last_command = None
+
+    # --- EHLO -------------------------------------------------------------------------------
 
     @staticmethod
     def parse_ehlo(reply: Reply) -> dict[str, str]:
+        """Extensions of a 250 EHLO reply: upper-case keyword -> parameter string.
+
+        The first line (the server's name) is skipped; a non-250 reply offers nothing."""
         ext: dict[str, str] = {}
+        if reply.code != 250:
+            return ext
         for line in reply.lines[1:]:
             keyword, _, params = line.strip().partition(" ")
             if keyword:
-                ext[keyword.upper()] = params
+                ext.setdefault(keyword.upper(), params.strip())
         return ext
+
+
+def _parse_line(raw: bytes) -> tuple[int, bool, str]:
+    """``250-text`` -> (250, False, "text"); ``250 text`` or ``250`` -> last line."""
+    if len(raw) < 3 or not raw[:3].isdigit() or raw[0] not in b"2345":
+        raise ProtocolError(f"malformed reply line: {raw[:40]!r}")
+    sep = raw[3:4]
+    if sep not in (b"", b" ", b"-"):
+        raise ProtocolError(f"malformed reply line: {raw[:40]!r}")
+    return int(raw[:3]), sep != b"-", raw[4:].decode("utf-8", "replace")
