@@ -426,3 +426,19 @@ async def test_upstream_lost_mid_message(nursery):
             reply = await in_thread(lambda: smtp_send(port, body=b"x" * 300_000 + b"\r\n"))
     assert reply == (451, b"4.4.2 Upstream connection lost")
     assert logs.of("message", result="tempfail")
+
+
+def _data_reply_seen_by_client(port: int) -> bytes:
+    out = _raw_session(port, b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\n"
+                             b"DATA\r\nhi\r\n.\r\nQUIT\r\n")
+    return out.split(b"\r\n")[3]        # after 250 MAIL, 250 RCPT, 354
+
+
+async def test_relayed_reply_gets_enhanced_code_and_no_bare_cr():
+    async with running_sink(data_reply=b"250 queued\rinjected\r\n") as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                line = await in_thread(_data_reply_seen_by_client, port)
+    assert line == b"250 2.0.0 queued injected"

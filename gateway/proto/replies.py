@@ -57,4 +57,4 @@ def render(code: int, lines) -> bytes:
     for i, line in enumerate(lines):
         sep = " " if i == len(lines) - 1 else "-"
         out.append(f"{code}{sep}{line}\r\n" if line else f"{code}{sep.strip()}\r\n")
-    return "".join(out).encode("utf-8", "replace")
+    return "".join(out).encode("utf-8", "surrogateescape")

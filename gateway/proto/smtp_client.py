@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import ProtocolError
+from .replies import render
 
 MAX_LINE = 512           # octets of a reply line kept, line end excluded (SPEC §4.5)
 MAX_LINES = 100          # lines in one reply (SPEC §4.5)
@@ -92,8 +93,8 @@ class Reply:
     def is_negative(self) -> bool:
         return self.kind in (4, 5)
 
-    def to_bytes(self, add_enhanced: bool = True) -> bytes:
-        """Render the reply for our own client, ``250-a\\r\\n250 b\\r\\n``.
+    def relay_lines(self, add_enhanced: bool = True) -> list[str]:
+        """The reply's lines as our own client gets them.
 
         With `add_enhanced`, a 2xx/4xx/5xx line without an enhanced status code gets one: the
         first line's code if it has one, else ``X.0.0`` with X the reply's first digit (SPEC
@@ -106,13 +107,11 @@ class Reply:
         if add_enhanced and self.kind in (2, 4, 5):
             status = self.enhanced or f"{self.kind}.0.0"
             lines = [ln if _ENHANCED.match(ln) else f"{status} {ln}".rstrip() for ln in lines]
-        out = []
-        last = len(lines) - 1
-        for i, ln in enumerate(lines):
-            ln = _CONTROL.sub(" ", ln)
-            sep = " " if i == last else "-"
-            out.append(f"{self.code:03d}{sep}{ln}\r\n" if ln else f"{self.code:03d}{sep.strip()}\r\n")
-        return "".join(out).encode("utf-8", "surrogateescape")
+        return [_CONTROL.sub(" ", ln) for ln in lines]
+
+    def to_bytes(self, add_enhanced: bool = True) -> bytes:
+        """Render `relay_lines()`: ``250-a\\r\\n250 b\\r\\n``."""
+        return render(self.code, self.relay_lines(add_enhanced))
 
 
 class SMTPClient:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-import re
 from dataclasses import dataclass, field
 
 import trio
@@ -26,17 +25,11 @@ _FAILURE_KINDS = {                    # metric label of each upstream failure re
     R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
     R.UPSTREAM_LOST: "lost"}
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
 def relayed(reply) -> tuple[int, list[str]]:
-    """An upstream reply as the client sees it: X.0.0 added where no enhanced code is (§4.1)."""
-    code = reply.code
-    lines = list(reply.lines) or [""]
-    if code // 100 in (2, 4, 5):
-        lines = [ln if _ENHANCED.match(ln) else f"{code // 100}.0.0 {ln}".rstrip()
-                 for ln in lines]
-    return code, lines
+    """An upstream reply as the client sees it (enhanced code added, text sanitised, §4.1)."""
+    return reply.code, reply.relay_lines()
 
 
 @dataclass
@@ -349,7 +342,7 @@ class SMTPSession:
             if reply.code == 354:
                 self._leg_broken = False
                 self._msg_bytes = 0
-                self.core.respond(354, list(reply.lines))
+                self.core.respond(*relayed(reply))
                 if self.listener.received_header:
                     await leg.send_data(self._received_header())
             else:
