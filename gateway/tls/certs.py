@@ -115,7 +115,7 @@ def load_pem_bytes(cert_pem: bytes, key_pem: bytes, *, cert_source: str = "the c
     """
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError as exc:
+    except ValueError:
         raise ValueError(f"{cert_source}: no PEM certificate found (not PEM, or damaged)") \
             from None
     if not chain:
