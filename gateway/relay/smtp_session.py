@@ -38,7 +38,6 @@ class Transaction:
     rcpts: list[str] = field(default_factory=list)
     failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
     refusal: object = None                     # the upstream's refusal of MAIL, likewise
-    levels: set[str] = field(default_factory=set)
     attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
     last_refusal: tuple[int, str] | None = None
 
@@ -267,7 +266,6 @@ class SMTPSession:
             return
         if reply.code // 100 == 2:
             txn.rcpts.append(event.address)
-            txn.levels.add(level)
         else:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
