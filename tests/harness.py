@@ -95,6 +95,13 @@ def client_context(ca_file) -> ssl.SSLContext:
     return ctx
 
 
+def server_ssl_context(cert) -> ssl.SSLContext:
+    """A stdlib server context for a test peer (e.g. the sink offering STARTTLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert.cert), str(cert.key))
+    return ctx
+
+
 async def in_thread(fn, *args):
     return await trio.to_thread.run_sync(fn, *args)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 
 import pytest
 import trio
 
 from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
-                     running_sink, smtp_send)
+                     running_sink, server_ssl_context, smtp_send)
 
 BODY = b"Subject: test\r\nFrom: alice@client.test\r\n\r\nhello\r\n..dot line\r\nbye\r\n"
 
@@ -150,8 +149,7 @@ async def test_upstream_required_without_starttls_tempfails_and_sends_nothing(se
 
 
 async def test_upstream_response_injection_aborts_the_leg(upstream_cert):
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(upstream_cert.cert), str(upstream_cert.key))
+    ctx = server_ssl_context(upstream_cert)
     async with running_sink(ssl_context=ctx, starttls_reply=b"220 go\r\n250-injected\r\n") as sink:
         data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="required")])
         async with running_gateway(data) as (gw, logs):
@@ -164,8 +162,7 @@ async def test_upstream_response_injection_aborts_the_leg(upstream_cert):
 
 
 async def test_upstream_preferred_uses_tls_when_offered(upstream_cert):
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(upstream_cert.cert), str(upstream_cert.key))
+    ctx = server_ssl_context(upstream_cert)
     async with running_sink(ssl_context=ctx) as sink:
         data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred")])
         async with running_gateway(data) as (gw, logs):
@@ -183,8 +180,7 @@ async def test_upstream_verify_with_untrusted_certificate(upstream_cert, pubdir)
     other_ca = trustme.CA()
     ca_path = pubdir / "other-ca.pem"
     other_ca.cert_pem.write_to_path(str(ca_path))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(upstream_cert.cert), str(upstream_cert.key))
+    ctx = server_ssl_context(upstream_cert)
     async with running_sink(ssl_context=ctx) as sink:
         data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="verify",
                                           upstream={"server_name": "upstream.test",
@@ -345,8 +341,7 @@ async def test_pipelined_transactions_on_one_connection():
 
 
 async def test_upstream_preferred_falls_back_to_plaintext_once(upstream_cert):
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(upstream_cert.cert), str(upstream_cert.key))
+    ctx = server_ssl_context(upstream_cert)
     async with running_sink(ssl_context=ctx,
                             starttls_reply=b"454 4.7.0 TLS not available\r\n") as sink:
         data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred")])
