@@ -12,7 +12,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # What an sdist needs to build the extension besides its C sources.
-NATIVE_FILES = ["_native/build.py", "_native/gateway_native.h", "_native/scan.c"]
+NATIVE_FILES = ["_native/build.py", "_native/gateway_native.h", "_native/scan.c",
+                "_native/match.c"]
 
 
 class OptionalBuildExt(build_ext):

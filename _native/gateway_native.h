@@ -1,6 +1,7 @@
 /* The native core's whole exported API. _native/build.py declares exactly this to cffi (its
  * cdef must match, minus the #defines and comments); gateway/native.py wraps it and checks
- * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py. */
+ * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py (scanner),
+ * gateway/pymatch.py (rule matcher). */
 #ifndef GATEWAY_NATIVE_H
 #define GATEWAY_NATIVE_H
 #include <stddef.h>
@@ -33,5 +34,32 @@ long long gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
 /* IMAP literal {N} / {N+} at the end of line (no CRLF): -1 none; -2 (no '+') or -3 ('+')
  * when N has more than 18 digits; else 2*N + plus. */
 long long gw_find_literal(const unsigned char *line, size_t len);
+
+/* Rule matcher (_native/match.c; semantics: gateway/pymatch.py). Opaque compiled tables,
+ * freed by gw_rm_free / gw_nm_free. */
+typedef struct gw_rm gw_rm_t;
+typedef struct gw_nm gw_nm_t;
+
+/* Domain rules. Rule i's sender pattern is buf[offs[2i]:offs[2i+1]], its recipient pattern
+ * buf[offs[2i+1]:offs[2i+2]] (offs has 2*nrules+1 entries); enabled[i] != 0 if enabled. The
+ * buffer is copied. NULL when out of memory. */
+gw_rm_t *gw_rm_new(size_t nrules, const unsigned char *buf, size_t buflen, const size_t *offs,
+                   const unsigned char *enabled);
+void gw_rm_free(gw_rm_t *m);
+/* The first enabled rule matching (sender, recipient), -1 none, -2 out of memory. */
+int gw_rm_match(const gw_rm_t *m, const unsigned char *s, size_t slen,
+                const unsigned char *r, size_t rlen);
+/* out[i] = gw_rm_match of pair i: sender buf[offs[2i]:offs[2i+1]], recipient
+ * buf[offs[2i+1]:offs[2i+2]]. Returns -2 if any lookup ran out of memory, else 0. */
+int gw_rm_match_many(const gw_rm_t *m, size_t n, const unsigned char *buf, const size_t *offs,
+                     int *out);
+
+/* Networks: network i is fams[i] (4 or 6), its address in addrs[16i:16i+16] (IPv4 in the
+ * first 4 bytes), prefix length plens[i] (0..32 or 0..128). NULL when out of memory. */
+gw_nm_t *gw_nm_new(size_t n, const unsigned char *addrs, const int *plens,
+                   const unsigned char *fams);
+void gw_nm_free(gw_nm_t *m);
+/* The lowest index of a network containing the address text ip[0:n], -1 none or invalid. */
+int gw_nm_match(const gw_nm_t *m, const unsigned char *ip, size_t n);
 
 #endif

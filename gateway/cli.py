@@ -72,8 +72,52 @@ def summary_table(config) -> str:
             f"{lst.tls}/{lst.client_tls}", str(lst.max_connections), str(lst.backlog),
             format_hostport(up.host, up.port), f"{up.mode}/{up.tls}", rules,
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    return _table(rows)
+
+
+def rules_listing(config) -> str:
+    """The encryption and client rules of every listener, in evaluation order, with the
+    rules that can never match flagged (`gateway check`)."""
+    from .rules import shadowed_rules
+
+    out = []
+    for lst in config.listeners:
+        if lst.rules:
+            shadowed = dict(shadowed_rules(lst.rules))
+            out.append(f"{lst.name}: encryption rules (first enabled match wins; "
+                       f"default: sender optional, recipient {lst.upstream.tls})")
+            rows = [("#", "ENABLED", "SENDER", "RECIPIENT", "SENDER ENC", "RECIPIENT ENC", "")]
+            for i, r in enumerate(lst.rules):
+                note = f"never matches: shadowed by rule {shadowed[i]}" if i in shadowed \
+                    else ("" if r.enabled else "disabled")
+                rows.append((str(i), "yes" if r.enabled else "no", r.sender, r.recipient,
+                             r.sender_encryption, r.recipient_encryption, note))
+            out.append(_table(rows, indent="  "))
+        if lst.client_rules:
+            out.append(f"{lst.name}: client rules (first match; networks at connect, "
+                       "sender domains at MAIL FROM)")
+            rows = [("#", "MATCH", "KIND", "CLIENT TLS", "CIPHER STRENGTH")]
+            for i, r in enumerate(lst.client_rules):
+                rows.append((str(i), r.match, "network" if r.is_network else "sender",
+                             r.client_tls or "-", r.cipher_strength or "-"))
+            out.append(_table(rows, indent="  "))
+    return "\n".join(out)
+
+
+def shadowed_warnings(config) -> list[str]:
+    from .rules import shadowed_rules
+
+    out = []
+    for i, lst in enumerate(config.listeners):
+        for j, by in shadowed_rules(lst.rules):
+            out.append(f"listeners[{i}].rules[{j}]: can never match, rule {by} before it "
+                       "matches every pair it matches")
+    return out
+
+
+def _table(rows, indent: str = "") -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
                      for row in rows)
 
 
@@ -83,9 +127,12 @@ def cmd_check(args) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         return _config_error(exc)
-    for warning in config.warnings:
+    for warning in [*config.warnings, *shadowed_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_table(config))
+    listing = rules_listing(config)
+    if listing:
+        print(listing)
     if not args.syntax_only:
         problems = check_files(config)
         if problems:

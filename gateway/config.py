@@ -117,6 +117,9 @@ class GatewayConfig:
     log_format: str = "logfmt"
     tracking_log: str | None = None
     shutdown_grace: float = 30
+    alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
+    alert_sender: str | None = None          # default postmaster@<hostname>
+    alert_interval: float = 3600             # at most one e-mail per domain and reason
     certificates: dict[str, Certificate] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)   # predefined + operator
     warnings: tuple[str, ...] = ()        # non-fatal findings, for `gateway check` and the log
@@ -146,7 +149,8 @@ _CLIENT_RANK = {level: i for i, level in enumerate(CLIENT_LEVELS)}
 
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
-                 "tracking_log", "shutdown_grace")
+                 "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
+                 "alert_interval")
 _CERT_KEYS = ("cert", "key")
 _PROFILE_KEYS = ("clone", "min_version", "max_version", "cipher_strength", "ciphers",
                  "ciphersuites", "groups", "ca_file", "ca_path", "verify_depth",
@@ -166,6 +170,7 @@ _HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
 _LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 _SASL_RE = re.compile(r"[A-Z0-9_-]{1,20}\Z")
+_ADDRESS_RE = re.compile(r"[^\s@<>]{1,64}@[A-Za-z0-9_.-]{1,253}\Z")
 _MISSING = object()
 
 
@@ -444,6 +449,17 @@ def _parse_gateway(t: _Table | None) -> dict:
     out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
     out["tracking_log"] = t.str("tracking_log", None)
     out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
+    recipients = t.str_list("alert_recipients", [])
+    for i, addr in enumerate(recipients):
+        if not _ADDRESS_RE.match(addr):
+            raise ConfigError(f"{t.p('alert_recipients')}[{i}]",
+                              f'"{addr}" is not an e-mail address (local@domain)')
+    out["alert_recipients"] = tuple(recipients)
+    sender = t.str("alert_sender", None)
+    if sender is not None and not _ADDRESS_RE.match(sender):
+        raise ConfigError(t.p("alert_sender"), f'"{sender}" is not an e-mail address')
+    out["alert_sender"] = sender
+    out["alert_interval"] = t.seconds("alert_interval", 3600.0)
     return out
 
 

@@ -12,6 +12,7 @@ from functools import partial
 
 import trio
 
+from .alerts import AlertMailer
 from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .logs import new_conn_id
@@ -19,8 +20,10 @@ from .metrics import NullMetrics
 from .proto import replies as R
 from .relay.smtp_session import SMTPSession
 from .relay.upstream import UpstreamSettings
+from .rules import ClientPolicy, EncryptionPolicy
 from .tls import context as tls_context
 from .tls.certs import demo_certificate
+from .tls.profiles import clone as clone_profile
 
 
 RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
@@ -64,6 +67,16 @@ class ListenerRuntime:
     log: object
     index: int = 0                      # position in config.listeners (connection counts)
     state: WorkerState | None = None
+    policy: EncryptionPolicy | None = None       # SMTP encryption rules (§4.3)
+    client_policy: ClientPolicy | None = None    # client rules (§4.3)
+    strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
+    alerts: object = None                        # AlertMailer when alert e-mail is configured
+
+    def server_ctx_for(self, strength: str | None):
+        """The client-leg context, or its variant for a client rule's cipher strength."""
+        if strength is None:
+            return self.server_ctx
+        return self.strength_ctx.get(strength, self.server_ctx)
 
 
 @dataclass
@@ -87,8 +100,10 @@ class Gateway:
 
 
 def _needs_server_tls(listener: Listener) -> bool:
-    return listener.tls == "implicit" or (listener.tls == "starttls"
-                                          and listener.client_tls != "none")
+    if listener.tls == "implicit":
+        return True
+    return listener.tls == "starttls" and (listener.client_tls != "none" or any(
+        r.client_tls not in (None, "none") for r in listener.client_rules))
 
 
 def build_runtimes(config: GatewayConfig, log,
@@ -96,10 +111,12 @@ def build_runtimes(config: GatewayConfig, log,
     """TLS contexts and upstream settings for every listener. Returns (runtimes, demo_used)."""
     demo_pems = None
     runtimes = []
-    state = state if state is not None else WorkerState()
+    state = state if state is not None else WorkerState(
+        ConnectionCounts(1, len(config.listeners)))
     for index, listener in enumerate(config.listeners):
         profile = config.profiles[listener.profile]
         server_ctx = None
+        strength_ctx = {}
         if _needs_server_tls(listener):
             verify_clients = listener.client_tls == "verify" or any(
                 r.client_tls == "verify" for r in listener.client_rules)
@@ -109,13 +126,17 @@ def build_runtimes(config: GatewayConfig, log,
                     log.event("demo_certificate", level="warning",
                               message="using a generated self-signed demonstration "
                                       "certificate: insecure, configure a certificate")
-                server_ctx = tls_context.server_context(
-                    profile, cert_pem=demo_pems[0], key_pem=demo_pems[1],
-                    request_client_cert=verify_clients)
+                make = partial(tls_context.server_context, cert_pem=demo_pems[0],
+                               key_pem=demo_pems[1], request_client_cert=verify_clients)
             else:
                 cert = config.certificates[listener.certificate]
-                server_ctx = tls_context.server_context(
-                    profile, cert.cert, cert.key, request_client_cert=verify_clients)
+                make = partial(tls_context.server_context, cert_path=cert.cert,
+                               key_path=cert.key, request_client_cert=verify_clients)
+            server_ctx = make(profile)
+            for strength in {r.cipher_strength for r in listener.client_rules
+                             if r.is_network and r.cipher_strength}:
+                strength_ctx[strength] = make(clone_profile(
+                    profile, f"{profile.name}+{strength}", cipher_strength=strength))
         up = listener.upstream
         up_cert = config.certificates.get(up.certificate) if up.certificate else None
         verify_upstream = up.tls == "verify" or any(
@@ -130,8 +151,18 @@ def build_runtimes(config: GatewayConfig, log,
             helo_name=config.hostname, tls_context=client_ctx,
             connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client)
-        runtimes.append(ListenerRuntime(listener, config.hostname, server_ctx, settings,
-                                        log.bind(listener=listener.name), index, state))
+        smtp = listener.protocol == "smtp"
+        alerts = None
+        if smtp and config.alert_recipients:
+            alerts = AlertMailer(
+                settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
+                recipients=config.alert_recipients, hostname=config.hostname,
+                listener=listener.name, log=log.bind(listener=listener.name),
+                interval=config.alert_interval)
+        runtimes.append(ListenerRuntime(
+            listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
+            index, state, policy=EncryptionPolicy(listener) if smtp else None,
+            client_policy=ClientPolicy(listener), strength_ctx=strength_ctx, alerts=alerts))
     return runtimes, demo_pems is not None
 
 
@@ -270,7 +301,8 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
     *sockets*: listening stdlib sockets, one per listener, owned by a supervisor (else bound
     here). Runs until cancelled, or until `Gateway.stop_accepting()`: then idle sessions get
     421 4.3.2, transactions in flight get `shutdown_grace` seconds, and serve() returns."""
-    state = state if state is not None else WorkerState()
+    state = state if state is not None else WorkerState(
+        ConnectionCounts(1, len(config.listeners)))
     if state.tracking is None and config.tracking_log:
         from .tracking import TrackingLog
         state.tracking = TrackingLog(config.tracking_log)
@@ -281,6 +313,9 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
     gateway = Gateway(config, runtimes, demo_certificate=demo)
     state.metrics.demo_certificate.set(1 if demo else 0)
     async with trio.open_nursery() as handlers:
+        for rt in runtimes:
+            if rt.alerts is not None:
+                rt.alerts.nursery = handlers
         async with trio.open_nursery() as acceptors:
             gateway.accept_scope = acceptors.cancel_scope
             for rt, sock in zip(runtimes, sockets or [None] * len(runtimes)):

@@ -16,8 +16,9 @@ import trio
 from ..errors import TLSError
 from ..proto import replies as R
 from ..proto import smtp_server as S
-from ..tls.stream import TLSStream
+from ..rules import cipher_meets
 from ..tracking import TrackingRecord, now_rfc3339
+from .tls_legs import accept_client_tls
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
 
 _FAILURE_KINDS = {                    # metric label of each upstream failure reply
@@ -51,6 +52,15 @@ class SMTPSession:
         self.log = log
         self.conn_id = conn_id
         self.client_level = self.listener.client_tls
+        self.cipher_strength = None     # a client rule's strength for this connection
+        rule = rt.client_policy.for_client(client_addr[0]) if rt.client_policy else None
+        if rule is not None:
+            # a rule by client network sets the level and strength at connect time (§4.3)
+            if rule.client_tls is not None:
+                self.client_level = rule.client_tls
+            self.cipher_strength = rule.cipher_strength
+            log.event("client_rule", match=rule.match, client_tls=self.client_level,
+                      cipher_strength=rule.cipher_strength or "")
         self.metrics = rt.state.metrics
         self.name = self.listener.name
         self.tls = None                 # client leg TLSInfo
@@ -170,23 +180,11 @@ class SMTPSession:
     # --- TLS on the client leg --------------------------------------------------------------
 
     async def _handshake(self) -> bool:
-        tls = TLSStream(self.stream, self.rt.server_ctx, server_side=True)
-        start = trio.current_time()
-        try:
-            with trio.fail_after(self.listener.timeouts.tls_handshake):
-                await tls.do_handshake()
-        except (TLSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            reason = getattr(exc, "reason", None) or "handshake timeout"
-            self.log.event("tls_error", level="warning", side="client", reason=reason)
-            self.metrics.tls_handshakes_total.labels(self.name, "client", "none", "error").inc()
+        tls = await accept_client_tls(self.rt, self.stream, self.cipher_strength, self.log)
+        if tls is None:
             return False
         self.stream = tls
-        self.tls = info = tls.info
-        self.metrics.tls_handshakes_total.labels(self.name, "client", info.version, "ok").inc()
-        self.metrics.tls_handshake_seconds.labels(self.name, "client").observe(
-            trio.current_time() - start)
-        self.log.event("tls", side="client", version=info.version, cipher=info.cipher,
-                       bits=info.bits, verified=info.verified, peer=info.peer_subject)
+        self.tls = tls.info
         return True
 
     async def _on_StartTLS(self, event) -> None:
@@ -219,6 +217,19 @@ class SMTPSession:
         if self.client_level == "verify" and not (self.tls and self.tls.verified):
             self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
             return
+        rule = self.rt.client_policy.for_sender(event.address) if self.rt.client_policy \
+            else None
+        if rule is not None:
+            # a rule by sender domain can only tighten (§4.3)
+            if rule.client_tls in ("required", "verify") and self.tls is None:
+                self._refuse(R.MUST_USE_TLS)
+                return
+            if rule.client_tls == "verify" and not self.tls.verified:
+                self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+                return
+            if self.tls is not None and not cipher_meets(self.tls, rule.cipher_strength):
+                self._refuse(R.STRONGER_CIPHER)
+                return
         if self.leg is not None:
             await self.leg.reset()
         self._track_unsent()
@@ -234,7 +245,17 @@ class SMTPSession:
         if txn.refusal is not None:
             self.core.respond(*relayed(txn.refusal))
             return
-        level = resolve_level(self.listener.upstream.tls, self.tls is not None)
+        decision = self.rt.policy.decide(txn.mail.address, event.address) \
+            if self.rt.policy is not None else None
+        if decision is None:
+            level = self.listener.upstream.tls
+        else:
+            if decision.sender_encryption == "required" and self.tls is None:
+                # the pair must not travel in the clear on the client leg (§4.3)
+                self._refuse(R.MUST_USE_TLS)
+                return
+            level = decision.recipient_encryption
+        level = resolve_level(level, self.tls is not None)
         leg = self.leg
         if leg is not None and leg.closed:
             self.leg = leg = None
@@ -301,6 +322,8 @@ class SMTPSession:
             self.log.event("tls_alert", level="warning", domains=",".join(domains),
                            reason=failure.reason)
             self.metrics.tls_alerts_total.labels(self.name, kind).inc()
+            if self.rt.alerts is not None:
+                self.rt.alerts.notify(domains, kind, failure.reason)
         if self.leg is not None:
             await self.leg.close()
             self.leg = None

@@ -14,7 +14,7 @@ import trio
 from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
-from ..tls.stream import TLSStream
+from .tls_legs import HandshakeFailed, upstream_handshake
 
 TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
 
@@ -163,22 +163,15 @@ class UpstreamLeg:
                               tls_required=self.level in TLS_LEVELS_REQUIRING_TLS)
 
     async def _handshake(self, *, fallback: bool) -> None:
-        s = self.settings
-        name = s.server_name or s.host
-        tls = TLSStream(self.stream, s.tls_context, server_side=False,
-                        server_hostname=name, verify_hostname=self.level == "verify")
-        start = trio.current_time()
         try:
-            with trio.fail_after(s.connect_timeout):
-                await tls.do_handshake()
-        except (TLSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            reason = getattr(exc, "reason", None) or "handshake timeout"
+            tls, self.handshake_seconds = await upstream_handshake(
+                self.stream, self.settings, self.level)
+        except HandshakeFailed as exc:
             if fallback:
-                raise _Fallback(reason)
-            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason,
+                raise _Fallback(exc.reason)
+            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, exc.reason,
                                   tls_required=self.level in TLS_LEVELS_REQUIRING_TLS
-                                  or s.mode == "implicit")
-        self.handshake_seconds = trio.current_time() - start
+                                  or self.settings.mode == "implicit")
         self.stream = tls
         self.tls = tls.info
 

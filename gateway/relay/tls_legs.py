@@ -1,0 +1,59 @@
+"""The TLS handshakes of both legs, shared by the SMTP and IMAP sessions (SPEC §3, §7).
+
+`accept_client_tls` runs the gateway's server-side handshake on a client stream with the
+listener's context (or a client rule's cipher-strength variant), logs the `tls` or
+`tls_error` event and counts it. `upstream_handshake` runs the client-side handshake to the
+upstream with the settings' context, SNI and (at `verify`) the name check.
+"""
+from __future__ import annotations
+
+import trio
+
+from ..errors import TLSError
+from ..tls.stream import TLSStream
+
+_FAILURES = (TLSError, trio.TooSlowError, trio.BrokenResourceError)
+
+
+class HandshakeFailed(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "reason", None) or "handshake timeout"
+
+
+async def accept_client_tls(rt, stream, strength: str | None, log) -> TLSStream | None:
+    """The client leg's handshake; the TLS stream, or None after logging the failure."""
+    name, metrics = rt.listener.name, rt.state.metrics
+    tls = TLSStream(stream, rt.server_ctx_for(strength), server_side=True)
+    start = trio.current_time()
+    try:
+        with trio.fail_after(rt.listener.timeouts.tls_handshake):
+            await tls.do_handshake()
+    except _FAILURES as exc:
+        log.event("tls_error", level="warning", side="client", reason=_reason(exc))
+        metrics.tls_handshakes_total.labels(name, "client", "none", "error").inc()
+        return None
+    info = tls.info
+    metrics.tls_handshakes_total.labels(name, "client", info.version, "ok").inc()
+    metrics.tls_handshake_seconds.labels(name, "client").observe(trio.current_time() - start)
+    log.event("tls", side="client", version=info.version, cipher=info.cipher, bits=info.bits,
+              verified=info.verified, peer=info.peer_subject)
+    return tls
+
+
+async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, float]:
+    """The upstream leg's handshake: (TLS stream, seconds); HandshakeFailed with the reason."""
+    tls = TLSStream(stream, settings.tls_context, server_side=False,
+                    server_hostname=settings.server_name or settings.host,
+                    verify_hostname=level == "verify")
+    start = trio.current_time()
+    try:
+        with trio.fail_after(settings.connect_timeout):
+            await tls.do_handshake()
+    except _FAILURES as exc:
+        raise HandshakeFailed(_reason(exc)) from None
+    return tls, trio.current_time() - start
