@@ -18,6 +18,7 @@ from .conncount import ConnectionCounts
 from .logs import new_conn_id
 from .metrics import NullMetrics
 from .proto import replies as R
+from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
 from .relay.upstream import UpstreamSettings
 from .rules import ClientPolicy, EncryptionPolicy
@@ -26,6 +27,7 @@ from .tls.certs import demo_certificate
 from .tls.profiles import clone as clone_profile
 
 
+IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
 RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
 
 
@@ -269,7 +271,9 @@ async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
             with trio.move_on_after(5):
                 if rt.listener.tls != "implicit":
                     try:
-                        await stream.send_all(R.render(*R.TOO_MANY_CONNECTIONS))
+                        await stream.send_all(R.render(*R.TOO_MANY_CONNECTIONS)
+                                              if rt.listener.protocol == "smtp"
+                                              else IMAP_TOO_MANY_CONNECTIONS)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
             await stream.aclose()
@@ -278,7 +282,7 @@ async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
             if rt.listener.protocol == "smtp":
                 await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
             else:
-                await stream.aclose()      # IMAP arrives with SPEC §5
+                await IMAPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
         except Exception as exc:           # a bug in one session must not end the worker
             log.event("session_error", level="error", message=repr(exc))
             with trio.move_on_after(1) as scope:

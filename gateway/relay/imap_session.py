@@ -1,0 +1,290 @@
+"""One client IMAP session (SPEC §5): the pre-login core, the upstream leg, then a relay.
+
+Before login the session moves bytes between the client stream and `IMAPServer`, does the
+client-side TLS handshake (at once on an implicit listener, or when the core says STARTTLS),
+and at LOGIN/AUTHENTICATE opens the upstream leg (level per §3.2) and sends the credentials
+there. The whole pre-login phase is bounded by `imap_login` seconds. After a successful login
+both directions are relayed unparsed (IDLE, COMPRESS and every extension pass through) until
+either side closes or nothing moved for `imap_idle` seconds (then `* BYE Autologout`).
+
+Draining (SPEC §9): a session still before login gets `* BYE Server shutting down`; a relayed
+session cannot take an injected BYE at an unknown point of the upstream's output, so it runs
+on until `shutdown_grace` ends it (closing both legs; IMAP clients reconnect).
+"""
+from __future__ import annotations
+
+import trio
+
+from ..errors import TLSError
+from ..proto import imap_server as S
+from ..proto import replies as R
+from .imap_upstream import IMAPUpstreamLeg
+from .tls_legs import accept_client_tls
+from .upstream import UpstreamFailure, resolve_level
+
+_FAILURE_KINDS = {                    # metric label of each upstream failure (as SMTP's)
+    R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
+    R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
+    R.UPSTREAM_LOST: "lost"}
+_SHUTDOWN = object()
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TLSError)
+
+
+def unavailable_text(reply: tuple[int, str]) -> str:
+    """``(451, "4.7.5 TLS is required, ...")`` -> ``"TLS is required, ..."`` (SPEC §5)."""
+    return reply[1].split(" ", 1)[1] if " " in reply[1] else reply[1]
+
+
+class IMAPSession:
+    def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
+        self.rt = rt
+        self.listener = rt.listener
+        self.stream = stream
+        self.client_addr = client_addr
+        self.log = log
+        self.conn_id = conn_id
+        self.metrics = rt.state.metrics
+        self.name = self.listener.name
+        self.client_level = self.listener.client_tls
+        self.cipher_strength = None
+        rule = rt.client_policy.for_client(client_addr[0]) if rt.client_policy else None
+        if rule is not None:
+            # a rule by client network sets the level and strength at connect time (§4.3)
+            if rule.client_tls is not None:
+                self.client_level = rule.client_tls
+            self.cipher_strength = rule.cipher_strength
+            log.event("client_rule", match=rule.match, client_tls=self.client_level,
+                      cipher_strength=rule.cipher_strength or "")
+        self.tls = None
+        self.leg: IMAPUpstreamLeg | None = None
+        self.user: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._deadline = 0.0
+        self.core = S.IMAPServer(
+            hostname=rt.hostname,
+            offer_starttls=self.listener.tls == "starttls" and self.client_level != "none",
+            require_tls=self.client_level in ("required", "verify"),
+            require_client_cert=self.client_level == "verify")
+
+    # --- the session ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        start = trio.current_time()
+        self._deadline = start + self.listener.timeouts.imap_login
+        self.log.event("conn_open")
+        try:
+            if self.listener.tls == "implicit":
+                if not await self._handshake():
+                    return
+                self.core.tls_established(self.tls.verified)
+            self.core.greeting()
+            await self._flush()
+            await self._prelogin()
+            if self.core.logged_in and self.leg is not None:
+                await self._relay()
+        except _BROKEN:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.leg is not None:
+                    await self.leg.close()
+                with trio.move_on_after(1):
+                    try:
+                        await self.stream.aclose()
+                    except Exception:
+                        pass
+            duration = trio.current_time() - start
+            self.metrics.session_seconds.labels(self.name, "imap").observe(duration)
+            self.log.event("conn_close", duration=round(duration, 3), bytes_in=self.bytes_in,
+                           bytes_out=self.bytes_out, user=self.user or "")
+
+    async def _prelogin(self) -> None:
+        core = self.core
+        while True:
+            event = core.next_event()
+            for line in core.take_rejections():
+                self._rejected(line)
+            if event is S.NEED_DATA:
+                await self._flush()
+                data = await self._receive()
+                if data is _SHUTDOWN:
+                    core.bye(S.BYE_SHUTDOWN)
+                    await self._flush()
+                    return
+                if data is None:
+                    core.bye(S.BYE_TIMEOUT)
+                    self.log.event("reject", code="BYE", reason="login timeout")
+                    await self._flush()
+                    return
+                core.receive_data(data)
+                continue
+            if isinstance(event, (S.ConnectionClosed, S.Logout)):
+                await self._flush()
+                return
+            if isinstance(event, S.StartTLS):
+                core.starttls_ok()
+                await self._flush()
+                discarded = core.start_tls()
+                if discarded:
+                    self.log.event("starttls_injection", level="warning", discarded=discarded)
+                if not await self._handshake():
+                    return
+                core.tls_established(self.tls.verified)
+                continue
+            if isinstance(event, S.Login):
+                await self._login(event)
+                await self._flush()
+                if core.logged_in:
+                    return
+
+    async def _receive(self):
+        """Client bytes before login; None when imap_login is over; _SHUTDOWN when draining."""
+        state = self.rt.state
+        if state.draining:
+            return _SHUTDOWN
+        with trio.CancelScope() as drain_scope:
+            state.idle_scopes.add(drain_scope)
+            try:
+                with trio.move_on_at(self._deadline):
+                    try:
+                        data = await self.stream.receive_some(65536)
+                    except _BROKEN:
+                        data = b""
+                    self.bytes_in += len(data)
+                    return data
+                return None
+            finally:
+                state.idle_scopes.discard(drain_scope)
+        return _SHUTDOWN
+
+    async def _flush(self) -> None:
+        out = self.core.data_to_send()
+        if out:
+            self.bytes_out += len(out)
+            await self.stream.send_all(out)
+
+    def _rejected(self, line: str) -> None:
+        tag, _, rest = line.partition(" ")
+        self.log.event("reject", code=rest.split(" ", 1)[0], reason=rest)
+        if "[PRIVACYREQUIRED]" in rest:
+            reason = "client_cert" if "certificate" in rest else "tls_required"
+            self.metrics.policy_rejections_total.labels(self.name, f"imap_{reason}").inc()
+
+    # --- TLS on the client leg --------------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        tls = await accept_client_tls(self.rt, self.stream, self.cipher_strength, self.log)
+        if tls is None:
+            return False
+        self.stream = tls
+        self.tls = tls.info
+        return True
+
+    # --- login ------------------------------------------------------------------------------
+
+    async def _login(self, event: S.Login) -> None:
+        user = event.user.decode("utf-8", "replace")
+        level = resolve_level(self.listener.upstream.tls, self.tls is not None)
+        try:
+            if self.leg is None or self.leg.closed:
+                await self._flush()
+                self.leg = await self._open_leg(level)
+            ok, untagged, tagged = await self.leg.login(event)
+        except UpstreamFailure as failure:
+            await self._leg_failed(failure, user)
+            text = unavailable_text(failure.reply)
+            self.core.login_result(False, f"{event.tag} NO [UNAVAILABLE] {text}\r\n".encode())
+            self.log.event("login", user=user, mechanism=event.mechanism, result="unavailable",
+                           reason=failure.reason)
+            return
+        # the upstream's answer, under the client's tag
+        data = b"".join(r.raw for r in untagged)
+        data += event.tag.encode() + tagged.raw[len(tagged.tag):]
+        self.core.login_result(ok, data)
+        leg = self.leg
+        self.log.event("login", user=user, mechanism=event.mechanism,
+                       result="ok" if ok else tagged.kind.lower(),
+                       client_tls=self.tls.version if self.tls else "none",
+                       upstream_tls=leg.tls.version if leg.tls else "none")
+        if ok:
+            self.user = user
+
+    async def _open_leg(self, level: str) -> IMAPUpstreamLeg:
+        def tls_error(reason):
+            self.log.event("tls_error", level="warning", side="upstream", reason=reason,
+                           fallback="plaintext")
+            self.metrics.tls_handshakes_total.labels(self.name, "upstream", "none",
+                                                     "error").inc()
+        leg = await IMAPUpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
+                                         on_tls_error=tls_error)
+        if leg.tls is not None:
+            info = leg.tls
+            self.metrics.tls_handshakes_total.labels(self.name, "upstream", info.version,
+                                                     "ok").inc()
+            self.metrics.tls_handshake_seconds.labels(self.name, "upstream").observe(
+                leg.handshake_seconds)
+            self.log.event("tls", side="upstream", version=info.version, cipher=info.cipher,
+                           bits=info.bits, verified=info.verified, peer=info.peer_subject)
+        else:
+            self.log.event("upstream", tls="none", policy=level, offered=leg.tls_offered)
+        return leg
+
+    async def _leg_failed(self, failure: UpstreamFailure, user: str) -> None:
+        kind = _FAILURE_KINDS.get(failure.reply, "other")
+        self.log.event("upstream_error", level="warning", reason=failure.reason,
+                       code="NO [UNAVAILABLE]")
+        self.metrics.upstream_errors_total.labels(self.name, kind).inc()
+        if failure.tls_required:
+            self.log.event("tls_alert", level="warning", user=user, reason=failure.reason)
+            self.metrics.tls_alerts_total.labels(self.name, kind).inc()
+        if self.leg is not None:
+            await self.leg.close()
+            self.leg = None
+
+    # --- after login ------------------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        leg = self.leg
+        idle = self.listener.timeouts.imap_idle
+        to_upstream = self.core.take_trailing()
+        to_client = leg.client.take_leftover()
+        ended = False
+
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            scope.deadline = trio.current_time() + idle
+
+            async def pump(src, dst, first: bytes, inbound: bool) -> None:
+                nonlocal ended
+                try:
+                    if first:
+                        await dst.send_all(first)
+                        self._count(inbound, len(first))
+                    while True:
+                        data = await src.receive_some(65536)
+                        if not data:
+                            break
+                        scope.deadline = trio.current_time() + idle
+                        await dst.send_all(data)
+                        self._count(inbound, len(data))
+                except _BROKEN + (OSError,):
+                    pass
+                ended = True
+                scope.cancel()
+
+            nursery.start_soon(pump, self.stream, leg.stream, to_upstream, True)
+            nursery.start_soon(pump, leg.stream, self.stream, to_client, False)
+        if not ended:                         # imap_idle passed without a byte either way
+            self.log.event("reject", code="BYE", reason="idle timeout")
+            with trio.move_on_after(2):
+                try:
+                    await self.stream.send_all(S.BYE_TIMEOUT)
+                except _BROKEN:
+                    pass
+
+    def _count(self, inbound: bool, n: int) -> None:
+        if inbound:
+            self.bytes_in += n
+        else:
+            self.bytes_out += n
