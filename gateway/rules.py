@@ -90,6 +90,19 @@ class ClientPolicy:
         i = self._nets.match(ip)
         return self.network_rules[i] if i >= 0 else None
 
+    def at_connect(self, level: str, ip: str, log=None) -> tuple[str, str | None]:
+        """The connection's (client level, cipher strength): the listener's *level* unless a
+        rule by client network sets them (logged as `client_rule`)."""
+        rule = self.for_client(ip)
+        if rule is None:
+            return level, None
+        if rule.client_tls is not None:
+            level = rule.client_tls
+        if log is not None:
+            log.event("client_rule", match=rule.match, client_tls=level,
+                      cipher_strength=rule.cipher_strength or "")
+        return level, rule.cipher_strength
+
     def for_sender(self, sender: str) -> ClientRule | None:
         if self._senders is None:
             return None

@@ -45,16 +45,9 @@ class IMAPSession:
         self.conn_id = conn_id
         self.metrics = rt.state.metrics
         self.name = self.listener.name
-        self.client_level = self.listener.client_tls
-        self.cipher_strength = None
-        rule = rt.client_policy.for_client(client_addr[0]) if rt.client_policy else None
-        if rule is not None:
-            # a rule by client network sets the level and strength at connect time (§4.3)
-            if rule.client_tls is not None:
-                self.client_level = rule.client_tls
-            self.cipher_strength = rule.cipher_strength
-            log.event("client_rule", match=rule.match, client_tls=self.client_level,
-                      cipher_strength=rule.cipher_strength or "")
+        # a rule by client network sets the level and cipher strength at connect time (§4.3)
+        self.client_level, self.cipher_strength = rt.client_policy.at_connect(
+            self.listener.client_tls, client_addr[0], log)
         self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
         self.user: str | None = None

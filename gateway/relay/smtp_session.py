@@ -51,16 +51,9 @@ class SMTPSession:
         self.client_addr = client_addr
         self.log = log
         self.conn_id = conn_id
-        self.client_level = self.listener.client_tls
-        self.cipher_strength = None     # a client rule's strength for this connection
-        rule = rt.client_policy.for_client(client_addr[0]) if rt.client_policy else None
-        if rule is not None:
-            # a rule by client network sets the level and strength at connect time (§4.3)
-            if rule.client_tls is not None:
-                self.client_level = rule.client_tls
-            self.cipher_strength = rule.cipher_strength
-            log.event("client_rule", match=rule.match, client_tls=self.client_level,
-                      cipher_strength=rule.cipher_strength or "")
+        # a rule by client network sets the level and cipher strength at connect time (§4.3)
+        self.client_level, self.cipher_strength = rt.client_policy.at_connect(
+            self.listener.client_tls, client_addr[0], log)
         self.metrics = rt.state.metrics
         self.name = self.listener.name
         self.tls = None                 # client leg TLSInfo
@@ -217,8 +210,7 @@ class SMTPSession:
         if self.client_level == "verify" and not (self.tls and self.tls.verified):
             self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
             return
-        rule = self.rt.client_policy.for_sender(event.address) if self.rt.client_policy \
-            else None
+        rule = self.rt.client_policy.for_sender(event.address)
         if rule is not None:
             # a rule by sender domain can only tighten (§4.3)
             if rule.client_tls in ("required", "verify") and self.tls is None:
