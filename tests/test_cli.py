@@ -178,4 +178,4 @@ def test_summary_table_lists_every_listener():
     assert header.split()[:4] == ["NAME", "TYPE", "BIND", "PROTOCOL"]
     assert [row.split()[0] for row in rows] == ["inbound", "submission", "smtps", "imap",
                                                 "imaps"]
-    assert "3 (+3 client)" in rows[0]
+    assert "7 (+3 client)" in rows[0]

@@ -520,7 +520,8 @@ def test_example_file_parses():
     names = [lst.name for lst in config.listeners]
     assert names == ["inbound", "submission", "smtps", "imap", "imaps"]
     by = {lst.name: lst for lst in config.listeners}
-    assert by["inbound"].port == 25 and len(by["inbound"].rules) == 3
+    assert by["inbound"].port == 25 and len(by["inbound"].rules) == 7
+    assert config.alert_recipients == ("postmaster@example.com",)
     assert len(by["inbound"].client_rules) == 3
     assert by["submission"].auth == "passthrough" and by["submission"].host == "::"
     assert by["smtps"].tls == "implicit" and by["smtps"].client_tls == "required"
