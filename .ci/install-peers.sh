@@ -13,9 +13,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-SERVICES=(postfix dovecot haproxy)
+SERVICES=(postfix dovecot haproxy nginx)
 # build tools for the venv and the native core, then the real peers the tests talk to
-PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl)
+PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail)
 
 # Keep maintainer scripts from starting daemons while installing (invoke-rc.d honours
 # policy-rc.d; exit 101 = "action forbidden").  Only if nobody else installed one.
