@@ -16,8 +16,10 @@ stream is ignored.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
+import re
 import secrets
 import sys
 import time
@@ -33,6 +35,9 @@ _MAX_DEPTH = 4
 def new_conn_id() -> str:
     """A short random connection id: 10 lower-case base32 characters (50 bits)."""
     return base64.b32encode(secrets.token_bytes(7)).decode("ascii")[:10].lower()
+
+
+_PLAIN_OK = re.compile(r'[ ="\\]')     # a printable ASCII value with one of these is quoted
 
 
 def timestamp(now: float | None = None) -> str:
@@ -91,6 +96,8 @@ def _logfmt_value(value: Any) -> str:
         text = _text(value)
     if text == "":
         return '""'
+    if text.isascii() and text.isprintable() and _PLAIN_OK.search(text) is None:
+        return text                      # the common case: nothing to quote or escape
     needs_quotes = False
     out = []
     for ch in text:
@@ -120,6 +127,7 @@ def _logfmt_value(value: Any) -> str:
     return f'"{text}"' if needs_quotes else text
 
 
+@functools.lru_cache(maxsize=1024)
 def _logfmt_key(key: str) -> str:
     cleaned = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "_.-:/")) else "_"
                       for ch in key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -437,3 +438,55 @@ async def test_relayed_reply_gets_enhanced_code_and_no_bare_cr():
             with trio.fail_after(30):
                 line = await in_thread(_data_reply_seen_by_client, port)
     assert line == b"250 2.0.0 queued injected"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_upstream_refusal_of_mail_answers_every_rcpt(pipelining):
+    """MAIL is replayed with the first RCPT (pipelined when the upstream offers PIPELINING);
+    the upstream's refusal of MAIL answers that RCPT and every later one (SPEC §4.4), and
+    without PIPELINING no RCPT follows the refused MAIL."""
+    received: list[bytes] = []
+
+    async def fake_upstream(stream):
+        await stream.send_all(b"220 fake.test ESMTP\r\n")
+        buf = b""
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                received.append(line)
+                verb = line.split(b" ")[0].upper()
+                if verb == b"EHLO":
+                    ext = b"250-PIPELINING\r\n" if pipelining else b""
+                    await stream.send_all(b"250-fake.test\r\n" + ext + b"250 8BITMIME\r\n")
+                elif verb == b"MAIL":
+                    await stream.send_all(b"550 5.7.1 Sender blocked here\r\n")
+                elif verb == b"QUIT":
+                    await stream.send_all(b"221 bye\r\n")
+                    return
+                else:
+                    await stream.send_all(b"503 5.5.1 Need MAIL\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, fake_upstream, 0,
+                                                host="127.0.0.1"))
+        up_port = listeners[0].socket.getsockname()[1]
+        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    s.mail("alice@client.test")
+                    return s.rcpt("bob@example.test"), s.rcpt("carol@example.test")
+            with trio.fail_after(30):
+                first, second = await in_thread(session)
+        nursery.cancel_scope.cancel()
+    assert first == second == (550, b"5.7.1 Sender blocked here")
+    verbs = [line.split(b" ")[0].split(b":")[0] for line in received]
+    assert verbs.count(b"MAIL") == 1
+    assert verbs.count(b"RCPT") == (1 if pipelining else 0)

@@ -148,21 +148,21 @@ class SMTPSession:
         idle = not self.core.in_transaction and not self.core.in_data
         if idle and state.draining:
             return _SHUTDOWN
-        with trio.CancelScope() as drain_scope:
+        # one scope for both ends of the wait: its deadline (timeout) and, while the session
+        # is idle, a drain (state.drain() cancels it; draining tells the two apart)
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             if idle:
-                state.idle_scopes.add(drain_scope)
+                state.idle_scopes.add(scope)
             try:
-                with trio.move_on_after(timeout):
-                    try:
-                        data = await self.stream.receive_some(65536)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
-                        data = b""
-                    self.bytes_in += len(data)
-                    return data
-                return None
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
+                data = b""
             finally:
-                state.idle_scopes.discard(drain_scope)
-        return _SHUTDOWN
+                if idle:
+                    state.idle_scopes.discard(scope)
+            self.bytes_in += len(data)
+            return data
+        return _SHUTDOWN if idle and state.draining else None
 
     async def _flush(self) -> None:
         out = self.core.data_to_send()
@@ -261,17 +261,20 @@ class SMTPSession:
             if leg is None:
                 await self._flush()
                 self.leg = leg = await self._open_leg(level)
-            if not leg.in_transaction:
-                reply = await leg.command(self._mail_line(txn.mail, leg))
-                if reply.code // 100 != 2:
-                    txn.refusal = reply
-                    self.core.respond(*relayed(reply))
-                    return
-                leg.in_transaction = True
             if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
                 self._refuse(R.NO_SMTPUTF8_UPSTREAM)
                 return
-            reply = await leg.command(self._rcpt_line(event, leg))
+            if not leg.in_transaction:
+                # MAIL is replayed with the first RCPT, pipelined where the upstream allows
+                mail, reply = await leg.commands([self._mail_line(txn.mail, leg),
+                                                  self._rcpt_line(event, leg)])
+                if mail.code // 100 != 2:
+                    txn.refusal = mail
+                    self.core.respond(*relayed(mail))
+                    return
+                leg.in_transaction = True
+            else:
+                reply = await leg.command(self._rcpt_line(event, leg))
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [event.address])
             txn.failure = failure.reply
@@ -357,7 +360,7 @@ class SMTPSession:
                 self._msg_bytes = 0
                 self.core.respond(*relayed(reply))
                 if self.listener.received_header:
-                    await leg.send_data(self._received_header())
+                    leg.hold_data(self._received_header())   # goes out with the first chunk
             else:
                 self.core.respond(*relayed(reply))
         except UpstreamFailure as failure:

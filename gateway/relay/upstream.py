@@ -68,6 +68,7 @@ class UpstreamLeg:
         self.closed = False
         self.in_transaction = False     # MAIL sent and not yet finished/RSET
         self.tls_error: str | None = None
+        self._held = b""                # message data waiting for the next send_data()
 
     # --- policy -----------------------------------------------------------------------------
 
@@ -195,11 +196,30 @@ class UpstreamLeg:
         await self._send(self.client.send(line))
         return await self._read_reply(timeout=timeout)
 
+    async def commands(self, lines: list[str]) -> list[Reply | None]:
+        """Several commands in one write, then their replies in order (RFC 2920 PIPELINING;
+        only when the upstream offers it, else one by one)."""
+        if len(lines) == 1 or "PIPELINING" not in self.extensions:
+            replies = []
+            for line in lines:                # one by one, stopping at the first refusal
+                replies.append(await self.command(line))
+                if replies[-1].code // 100 != 2:
+                    break
+            return replies + [None] * (len(lines) - len(replies))
+        await self._send(b"".join(self.client.send(line) for line in lines))
+        return [await self._read_reply() for _ in lines]
+
     async def send_data(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
         await self._send(data)
 
+    def hold_data(self, data: bytes) -> None:
+        """Data to go out with the next send_data() (one write instead of two)."""
+        self._held += data
+
     async def finish_data(self) -> Reply:
-        await self._send(b".\r\n")
+        await self.send_data(b".\r\n")
         reply = await self._read_reply(timeout=self.settings.data_done_timeout)
         self.in_transaction = False
         return reply
@@ -236,6 +256,7 @@ class UpstreamLeg:
 
     async def reset(self) -> None:
         """End an unfinished transaction (RSET) so the leg can carry the next one."""
+        self._held = b""
         if self.in_transaction and not self.closed:
             try:
                 reply = await self.command("RSET")
@@ -260,6 +281,7 @@ class UpstreamLeg:
     async def close(self) -> None:
         """Close at once; mid-DATA this drops the message (no terminating dot is sent)."""
         self.closed = True
+        self._held = b""
         if self.stream is not None:
             stream, self.stream = self.stream, None
             with trio.move_on_after(1) as scope:
