@@ -240,7 +240,10 @@ class TLSStream(trio.abc.Stream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
             try:
-                return await self._retry(self._conn.recv, max_bytes)
+                data = await self._retry(self._conn.recv, max_bytes)
+                if len(data) < max_bytes:
+                    data = self._more_records(data, max_bytes)
+                return data
             except SSL.ZeroReturnError:
                 self._peer_closed = True
                 return b""
@@ -294,6 +297,25 @@ class TLSStream(trio.abc.Stream):
         self._check_open()
         if self._state is _State.BROKEN:
             raise trio.BrokenResourceError("the TLS stream is broken after an earlier error")
+
+    def _more_records(self, data: bytes, max_bytes: int) -> bytes:
+        """Records already in the incoming BIO, decrypted now (one receive instead of one per
+        16 KiB record). Stops at the first record not complete yet and at any condition
+        (close_notify, error): the next receive_some() meets it again. Anything OpenSSL wants
+        to send in answer stays in the outgoing BIO and leaves with the next write."""
+        parts = [data]
+        total = len(data)
+        conn = self._conn
+        while total < max_bytes:
+            try:
+                more = conn.recv(max_bytes - total)
+            except SSL.Error:          # WantRead (the usual end), ZeroReturn, alerts
+                break
+            if not more:
+                break
+            parts.append(more)
+            total += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _take_outgoing(self) -> bytes:
         """What OpenSSL wrote to its outgoing BIO; held-back bytes ride along, never alone."""
