@@ -22,6 +22,7 @@ from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
 from .relay.upstream import UpstreamSettings
 from .rules import ClientPolicy, EncryptionPolicy
+from .sockstream import LeanSocketStream
 from .tls import context as tls_context
 from .tls.certs import demo_certificate
 from .tls.profiles import clone as clone_profile
@@ -242,11 +243,11 @@ async def _read_proxy_header(rt: ListenerRuntime, stream, peer, log):
 
 async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
     try:
-        peer = stream.socket.getpeername()
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = stream.socket.getpeername()       # trio's SocketStream set TCP_NODELAY
     except OSError:
         await stream.aclose()
         return
+    stream = LeanSocketStream(stream.socket)
     if rt.listener.proxy_protocol:
         got = await _read_proxy_header(rt, stream, peer, rt.log.bind(
             client=_fmt_addr(peer)))

@@ -21,6 +21,7 @@ from ..errors import ProtocolError, TLSError
 from ..proto import imap_wire as W
 from ..proto import replies as R
 from ..proto.imap_client import IMAPClient, Response
+from ..sockstream import open_tcp
 from .tls_legs import HandshakeFailed, upstream_handshake
 from .upstream import TLS_LEVELS_REQUIRING_TLS, UpstreamFailure, UpstreamSettings
 
@@ -80,7 +81,7 @@ class IMAPUpstreamLeg:
         s = self.settings
         try:
             with trio.fail_after(s.connect_timeout):
-                self.stream = await trio.open_tcp_stream(s.host, s.port)
+                self.stream = await open_tcp(s.host, s.port)
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
         try:

@@ -14,6 +14,7 @@ import trio
 from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
+from ..sockstream import open_tcp
 from .tls_legs import HandshakeFailed, upstream_handshake
 
 TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
@@ -107,7 +108,7 @@ class UpstreamLeg:
         s = self.settings
         try:
             with trio.fail_after(s.connect_timeout):
-                self.stream = await trio.open_tcp_stream(s.host, s.port)
+                self.stream = await open_tcp(s.host, s.port)
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
         try:
