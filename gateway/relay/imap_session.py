@@ -19,7 +19,7 @@ from ..errors import TLSError
 from ..proto import imap_server as S
 from ..proto import replies as R
 from .imap_upstream import IMAPUpstreamLeg
-from .tls_legs import accept_client_tls
+from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import UpstreamFailure, resolve_level
 
 _FAILURE_KINDS = {                    # metric label of each upstream failure (as SMTP's)
@@ -204,23 +204,9 @@ class IMAPSession:
             self.user = user
 
     async def _open_leg(self, level: str) -> IMAPUpstreamLeg:
-        def tls_error(reason):
-            self.log.event("tls_error", level="warning", side="upstream", reason=reason,
-                           fallback="plaintext")
-            self.metrics.tls_handshakes_total.labels(self.name, "upstream", "none",
-                                                     "error").inc()
         leg = await IMAPUpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                         on_tls_error=tls_error)
-        if leg.tls is not None:
-            info = leg.tls
-            self.metrics.tls_handshakes_total.labels(self.name, "upstream", info.version,
-                                                     "ok").inc()
-            self.metrics.tls_handshake_seconds.labels(self.name, "upstream").observe(
-                leg.handshake_seconds)
-            self.log.event("tls", side="upstream", version=info.version, cipher=info.cipher,
-                           bits=info.bits, verified=info.verified, peer=info.peer_subject)
-        else:
-            self.log.event("upstream", tls="none", policy=level, offered=leg.tls_offered)
+                                         on_tls_error=fallback_logger(self.rt, self.log))
+        record_upstream_leg(self.rt, self.log, leg, level)
         return leg
 
     async def _leg_failed(self, failure: UpstreamFailure, user: str) -> None:

@@ -21,8 +21,7 @@ from ..errors import ProtocolError, TLSError
 from ..proto import imap_wire as W
 from ..proto import replies as R
 from ..proto.imap_client import IMAPClient, Response
-from ..sockstream import open_tcp
-from .tls_legs import HandshakeFailed, upstream_handshake
+from .tls_legs import HandshakeFailed, connect_upstream, upstream_handshake
 from .upstream import TLS_LEVELS_REQUIRING_TLS, UpstreamFailure, UpstreamSettings
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TLSError, OSError)
@@ -79,11 +78,7 @@ class IMAPUpstreamLeg:
 
     async def _open(self, *, try_tls: bool, client_addr) -> None:
         s = self.settings
-        try:
-            with trio.fail_after(s.connect_timeout):
-                self.stream = await open_tcp(s.host, s.port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
+        self.stream = await connect_upstream(s)
         try:
             if s.mode == "implicit":
                 await self._handshake(fallback=False)

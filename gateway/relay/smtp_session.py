@@ -18,7 +18,7 @@ from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..rules import cipher_meets
 from ..tracking import TrackingRecord, now_rfc3339
-from .tls_legs import accept_client_tls
+from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
 
 _FAILURE_KINDS = {                    # metric label of each upstream failure reply
@@ -287,24 +287,9 @@ class SMTPSession:
         self.core.respond(*relayed(reply))
 
     async def _open_leg(self, level: str) -> UpstreamLeg:
-        def tls_error(reason):
-            self.log.event("tls_error", level="warning", side="upstream", reason=reason,
-                           fallback="plaintext")
-            self.metrics.tls_handshakes_total.labels(self.name, "upstream", "none",
-                                                     "error").inc()
         leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                     client_helo=self.core.helo, on_tls_error=tls_error)
-        if leg.tls is not None:
-            info = leg.tls
-            self.metrics.tls_handshakes_total.labels(self.name, "upstream", info.version,
-                                                     "ok").inc()
-            self.metrics.tls_handshake_seconds.labels(self.name, "upstream").observe(
-                leg.handshake_seconds)
-            self.log.event("tls", side="upstream", version=info.version, cipher=info.cipher,
-                           bits=info.bits, verified=info.verified, peer=info.peer_subject)
-        else:
-            self.log.event("upstream", tls="none", policy=level,
-                           offered=leg.tls_offered)
+                                     client_helo=self.core.helo, on_tls_error=fallback_logger(self.rt, self.log))
+        record_upstream_leg(self.rt, self.log, leg, level)
         return leg
 
     async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:

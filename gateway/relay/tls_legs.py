@@ -57,3 +57,37 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
     except _FAILURES as exc:
         raise HandshakeFailed(_reason(exc)) from None
     return tls, trio.current_time() - start
+
+
+async def connect_upstream(settings):
+    """The upstream's TCP connection within connect_timeout; UpstreamFailure (451 4.4.1)."""
+    from ..proto import replies as R
+    from ..sockstream import open_tcp
+    from .upstream import UpstreamFailure
+    try:
+        with trio.fail_after(settings.connect_timeout):
+            return await open_tcp(settings.host, settings.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}") from None
+
+
+def fallback_logger(rt, log):
+    """on_tls_error for a `preferred` leg that falls back to plaintext: log and count it."""
+    def tls_error(reason: str) -> None:
+        log.event("tls_error", level="warning", side="upstream", reason=reason,
+                  fallback="plaintext")
+        rt.state.metrics.tls_handshakes_total.labels(rt.listener.name, "upstream", "none",
+                                                     "error").inc()
+    return tls_error
+
+
+def record_upstream_leg(rt, log, leg, level: str) -> None:
+    """The `tls` (or plaintext `upstream`) event and the handshake metrics of a new leg."""
+    if leg.tls is None:
+        log.event("upstream", tls="none", policy=level, offered=leg.tls_offered)
+        return
+    info, metrics, name = leg.tls, rt.state.metrics, rt.listener.name
+    metrics.tls_handshakes_total.labels(name, "upstream", info.version, "ok").inc()
+    metrics.tls_handshake_seconds.labels(name, "upstream").observe(leg.handshake_seconds)
+    log.event("tls", side="upstream", version=info.version, cipher=info.cipher, bits=info.bits,
+              verified=info.verified, peer=info.peer_subject)

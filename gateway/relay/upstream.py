@@ -14,8 +14,7 @@ import trio
 from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
-from ..sockstream import open_tcp
-from .tls_legs import HandshakeFailed, upstream_handshake
+from .tls_legs import HandshakeFailed, connect_upstream, upstream_handshake
 
 TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
 
@@ -106,11 +105,7 @@ class UpstreamLeg:
 
     async def _open(self, *, try_tls: bool, client_addr, client_helo) -> None:
         s = self.settings
-        try:
-            with trio.fail_after(s.connect_timeout):
-                self.stream = await open_tcp(s.host, s.port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
+        self.stream = await connect_upstream(s)
         try:
             if s.mode == "implicit":
                 await self._handshake(fallback=False)
