@@ -368,6 +368,21 @@ async def test_idle_client_gets_421_timeout():
     assert out == b"421 4.4.2 Timeout exceeded\r\n"
 
 
+async def test_stalled_data_gets_421_timeout_and_nothing_is_delivered():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          timeouts={"data": 0.3, "command": 30})])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            payload = (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+                       b"Subject: half\r\n\r\nand then nothing")
+            with trio.fail_after(30):
+                out = await in_thread(_raw_session, port, payload)
+    assert out.endswith(b"421 4.4.2 Timeout exceeded\r\n") and b"354 " in out
+    assert not sink.messages
+    assert logs.of("reject", code=421, reason="timeout")
+
+
 async def test_over_max_connections_gets_421():
     async with running_sink() as sink:
         data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -65,6 +66,8 @@ class SMTPSession:
         self._msg_bytes = 0
         self._leg_broken = False
         self._tracked = 0
+        self._rx_scope: trio.CancelScope | None = None
+        self._rx_idle = False
         self.core = S.SMTPServer(
             hostname=rt.hostname,
             esmtp=self.listener.esmtp,
@@ -89,7 +92,11 @@ class SMTPSession:
                 self.core.tls_active = True
             self.core.greeting()
             await self._flush()
-            await self._loop()
+            # one scope for every wait on the client (see _receive), not one per read
+            with trio.CancelScope() as self._rx_scope:
+                await self._loop()
+            if self._rx_scope.cancelled_caught:
+                await self._receive_ended()
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             pass
         finally:
@@ -122,11 +129,6 @@ class SMTPSession:
                     core.respond(*R.SHUTTING_DOWN)
                     await self._flush()
                     return
-                if data is None:
-                    core.respond(*R.TIMEOUT)
-                    self.log.event("reject", code=421, reason="timeout")
-                    await self._flush()
-                    return
                 core.receive_data(data)
                 continue
             if isinstance(event, (S.ConnectionClosed, S.Quit)):
@@ -141,28 +143,41 @@ class SMTPSession:
                 return
 
     async def _receive(self):
-        """Client bytes; None on timeout; _SHUTDOWN when the worker drains an idle session."""
+        """Client bytes, or _SHUTDOWN when the worker drains an idle session.
+
+        The wait runs under the session's receive scope (`run()`): its deadline is the
+        command or data timeout while waiting and infinite otherwise, and while the session
+        is idle the drain may cancel it. Either ends `_loop()`; `_receive_ended()` answers."""
         t = self.listener.timeouts
         timeout = t.data if self.core.in_data else t.command
         state = self.rt.state
         idle = not self.core.in_transaction and not self.core.in_data
         if idle and state.draining:
             return _SHUTDOWN
-        # one scope for both ends of the wait: its deadline (timeout) and, while the session
-        # is idle, a drain (state.drain() cancels it; draining tells the two apart)
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        scope = self._rx_scope
+        self._rx_idle = idle
+        scope.deadline = trio.current_time() + timeout
+        if idle:
+            state.idle_scopes.add(scope)
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
+            data = b""
+        finally:
+            scope.deadline = math.inf
             if idle:
-                state.idle_scopes.add(scope)
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
-                data = b""
-            finally:
-                if idle:
-                    state.idle_scopes.discard(scope)
-            self.bytes_in += len(data)
-            return data
-        return _SHUTDOWN if idle and state.draining else None
+                state.idle_scopes.discard(scope)
+        self.bytes_in += len(data)
+        return data
+
+    async def _receive_ended(self) -> None:
+        """The receive scope fired: the drain of an idle session, or a timeout."""
+        if self._rx_idle and self.rt.state.draining:
+            self.core.respond(*R.SHUTTING_DOWN)
+        else:
+            self.core.respond(*R.TIMEOUT)
+            self.log.event("reject", code=421, reason="timeout")
+        await self._flush()
 
     async def _flush(self) -> None:
         out = self.core.data_to_send()
