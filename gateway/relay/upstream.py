@@ -231,13 +231,16 @@ class UpstreamLeg:
         timeout = self.settings.reply_timeout if timeout is None else timeout
         lost = R.UPSTREAM_UNAVAILABLE if phase == "greeting" else R.UPSTREAM_LOST
         try:
+            reply = self.client.next_reply()     # already read (pipelined replies): no wait
+            if reply is not None:
+                return reply
             with trio.fail_after(timeout):
                 while True:
+                    data = await self.stream.receive_some(65536)
+                    self.client.receive_data(data)
                     reply = self.client.next_reply()
                     if reply is not None:
                         return reply
-                    data = await self.stream.receive_some(65536)
-                    self.client.receive_data(data)
         except trio.TooSlowError:
             self.closed = True
             raise UpstreamFailure(lost, f"{phase} timeout")
