@@ -218,3 +218,20 @@ sender_encryption = "required"
     assert ["2", "no", "*", "partner.example", "required", "preferred", "disabled"] in lines
     assert ["0", "192.0.2.0/24", "network", "required", "-"] in lines
     assert "listeners[0].rules[1]: can never match" in result.stderr
+
+
+def test_network_rule_cipher_strength_gets_its_own_server_context():
+    from OpenSSL import SSL
+
+    from gateway.logs import EventLog
+    from gateway.rules import cipher_names
+    from gateway.server import build_runtimes
+    data = config_dict([listener_dict(upstream_port=25, profile="compatible", client_rules=[
+        {"match": "192.0.2.0/24", "cipher_strength": "high"}])])
+    (rt,), _ = build_runtimes(parse_config(data), EventLog(stream=open("/dev/null", "w")))
+    strict = rt.server_ctx_for("high")
+    assert strict is not rt.server_ctx and rt.server_ctx_for(None) is rt.server_ctx
+    offered = set(SSL.Connection(strict, None).get_cipher_list())
+    tls12 = {c for c in offered if not c.startswith("TLS_")}
+    assert tls12 and tls12 <= cipher_names("high")
+    assert set(SSL.Connection(rt.server_ctx, None).get_cipher_list()) != offered
