@@ -21,8 +21,7 @@ from ..errors import ProtocolError, TLSError
 from ..proto import imap_wire as W
 from ..proto import replies as R
 from ..proto.imap_client import IMAPClient, Response
-from .tls_legs import HandshakeFailed, connect_upstream, upstream_handshake
-from .upstream import TLS_LEVELS_REQUIRING_TLS, UpstreamFailure, UpstreamSettings
+from .upstream import UpstreamFailure, UpstreamLegBase, UpstreamSettings
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TLSError, OSError)
 MAX_UNTAGGED_BYTES = W.MAX_COMMAND      # untagged data kept (and relayed) per command
@@ -34,51 +33,14 @@ def _keep(untagged: list[Response], resp: Response) -> None:
     untagged.append(resp)
 
 
-class _Fallback(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class IMAPUpstreamLeg:
+class IMAPUpstreamLeg(UpstreamLegBase):
     def __init__(self, settings: UpstreamSettings, level: str):
-        self.settings = settings
-        self.level = level
-        self.stream = None
+        super().__init__(settings, level)
         self.client = IMAPClient()
-        self.tls = None                  # TLSInfo once encrypted
-        self.tls_offered = False
-        self.tls_failed = False
-        self.tls_error: str | None = None
-        self.handshake_seconds = 0.0
-        self.closed = False
 
-    @property
-    def requires_tls(self) -> bool:
-        return self.level in TLS_LEVELS_REQUIRING_TLS
-
-    # --- opening ----------------------------------------------------------------------------
-
-    @classmethod
-    async def open(cls, settings: UpstreamSettings, level: str, *, client_addr=None,
-                   on_tls_error=None) -> "IMAPUpstreamLeg":
-        leg = cls(settings, level)
-        try:
-            await leg._open(try_tls=True, client_addr=client_addr)
-        except _Fallback as fb:
-            # preferred: STARTTLS offered, then refused or failed: once more in plaintext (§3.2)
-            if on_tls_error is not None:
-                on_tls_error(fb.reason)
-            await leg.close()
-            leg = cls(settings, level)
-            leg.tls_offered = leg.tls_failed = True
-            leg.tls_error = fb.reason
-            await leg._open(try_tls=False, client_addr=client_addr)
-        return leg
-
-    async def _open(self, *, try_tls: bool, client_addr) -> None:
+    async def _open(self, *, try_tls: bool, client_addr=None) -> None:
         s = self.settings
-        self.stream = await connect_upstream(s)
+        await self._connect()
         try:
             if s.mode == "implicit":
                 await self._handshake(fallback=False)
@@ -139,26 +101,6 @@ class IMAPUpstreamLeg:
         await self._handshake(fallback=self.level == "preferred")
         self.client.reset()                  # plaintext capabilities forgotten
         await self.capability()
-
-    def _tls_failed(self, reason: str):
-        if self.level == "preferred":
-            raise _Fallback(reason)
-        raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason, tls_required=self.requires_tls)
-
-    async def _handshake(self, *, fallback: bool) -> None:
-        try:
-            tls, self.handshake_seconds = await upstream_handshake(
-                self.stream, self.settings, self.level)
-        except HandshakeFailed as exc:
-            if fallback:
-                raise _Fallback(exc.reason)
-            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, exc.reason,
-                                  tls_required=self.requires_tls
-                                  or self.settings.mode == "implicit")
-        self.stream = tls
-        self.tls = tls.info
-
-    # --- login ------------------------------------------------------------------------------
 
     async def login(self, event) -> tuple[bool, list[Response], Response]:
         """Send the client's credentials; (ok, untagged responses, tagged answer)."""
@@ -262,14 +204,3 @@ class IMAPUpstreamLeg:
                 await self._send(pieces[0])
         except UpstreamFailure:
             pass
-
-    async def close(self) -> None:
-        self.closed = True
-        if self.stream is not None:
-            stream, self.stream = self.stream, None
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass

@@ -59,18 +59,6 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
     return tls, trio.current_time() - start
 
 
-async def connect_upstream(settings):
-    """The upstream's TCP connection within connect_timeout; UpstreamFailure (451 4.4.1)."""
-    from ..proto import replies as R
-    from ..sockstream import open_tcp
-    from .upstream import UpstreamFailure
-    try:
-        with trio.fail_after(settings.connect_timeout):
-            return await open_tcp(settings.host, settings.port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}") from None
-
-
 def fallback_logger(rt, log):
     """on_tls_error for a `preferred` leg that falls back to plaintext: log and count it."""
     def tls_error(reason: str) -> None:

@@ -14,7 +14,8 @@ import trio
 from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
-from .tls_legs import HandshakeFailed, connect_upstream, upstream_handshake
+from ..sockstream import open_tcp
+from .tls_legs import HandshakeFailed, upstream_handshake
 
 TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
 
@@ -54,20 +55,97 @@ class UpstreamSettings:
     forward_client: bool = False
 
 
-class UpstreamLeg:
+class TLSFallback(Exception):
+    """`preferred`: STARTTLS offered, then refused or failed; the leg is opened once more in
+    plaintext (§3.2)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamLegBase:
+    """What the SMTP and IMAP upstream legs share: the TLS state of the leg, opening with
+    the `preferred` fallback, the TLS handshake and closing. A subclass provides
+    `_open(try_tls=..., **kwargs)` (connect, greeting, STARTTLS as the level asks)."""
+
     def __init__(self, settings: UpstreamSettings, level: str):
         self.settings = settings
         self.level = level
         self.stream = None
-        self.client = SMTPClient()
-        self.extensions: dict[str, str] = {}
         self.tls = None                 # TLSInfo once encrypted
         self.tls_offered = False
         self.tls_failed = False         # offered but refused/failed (preferred fell back)
+        self.tls_error: str | None = None
         self.handshake_seconds = 0.0
         self.closed = False
+
+    @property
+    def requires_tls(self) -> bool:
+        return self.level in TLS_LEVELS_REQUIRING_TLS
+
+    @classmethod
+    async def open(cls, settings: UpstreamSettings, level: str, *, on_tls_error=None,
+                   **kwargs):
+        leg = cls(settings, level)
+        try:
+            await leg._open(try_tls=True, **kwargs)
+        except TLSFallback as fb:
+            if on_tls_error is not None:
+                on_tls_error(fb.reason)
+            await leg.close()
+            leg = cls(settings, level)
+            leg.tls_offered = leg.tls_failed = True
+            leg.tls_error = fb.reason
+            await leg._open(try_tls=False, **kwargs)
+        return leg
+
+    async def _connect(self) -> None:
+        """The TCP connection within connect_timeout; else 451 4.4.1."""
+        s = self.settings
+        try:
+            with trio.fail_after(s.connect_timeout):
+                self.stream = await open_tcp(s.host, s.port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
+
+    def _tls_failed(self, reason: str):
+        if self.level == "preferred":
+            raise TLSFallback(reason)
+        raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason, tls_required=self.requires_tls)
+
+    async def _handshake(self, *, fallback: bool) -> None:
+        try:
+            tls, self.handshake_seconds = await upstream_handshake(
+                self.stream, self.settings, self.level)
+        except HandshakeFailed as exc:
+            if fallback:
+                raise TLSFallback(exc.reason)
+            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, exc.reason,
+                                  tls_required=self.requires_tls
+                                  or self.settings.mode == "implicit")
+        self.stream = tls
+        self.tls = tls.info
+
+    async def close(self) -> None:
+        """Close at once (shielded, bounded); mid-DATA this drops the message."""
+        self.closed = True
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+
+class UpstreamLeg(UpstreamLegBase):
+    def __init__(self, settings: UpstreamSettings, level: str):
+        super().__init__(settings, level)
+        self.client = SMTPClient()
+        self.extensions: dict[str, str] = {}
         self.in_transaction = False     # MAIL sent and not yet finished/RSET
-        self.tls_error: str | None = None
         self._held = b""                # message data waiting for the next send_data()
 
     # --- policy -----------------------------------------------------------------------------
@@ -86,26 +164,9 @@ class UpstreamLeg:
 
     # --- opening ----------------------------------------------------------------------------
 
-    @classmethod
-    async def open(cls, settings: UpstreamSettings, level: str, *, client_addr=None,
-                   client_helo=None, on_tls_error=None) -> "UpstreamLeg":
-        leg = cls(settings, level)
-        try:
-            await leg._open(try_tls=True, client_addr=client_addr, client_helo=client_helo)
-        except _Fallback as fb:
-            # preferred: STARTTLS offered but refused or failed; once more, in plaintext (§3.2)
-            if on_tls_error is not None:
-                on_tls_error(fb.reason)
-            await leg.close()
-            leg = cls(settings, level)
-            leg.tls_offered = leg.tls_failed = True
-            leg.tls_error = fb.reason
-            await leg._open(try_tls=False, client_addr=client_addr, client_helo=client_helo)
-        return leg
-
-    async def _open(self, *, try_tls: bool, client_addr, client_helo) -> None:
+    async def _open(self, *, try_tls: bool, client_addr=None, client_helo=None) -> None:
         s = self.settings
-        self.stream = await connect_upstream(s)
+        await self._connect()
         try:
             if s.mode == "implicit":
                 await self._handshake(fallback=False)
@@ -152,25 +213,6 @@ class UpstreamLeg:
         await self._handshake(fallback=self.level == "preferred")
         self.client.reset()
         await self._ehlo()
-
-    def _tls_failed(self, reason: str):
-        if self.level == "preferred":
-            raise _Fallback(reason)
-        raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason,
-                              tls_required=self.level in TLS_LEVELS_REQUIRING_TLS)
-
-    async def _handshake(self, *, fallback: bool) -> None:
-        try:
-            tls, self.handshake_seconds = await upstream_handshake(
-                self.stream, self.settings, self.level)
-        except HandshakeFailed as exc:
-            if fallback:
-                raise _Fallback(exc.reason)
-            raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, exc.reason,
-                                  tls_required=self.level in TLS_LEVELS_REQUIRING_TLS
-                                  or self.settings.mode == "implicit")
-        self.stream = tls
-        self.tls = tls.info
 
     async def _xclient(self, client_addr, client_helo) -> None:
         ip, port = client_addr[0], client_addr[1]
@@ -279,22 +321,8 @@ class UpstreamLeg:
 
     async def close(self) -> None:
         """Close at once; mid-DATA this drops the message (no terminating dot is sent)."""
-        self.closed = True
         self._held = b""
-        if self.stream is not None:
-            stream, self.stream = self.stream, None
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
-
-
-class _Fallback(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+        await super().close()
 
 
 def _xtext(value: str) -> str:
