@@ -52,6 +52,10 @@ class Upstream:
     server_name: str | None = None
     profile: str = "default"
     certificate: str | None = None    # name in GatewayConfig.certificates
+    # idle connections kept per worker for later sessions (SMTP, §4.4; 0 = none)
+    pool_size: int = 16
+    pool_idle: float = 5.0            # seconds an idle pooled connection is kept
+    pool_max_reuse: int = 100         # client sessions one connection serves at most
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "cert
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
-_UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate")
+_UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
+                  "pool_size", "pool_idle", "pool_max_reuse")
 _CLIENT_RULE_KEYS = ("match", "client_tls", "cipher_strength")
 _RULE_KEYS = ("enabled", "sender", "recipient", "sender_encryption", "recipient_encryption")
 
@@ -607,8 +612,12 @@ def _parse_upstream(t: _Table, certificates, profiles) -> Upstream:
     if level == "verify" and server_name is None and _is_ip(host):
         raise ConfigError(t.p("tls"), f'"verify" to the IP address {host} needs server_name '
                                       "(the name to verify the certificate against)")
+    pool_size = t.int("pool_size", 16, minimum=0, maximum=10000)
+    pool_idle = t.seconds("pool_idle", 5.0)
+    pool_max_reuse = t.int("pool_max_reuse", 100, minimum=1)
     return Upstream(host=host, port=port, mode=mode, tls=level, server_name=server_name,
-                    profile=profile, certificate=certificate)
+                    profile=profile, certificate=certificate, pool_size=pool_size,
+                    pool_idle=pool_idle, pool_max_reuse=pool_max_reuse)
 
 
 def _parse_listener(t: _Table, index: int, certificates, profiles,

@@ -20,6 +20,7 @@ from .metrics import NullMetrics
 from .proto import replies as R
 from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
+from .relay.pool import UpstreamPool
 from .relay.upstream import UpstreamSettings
 from .rules import ClientPolicy, EncryptionPolicy
 from .sockstream import LeanSocketStream
@@ -43,6 +44,7 @@ class WorkerState:
         self.metrics = metrics if metrics is not None else NullMetrics()
         self.tracking = None                     # TrackingLog when tracking_log is set
         self.sessions = 0                        # open connections in this process
+        self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
         self.no_sessions = trio.Event()
 
     def session_started(self) -> None:
@@ -153,7 +155,9 @@ def build_runtimes(config: GatewayConfig, log,
             host=up.host, port=up.port, mode=up.mode, server_name=up.server_name,
             helo_name=config.hostname, tls_context=client_ctx,
             connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
-            data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client)
+            data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
+            pool_size=up.pool_size if listener.protocol == "smtp" else 0,
+            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse)
         smtp = listener.protocol == "smtp"
         alerts = None
         if smtp and config.alert_recipients:
@@ -321,6 +325,14 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
         for rt in runtimes:
             if rt.alerts is not None:
                 rt.alerts.nursery = handlers
+        state.pool.closed = False
+        state.pool.nursery = handlers
+        reaper = trio.CancelScope()
+
+        async def reap():
+            with reaper:
+                await state.pool.reap()
+        handlers.start_soon(reap)
         async with trio.open_nursery() as acceptors:
             gateway.accept_scope = acceptors.cancel_scope
             for rt, sock in zip(runtimes, sockets or [None] * len(runtimes)):
@@ -344,6 +356,8 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
             task_status.started(gateway)
         # accepting stopped: drain
         log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)
+        reaper.cancel()
+        handlers.start_soon(state.pool.close_all)
         if gateway.retiring:
             handlers.start_soon(_retire, state, handlers.cancel_scope, config.shutdown_grace)
         else:

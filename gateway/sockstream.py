@@ -85,6 +85,24 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
             return trio.ClosedResourceError("the socket stream was closed")
         return trio.BrokenResourceError(f"socket error: {exc}")
 
+    def quiet(self) -> bool:
+        """Open, and nothing waiting to be read: a non-blocking peek (an idle pooled leg's
+        check; EOF or unread bytes from the peer both say False)."""
+        if self._closed:
+            return False
+        try:
+            self._sock.recv(1, _socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def abandon(self) -> None:
+        """Close now, without awaiting (no task may be using the stream)."""
+        self._closed = True
+        self.socket.close()
+
     async def send_eof(self) -> None:
         await self._enter()
         try:

@@ -65,6 +65,7 @@ class SMTPSession:
         self.messages = 0
         self._msg_bytes = 0
         self._leg_broken = False
+        self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._tracked = 0
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
@@ -104,7 +105,7 @@ class SMTPSession:
             with trio.CancelScope(shield=True):
                 if self.leg is not None:
                     with trio.move_on_after(2):
-                        await self.leg.quit()
+                        await self._release_leg(end_transaction=True)
                 with trio.move_on_after(1):
                     try:
                         await self.stream.aclose()
@@ -270,8 +271,8 @@ class SMTPSession:
             if leg.in_transaction:
                 self._refuse(R.NEEDS_OTHER_POLICY)
                 return
-            await leg.quit()
-            self.leg = leg = None
+            await self._release_leg()
+            leg = None
         try:
             if leg is None:
                 await self._flush()
@@ -280,14 +281,12 @@ class SMTPSession:
                 self._refuse(R.NO_SMTPUTF8_UPSTREAM)
                 return
             if not leg.in_transaction:
-                # MAIL is replayed with the first RCPT, pipelined where the upstream allows
-                mail, reply = await leg.commands([self._mail_line(txn.mail, leg),
-                                                  self._rcpt_line(event, leg)])
+                mail, reply = await self._start_transaction(txn, event, level)
                 if mail.code // 100 != 2:
                     txn.refusal = mail
                     self.core.respond(*relayed(mail))
                     return
-                leg.in_transaction = True
+                self.leg.in_transaction = True
             else:
                 reply = await leg.command(self._rcpt_line(event, leg))
         except UpstreamFailure as failure:
@@ -301,11 +300,51 @@ class SMTPSession:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
 
-    async def _open_leg(self, level: str) -> UpstreamLeg:
+    async def _start_transaction(self, txn: Transaction, rcpt: S.Rcpt, level: str):
+        """MAIL replayed with the first RCPT, pipelined where the upstream allows. On a leg
+        just taken from the pool, a failure or a 421 to MAIL means the upstream gave up on the
+        idle connection: once more on a new connection (nothing was accepted on the old one)."""
+        leg = self.leg
+        reused = self._leg_from_pool
+        self._leg_from_pool = False
+        try:
+            mail, reply = await leg.commands([self._mail_line(txn.mail, leg),
+                                              self._rcpt_line(rcpt, leg)])
+            if not reused or mail.code != 421:
+                return mail, reply
+        except UpstreamFailure:
+            if not reused:
+                raise
+        await leg.close()
+        self.leg = None
+        self.log.event("upstream_reuse_failed", level="debug")
+        self.leg = leg = await self._open_leg(level, pooled=False)
+        return await leg.commands([self._mail_line(txn.mail, leg), self._rcpt_line(rcpt, leg)])
+
+    async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
+        pool = self.rt.state.pool
+        leg = pool.take(self.rt.upstream, level) if pooled else None
+        if leg is not None:
+            self._leg_from_pool = True
+            record_upstream_leg(self.rt, self.log, leg, level, reused=True)
+            return leg
         leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                     client_helo=self.core.helo, on_tls_error=fallback_logger(self.rt, self.log))
+                                     client_helo=self.core.helo,
+                                     on_tls_error=fallback_logger(self.rt, self.log))
         record_upstream_leg(self.rt, self.log, leg, level)
         return leg
+
+    async def _release_leg(self, *, end_transaction: bool = False) -> None:
+        """Give the leg to the worker's pool, or QUIT it; an open transaction is reset first
+        when the session ends (never in the middle of DATA: that leg is closed)."""
+        leg, self.leg = self.leg, None
+        if leg is None:
+            return
+        if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
+                and self.rt.state.pool.poolable(leg.settings):
+            await leg.reset()
+        if not self.rt.state.pool.give(leg):
+            await leg.quit()
 
     async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
         kind = _FAILURE_KINDS.get(failure.reply, "other")
@@ -356,6 +395,7 @@ class SMTPSession:
         try:
             reply = await leg.command("DATA")
             if reply.code == 354:
+                leg.in_data = True
                 self._leg_broken = False
                 self._msg_bytes = 0
                 self.core.respond(*relayed(reply))

@@ -69,13 +69,17 @@ def fallback_logger(rt, log):
     return tls_error
 
 
-def record_upstream_leg(rt, log, leg, level: str) -> None:
-    """The `tls` (or plaintext `upstream`) event and the handshake metrics of a new leg."""
+def record_upstream_leg(rt, log, leg, level: str, *, reused: bool = False) -> None:
+    """The `tls` (or plaintext `upstream`) event of a leg, and the handshake metrics of a new
+    one; a leg taken from the pool (`reused=true`, no handshake) is logged the same way."""
+    flag = True if reused else None
     if leg.tls is None:
-        log.event("upstream", tls="none", policy=level, offered=leg.tls_offered)
+        log.event("upstream", tls="none", policy=level, offered=leg.tls_offered, reused=flag)
         return
-    info, metrics, name = leg.tls, rt.state.metrics, rt.listener.name
-    metrics.tls_handshakes_total.labels(name, "upstream", info.version, "ok").inc()
-    metrics.tls_handshake_seconds.labels(name, "upstream").observe(leg.handshake_seconds)
+    info = leg.tls
+    if not reused:
+        metrics, name = rt.state.metrics, rt.listener.name
+        metrics.tls_handshakes_total.labels(name, "upstream", info.version, "ok").inc()
+        metrics.tls_handshake_seconds.labels(name, "upstream").observe(leg.handshake_seconds)
     log.event("tls", side="upstream", version=info.version, cipher=info.cipher, bits=info.bits,
-              verified=info.verified, peer=info.peer_subject)
+              verified=info.verified, peer=info.peer_subject, reused=flag)

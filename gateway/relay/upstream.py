@@ -53,6 +53,9 @@ class UpstreamSettings:
     reply_timeout: float
     data_done_timeout: float
     forward_client: bool = False
+    pool_size: int = 0             # idle legs kept per worker (gateway.relay.pool)
+    pool_idle: float = 5.0
+    pool_max_reuse: int = 100
 
 
 class TLSFallback(Exception):
@@ -79,6 +82,7 @@ class UpstreamLegBase:
         self.tls_error: str | None = None
         self.handshake_seconds = 0.0
         self.closed = False
+        self.uses = 1                   # client sessions served (a pooled leg is reused)
 
     @property
     def requires_tls(self) -> bool:
@@ -127,6 +131,19 @@ class UpstreamLegBase:
         self.stream = tls
         self.tls = tls.info
 
+    def abandon(self) -> None:
+        """Close at once without awaiting (a pooled leg found dead, no task using it)."""
+        self.closed = True
+        stream, self.stream = self.stream, None
+        if stream is not None and hasattr(stream, "abandon"):
+            stream.abandon()
+
+    def idle_and_alive(self) -> bool:
+        """An idle leg whose upstream has neither closed it nor said anything since."""
+        stream = self.stream
+        return (not self.closed and stream is not None
+                and getattr(stream, "quiet", None) is not None and stream.quiet())
+
     async def close(self) -> None:
         """Close at once (shielded, bounded); mid-DATA this drops the message."""
         self.closed = True
@@ -146,6 +163,7 @@ class UpstreamLeg(UpstreamLegBase):
         self.client = SMTPClient()
         self.extensions: dict[str, str] = {}
         self.in_transaction = False     # MAIL sent and not yet finished/RSET
+        self.in_data = False            # DATA answered 354, the final dot not yet sent
         self._held = b""                # message data waiting for the next send_data()
 
     # --- policy -----------------------------------------------------------------------------
@@ -161,6 +179,11 @@ class UpstreamLeg(UpstreamLegBase):
         if level == "preferred":
             return self.tls is not None or not self.tls_offered or self.tls_failed
         return self.tls is None       # none
+
+    def reusable(self) -> bool:
+        """Between transactions with nothing buffered either way: fit for the pool."""
+        return (not self.closed and self.stream is not None and not self.in_transaction
+                and not self.in_data and not self._held and not self.client.has_leftover())
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -258,6 +281,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def finish_data(self) -> Reply:
         await self.send_data(b".\r\n")
+        self.in_data = False
         reply = await self._read_reply(timeout=self.settings.data_done_timeout)
         self.in_transaction = False
         return reply
@@ -298,7 +322,9 @@ class UpstreamLeg(UpstreamLegBase):
     async def reset(self) -> None:
         """End an unfinished transaction (RSET) so the leg can carry the next one."""
         self._held = b""
-        if self.in_transaction and not self.closed:
+        if self.in_data:                # an RSET now would be message text: drop the leg
+            await self.close()
+        elif self.in_transaction and not self.closed:
             try:
                 reply = await self.command("RSET")
                 if reply.code != 250:

@@ -179,6 +179,23 @@ class TLSStream(trio.abc.Stream):
     def handshake_complete(self) -> bool:
         return self._info is not None
 
+    def quiet(self) -> bool:
+        """Usable, no plaintext held in OpenSSL and nothing waiting on the transport (an idle
+        pooled leg's check, see LeanSocketStream.quiet)."""
+        if self._state is not _State.OK or self._peer_closed or self._info is None:
+            return False
+        if self._conn.pending() or self._delayed_outgoing:
+            return False
+        quiet = getattr(self.transport_stream, "quiet", None)
+        return quiet is not None and quiet()
+
+    def abandon(self) -> None:
+        """Close the transport now, without close_notify and without awaiting."""
+        self._state = _State.CLOSED
+        abandon = getattr(self.transport_stream, "abandon", None)
+        if abandon is not None:
+            abandon()
+
     async def do_handshake(self) -> None:
         """Run the handshake (once; concurrent callers wait for the first)."""
         if self._info is not None:

@@ -1,0 +1,118 @@
+"""Idle SMTP upstream connections kept for the next client session (SPEC §4.4).
+
+Like Postfix's connection cache: when a client session ends with its upstream leg between
+transactions, the leg waits here instead of being closed, and a later session of the same
+worker whose transaction needs the same upstream (address, server_name, TLS context, mode) at
+the same level takes it instead of connecting, reading a greeting, saying EHLO and doing a TLS
+handshake again.
+
+- A leg is kept only when it is clean: open, no transaction in progress, nothing buffered, not
+  tied to one client (XCLIENT), and used fewer than `pool_max_reuse` times.
+- At most `pool_size` idle legs per upstream and level; one more is closed with QUIT.
+- A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
+- A leg is handed out only if its socket shows nothing readable: an upstream that closed it
+  or said something (a 421 before timing out) is dropped without a word. Whatever a check
+  cannot see is caught by the session, which retries once on a new connection when the first
+  commands on a reused leg fail (see SMTPSession._start_transaction).
+- Newest first: the most recently used leg is the least likely to have been timed out.
+
+Everything here runs in one trio thread; `nursery` (the worker's session nursery) closes
+dropped legs in the background so that a session never waits for someone else's QUIT.
+"""
+from __future__ import annotations
+
+import collections
+
+import trio
+
+
+class UpstreamPool:
+    def __init__(self) -> None:
+        self._idle: dict[tuple, collections.deque] = {}
+        self.nursery = None            # set by serve(): QUITs run there
+        self.closed = False
+        self.kept = 0                  # legs given back and kept (for tests and stats)
+        self.reused = 0                # legs handed out again
+
+    @staticmethod
+    def key(settings, level: str) -> tuple:
+        return (id(settings), level)
+
+    @staticmethod
+    def poolable(settings) -> bool:
+        return settings.pool_size > 0 and not settings.forward_client
+
+    def idle_count(self) -> int:
+        return sum(len(q) for q in self._idle.values())
+
+    # --- taking and giving back -------------------------------------------------------------
+
+    def take(self, settings, level: str):
+        """A live idle leg for *settings* at *level*, or None."""
+        queue = self._idle.get(self.key(settings, level))
+        if not queue:
+            return None
+        now = trio.current_time()
+        while queue:
+            leg, since = queue.pop()               # newest first
+            if now - since > settings.pool_idle:
+                self._dispose(leg, polite=True)
+                self._expire(queue, now, settings.pool_idle)
+                continue
+            if not leg.idle_and_alive():
+                self._dispose(leg, polite=False)
+                continue
+            leg.uses += 1
+            self.reused += 1
+            return leg
+        return None
+
+    def give(self, leg) -> bool:
+        """Keep *leg* for a later session; False (and the caller closes it) when it can't be."""
+        s = leg.settings
+        if (self.closed or not self.poolable(s) or not leg.reusable()
+                or leg.uses >= s.pool_max_reuse):
+            return False
+        queue = self._idle.setdefault(self.key(s, leg.level), collections.deque())
+        if len(queue) >= s.pool_size:
+            return False
+        queue.append((leg, trio.current_time()))
+        self.kept += 1
+        return True
+
+    # --- expiry -----------------------------------------------------------------------------
+
+    def _expire(self, queue: collections.deque, now: float, limit: float) -> None:
+        while queue and now - queue[0][1] > limit:      # oldest are on the left
+            self._dispose(queue.popleft()[0], polite=True)
+
+    def expire(self) -> None:
+        """Close every leg idle for longer than its pool_idle."""
+        now = trio.current_time()
+        for queue in list(self._idle.values()):
+            if queue:
+                self._expire(queue, now, queue[0][0].settings.pool_idle)
+
+    async def reap(self, interval: float = 1.0) -> None:
+        """Run for the worker's life: expire idle legs every *interval* seconds."""
+        while True:
+            await trio.sleep(interval)
+            self.expire()
+
+    async def close_all(self) -> None:
+        """The worker drains: QUIT every idle leg (bounded) and keep no more."""
+        self.closed = True
+        legs = [leg for q in self._idle.values() for leg, _ in q]
+        self._idle.clear()
+        if not legs:
+            return
+        with trio.move_on_after(3):
+            async with trio.open_nursery() as nursery:
+                for leg in legs:
+                    nursery.start_soon(leg.quit)
+
+    def _dispose(self, leg, *, polite: bool) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(leg.quit if polite else leg.close)
+        else:
+            leg.abandon()

@@ -1,0 +1,267 @@
+"""Upstream connection reuse (SPEC §4.4): a worker keeps idle upstream legs for later client
+sessions, like Postfix's connection cache. End to end with smtplib through the gateway to the
+test sink (and to fake upstreams that give up on idle connections), plus the pool's own
+bookkeeping with stand-in legs."""
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+
+from gateway.config import parse_config
+from gateway.logs import EventLog
+from gateway.relay.pool import UpstreamPool
+from gateway.relay.upstream import UpstreamSettings
+from gateway.server import serve
+from harness import (LogCapture, config_dict, in_thread, listener_dict,
+                     running_gateway, running_sink, server_ssl_context, smtp_send)
+
+
+def _verbs(lines: list[bytes]) -> list[bytes]:
+    return [line.split(b" ", 1)[0].split(b":", 1)[0].upper() for line in lines]
+
+
+async def _send_n(port: int, n: int, **kw) -> list:
+    replies = []
+    for i in range(n):
+        replies.append(await in_thread(lambda: smtp_send(
+            port, body=f"Subject: {i}\r\n\r\nmessage {i}\r\n".encode(), **kw)))
+    return replies
+
+
+async def test_later_sessions_reuse_the_idle_upstream_connection():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                replies = await _send_n(port, 3)
+                await sink.wait_for_messages(3)
+    assert [r[0] for r in replies] == [250, 250, 250]
+    assert sink.connections == 1
+    verbs = _verbs(sink.sessions[0])
+    assert verbs.count(b"MAIL") == 3 and verbs.count(b"EHLO") == 1
+    assert b"QUIT" not in verbs[:-1]           # no QUIT between the sessions
+    for i, msg in enumerate(sink.messages):
+        assert msg.data.endswith(f"\r\nmessage {i}\r\n".encode())
+    ups = logs.of("upstream")
+    assert len(ups) == 3 and "reused" not in ups[0]
+    assert ups[1]["reused"] is True and ups[2]["reused"] is True
+    assert len({e["conn"] for e in ups}) == 3    # logged in each client session
+
+
+async def test_a_tls_upstream_leg_is_reused_without_a_new_handshake(server_cert, upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert)) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          upstream_tls="required", profile="testca")],
+                           ca_file=upstream_cert.ca)
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                replies = await _send_n(port, 2)
+                await sink.wait_for_messages(2)
+    assert [r[0] for r in replies] == [250, 250]
+    assert sink.connections == 1
+    assert all(m.tls for m in sink.messages)
+    legs = logs.of("tls", side="upstream")
+    assert len(legs) == 2 and legs[1]["reused"] is True
+    assert legs[0]["version"] == legs[1]["version"] == "TLSv1.3"
+
+
+async def test_pool_size_zero_opens_a_connection_per_session():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          upstream={"pool_size": 0})])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                await _send_n(port, 2)
+                await sink.wait_for_messages(2)
+    assert sink.connections == 2
+    assert all(_verbs(s)[-1] == b"QUIT" for s in sink.sessions)
+
+
+async def test_max_reuse_and_forward_client_limit_reuse():
+    async with running_sink(xclient=True) as sink:
+        data = config_dict([
+            listener_dict("reuse2", upstream_port=sink.port, client_tls="none",
+                          upstream={"pool_max_reuse": 2}),
+            listener_dict("xclient", upstream_port=sink.port, client_tls="none",
+                          forward_client=True)])
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                await _send_n(gw.addresses["reuse2"][1], 3)
+                await sink.wait_for_messages(3)
+                assert sink.connections == 2       # 2 sessions on the first, then a new one
+                await _send_n(gw.addresses["xclient"][1], 2)
+                await sink.wait_for_messages(5)
+    assert sink.connections == 4               # XCLIENT ties a connection to its client
+    assert all(m.xclient.get("ADDR") == "127.0.0.1" for m in sink.messages[3:])
+
+
+async def _fake_upstream(stream, *, conns: list, close_after_message: bool,
+                         refuse_second_mail: bool):
+    """A PIPELINING upstream; optionally closes after each message, or answers a connection's
+    second MAIL with 421 and closes (it gave up on the idle connection)."""
+    conns.append(0)
+    me = len(conns) - 1
+    await stream.send_all(b"220 fake.test ESMTP\r\n")
+    buf, in_data = b"", False
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buf += data
+        while b"\r\n" in buf:
+            line, buf = buf.split(b"\r\n", 1)
+            if in_data:
+                if line == b".":
+                    in_data = False
+                    conns[me] += 1
+                    await stream.send_all(b"250 2.0.0 queued\r\n")
+                    if close_after_message:
+                        await stream.aclose()
+                        return
+                continue
+            verb = line.split(b" ")[0].split(b":")[0].upper()
+            if verb == b"EHLO":
+                await stream.send_all(b"250-fake.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                if refuse_second_mail and conns[me] >= 1:
+                    await stream.send_all(b"421 4.4.2 fake.test idle too long\r\n")
+                    await stream.aclose()
+                    return
+                await stream.send_all(b"250 2.1.0 ok\r\n")
+            elif verb in (b"RCPT", b"RSET", b"NOOP"):
+                await stream.send_all(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                await stream.send_all(b"354 go\r\n")
+            elif verb == b"QUIT":
+                await stream.send_all(b"221 bye\r\n")
+                return
+            else:
+                await stream.send_all(b"502 5.5.2 what\r\n")
+
+
+async def _through_fake_upstream(**behaviour) -> tuple[list, list, LogCapture]:
+    conns: list = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(
+            trio.serve_tcp, partial(_fake_upstream, conns=conns, **behaviour), 0,
+            host="127.0.0.1"))
+        up_port = listeners[0].socket.getsockname()[1]
+        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                replies = await _send_n(gw.addresses["smtp"][1], 2)
+        nursery.cancel_scope.cancel()
+    return replies, conns, logs
+
+
+async def test_an_idle_connection_the_upstream_closed_is_not_reused():
+    replies, conns, logs = await _through_fake_upstream(close_after_message=True,
+                                                        refuse_second_mail=False)
+    assert [r[0] for r in replies] == [250, 250]
+    assert conns == [1, 1]
+    assert not any(e.get("reused") for e in logs.of("upstream"))
+
+
+async def test_an_upstream_that_gives_up_on_a_reused_connection_gets_a_new_one():
+    replies, conns, logs = await _through_fake_upstream(close_after_message=False,
+                                                        refuse_second_mail=True)
+    assert [r[0] for r in replies] == [250, 250]      # the client never sees the 421
+    assert conns == [1, 1]
+    ups = logs.of("upstream")
+    assert [e.get("reused") for e in ups] == [None, True, None]
+
+
+async def test_draining_worker_quits_its_idle_upstream_connections():
+    async with running_sink() as sink:
+        config = parse_config(config_dict([listener_dict(upstream_port=sink.port,
+                                                         client_tls="none")]))
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                gw = await nursery.start(serve, config, EventLog(fmt="json",
+                                                                  stream=LogCapture()))
+                await in_thread(lambda: smtp_send(gw.addresses["smtp"][1]))
+                await sink.wait_for_messages(1)
+                assert _verbs(sink.sessions[0])[-1] != b"QUIT"    # idle in the pool
+                gw.stop_accepting()                 # serve() returns once drained
+    assert sink.connections == 1
+    assert _verbs(sink.sessions[0])[-1] == b"QUIT"
+
+
+# --- the pool's bookkeeping, with stand-in legs ----------------------------------------------
+
+
+class _Leg:
+    def __init__(self, settings, level="none", alive=True):
+        self.settings, self.level, self.alive = settings, level, alive
+        self.uses, self.closed, self.quitted = 1, False, False
+
+    def reusable(self):
+        return not self.closed
+
+    def idle_and_alive(self):
+        return self.alive
+
+    async def quit(self):
+        self.quitted = self.closed = True
+
+    async def close(self):
+        self.closed = True
+
+    def abandon(self):
+        self.closed = True
+
+
+def _settings(**kw) -> UpstreamSettings:
+    base = dict(host="127.0.0.1", port=25, mode="starttls", server_name=None, helo_name="gw",
+                tls_context=None, connect_timeout=5, reply_timeout=5, data_done_timeout=5,
+                pool_size=2, pool_idle=5.0, pool_max_reuse=3)
+    base.update(kw)
+    return UpstreamSettings(**base)
+
+
+async def test_pool_hands_out_newest_first_by_level_and_bounds_its_size():
+    pool, s = UpstreamPool(), _settings()
+    a, b, c = _Leg(s), _Leg(s), _Leg(s)
+    assert pool.give(a) and pool.give(b)
+    assert not pool.give(c)                       # pool_size 2
+    assert pool.take(s, "required") is None       # another level
+    assert pool.take(_settings(), "none") is None  # another listener's upstream
+    assert pool.take(s, "none") is b and b.uses == 2
+    assert pool.take(s, "none") is a
+    assert pool.take(s, "none") is None
+
+
+async def test_pool_drops_dead_expired_and_worn_out_legs():
+    pool, s = UpstreamPool(), _settings()
+    dead = _Leg(s, alive=False)
+    pool.give(dead)
+    assert pool.take(s, "none") is None and dead.closed and not dead.quitted
+    worn = _Leg(s)
+    worn.uses = 3                                 # pool_max_reuse 3
+    assert not pool.give(worn)
+    async with trio.open_nursery() as nursery:
+        pool.nursery = nursery
+        old = _Leg(s)
+        pool.give(old)
+        pool._idle[pool.key(s, "none")][0] = (old, trio.current_time() - 6)   # idle 6 s
+        pool.expire()
+    assert old.quitted                            # an idle leg is closed politely
+    assert pool.idle_count() == 0
+    assert not pool.give(_Leg(_settings(pool_size=0)))
+    assert not pool.give(_Leg(_settings(forward_client=True)))
+
+
+async def test_pool_close_all_quits_and_refuses_more():
+    pool, s = UpstreamPool(), _settings()
+    legs = [_Leg(s), _Leg(s)]
+    for leg in legs:
+        pool.give(leg)
+    with trio.fail_after(5):
+        await pool.close_all()
+    assert all(leg.quitted for leg in legs)
+    assert not pool.give(_Leg(s))
