@@ -40,13 +40,20 @@ def new_conn_id() -> str:
 _PLAIN_OK = re.compile(r'[ ="\\]')     # a printable ASCII value with one of these is quoted
 
 
+_ts_second = [-1, ""]                  # the last whole second formatted, and its text
+
+
 def timestamp(now: float | None = None) -> str:
     """RFC 3339 UTC with milliseconds: ``2025-01-01T12:00:00.123Z``."""
     if now is None:
         now = time.time()
     seconds = int(now)
     millis = int((now - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cache = _ts_second
+    if cache[0] != seconds:                # strftime once per second, not once per event
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        cache[0] = seconds
+    return f"{cache[1]}.{millis:03d}Z"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +92,12 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 
 def _logfmt_value(value: Any) -> str:
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is str and value and value.isascii() and value.isprintable() \
+            and _PLAIN_OK.search(value) is None:
+        return value                     # the common case: nothing to quote or escape
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
@@ -200,11 +213,14 @@ class EventLog:
         return record
 
     def _emit(self, event: str, level: str, bound: dict[str, Any],
-              fields: dict[str, Any]) -> None:
+              fields: dict[str, Any], prefix: str | None = None) -> None:
         try:
             if level in LEVELS and LEVELS.index(level) < self._min_rank:
                 return
-            line = self._format(self._record(event, level, bound, fields))
+            if prefix is not None and fields.keys().isdisjoint(bound):
+                line = _logfmt_line(event, level, prefix, fields)
+            else:
+                line = self._format(self._record(event, level, bound, fields))
         except Exception as exc:  # never let logging break a session
             try:
                 line = self._format({"ts": timestamp(), "level": "error",
@@ -220,17 +236,41 @@ class EventLog:
             pass
 
 
+def _logfmt_line(event: str, level: str, prefix: str, fields: dict[str, Any]) -> str:
+    """The logfmt line of one event whose call fields do not repeat a bound one: the same
+    text as format_logfmt(_record(...)), with the bound fields already formatted."""
+    parts = [f"ts={timestamp()} level={_logfmt_value(_text(level))} "
+             f"event={_logfmt_value(_text(event))}"]
+    if prefix:
+        parts.append(prefix)
+    for k, v in fields.items():
+        if v is None:
+            continue
+        if k in _RESERVED:
+            k += "_"
+        parts.append(f"{_logfmt_key(k)}={_logfmt_value(v)}")
+    return " ".join(parts)
+
+
 class BoundLog:
     """An EventLog with fields bound (per listener, per connection)."""
 
-    __slots__ = ("_log", "fields")
+    __slots__ = ("_log", "fields", "_prefix")
 
     def __init__(self, log: EventLog, fields: dict[str, Any]):
         self._log = log
         self.fields = fields
+        self._prefix: str | None = None     # the bound fields in logfmt, made on first use
 
     def bind(self, **fields: Any) -> BoundLog:
         return BoundLog(self._log, _merge(self.fields, fields))
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
-        self._log._emit(event, level, self.fields, fields)
+        log = self._log
+        prefix = None
+        if log.fmt == "logfmt":
+            prefix = self._prefix
+            if prefix is None:
+                bound = {k: v for k, v in _order_bound(self.fields).items() if v is not None}
+                prefix = self._prefix = format_logfmt(bound)
+        log._emit(event, level, self.fields, fields, prefix)

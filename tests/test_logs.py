@@ -162,3 +162,39 @@ def test_logfmt_round_trips_any_text(key_value, other):
     # non-printable characters other than \n \r \t are shown as escapes, not reproduced
     if all(ch.isprintable() or ch in "\n\r\t" for ch in key_value + other):
         assert parsed == {"v": key_value, "w": other}
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                    st.text(max_size=20), st.lists(st.text(max_size=5), max_size=3),
+                    st.binary(max_size=8))
+_keys = st.sampled_from(["conn", "client", "listener", "ts", "reason",
+                         "size", "a b", "é", "x=y", "code"])
+
+
+@given(bound=st.dictionaries(_keys, _values, max_size=4),
+       fields=st.dictionaries(_keys, _values, max_size=5),
+       event=st.text(max_size=10), level=st.sampled_from(["info", "warning", "odd level"]))
+def test_bound_logfmt_fast_path_writes_what_the_general_path_writes(bound, fields, event,
+                                                                     level):
+    """BoundLog formats its bound fields once; the lines must equal the general formatter's
+    for any fields, including ones that repeat a bound key or a reserved one."""
+    import gateway.logs as L
+    out = io.StringIO()
+    log = EventLog("logfmt", stream=out)
+    bound_log = log.bind(**bound)
+    saved = L.timestamp
+    L.timestamp = lambda now=None: "T"
+    try:
+        bound_log.event(event, level, **fields)
+        bound_log.event(event, level, **fields)       # again, with the prefix cached
+        expected = format_logfmt(EventLog._record(event, level, bound_log.fields, fields))
+    finally:
+        L.timestamp = saved
+    assert lines(out) == [expected, expected]
+
+
+def test_timestamp_cache_follows_the_clock():
+    assert timestamp(0.5) == "1970-01-01T00:00:00.500Z"
+    assert timestamp(1.25) == "1970-01-01T00:00:01.250Z"
+    assert timestamp(86400.5) == "1970-01-02T00:00:00.500Z"
+    assert timestamp(0.001) == "1970-01-01T00:00:00.001Z"
