@@ -217,7 +217,8 @@ class EventLog:
         try:
             if level in LEVELS and LEVELS.index(level) < self._min_rank:
                 return
-            if prefix is not None and fields.keys().isdisjoint(bound):
+            if prefix is not None and fields.keys().isdisjoint(bound) \
+                    and fields.keys().isdisjoint(_RESERVED):
                 line = _logfmt_line(event, level, prefix, fields)
             else:
                 line = self._format(self._record(event, level, bound, fields))
@@ -237,17 +238,16 @@ class EventLog:
 
 
 def _logfmt_line(event: str, level: str, prefix: str, fields: dict[str, Any]) -> str:
-    """The logfmt line of one event whose call fields do not repeat a bound one: the same
+    """The logfmt line of one event whose call fields neither repeat a bound one nor use a
+    reserved name (those take the general path): the same
     text as format_logfmt(_record(...)), with the bound fields already formatted."""
     parts = [f"ts={timestamp()} level={_logfmt_value(_text(level))} "
              f"event={_logfmt_value(_text(event))}"]
     if prefix:
         parts.append(prefix)
-    for k, v in fields.items():
+    for k, v in fields.items():         # no key is reserved or bound (see _emit)
         if v is None:
             continue
-        if k in _RESERVED:
-            k += "_"
         parts.append(f"{_logfmt_key(k)}={_logfmt_value(v)}")
     return " ".join(parts)
 
