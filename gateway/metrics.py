@@ -2,8 +2,10 @@
 
 The supervisor calls `prepare_multiprocess_dir()` before anything imports prometheus_client
 (the value class is chosen at import), forks workers that each build `Metrics()`, serves one
-endpoint with a fresh registry and a MultiProcessCollector per scrape (`MetricsServer`), and
-marks reaped workers dead (`mark_process_dead`). Without metrics, `NullMetrics` offers the same
+endpoint with a fresh registry per scrape (`MetricsServer`), and marks reaped workers dead
+(`mark_process_dead`). A scrape reads the value files as MultiProcessCollector does, but one
+file at a time: a file being created, removed or left unreadable by a killed worker is skipped,
+never a failed scrape (`_TolerantCollector`). Without metrics, `NullMetrics` offers the same
 attributes as no-ops, so call sites never check.
 
 prometheus_client is imported lazily (inside functions) so that importing this module never
@@ -11,6 +13,7 @@ fixes the value class too early.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -169,19 +172,86 @@ class NullMetrics:
 
 
 def mark_process_dead(pid: int) -> None:
-    """Drop a reaped worker's live gauges (livesum/livemax) from the exposition."""
-    if not os.environ.get(ENV):
+    """Drop a reaped worker's live gauges (livesum/livemax) from the exposition, and any of
+    its value files left shorter than a header (killed between creating and sizing one)."""
+    path = os.environ.get(ENV)
+    if not path:
         return
     from prometheus_client import multiprocess
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid, path)
+    for f in glob.glob(os.path.join(glob.escape(path), f"*_{int(pid)}.db")):
+        try:
+            if os.path.getsize(f) < _HEADER:
+                os.remove(f)
+        except OSError:
+            pass
+
+
+# A value file starts with a 4-byte "used" count and 4 bytes of padding (mmap_dict.py).
+_HEADER = 8
+
+
+def _read_file(path: str) -> list | None:
+    """All (key, value, timestamp) of one value file, or None when it cannot be read whole.
+
+    A file is created empty and only then sized and given its header (MmapedDict.__init__):
+    a scrape in that window reads 0 bytes and prometheus_client raises
+    struct.error('unpack_from requires a buffer of at least 4 bytes ...'); a process killed
+    in that window leaves such a file for good. A file can also vanish (mark_process_dead)
+    or, in principle, be read torn or be corrupt ('Read beyond file size detected'). Each of
+    these costs the scrape that one file (which holds nothing yet in the usual case), never
+    the whole exposition."""
+    from prometheus_client.mmap_dict import MmapedDict
+    try:
+        if os.path.getsize(path) < _HEADER:
+            return None
+        return [(k, v, ts) for k, v, ts, _ in MmapedDict.read_all_values_from_file(path)]
+    except Exception:                       # FileNotFoundError, struct.error, RuntimeError, ...
+        return None
+
+
+def _usable(path: str) -> bool:
+    """Can this value file be read whole, keys included? (see _read_file)"""
+    import json
+    values = _read_file(path)
+    if values is None:
+        return False
+    try:
+        for key, _value, _ts in values:
+            json.loads(key)
+    except Exception:                       # a torn or corrupt key: the file is unusable
+        return False
+    return True
+
+
+class _TolerantCollector:
+    """MultiProcessCollector over the value files that can be read: each file is checked on
+    its own first, and one that cannot be read is skipped (listed in `skipped`) instead of
+    failing the scrape. Files only grow, so a file that checks out stays readable; the
+    live-gauge files that mark_process_dead removes are ignored by merge() when missing."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.skipped: list[str] = []
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+        files = sorted(glob.glob(os.path.join(glob.escape(self.path), "*.db")))
+        usable = []
+        for f in files:
+            (usable if _usable(f) else self.skipped).append(f)
+        self.skipped = [os.path.basename(f) for f in self.skipped]
+        return MultiProcessCollector.merge(usable, accumulate=True)
 
 
 def render() -> tuple[bytes, str]:
     """The exposition of all processes' metrics, and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
+    path = os.environ.get(ENV)
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"{ENV} is not set or not a directory")
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    registry.register(_TolerantCollector(path))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
@@ -196,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body, ctype = render()
                 code = 200
             except Exception as exc:                    # a scrape must not kill the thread
-                body, ctype, code = (f"error: {exc}\n".encode(), "text/plain", 500)
+                body, ctype, code = (f"error: {exc!r}\n".encode(), "text/plain", 500)
         elif path == "/healthz":
             healthy = self.server.healthy
             try:
