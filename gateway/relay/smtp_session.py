@@ -124,6 +124,9 @@ class SMTPSession:
             for code, text in core.take_rejections():
                 self._rejected(code, text)
             if event is S.NEED_DATA:
+                leg = self.leg
+                if leg is not None and leg.held_size and leg.in_data and not self._leg_broken:
+                    await self._send_held()
                 await self._flush()
                 data = await self._receive()
                 if data is _SHUTDOWN:
@@ -408,11 +411,19 @@ class SMTPSession:
             self._refuse(failure.reply)
 
     async def _on_DataChunk(self, event: S.DataChunk) -> None:
+        """Message data is held and sent when the session next waits for the client (or at
+        64 KiB): the chunks of one read, and the final dot when it came in the same read,
+        go upstream in one write."""
         self._msg_bytes += len(event.data)
         if self._leg_broken:
             return
+        self.leg.hold_data(event.data)
+        if self.leg.held_size >= _HOLD_LIMIT:
+            await self._send_held()
+
+    async def _send_held(self) -> None:
         try:
-            await self.leg.send_data(event.data)
+            await self.leg.send_data()
         except UpstreamFailure as failure:
             self._leg_broken = True
             await self._leg_failed(failure, self.txn.rcpts)
@@ -501,6 +512,9 @@ class SMTPSession:
                      f"{for_part}; {date}")
         text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
         return text.encode("utf-8", "surrogateescape")
+
+
+_HOLD_LIMIT = 65536          # message bytes held for one upstream write at most
 
 
 def _params(params: dict, keep: dict) -> str:

@@ -164,7 +164,8 @@ class UpstreamLeg(UpstreamLegBase):
         self.extensions: dict[str, str] = {}
         self.in_transaction = False     # MAIL sent and not yet finished/RSET
         self.in_data = False            # DATA answered 354, the final dot not yet sent
-        self._held = b""                # message data waiting for the next send_data()
+        self._held: list[bytes] = []    # message data waiting for the next send_data()
+        self.held_size = 0
 
     # --- policy -----------------------------------------------------------------------------
 
@@ -270,14 +271,20 @@ class UpstreamLeg(UpstreamLegBase):
         await self._send(b"".join(self.client.send(line) for line in lines))
         return [await self._read_reply() for _ in lines]
 
-    async def send_data(self, data: bytes) -> None:
+    async def send_data(self, data: bytes = b"") -> None:
+        """Send what is held, then *data*, in one write."""
         if self._held:
-            data, self._held = self._held + data, b""
-        await self._send(data)
+            self._held.append(data)
+            data = b"".join(self._held)
+            self._held = []
+            self.held_size = 0
+        if data:
+            await self._send(data)
 
     def hold_data(self, data: bytes) -> None:
-        """Data to go out with the next send_data() (one write instead of two)."""
-        self._held += data
+        """Data to go out with the next send_data() (one write instead of several)."""
+        self._held.append(data)
+        self.held_size += len(data)
 
     async def finish_data(self) -> Reply:
         await self.send_data(b".\r\n")
@@ -300,13 +307,15 @@ class UpstreamLeg(UpstreamLegBase):
             reply = self.client.next_reply()     # already read (pipelined replies): no wait
             if reply is not None:
                 return reply
-            with trio.fail_after(timeout):
+            # a bare scope, not trio.fail_after (a generator context manager per reply)
+            with trio.CancelScope(deadline=trio.current_time() + timeout):
                 while True:
                     data = await self.stream.receive_some(65536)
                     self.client.receive_data(data)
                     reply = self.client.next_reply()
                     if reply is not None:
                         return reply
+            raise trio.TooSlowError     # only reached when the deadline cancelled the scope
         except trio.TooSlowError:
             self.closed = True
             raise UpstreamFailure(lost, f"{phase} timeout")
@@ -321,7 +330,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def reset(self) -> None:
         """End an unfinished transaction (RSET) so the leg can carry the next one."""
-        self._held = b""
+        self._held, self.held_size = [], 0
         if self.in_data:                # an RSET now would be message text: drop the leg
             await self.close()
         elif self.in_transaction and not self.closed:
@@ -347,7 +356,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def close(self) -> None:
         """Close at once; mid-DATA this drops the message (no terminating dot is sent)."""
-        self._held = b""
+        self._held, self.held_size = [], 0
         await super().close()
 
 
