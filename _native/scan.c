@@ -9,6 +9,31 @@ enum { LS = 0, DOT = 1, DOTCR = 2, MID = 3, CR = 4 };
 /* Bytes that stop the copy loop inside a line. */
 static const unsigned char special[256] = { [0] = 1, ['\n'] = 1, ['\r'] = 1 };
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* The index of the first special byte in in[i..n), or n. With SSE2 (every x86-64) 16 bytes
+ * are compared at a time: most of a message is plain text between CRLFs. */
+static size_t skip_plain(const unsigned char *in, size_t i, size_t n)
+{
+#if defined(__SSE2__)
+    const __m128i cr = _mm_set1_epi8('\r'), lf = _mm_set1_epi8('\n'), nul = _mm_setzero_si128();
+    while (i + 16 <= n) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(in + i));
+        __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, cr), _mm_cmpeq_epi8(v, lf)),
+                                   _mm_cmpeq_epi8(v, nul));
+        int mask = _mm_movemask_epi8(hit);
+        if (mask != 0)
+            return i + (size_t)__builtin_ctz((unsigned int)mask);
+        i += 16;
+    }
+#endif
+    while (i < n && !special[in[i]])
+        i++;
+    return i;
+}
+
 long long gw_scan_line(const unsigned char *buf, size_t len, size_t start)
 {
     const unsigned char *p, *lf;
@@ -68,9 +93,7 @@ long long gw_data_feed(gw_data_t *s, const unsigned char *in, size_t n,
         switch (st) {
         case MID:
             if (!special[b]) {
-                size_t j = i + 1;
-                while (j < n && !special[in[j]])
-                    j++;
+                size_t j = skip_plain(in, i + 1, n);
                 if (!mid && b == '.')
                     out[o++] = '.';             /* re-stuff an output line start */
                 memcpy(out + o, in + i, j - i);

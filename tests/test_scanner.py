@@ -416,7 +416,10 @@ def test_large_message_in_reads(b):
 # --- generated input -----------------------------------------------------------------------
 
 TOKENS = [b"\r", b"\n", b".", b"\0", b"a", b"\r\n", b"\r\n.", b".\r\n", b"\r\n.\r\n", b"..",
-          b"\r\n.\n", b"\n.\r"]
+          b"\r\n.\n", b"\n.\r",
+          # plain runs around the native scanner's 16-byte SIMD block, so that specials
+          # land at every position of a block and at its edges
+          b"y" * 15, b"0123456789abcdef", b"abcdefghijklmnopq", b"w" * 40]
 token_bytes = st.lists(st.sampled_from(TOKENS), max_size=40).map(b"".join)
 messages = st.one_of(token_bytes, token_bytes, st.binary(max_size=60),
                      st.tuples(token_bytes, st.binary(max_size=10), token_bytes).map(b"".join))

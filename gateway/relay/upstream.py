@@ -274,8 +274,10 @@ class UpstreamLeg(UpstreamLegBase):
     async def send_data(self, data: bytes = b"") -> None:
         """Send what is held, then *data*, in one write."""
         if self._held:
-            self._held.append(data)
-            data = b"".join(self._held)
+            held = self._held
+            if data:
+                held.append(data)
+            data = held[0] if len(held) == 1 else b"".join(held)
             self._held = []
             self.held_size = 0
         if data:
