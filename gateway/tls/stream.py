@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from ..errors import TLSError
@@ -33,6 +34,13 @@ DEFAULT_RECEIVE_SIZE = 65536
 # Plaintext handed to one SSL_write: bounds the ciphertext buffered before it is sent.
 _SEND_CHUNK = 65536
 _BIO_READ_SIZE = 262144
+_MEM_DATA = _ffi.new("char **")     # BIO_get_mem_data's out-parameter (its value is unused)
+
+
+def _bio_pending(bio) -> int:
+    """Bytes waiting in a memory BIO: asking first spares pyOpenSSL raising WantReadError
+    (an exception object and an error-queue walk) every time a BIO turns out empty."""
+    return _lib.BIO_get_mem_data(bio, _MEM_DATA)
 
 
 @dataclass(frozen=True)
@@ -257,7 +265,7 @@ class TLSStream(trio.abc.Stream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
             try:
-                data = await self._retry(self._conn.recv, max_bytes)
+                data = await self._retry(self._conn.recv, max_bytes, is_recv=True)
                 if len(data) < max_bytes:
                     data = self._more_records(data, max_bytes)
                 return data
@@ -324,6 +332,8 @@ class TLSStream(trio.abc.Stream):
         total = len(data)
         conn = self._conn
         while total < max_bytes:
+            if not _lib.SSL_pending(conn._ssl) and _bio_pending(conn._into_ssl) <= 0:
+                break                  # nothing more read in yet
             try:
                 more = conn.recv(max_bytes - total)
             except SSL.Error:          # WantRead (the usual end), ZeroReturn, alerts
@@ -337,9 +347,13 @@ class TLSStream(trio.abc.Stream):
     def _take_outgoing(self) -> bytes:
         """What OpenSSL wrote to its outgoing BIO; held-back bytes ride along, never alone."""
         parts = []
+        conn = self._conn
         while True:
+            pending = _bio_pending(conn._from_ssl)
+            if pending <= 0:
+                break
             try:
-                parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+                parts.append(conn.bio_read(min(pending, _BIO_READ_SIZE)))
             except SSL.WantReadError:
                 break
         if parts and self._delayed_outgoing:
@@ -360,17 +374,25 @@ class TLSStream(trio.abc.Stream):
                     OSError):
                 pass
 
-    async def _retry(self, fn, *args, is_handshake: bool = False):
-        """Call *fn* on the TLS object until it completes, moving ciphertext as it asks."""
+    async def _retry(self, fn, *args, is_handshake: bool = False, is_recv: bool = False):
+        """Call *fn* on the TLS object until it completes, moving ciphertext as it asks.
+
+        *is_recv*: fn is SSL_read; when OpenSSL holds no plaintext and no ciphertext has been
+        read in, it can only want more input, so the transport is read without asking."""
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
+        conn = self._conn
         while True:
             want_read = False
             finished = False
             result = None
             try:
-                result = fn(*args)
-                finished = True
+                if (is_recv and not self._transport_eof and not _lib.SSL_pending(conn._ssl)
+                        and _bio_pending(conn._into_ssl) <= 0):
+                    want_read = True       # what SSL_read would say, without asking it
+                else:
+                    result = fn(*args)
+                    finished = True
             except SSL.WantReadError:
                 want_read = True
             except SSL.ZeroReturnError:
