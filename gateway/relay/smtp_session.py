@@ -164,7 +164,7 @@ class SMTPSession:
         if idle:
             state.idle_scopes.add(scope)
         try:
-            data = await self.stream.receive_some(65536)
+            data = await self.stream.receive_some(_DATA_READ if self.core.in_data else 65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             data = b""
         finally:
@@ -514,7 +514,8 @@ class SMTPSession:
         return text.encode("utf-8", "surrogateescape")
 
 
-_HOLD_LIMIT = 65536          # message bytes held for one upstream write at most
+_HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
+_DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)
 
 
 def _params(params: dict, keep: dict) -> str:

@@ -34,6 +34,10 @@ DEFAULT_RECEIVE_SIZE = 65536
 # Plaintext handed to one SSL_write: bounds the ciphertext buffered before it is sent.
 _SEND_CHUNK = 65536
 _BIO_READ_SIZE = 262144
+# Ciphertext read from the transport at once: 64 KiB, or up to 16 full records when the
+# caller asks for more than 64 KiB of plaintext (a message body, not commands).
+_TRANSPORT_READ = 65536
+_TRANSPORT_READ_BULK = 16 * 16413
 _MEM_DATA = _ffi.new("char **")     # BIO_get_mem_data's out-parameter (its value is unused)
 
 
@@ -172,6 +176,7 @@ class TLSStream(trio.abc.Stream):
         self._send_lock = trio.StrictFIFOLock()     # keeps ciphertext in order on the wire
         self._recv_lock = trio.Lock()
         self._recv_count = 0
+        self._transport_read = _TRANSPORT_READ
         self._send_guard = _Exclusive("another task is already sending on this TLS stream")
         self._recv_guard = _Exclusive("another task is already receiving on this TLS stream")
 
@@ -264,6 +269,8 @@ class TLSStream(trio.abc.Stream):
                 max_bytes = int(max_bytes)
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
+            self._transport_read = (_TRANSPORT_READ_BULK if max_bytes > _TRANSPORT_READ
+                                    else _TRANSPORT_READ)
             try:
                 data = await self._retry(self._conn.recv, max_bytes, is_recv=True)
                 if len(data) < max_bytes:
@@ -435,7 +442,7 @@ class TLSStream(trio.abc.Stream):
                     yielded = True
                     if seen == self._recv_count:
                         # Nobody else read while we waited for the lock: read once.
-                        data = await self.transport_stream.receive_some()
+                        data = await self.transport_stream.receive_some(self._transport_read)
                         if data:
                             self._conn.bio_write(data)
                         else:
