@@ -5,6 +5,7 @@ certificates loaded, the demo certificate generated if a listener needs one and 
 """
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -245,13 +246,49 @@ async def _read_proxy_header(rt: ListenerRuntime, stream, peer, log):
     return (source[0], source[1]), PrefixedStream(stream, buf[used:])
 
 
-async def _handle(rt: ListenerRuntime, stream: trio.SocketStream) -> None:
+# accept() errors (as trio's SocketListener and serve_listeners treat them): the connection
+# went away before it was accepted -- try the next; out of descriptors or memory -- pause.
+_ACCEPT_SKIP = {getattr(errno, name) for name in (
+    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET") if hasattr(errno, name)}
+_ACCEPT_PAUSE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_loop(rt: ListenerRuntime, listen_sock, handlers: trio.Nursery) -> None:
+    """Accept connections and start a session task for each (trio.serve_listeners without
+    its SocketStream per connection and the forced close after the handler, which _handle
+    does itself)."""
+    with listen_sock:                        # closed when accepting stops (as trio does)
+        while True:
+            try:
+                sock, _ = await listen_sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP:
+                    continue
+                if exc.errno in _ACCEPT_PAUSE:
+                    rt.log.event("accept_error", level="error", reason=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            handlers.start_soon(_handle, rt, sock)
+
+
+async def _handle(rt: ListenerRuntime, sock) -> None:
+    """One accepted connection (a trio socket), closed when this returns."""
     try:
-        peer = stream.socket.getpeername()       # trio's SocketStream set TCP_NODELAY
+        await _session(rt, sock)
+    finally:
+        sock.close()
+
+
+async def _session(rt: ListenerRuntime, sock) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = sock.getpeername()
     except OSError:
-        await stream.aclose()
         return
-    stream = LeanSocketStream(stream.socket)
+    stream = LeanSocketStream(sock)
     if rt.listener.proxy_protocol:
         got = await _read_proxy_header(rt, stream, peer, rt.log.bind(
             client=_fmt_addr(peer)))
@@ -340,7 +377,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
                     sock = bind_socket(rt.listener)
                 else:
                     sock = sock.dup()        # the owner keeps its own descriptor open
-                sock_listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                listen_sock = trio.socket.from_stdlib_socket(sock)
                 host, port = sock.getsockname()[:2]
                 gateway.addresses[rt.listener.name] = (host, port)
                 rt.log.event("listening", bind=f"{host}:{port}",
@@ -349,10 +386,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
                              upstream=f"{rt.upstream.host}:{rt.upstream.port}",
                              upstream_tls=rt.listener.upstream.tls)
 
-                async def handler(stream, rt=rt):
-                    await _handle(rt, stream)
-                acceptors.start_soon(partial(trio.serve_listeners, handler, [sock_listener],
-                                             handler_nursery=handlers))
+                acceptors.start_soon(_accept_loop, rt, listen_sock, handlers)
             task_status.started(gateway)
         # accepting stopped: drain
         log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)

@@ -381,6 +381,30 @@ class TLSStream(trio.abc.Stream):
                     OSError):
                 pass
 
+    async def _send_locked(self, data: bytes) -> None:
+        """Send ciphertext in order: under the send lock, taken without `async with`'s two
+        checkpoints when it is free (the transport call is a checkpoint itself)."""
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:
+                await self.transport_stream.send_all(data)
+            return
+        lock.acquire_nowait()
+        try:
+            await self.transport_stream.send_all(data)
+        finally:
+            lock.release()
+
+    async def _read_transport(self) -> None:
+        """One transport read into OpenSSL's incoming BIO (EOF: bio_shutdown)."""
+        data = await self.transport_stream.receive_some(self._transport_read)
+        if data:
+            self._conn.bio_write(data)
+        else:
+            self._transport_eof = True
+            self._conn.bio_shutdown()
+        self._recv_count += 1
+
     async def _retry(self, fn, *args, is_handshake: bool = False, is_recv: bool = False):
         """Call *fn* on the TLS object until it completes, moving ciphertext as it asks.
 
@@ -425,9 +449,8 @@ class TLSStream(trio.abc.Stream):
 
             if to_send:
                 try:
-                    async with self._send_lock:
-                        yielded = True
-                        await self.transport_stream.send_all(to_send)
+                    yielded = True
+                    await self._send_locked(to_send)
                 except BaseException:
                     # Ciphertext was taken from OpenSSL and not (fully) sent: no way back.
                     self._mark_broken()
@@ -437,18 +460,22 @@ class TLSStream(trio.abc.Stream):
                     # OpenSSL wants input after EOF was fed: should not happen; treat as EOF.
                     self._mark_broken()
                     raise _PeerEOF()
-                seen = self._recv_count
-                async with self._recv_lock:
-                    yielded = True
-                    if seen == self._recv_count:
-                        # Nobody else read while we waited for the lock: read once.
-                        data = await self.transport_stream.receive_some(self._transport_read)
-                        if data:
-                            self._conn.bio_write(data)
-                        else:
-                            self._transport_eof = True
-                            self._conn.bio_shutdown()
-                        self._recv_count += 1
+                yielded = True
+                lock = self._recv_lock
+                if not lock.locked():
+                    # the usual case: nobody else is reading; the lock is taken without the
+                    # two checkpoints of `async with` (the transport call is one)
+                    lock.acquire_nowait()
+                    try:
+                        await self._read_transport()
+                    finally:
+                        lock.release()
+                else:
+                    seen = self._recv_count
+                    async with lock:
+                        if seen == self._recv_count:
+                            # Nobody else read while we waited for the lock: read once.
+                            await self._read_transport()
             if finished:
                 break
         if not yielded:
