@@ -51,6 +51,8 @@ UNSUPPORTED_PARAMETER = (555, "5.5.4 Unsupported parameter")
 def render(code: int, lines) -> bytes:
     """Render a (possibly multi-line) reply: `250-a\\r\\n250 b\\r\\n`."""
     if isinstance(lines, str):
+        if lines:                      # the common case: one line
+            return f"{code} {lines}\r\n".encode("utf-8", "surrogateescape")
         lines = (lines,)
     lines = list(lines) or [""]
     out = []

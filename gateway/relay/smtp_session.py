@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import math
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -507,11 +508,24 @@ class SMTPSession:
             esmtp += "S"
         msg_id = f"{self.conn_id}.{self.messages + 1}"
         for_part = f"\n\tfor <{self.txn.rcpts[0]}>" if len(self.txn.rcpts) == 1 else ""
-        date = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc))
+        date = _rfc5322_now()
         lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {msg_id}"
                      f"{for_part}; {date}")
         text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
         return text.encode("utf-8", "surrogateescape")
+
+
+_date_cache = [-1, ""]
+
+
+def _rfc5322_now() -> str:
+    """The Received header's date (RFC 5322, UTC), formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
+        _date_cache[0] = now
+    return _date_cache[1]
 
 
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
