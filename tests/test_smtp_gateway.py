@@ -505,3 +505,37 @@ async def test_upstream_refusal_of_mail_answers_every_rcpt(pipelining):
     verbs = [line.split(b" ")[0].split(b":")[0] for line in received]
     assert verbs.count(b"MAIL") == 1
     assert verbs.count(b"RCPT") == (1 if pipelining else 0)
+
+
+async def test_quit_over_tls_gets_221_then_a_clean_close_notify(server_cert):
+    """The 221 and the close_notify leave in one write (SMTPSession._flush(last=True)); a
+    client that treats a close without close_notify as an error sees a clean end."""
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, cert="main")],
+                           server_cert=server_cert)
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def session() -> bytes:
+                with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+                    f = raw.makefile("rb", buffering=0)
+                    assert f.readline().startswith(b"220 ")
+                    raw.sendall(b"EHLO client.test\r\n")
+                    while not f.readline().startswith(b"250 "):
+                        pass
+                    raw.sendall(b"STARTTLS\r\n")
+                    assert f.readline().startswith(b"220 ")
+                    tls = ctx.wrap_socket(raw, server_hostname="localhost",
+                                          suppress_ragged_eofs=False)
+                    tls.sendall(b"QUIT\r\n")
+                    got = b""
+                    while True:
+                        chunk = tls.recv(4096)      # SSLEOFError without close_notify
+                        if not chunk:
+                            return got
+                        got += chunk
+            with trio.fail_after(30):
+                reply = await in_thread(session)
+    assert reply.startswith(b"221 ") and reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1
+    assert logs.of("conn_close")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import TLSError
+from ..tls.stream import TLSStream
 from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..rules import cipher_meets
@@ -139,12 +140,12 @@ class SMTPSession:
             if isinstance(event, (S.ConnectionClosed, S.Quit)):
                 if self.txn is not None and core.in_data and self.leg is not None:
                     await self.leg.close()          # client vanished mid-message: drop it
-                await self._flush()
+                await self._flush(last=True)
                 return
             handler = getattr(self, "_on_" + type(event).__name__)
             await handler(event)
             if core.closed:
-                await self._flush()
+                await self._flush(last=True)
                 return
 
     async def _receive(self):
@@ -184,11 +185,16 @@ class SMTPSession:
             self.log.event("reject", code=421, reason="timeout")
         await self._flush()
 
-    async def _flush(self) -> None:
+    async def _flush(self, last: bool = False) -> None:
+        """Send the core's replies; *last*: the session ends, so a TLS stream sends them
+        with its close_notify in one write and closes."""
         out = self.core.data_to_send()
         if out:
             self.bytes_out += len(out)
-            await self.stream.send_all(out)
+            if last and isinstance(self.stream, TLSStream):
+                await self.stream.aclose_after(out)
+            else:
+                await self.stream.send_all(out)
 
     # --- TLS on the client leg --------------------------------------------------------------
 
