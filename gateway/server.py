@@ -23,6 +23,7 @@ from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
 from .relay.pool import UpstreamPool
 from .relay.upstream import UpstreamSettings
+from .relay.watchdog import ReceiveWatchdog, tick_for
 from .rules import ClientPolicy, EncryptionPolicy
 from .sockstream import LeanSocketStream
 from .tls import context as tls_context
@@ -46,6 +47,7 @@ class WorkerState:
         self.tracking = None                     # TrackingLog when tracking_log is set
         self.sessions = 0                        # open connections in this process
         self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
+        self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
         self.no_sessions = trio.Event()
 
     def session_started(self) -> None:
@@ -370,6 +372,10 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
             with reaper:
                 await state.pool.reap()
         handlers.start_soon(reap)
+        watch_scope = trio.CancelScope()        # cancelled once drained sessions are gone
+        state.watchdog.start(handlers, tick_for(
+            [t for rt in runtimes if rt.listener.protocol == "smtp"
+             for t in (rt.listener.timeouts.command, rt.listener.timeouts.data)]), watch_scope)
         async with trio.open_nursery() as acceptors:
             gateway.accept_scope = acceptors.cancel_scope
             for rt, sock in zip(runtimes, sockets or [None] * len(runtimes)):
@@ -392,6 +398,12 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
         log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)
         reaper.cancel()
         handlers.start_soon(state.pool.close_all)
+
+        async def stop_watch_when_idle():
+            while state.sessions:
+                await state.no_sessions.wait()
+            watch_scope.cancel()
+        handlers.start_soon(stop_watch_when_idle)
         if gateway.retiring:
             handlers.start_soon(_retire, state, handlers.cancel_scope, config.shutdown_grace)
         else:

@@ -151,9 +151,10 @@ class SMTPSession:
     async def _receive(self):
         """Client bytes, or _SHUTDOWN when the worker drains an idle session.
 
-        The wait runs under the session's receive scope (`run()`): its deadline is the
-        command or data timeout while waiting and infinite otherwise, and while the session
-        is idle the drain may cancel it. Either ends `_loop()`; `_receive_ended()` answers."""
+        The wait runs under the session's receive scope (`run()`): the worker's watchdog
+        cancels it when the command or data timeout passes while waiting (without a
+        watchdog: a scope deadline, infinite when not waiting), and while the session is
+        idle the drain may cancel it. Either ends `_loop()`; `_receive_ended()` answers."""
         t = self.listener.timeouts
         timeout = t.data if self.core.in_data else t.command
         state = self.rt.state
@@ -162,7 +163,11 @@ class SMTPSession:
             return _SHUTDOWN
         scope = self._rx_scope
         self._rx_idle = idle
-        scope.deadline = trio.current_time() + timeout
+        watchdog = state.watchdog
+        if watchdog.running:                # the worker's timer (gateway.relay.watchdog)
+            watchdog.watch(scope, trio.current_time() + timeout)
+        else:
+            scope.deadline = trio.current_time() + timeout
         if idle:
             state.idle_scopes.add(scope)
         try:
@@ -170,7 +175,10 @@ class SMTPSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             data = b""
         finally:
-            scope.deadline = math.inf
+            if watchdog.running:
+                watchdog.unwatch(scope)
+            else:
+                scope.deadline = math.inf
             if idle:
                 state.idle_scopes.discard(scope)
         self.bytes_in += len(data)
