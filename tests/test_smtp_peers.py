@@ -2,12 +2,14 @@
 swaks and openssl s_client, all private instances on loopback ports."""
 from __future__ import annotations
 
+import re
 import smtplib
 
 import pytest
 import trio
 
-from harness import config_dict, in_thread, listener_dict, running_gateway, running_sink
+from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
+                     running_sink, smtp_send)
 from peers import (PostfixInstance, free_port, instance_dir, openssl_s_client_starttls_async,
                    parse_tls_version, require, run_swaks_async)
 
@@ -68,6 +70,40 @@ async def test_postfix_through_gateway_to_postfix_verified(pubdir, server_cert, 
     assert "TLS connection established" in sender_log
     message = logs.of("message", result="accepted")[0]
     assert message["client_tls"].startswith("TLSv1.") and message["upstream_tls"].startswith("TLSv1.")
+
+
+async def test_postfix_upstream_connection_is_reused_and_stays_verified(pubdir, server_cert,
+                                                                       upstream_cert):
+    """Two client sessions, one verified TLS connection to Postfix (SPEC §4.4 pool): the
+    second session takes the idle leg (no new connect or handshake) and both arrive intact."""
+    require("postfix")
+    up_port = free_port()
+    upstream = PostfixInstance.upstream(instance_dir(pubdir, "up"), up_port,
+                                        cert=upstream_cert.cert, key=upstream_cert.key)
+    async with upstream:
+        data = config_dict([listener_dict(upstream_port=up_port, cert="main",
+                                          upstream_tls="verify",
+                                          upstream={"server_name": "upstream.test",
+                                                    "profile": "testca"})],
+                           server_cert=server_cert, ca_file=server_cert.ca)
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+            with trio.fail_after(60):
+                replies = [await in_thread(lambda: smtp_send(port, starttls=True, ctx=ctx,
+                                                             body=MESSAGE))
+                           for _ in range(2)]
+                delivered = await upstream.wait_for_messages_async(2, timeout=45)
+            upstream_log = upstream.log_text()
+    assert [r[0] for r in replies] == [250, 250]
+    assert all(_body_lines(m) == _body_lines(MESSAGE) for m in delivered)
+    legs = logs.of("tls", side="upstream")
+    assert [leg.get("reused") for leg in legs] == [None, True]
+    assert all(leg["verified"] is True for leg in legs)
+    # one TLS connection (the other "connect from" is the port probe), two messages on it
+    assert upstream_log.count("TLS connection established from") == 1
+    smtpd = re.findall(r"postfix/smtpd\[(\d+)\]: \w+: client=", upstream_log)
+    assert len(smtpd) == 2 and smtpd[0] == smtpd[1]
 
 
 async def test_upstream_postfix_without_starttls_required_level(pubdir):
