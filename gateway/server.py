@@ -114,14 +114,25 @@ def _needs_server_tls(listener: Listener) -> bool:
         r.client_tls not in (None, "none") for r in listener.client_rules))
 
 
-def build_runtimes(config: GatewayConfig, log,
-                   state: WorkerState | None = None) -> tuple[list[ListenerRuntime], bool]:
-    """TLS contexts and upstream settings for every listener. Returns (runtimes, demo_used)."""
+@dataclass
+class ListenerTLS:
+    """A listener's TLS contexts: the client leg's (and its cipher-strength variants) and
+    the upstream leg's."""
+    server_ctx: object | None
+    strength_ctx: dict
+    client_ctx: object
+
+
+def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
+    """Every listener's TLS contexts, and whether the demo certificate is used.
+
+    The supervisor builds them once, before it forks, so that every worker inherits the same
+    contexts: the same certificate (a demo certificate too) and the same TLS session-ticket
+    keys, so a client's ticket from one worker resumes on any other. Raises on a certificate
+    or key that cannot be loaded."""
     demo_pems = None
-    runtimes = []
-    state = state if state is not None else WorkerState(
-        ConnectionCounts(1, len(config.listeners)))
-    for index, listener in enumerate(config.listeners):
+    out = []
+    for listener in config.listeners:
         profile = config.profiles[listener.profile]
         server_ctx = None
         strength_ctx = {}
@@ -153,6 +164,23 @@ def build_runtimes(config: GatewayConfig, log,
             config.profiles[up.profile], verify=verify_upstream,
             cert_path=up_cert.cert if up_cert else None,
             key_path=up_cert.key if up_cert else None)
+        out.append(ListenerTLS(server_ctx, strength_ctx, client_ctx))
+    return out, demo_pems is not None
+
+
+def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
+                   tls: tuple[list[ListenerTLS], bool] | None = None
+                   ) -> tuple[list[ListenerRuntime], bool]:
+    """Upstream settings, policies and TLS contexts (*tls* from build_tls(), built here when
+    not given) for every listener. Returns (runtimes, demo_used)."""
+    tls_list, demo_used = tls if tls is not None else build_tls(config, log)
+    runtimes = []
+    state = state if state is not None else WorkerState(
+        ConnectionCounts(1, len(config.listeners)))
+    for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
+        up = listener.upstream
+        server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
+                                                ltls.client_ctx)
         t = listener.timeouts
         settings = UpstreamSettings(
             host=up.host, port=up.port, mode=up.mode, server_name=up.server_name,
@@ -173,7 +201,7 @@ def build_runtimes(config: GatewayConfig, log,
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
             index, state, policy=EncryptionPolicy(listener) if smtp else None,
             client_policy=ClientPolicy(listener), strength_ctx=strength_ctx, alerts=alerts))
-    return runtimes, demo_pems is not None
+    return runtimes, demo_used
 
 
 def bind_socket(listener: Listener, *, reuse_port: bool = False,

@@ -66,6 +66,9 @@ class Supervisor:
         except OSError as exc:
             self.log.event("fatal", level="error", message=f"bind: {exc}")
             return 1
+        self.tls = self._build_tls(self.config)
+        if self.tls is None:
+            return 1
         self.counts = ConnectionCounts(self.rows, len(self.config.listeners))
         if self.config.metrics:
             self._start_metrics()
@@ -82,6 +85,16 @@ class Supervisor:
             for row in self.sockets:
                 for sock in row:
                     sock.close()
+
+    def _build_tls(self, config: GatewayConfig):
+        """The TLS contexts every worker inherits (server.build_tls), or None (logged)."""
+        from .server import build_tls
+        try:
+            return build_tls(config, self.base_log)
+        except Exception as exc:       # a certificate or key OpenSSL refuses
+            self.log.event("fatal" if config is self.config else "reload_failed",
+                           level="error", message=f"TLS: {exc}")
+            return None
 
     def _start_metrics(self) -> None:
         from . import metrics as M
@@ -126,7 +139,7 @@ class Supervisor:
                         for sock in socks:
                             sock.close()
                 code = run_worker(self.config, self.sockets[slot], self.base_log,
-                                  self.counts, row, slot)
+                                  self.counts, row, slot, self.tls)
             except BaseException as exc:               # never return into the supervisor
                 try:
                     self.base_log.event("worker_crash", level="error", message=repr(exc))
@@ -232,7 +245,10 @@ class Supervisor:
         if problems:
             self.log.event("reload_failed", level="error", message="; ".join(problems))
             return
-        self.config = new
+        tls = self._build_tls(new)
+        if tls is None:
+            return
+        self.config, self.tls = new, tls
         old = [w for w in self.workers.values() if not w.retiring]
         for info in old:                   # new worker first, then retire the old one
             self._spawn(info.slot)

@@ -33,7 +33,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         os.setuid(uid)
 
 
-def run_worker(config, sockets, log, counts, row: int, slot: int) -> int:
+def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> int:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     for sig in (signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -47,7 +47,9 @@ def run_worker(config, sockets, log, counts, row: int, slot: int) -> int:
         metrics = Metrics()
     state = WorkerState(counts=counts, row=row, metrics=metrics)
     try:
-        runtimes = build_runtimes(config, log, state)   # keys read while still privileged
+        # *tls*: the supervisor's contexts (shared ticket keys); else keys are read here,
+        # still privileged
+        runtimes = build_runtimes(config, log, state, tls)
         if config.tracking_log:
             from .tracking import TrackingLog
             state.tracking = TrackingLog(config.tracking_log)

@@ -342,3 +342,56 @@ async def test_workers_drop_privileges_after_loading_keys(tmp_path, server_cert,
     assert set(uids) == {str(nobody.pw_uid)}
     assert os.getpid() != pid
     assert result == "ok", "".join(gw.lines[-30:])
+
+
+def _starttls_session(port: int, ctx, session=None):
+    """EHLO, STARTTLS, EHLO over TLS (so TLS 1.3 tickets have been read), QUIT; returns
+    (session, reused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        f = raw.makefile("rb", buffering=0)
+        assert f.readline().startswith(b"220 ")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220 ")
+        tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        tls.sendall(b"EHLO client.test\r\n")
+        buf = b""
+        while b"\r\n250 " not in b"\r\n" + buf:
+            buf += tls.recv(4096)
+        reused = tls.session_reused
+        new_session = tls.session
+        tls.sendall(b"QUIT\r\n")
+        tls.recv(4096)
+        return new_session, reused
+
+
+async def test_tls_sessions_resume_on_any_worker(tmp_path, server_cert, ports):
+    """The supervisor builds the TLS contexts before it forks: every worker has the same
+    session-ticket keys, so a client's ticket from one worker resumes on the other."""
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert)
+        gw = GatewayProcess(cfg)
+        try:
+            await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+            ctx = client_context(server_cert.ca)
+
+            def clients():
+                session, reused = _starttls_session(port, ctx)
+                out = [reused]
+                for _ in range(16):
+                    out.append(_starttls_session(port, ctx, session)[1])
+                return out
+            with trio.fail_after(60):
+                reused = await in_thread(clients)
+                resumed = await in_thread(lambda: gw.wait_for(
+                    r"event=tls .*side=client.*resumed=true", count=16))
+        finally:
+            assert gw.stop() == 0
+    assert reused == [False] + [True] * 16
+    workers = {re.search(r"worker=(\d+)", line).group(1) for line in resumed}
+    assert len(workers) == 2                # resumed on both workers (1 in 32,768 to fail)

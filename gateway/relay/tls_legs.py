@@ -41,7 +41,8 @@ async def accept_client_tls(rt, stream, strength: str | None, log) -> TLSStream 
     metrics.tls_handshakes_total.labels(name, "client", info.version, "ok").inc()
     metrics.tls_handshake_seconds.labels(name, "client").observe(trio.current_time() - start)
     log.event("tls", side="client", version=info.version, cipher=info.cipher, bits=info.bits,
-              verified=info.verified, peer=info.peer_subject)
+              verified=info.verified, peer=info.peer_subject,
+              resumed=True if info.resumed else None)
     return tls
 
 
