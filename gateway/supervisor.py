@@ -44,6 +44,7 @@ class Supervisor:
         self.backoff = [0.0] * self.n
         self.respawn_at: dict[int, float] = {}
         self.stopping = False
+        self.exit_code = 0               # 1 once a worker could not start
         self.metrics = None
         self.metrics_server = None
         self.metrics_dir = None
@@ -173,6 +174,7 @@ class Supervisor:
             if code == BOOT_ERROR:
                 self.log.event("fatal", level="error",
                                message="a worker could not start; stopping")
+                self.exit_code = 1
                 self._stop()
                 continue
             lived = time.monotonic() - info.started
@@ -195,8 +197,8 @@ class Supervisor:
         deadline = None
         while True:
             if self.stopping and not self.workers:
-                self.log.event("supervisor_exit")
-                return 0
+                self.log.event("supervisor_exit", code=self.exit_code)
+                return self.exit_code
             if self.stopping and deadline is None:
                 deadline = time.monotonic() + self.config.shutdown_grace + 5
             if deadline is not None and time.monotonic() > deadline:

@@ -395,3 +395,22 @@ async def test_tls_sessions_resume_on_any_worker(tmp_path, server_cert, ports):
     assert reused == [False] + [True] * 16
     workers = {re.search(r"worker=(\d+)", line).group(1) for line in resumed}
     assert len(workers) == 2                # resumed on both workers (1 in 32,768 to fail)
+
+
+async def test_a_worker_that_cannot_start_stops_the_gateway_with_exit_code_1(tmp_path,
+                                                                             server_cert,
+                                                                             ports):
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert, workers=1)
+        text = cfg.read_text().replace(
+            "[gateway]\n", f'[gateway]\ntracking_log = "{tmp_path}/missing/track.jsonl"\n', 1)
+        cfg.write_text(text)
+        gw = GatewayProcess(cfg)
+        with trio.fail_after(60):
+            await in_thread(lambda: gw.wait_for(r"event=fatal .*a worker could not start"))
+            await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
+            code = await in_thread(lambda: gw.proc.wait(30))
+    assert code == 1                        # it was 0: an init script saw a clean stop
