@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import TLSError
-from ..tls.stream import TLSStream
 from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..rules import cipher_meets
+from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
@@ -358,11 +358,15 @@ class SMTPSession:
         leg, self.leg = self.leg, None
         if leg is None:
             return
-        if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
-                and self.rt.state.pool.poolable(leg.settings):
-            await leg.reset()
-        if not self.rt.state.pool.give(leg):
-            await leg.quit()
+        try:
+            if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
+                    and self.rt.state.pool.poolable(leg.settings):
+                await leg.reset()
+            if not self.rt.state.pool.give(leg):
+                await leg.quit()
+        except BaseException:             # cancelled (the session's 2 s bound): close now
+            leg.abandon()
+            raise
 
     async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
         kind = _FAILURE_KINDS.get(failure.reply, "other")
@@ -427,8 +431,8 @@ class SMTPSession:
 
     async def _on_DataChunk(self, event: S.DataChunk) -> None:
         """Message data is held and sent when the session next waits for the client (or at
-        64 KiB): the chunks of one read, and the final dot when it came in the same read,
-        go upstream in one write."""
+        _HOLD_LIMIT): the chunks of one read, and the final dot when it came in the same
+        read, go upstream in one write."""
         self._msg_bytes += len(event.data)
         if self._leg_broken:
             return
