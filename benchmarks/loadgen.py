@@ -76,7 +76,11 @@ def expect(reader: Reader, code: bytes, what: str) -> None:
 
 
 def smtp_session(port: int, message: bytes, ctx: ssl.SSLContext | None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", session: ssl.SSLSession | None = None):
+    """One whole session; with *session* the TLS handshake offers to resume it. Returns (the
+    TLS session to resume next time, whether this one was resumed); (None, False) without
+    TLS."""
+    new_session, reused = None, False
     sock = socket.create_connection((host, port), timeout=SESSION_TIMEOUT)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -87,10 +91,12 @@ def smtp_session(port: int, message: bytes, ctx: ssl.SSLContext | None,
         if ctx is not None:
             sock.sendall(b"STARTTLS\r\n")
             expect(r, b"220", "STARTTLS")
-            sock = ctx.wrap_socket(sock, server_hostname="localhost")
+            sock = ctx.wrap_socket(sock, server_hostname="localhost", session=session)
             r = Reader(sock)
             sock.sendall(b"EHLO client.bench\r\n")
             expect(r, b"250", "EHLO after TLS")
+            new_session = sock.session         # TLS 1.3 tickets have arrived by now
+            reused = sock.session_reused
         sock.sendall(b"MAIL FROM:<bench@client.bench>\r\n")
         expect(r, b"250", "MAIL")
         sock.sendall(b"RCPT TO:<rcpt@sink.bench>\r\n")
@@ -106,6 +112,7 @@ def smtp_session(port: int, message: bytes, ctx: ssl.SSLContext | None,
             sock.close()
         except OSError:
             pass
+    return new_session, reused
 
 
 def _process_main(args: dict, threads: int, start_at: float, out) -> None:
@@ -118,6 +125,7 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
     lat: list[float] = []
     errors: list[str] = []
     ends: list[float] = []
+    resumed = [0]
 
     def take() -> bool:
         with lock:
@@ -128,10 +136,16 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
             return True
 
     def client() -> None:
+        session = None                        # --resume: the previous session's TLS session
         while time.time() < deadline and take():
             t0 = time.perf_counter()
             try:
-                smtp_session(args["port"], message, ctx)
+                got, reused = smtp_session(args["port"], message, ctx, session=session)
+                if args["resume"]:
+                    session = got
+                if reused:
+                    with lock:
+                        resumed[0] += 1
             except (OSError, SessionError, ssl.SSLError) as exc:
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -152,11 +166,13 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
     for t in ts:
         t.join(args["duration"] + 4 * SESSION_TIMEOUT)
     out.put({"lat": lat, "errors": errors[:20], "n_errors": len(errors),
+             "resumed": resumed[0],
              "end": max(ends) if ends else time.time()})
 
 
 def run_load(port: int, *, starttls: bool, size: int = 10240, concurrency: int = 16,
-             processes: int = 2, duration: float = 5.0, sessions: int | None = None) -> dict:
+             processes: int = 2, duration: float = 5.0, sessions: int | None = None,
+             resume: bool = False) -> dict:
     """Run the closed loop; returns sessions, errors, wall seconds, sessions/s, latencies."""
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0)
@@ -171,6 +187,7 @@ def run_load(port: int, *, starttls: bool, size: int = 10240, concurrency: int =
     procs = []
     for i in range(processes):
         args = {"port": port, "starttls": starttls, "size": size, "duration": duration,
+                "resume": resume,
                 "sessions_per_process": per_proc_sessions[i] if per_proc_sessions else None}
         p = ctx.Process(target=_process_main, args=(args, per[i], start_at, out), daemon=True)
         p.start()
@@ -192,6 +209,7 @@ def run_load(port: int, *, starttls: bool, size: int = 10240, concurrency: int =
         "error_samples": [e for r in results for e in r["errors"]][:5],
         "wall": wall,
         "rate": len(lat) / wall,
+        "resumed": sum(r["resumed"] for r in results),
         "p50": percentile(lat, 50),
         "p99": percentile(lat, 99),
         "concurrency": concurrency,
@@ -214,10 +232,13 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds")
     ap.add_argument("--sessions", type=int, help="stop after this many sessions")
+    ap.add_argument("--resume", action="store_true",
+                    help="each client offers its previous TLS session (as MTAs do)")
     a = ap.parse_args()
     print(json.dumps(run_load(a.port, starttls=a.starttls, size=a.size,
                               concurrency=a.concurrency, processes=a.processes,
-                              duration=a.duration, sessions=a.sessions), indent=1))
+                              duration=a.duration, sessions=a.sessions, resume=a.resume),
+                     indent=1))
 
 
 if __name__ == "__main__":
