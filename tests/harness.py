@@ -127,6 +127,27 @@ def smtp_send(port, *, starttls=False, implicit=False, ctx=None, mail_from="alic
         return s.data(body)
 
 
+def raw_starttls(port: int, ctx, *, session=None, suppress_ragged_eofs: bool = True,
+                 timeout: float = 20):
+    """A socket that said EHLO and STARTTLS to 127.0.0.1:*port* and did the TLS handshake
+    (stdlib ssl, server name "localhost", offering *session*); the caller closes it."""
+    import socket
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        f = raw.makefile("rb", buffering=0)
+        assert f.readline().startswith(b"220 ")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220 ")
+        return ctx.wrap_socket(raw, server_hostname="localhost", session=session,
+                               suppress_ragged_eofs=suppress_ragged_eofs)
+    except BaseException:
+        raw.close()
+        raise
+
+
 def gateway_subprocess_env() -> dict:
     """Environment for `python -m gateway` subprocesses: they import the same `gateway` as
     this test process (the installed package in CI, never the source tree by accident)."""

@@ -9,8 +9,8 @@ from functools import partial
 import pytest
 import trio
 
-from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
-                     running_sink, server_ssl_context, smtp_send)
+from harness import (client_context, config_dict, in_thread, listener_dict, raw_starttls,
+                     running_gateway, running_sink, server_ssl_context, smtp_send)
 
 BODY = b"Subject: test\r\nFrom: alice@client.test\r\n\r\nhello\r\n..dot line\r\nbye\r\n"
 
@@ -518,16 +518,7 @@ async def test_quit_over_tls_gets_221_then_a_clean_close_notify(server_cert):
             ctx = client_context(server_cert.ca)
 
             def session() -> bytes:
-                with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-                    f = raw.makefile("rb", buffering=0)
-                    assert f.readline().startswith(b"220 ")
-                    raw.sendall(b"EHLO client.test\r\n")
-                    while not f.readline().startswith(b"250 "):
-                        pass
-                    raw.sendall(b"STARTTLS\r\n")
-                    assert f.readline().startswith(b"220 ")
-                    tls = ctx.wrap_socket(raw, server_hostname="localhost",
-                                          suppress_ragged_eofs=False)
+                with raw_starttls(port, ctx, suppress_ragged_eofs=False) as tls:
                     tls.sendall(b"QUIT\r\n")
                     got = b""
                     while True:

@@ -20,7 +20,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread, running_sink
+from harness import (NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread,
+                     raw_starttls, running_sink)
 from peers import free_port
 
 
@@ -347,15 +348,7 @@ async def test_workers_drop_privileges_after_loading_keys(tmp_path, server_cert,
 def _starttls_session(port: int, ctx, session=None):
     """EHLO, STARTTLS, EHLO over TLS (so TLS 1.3 tickets have been read), QUIT; returns
     (session, reused)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
-        f = raw.makefile("rb", buffering=0)
-        assert f.readline().startswith(b"220 ")
-        raw.sendall(b"EHLO client.test\r\n")
-        while not f.readline().startswith(b"250 "):
-            pass
-        raw.sendall(b"STARTTLS\r\n")
-        assert f.readline().startswith(b"220 ")
-        tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    with raw_starttls(port, ctx, session=session) as tls:
         tls.sendall(b"EHLO client.test\r\n")
         buf = b""
         while b"\r\n250 " not in b"\r\n" + buf:

@@ -324,24 +324,12 @@ class TLSStream(trio.abc.Stream):
                 view = memoryview(data).cast("B")
                 while view:             # a memory BIO takes everything at once
                     view = view[self._conn.send(view[:_SEND_CHUNK]):]
-            except SSL.Error:           # not expected after the handshake: the long way
+            except SSL.Error:           # not expected after the handshake
                 self._mark_broken()
                 await self.aclose()
                 raise trio.BrokenResourceError("TLS write failed") from None
-            self._close_notify_sent = True
-            try:
-                self._conn.shutdown()
-            except SSL.Error:
-                pass
-            to_send = self._take_outgoing()
-            self._state = _State.CLOSED
-            try:
-                with trio.move_on_after(self.close_notify_timeout):
-                    await self._send_locked(to_send)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                await self.transport_stream.aclose()
+        # the encrypted data is still in the outgoing BIO: aclose() sends it with close_notify
+        await self.aclose()
 
     async def wait_send_all_might_not_block(self) -> None:
         async with self._send_lock:
