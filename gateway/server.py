@@ -188,7 +188,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
             pool_size=up.pool_size if listener.protocol == "smtp" else 0,
-            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse)
+            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
+            tls_resumption=config.profiles[up.profile].session_resumption)
         smtp = listener.protocol == "smtp"
         alerts = None
         if smtp and config.alert_recipients:

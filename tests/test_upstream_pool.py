@@ -265,3 +265,64 @@ async def test_pool_close_all_quits_and_refuses_more():
         await pool.close_all()
     assert all(leg.quitted for leg in legs)
     assert not pool.give(_Leg(s))
+
+
+async def test_a_new_upstream_tls_connection_resumes_the_last_session(upstream_cert):
+    """With reuse off, each session connects anew; from the second on the TLS handshake
+    resumes the worker's last session to that upstream (SPEC §4.4)."""
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert)) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          upstream_tls="required",
+                                          upstream={"pool_size": 0})])
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                replies = await _send_n(gw.addresses["smtp"][1], 3)
+                await sink.wait_for_messages(3)
+    assert [r[0] for r in replies] == [250, 250, 250]
+    assert sink.connections == 3 and all(m.tls for m in sink.messages)
+    legs = logs.of("tls", side="upstream")
+    assert [leg.get("resumed") for leg in legs] == [None, True, True]
+
+
+async def test_upstream_resumption_off_in_the_profile_means_full_handshakes(upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert)) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          upstream_tls="required",
+                                          upstream={"pool_size": 0, "profile": "noresume"})])
+        data["tls_profiles"] = {"noresume": {"clone": "default", "session_resumption": False}}
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                await _send_n(gw.addresses["smtp"][1], 2)
+                await sink.wait_for_messages(2)
+    assert [leg.get("resumed") for leg in logs.of("tls", side="upstream")] == [None, None]
+
+
+async def test_a_resumed_session_is_verified_only_if_the_original_was():
+    from gateway.relay.tls_legs import resumed_info
+    from gateway.tls.stream import TLSInfo
+    info = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128, "CN=x", True, True, None, True)
+    s = _settings()
+    s.tls_sessions["last"] = (object(), False)
+    assert resumed_info(info, s).verified is False
+    assert "not verified" in resumed_info(info, s).verify_error
+    s.tls_sessions["last"] = (object(), True)
+    assert resumed_info(info, s).verified is True
+    fresh = TLSInfo("TLSv1.3", "x", 128, "CN=x", True, True, None, False)
+    s.tls_sessions["last"] = (object(), False)
+    assert resumed_info(fresh, s) is fresh        # a full handshake stands on its own
+
+
+async def test_a_resumed_verify_leg_is_still_verified(upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert)) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none",
+                                          upstream_tls="verify",
+                                          upstream={"pool_size": 0, "profile": "testca",
+                                                    "server_name": "upstream.test"})],
+                           ca_file=upstream_cert.ca)
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                replies = await _send_n(gw.addresses["smtp"][1], 2)
+                await sink.wait_for_messages(2)
+    assert [r[0] for r in replies] == [250, 250]
+    legs = logs.of("tls", side="upstream")
+    assert [(leg.get("resumed"), leg["verified"]) for leg in legs] == [(None, True), (True, True)]

@@ -7,6 +7,8 @@ upstream with the settings' context, SNI and (at `verify`) the name check.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 
 from ..errors import TLSError
@@ -47,10 +49,16 @@ async def accept_client_tls(rt, stream, strength: str | None, log) -> TLSStream 
 
 
 async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, float]:
-    """The upstream leg's handshake: (TLS stream, seconds); HandshakeFailed with the reason."""
+    """The upstream leg's handshake: (TLS stream, seconds); HandshakeFailed with the reason.
+
+    It offers the TLS session of this worker's last leg to the same upstream (SPEC §4.4),
+    unless the profile turns resumption off; see remember_upstream_session()."""
     tls = TLSStream(stream, settings.tls_context, server_side=False,
                     server_hostname=settings.server_name or settings.host,
                     verify_hostname=level == "verify")
+    cached = settings.tls_sessions.get("last") if settings.tls_resumption else None
+    if cached is not None:
+        tls.offer_session(cached[0])
     start = trio.current_time()
     try:
         with trio.fail_after(settings.connect_timeout):
@@ -58,6 +66,27 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
     except _FAILURES as exc:
         raise HandshakeFailed(_reason(exc)) from None
     return tls, trio.current_time() - start
+
+
+def resumed_info(info, settings):
+    """A resumed upstream session counts as verified only if the one it resumes was."""
+    cached = settings.tls_sessions.get("last")
+    if not info.resumed or not info.verified or (cached is not None and cached[1]):
+        return info
+    return dataclasses.replace(info, verified=False,
+                               verify_error="resumed a session that was not verified")
+
+
+def remember_upstream_session(tls: TLSStream, info, settings) -> None:
+    """Keep the leg's TLS session (with whether it was verified) for the next leg."""
+    if not settings.tls_resumption:
+        return
+    try:
+        session = tls.session()
+    except Exception:               # no session to keep: the next leg does a full handshake
+        return
+    if session is not None:
+        settings.tls_sessions["last"] = (session, info.verified)
 
 
 def fallback_logger(rt, log):
@@ -83,4 +112,5 @@ def record_upstream_leg(rt, log, leg, level: str, *, reused: bool = False) -> No
         metrics.tls_handshakes_total.labels(name, "upstream", info.version, "ok").inc()
         metrics.tls_handshake_seconds.labels(name, "upstream").observe(leg.handshake_seconds)
     log.event("tls", side="upstream", version=info.version, cipher=info.cipher, bits=info.bits,
-              verified=info.verified, peer=info.peer_subject, reused=flag)
+              verified=info.verified, peer=info.peer_subject,
+              resumed=True if info.resumed else None, reused=flag)

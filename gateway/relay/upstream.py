@@ -7,7 +7,7 @@ leg satisfies its level. Every failure becomes an `UpstreamFailure` carrying the
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -15,7 +15,8 @@ from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
 from ..sockstream import open_tcp
-from .tls_legs import HandshakeFailed, upstream_handshake
+from .tls_legs import (HandshakeFailed, remember_upstream_session, resumed_info,
+                       upstream_handshake)
 
 TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
 
@@ -56,6 +57,9 @@ class UpstreamSettings:
     pool_size: int = 0             # idle legs kept per worker (gateway.relay.pool)
     pool_idle: float = 5.0
     pool_max_reuse: int = 100
+    tls_resumption: bool = True    # the upstream profile's session_resumption
+    # this worker's last TLS session to the upstream and whether it was verified (tls_legs)
+    tls_sessions: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class TLSFallback(Exception):
@@ -102,6 +106,8 @@ class UpstreamLegBase:
             leg.tls_offered = leg.tls_failed = True
             leg.tls_error = fb.reason
             await leg._open(try_tls=False, **kwargs)
+        if leg.tls is not None:         # the greeting/EHLO read after TLS brought the tickets
+            remember_upstream_session(leg.stream, leg.tls, settings)
         return leg
 
     async def _connect(self) -> None:
@@ -129,7 +135,7 @@ class UpstreamLegBase:
                                   tls_required=self.requires_tls
                                   or self.settings.mode == "implicit")
         self.stream = tls
-        self.tls = tls.info
+        self.tls = resumed_info(tls.info, self.settings)
 
     def abandon(self) -> None:
         """Close at once without awaiting (a pooled leg found dead, no task using it)."""

@@ -192,6 +192,15 @@ class TLSStream(trio.abc.Stream):
     def handshake_complete(self) -> bool:
         return self._info is not None
 
+    def offer_session(self, session) -> None:
+        """Client side, before the handshake: ask to resume *session* (from session())."""
+        self._conn.set_session(session)
+
+    def session(self):
+        """The TLS session to resume later (TLS 1.3: complete once the server's tickets were
+        read, i.e. after the first receive)."""
+        return self._conn.get_session()
+
     def quiet(self) -> bool:
         """Usable, no plaintext held in OpenSSL and nothing waiting on the transport (an idle
         pooled leg's check, see LeanSocketStream.quiet)."""
