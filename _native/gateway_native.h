@@ -1,5 +1,5 @@
-/* The native core's whole exported API. _native/build.py declares exactly this to cffi (its
- * cdef must match, minus the #defines and comments); gateway/native.py wraps it and checks
+/* The native core's whole exported API. _native/build.py hands this file, without its
+ * preprocessor lines, to cffi's cdef; gateway/native.py wraps it and checks
  * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py (scanner),
  * gateway/pymatch.py (rule matcher). */
 #ifndef GATEWAY_NATIVE_H
