@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import free_port, require, wait_for_port
+from peers import PeerProcess, free_port, require, wait_for_port
 
 __all__ = ["DovecotInstance"]
 
@@ -101,7 +101,7 @@ class DovecotError(RuntimeError):
     pass
 
 
-class DovecotInstance:
+class DovecotInstance(PeerProcess):
     def __init__(self, directory, *, cert, users=None, extra: dict | None = None):
         self.dir = Path(directory)
         self.cert = cert
@@ -112,6 +112,7 @@ class DovecotInstance:
         self.tls_port = free_port()
         self.conf = self.dir / "dovecot.conf"
         self.log_path = self.dir / "dovecot.log"
+        self.console_path = self.dir / "console.log"
         self._proc: subprocess.Popen | None = None
 
     def write_config(self) -> None:
@@ -138,7 +139,7 @@ class DovecotInstance:
     def start(self, timeout: float = 20) -> "DovecotInstance":
         dovecot = require("dovecot")
         self.write_config()
-        self._console = open(self.dir / "console.log", "ab")
+        self._console = open(self.console_path, "ab")
         self._proc = subprocess.Popen([dovecot, "-c", str(self.conf), "-F"],
                                       stdin=subprocess.DEVNULL, stdout=self._console,
                                       stderr=subprocess.STDOUT, start_new_session=True)
@@ -178,28 +179,3 @@ class DovecotInstance:
                 console.close()
                 self._console = None
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def console_text(self) -> str:
-        try:
-            return (self.dir / "console.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> "DovecotInstance":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> "DovecotInstance":
-        import trio
-        return await trio.to_thread.run_sync(self.start)
-
-    async def __aexit__(self, *exc_info) -> None:
-        import trio
-        await trio.to_thread.run_sync(self.stop)

@@ -288,7 +288,43 @@ def _stop_leftover_instances() -> None:
             pf.stop()
 
 
-class PostfixInstance:
+class PeerProcess:
+    """What the private peer instances share: their log files read as text (empty before
+    they exist) and use as a context manager, sync or async (start in a thread).
+    A subclass has `log_path`, `console_path`, `start()` returning itself, and `stop()`."""
+
+    log_path: Path
+    console_path: Path
+
+    def log_text(self) -> str:
+        return _read_text(self.log_path)
+
+    def console_text(self) -> str:
+        return _read_text(self.console_path)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    async def __aenter__(self):
+        import trio
+        return await trio.to_thread.run_sync(self.start)
+
+    async def __aexit__(self, *exc_info) -> None:
+        import trio
+        await trio.to_thread.run_sync(self.stop)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+class PostfixInstance(PeerProcess):
     """A private Postfix instance (see the module docstring).  Use as a context manager."""
 
     #: sender log line for an outgoing TLS session; group 1 = Trusted/Untrusted/Anonymous/...,
@@ -573,20 +609,6 @@ class PostfixInstance:
                 self._console.close()
                 self._console = None
 
-    def __enter__(self) -> "PostfixInstance":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> "PostfixInstance":
-        import trio
-        return await trio.to_thread.run_sync(self.start)
-
-    async def __aexit__(self, *exc_info) -> None:
-        import trio
-        await trio.to_thread.run_sync(self.stop)
-
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -606,18 +628,6 @@ class PostfixInstance:
                 return f.read()
         except FileNotFoundError:
             return b""
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def console_text(self) -> str:
-        try:
-            return self.console_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, regex: str | re.Pattern, timeout: float = 30) -> re.Match:
         """Bounded poll of the maillog until ``regex`` matches; returns the match."""
