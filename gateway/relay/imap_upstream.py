@@ -55,19 +55,8 @@ class IMAPUpstreamLeg(UpstreamLegBase):
                 raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, "PREAUTH greeting")
             if not self.client.capabilities:
                 await self.capability()
-            if s.mode == "starttls" and self.level != "none" and try_tls:
-                if "STARTTLS" in self.client.capabilities:
-                    self.tls_offered = True
-                    await self._starttls()
-                elif self.requires_tls:
-                    await self._logout_quietly()
-                    raise UpstreamFailure(R.UPSTREAM_TLS_NOT_OFFERED, "STARTTLS not offered",
-                                          tls_required=True)
-            if self.level == "verify" and not (self.tls and self.tls.verified):
-                await self._logout_quietly()
-                why = (self.tls.verify_error if self.tls else None) or "not verified"
-                raise UpstreamFailure(R.UPSTREAM_NOT_TRUSTED, f"certificate: {why}",
-                                      tls_required=True)
+            await self._negotiate_tls(offered="STARTTLS" in self.client.capabilities,
+                                      try_tls=try_tls)
             if s.forward_client and client_addr and "ID" in self.client.capabilities:
                 ip, port = client_addr[0], client_addr[1]
                 tag, data = self.client.raw_command(
@@ -197,7 +186,8 @@ class IMAPUpstreamLeg(UpstreamLegBase):
 
     # --- closing ----------------------------------------------------------------------------
 
-    async def _logout_quietly(self) -> None:
+    async def _goodbye(self) -> None:
+        """LOGOUT, not waiting more than 2 s, ignoring failures."""
         try:
             with trio.move_on_after(2):
                 tag, pieces = self.client.command("LOGOUT")

@@ -150,6 +150,24 @@ class UpstreamLegBase:
         return (not self.closed and stream is not None
                 and getattr(stream, "quiet", None) is not None and stream.quiet())
 
+    async def _negotiate_tls(self, *, offered: bool, try_tls: bool) -> None:
+        """Once the upstream's capabilities are known: STARTTLS as the level asks, then the
+        `verify` gate (§3.2). A subclass provides `_starttls()` and `_goodbye()` (QUIT or
+        LOGOUT before giving up)."""
+        if self.settings.mode == "starttls" and self.level != "none" and try_tls:
+            if offered:
+                self.tls_offered = True
+                await self._starttls()
+            elif self.requires_tls:
+                await self._goodbye()
+                raise UpstreamFailure(R.UPSTREAM_TLS_NOT_OFFERED, "STARTTLS not offered",
+                                      tls_required=True)
+        if self.level == "verify" and not (self.tls and self.tls.verified):
+            await self._goodbye()
+            why = (self.tls.verify_error if self.tls else None) or "not verified"
+            raise UpstreamFailure(R.UPSTREAM_NOT_TRUSTED, f"certificate: {why}",
+                                  tls_required=True)
+
     async def close(self) -> None:
         """Close at once (shielded, bounded); mid-DATA this drops the message."""
         self.closed = True
@@ -204,19 +222,7 @@ class UpstreamLeg(UpstreamLegBase):
             if greeting.code != 220:
                 raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"greeting {greeting.code}")
             await self._ehlo()
-            if s.mode == "starttls" and self.level != "none" and try_tls:
-                if "STARTTLS" in self.extensions:
-                    self.tls_offered = True
-                    await self._starttls()
-                elif self.level in TLS_LEVELS_REQUIRING_TLS:
-                    await self._quit_quietly()
-                    raise UpstreamFailure(R.UPSTREAM_TLS_NOT_OFFERED, "STARTTLS not offered",
-                                          tls_required=True)
-            if self.level == "verify" and not (self.tls and self.tls.verified):
-                await self._quit_quietly()
-                why = (self.tls.verify_error if self.tls else None) or "not verified"
-                raise UpstreamFailure(R.UPSTREAM_NOT_TRUSTED, f"certificate: {why}",
-                                      tls_required=True)
+            await self._negotiate_tls(offered="STARTTLS" in self.extensions, try_tls=try_tls)
             if s.forward_client and client_addr and "XCLIENT" in self.extensions:
                 await self._xclient(client_addr, client_helo)
         except BaseException:
@@ -350,7 +356,8 @@ class UpstreamLeg(UpstreamLegBase):
                 await self.close()
         self.in_transaction = False
 
-    async def _quit_quietly(self) -> None:
+    async def _goodbye(self) -> None:
+        """QUIT, not waiting more than 2 s, ignoring failures."""
         try:
             with trio.move_on_after(2):
                 await self.command("QUIT")
@@ -359,7 +366,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def quit(self) -> None:
         if not self.closed:
-            await self._quit_quietly()
+            await self._goodbye()
         await self.close()
 
     async def close(self) -> None:
