@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -407,3 +408,33 @@ async def test_a_worker_that_cannot_start_stops_the_gateway_with_exit_code_1(tmp
             await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
             code = await in_thread(lambda: gw.proc.wait(30))
     assert code == 1                        # it was 0: an init script saw a clean stop
+
+
+async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_reload(
+        tmp_path, server_cert, upstream_cert, ports):
+    """The supervisor loads the certificates before forking (server.build_tls): a key that
+    does not belong to its certificate ends the start with exit code 1, and a reload to such
+    a pair keeps the running workers."""
+    port, metrics_port = ports
+    broken = types.SimpleNamespace(cert=server_cert.cert, key=upstream_cert.key)
+    async with running_sink() as sink:
+        kw = dict(port=port, sink_port=sink.port, metrics_port=metrics_port, workers=1)
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, server_cert=broken, **kw)
+        gw = GatewayProcess(cfg)
+        with trio.fail_after(60):
+            await in_thread(lambda: gw.wait_for(r"event=fatal .*TLS: "))
+            assert await in_thread(lambda: gw.proc.wait(30)) == 1
+        write_config(cfg, server_cert=server_cert, **kw)
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening"))
+                write_config(cfg, server_cert=broken, **kw)
+                gw.proc.send_signal(signal.SIGHUP)
+                # (the reload's file check already refuses the pair, before build_tls would)
+                await in_thread(lambda: gw.wait_for(r"event=reload_failed .*key"))
+                still = await in_thread(plaintext_mail, port)
+        finally:
+            assert gw.stop() == 0
+    assert still[0] == 250 and "event=reloaded" not in "".join(gw.lines)

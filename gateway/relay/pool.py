@@ -31,8 +31,6 @@ class UpstreamPool:
         self._idle: dict[tuple, collections.deque] = {}
         self.nursery = None            # set by serve(): QUITs run there
         self.closed = False
-        self.kept = 0                  # legs given back and kept (for tests and stats)
-        self.reused = 0                # legs handed out again
 
     @staticmethod
     def key(settings, level: str) -> tuple:
@@ -63,7 +61,6 @@ class UpstreamPool:
                 self._dispose(leg, polite=False)
                 continue
             leg.uses += 1
-            self.reused += 1
             return leg
         return None
 
@@ -77,7 +74,6 @@ class UpstreamPool:
         if len(queue) >= s.pool_size:
             return False
         queue.append((leg, trio.current_time()))
-        self.kept += 1
         return True
 
     # --- expiry -----------------------------------------------------------------------------
