@@ -302,13 +302,13 @@ async def test_a_resumed_session_is_verified_only_if_the_original_was():
     from gateway.tls.stream import TLSInfo
     info = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", 128, "CN=x", True, True, None, True)
     s = _settings()
-    s.tls_sessions["last"] = (object(), False)
+    s.last_tls_session = (object(), False)
     assert resumed_info(info, s).verified is False
     assert "not verified" in resumed_info(info, s).verify_error
-    s.tls_sessions["last"] = (object(), True)
+    s.last_tls_session = (object(), True)
     assert resumed_info(info, s).verified is True
     fresh = TLSInfo("TLSv1.3", "x", 128, "CN=x", True, True, None, False)
-    s.tls_sessions["last"] = (object(), False)
+    s.last_tls_session = (object(), False)
     assert resumed_info(fresh, s) is fresh        # a full handshake stands on its own
 
 

@@ -56,7 +56,7 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
     tls = TLSStream(stream, settings.tls_context, server_side=False,
                     server_hostname=settings.server_name or settings.host,
                     verify_hostname=level == "verify")
-    cached = settings.tls_sessions.get("last") if settings.tls_resumption else None
+    cached = settings.last_tls_session if settings.tls_resumption else None
     if cached is not None:
         tls.offer_session(cached[0])
     start = trio.current_time()
@@ -70,7 +70,7 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
 
 def resumed_info(info, settings):
     """A resumed upstream session counts as verified only if the one it resumes was."""
-    cached = settings.tls_sessions.get("last")
+    cached = settings.last_tls_session
     if not info.resumed or not info.verified or (cached is not None and cached[1]):
         return info
     return dataclasses.replace(info, verified=False,
@@ -86,7 +86,7 @@ def remember_upstream_session(tls: TLSStream, info, settings) -> None:
     except Exception:               # no session to keep: the next leg does a full handshake
         return
     if session is not None:
-        settings.tls_sessions["last"] = (session, info.verified)
+        settings.last_tls_session = (session, info.verified)
 
 
 def fallback_logger(rt, log):

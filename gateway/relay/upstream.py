@@ -59,7 +59,7 @@ class UpstreamSettings:
     pool_max_reuse: int = 100
     tls_resumption: bool = True    # the upstream profile's session_resumption
     # this worker's last TLS session to the upstream and whether it was verified (tls_legs)
-    tls_sessions: dict = field(default_factory=dict, compare=False, repr=False)
+    last_tls_session: tuple | None = field(default=None, compare=False, repr=False)
 
 
 class TLSFallback(Exception):
