@@ -3,9 +3,9 @@
 The supervisor calls `prepare_multiprocess_dir()` before anything imports prometheus_client
 (the value class is chosen at import), forks workers that each build `Metrics()`, serves one
 endpoint with a fresh registry per scrape (`MetricsServer`), and marks reaped workers dead
-(`mark_process_dead`). A scrape reads the value files as MultiProcessCollector does, but one
-file at a time: a file being created, removed or left unreadable by a killed worker is skipped,
-never a failed scrape (`_TolerantCollector`). Without metrics, `NullMetrics` offers the same
+(`mark_process_dead`). A scrape reads the value files as MultiProcessCollector does; a file being
+created, removed or left unreadable by a killed worker is skipped, never a failed scrape
+(`_TolerantCollector`). Without metrics, `NullMetrics` offers the same
 attributes as no-ops, so call sites never check.
 
 prometheus_client is imported lazily (inside functions) so that importing this module never
@@ -225,23 +225,23 @@ def _usable(path: str) -> bool:
 
 
 class _TolerantCollector:
-    """MultiProcessCollector over the value files that can be read: each file is checked on
-    its own first, and one that cannot be read is skipped (listed in `skipped`) instead of
-    failing the scrape. Files only grow, so a file that checks out stays readable; the
-    live-gauge files that mark_process_dead removes are ignored by merge() when missing."""
+    """MultiProcessCollector that survives an unreadable value file: the usual scrape merges
+    every file once; if that fails, each file is checked on its own and the ones that cannot
+    be read are left out of this scrape. Files only grow, so a file that checks out stays
+    readable; the live-gauge files mark_process_dead removes are ignored by merge() when
+    missing."""
 
     def __init__(self, path: str):
         self.path = path
-        self.skipped: list[str] = []
 
     def collect(self):
         from prometheus_client.multiprocess import MultiProcessCollector
         files = sorted(glob.glob(os.path.join(glob.escape(self.path), "*.db")))
-        usable = []
-        for f in files:
-            (usable if _usable(f) else self.skipped).append(f)
-        self.skipped = [os.path.basename(f) for f in self.skipped]
-        return MultiProcessCollector.merge(usable, accumulate=True)
+        try:
+            return MultiProcessCollector.merge(files, accumulate=True)
+        except Exception:                   # a file being made, or left damaged (see above)
+            return MultiProcessCollector.merge([f for f in files if _usable(f)],
+                                               accumulate=True)
 
 
 def render() -> tuple[bytes, str]:
