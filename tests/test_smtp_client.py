@@ -105,11 +105,7 @@ def test_enhanced_detection(text, enhanced):
 
 
 def test_reply_classes():
-    r = Reply(250, ("ok",))
-    assert r.is_positive and r.is_completion and not r.is_negative and r.kind == 2
-    assert Reply(354, ("go",)).is_intermediate and Reply(354, ("go",)).is_positive
-    assert Reply(421, ("bye",)).is_transient and Reply(421, ("x",)).is_negative
-    assert Reply(550, ("no",)).is_permanent and not Reply(550, ("no",)).is_positive
+    assert [Reply(c, ("x",)).kind for c in (250, 354, 421, 550)] == [2, 3, 4, 5]
     assert Reply(250, ()).text == ""
 
 
@@ -316,3 +312,69 @@ def test_parse_ehlo_details():
                                         "XCLIENT": "ADDR PORT NAME HELO", "8BITMIME": ""}
     assert SMTPClient.parse_ehlo(Reply(250, ("only.name",))) == {}
     assert SMTPClient.parse_ehlo(Reply(502, ("5.5.1 no", "STARTTLS"))) == {}
+
+
+def _answer(client: SMTPClient, wire: bytes) -> Reply:
+    client.receive_data(wire)
+    return client.next_reply()
+
+
+def test_client_role_state_is_moved_by_replies():
+    """The client role's table: EHLO sets extensions, MAIL opens, 354 enters the message,
+    the reply to the final dot ends the transaction; the leg sets none of these itself."""
+    c = SMTPClient()
+    _answer(c, b"220 up ESMTP\r\n")
+    c.command("EHLO gw")
+    assert c.data_to_send() == b"EHLO gw\r\n"
+    _answer(c, b"250-up\r\n250-PIPELINING\r\n250 DSN\r\n")
+    assert set(c.extensions) == {"PIPELINING", "DSN"}
+    assert c.mail("a@x", {"SIZE": "10", "RET": "HDRS"}) == ["SIZE"]
+    assert c.rcpt("b@y", {"NOTIFY": "NEVER"}) == []
+    assert c.data_to_send() == b"MAIL FROM:<a@x> RET=HDRS\r\nRCPT TO:<b@y> NOTIFY=NEVER\r\n"
+    assert not c.in_transaction
+    _answer(c, b"250 ok\r\n")
+    assert c.in_transaction
+    _answer(c, b"250 ok\r\n")
+    c.command("DATA")
+    c.data_to_send()
+    with pytest.raises(ProtocolError):
+        c.message_data(b"too early\r\n")
+    _answer(c, b"354 go\r\n")
+    assert c.in_data
+    c.message_data(b"Subject: x\r\n")
+    c.message_data(b"\r\nbody\r\n")
+    assert c.buffered == len(b"Subject: x\r\n\r\nbody\r\n")
+    c.end_message()
+    assert not c.in_data and c.in_transaction
+    assert c.data_to_send() == b"Subject: x\r\n\r\nbody\r\n.\r\n" and c.buffered == 0
+    _answer(c, b"250 queued\r\n")
+    assert not c.in_transaction and c.last_command == "."
+
+
+def test_client_role_refusals_leave_state():
+    c = SMTPClient(greeting=False)
+    c.mail("a@x", {})
+    _answer(c, b"550 no\r\n")
+    assert not c.in_transaction
+    c.mail("a@x", {})
+    _answer(c, b"250 ok\r\n")
+    c.command("DATA")
+    _answer(c, b"451 later\r\n")
+    assert c.in_transaction and not c.in_data
+    c.command("RSET")
+    _answer(c, b"250 ok\r\n")
+    assert not c.in_transaction
+    c.command("HELO gw")
+    _answer(c, b"250 up\r\n")
+    assert c.extensions == {}
+
+
+def test_client_xclient_and_reset_forget_extensions():
+    c = SMTPClient(greeting=False)
+    c.xclient("2001:db8::1", 25, "h+o=st")
+    assert c.data_to_send() == (b"XCLIENT ADDR=IPV6:2001:db8::1 PORT=25 NAME=[UNAVAILABLE] "
+                                b"HELO=h+2Bo+3Dst\r\n")
+    c.extensions = {"STARTTLS": ""}
+    _answer(c, b"220 go\r\n")
+    c.reset()
+    assert c.extensions == {}

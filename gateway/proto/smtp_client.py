@@ -27,6 +27,14 @@ STARTTLS and response injection (SPEC §6, CVE-2021-38371 class)::
 
 `reset()` refuses (ProtocolError) to run while leftover bytes are still buffered, so the check
 cannot be skipped silently.
+
+The client role's state lives here too, as h11 keeps each role's state machine beside its
+parser: commands are queued (`command()`, `mail()`, `rcpt()`, `message_data()`,
+`end_message()`) and leave through `data_to_send()`, so pipelined commands and the chunks of a
+message go out in one write; each reply read moves the state by the table `_TRANSITIONS`
+(EHLO's 250 sets `extensions`, MAIL's 2xx opens the transaction, DATA's 354 enters the
+message, the reply to the final dot or RSET's 250 ends it). The trio leg only moves bytes and
+never sets these flags itself.
 """
 from __future__ import annotations
 
@@ -68,31 +76,6 @@ class Reply:
         """First digit of the code: 2 completion, 3 intermediate, 4 transient, 5 permanent."""
         return self.code // 100
 
-    @property
-    def is_positive(self) -> bool:
-        """2xx or 3xx: the command was accepted (or may go on)."""
-        return self.kind in (2, 3)
-
-    @property
-    def is_completion(self) -> bool:
-        return self.kind == 2
-
-    @property
-    def is_intermediate(self) -> bool:
-        return self.kind == 3
-
-    @property
-    def is_transient(self) -> bool:
-        return self.kind == 4
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.kind == 5
-
-    @property
-    def is_negative(self) -> bool:
-        return self.kind in (4, 5)
-
     def relay_lines(self, add_enhanced: bool = True) -> list[str]:
         """The reply's lines as our own client gets them.
 
@@ -131,6 +114,12 @@ class SMTPClient:
         self._pending: deque[str] = deque()     # verbs of commands sent, awaiting replies
         self._greeting = greeting
         self.last_command: str | None = None    # verb the last reply answered (None: greeting)
+        # the client role's state (moved by _TRANSITIONS as replies are read)
+        self.extensions: dict[str, str] = {}    # of the last 250 EHLO (HELO: none)
+        self.in_transaction = False             # MAIL accepted, not yet ended or RSET
+        self.in_data = False                    # DATA answered 354, the final dot not queued
+        self._out: list[bytes] = []             # queued for data_to_send()
+        self._out_size = 0
 
     # --- input ------------------------------------------------------------------------------
 
@@ -190,7 +179,10 @@ class SMTPClient:
                     self._greeting = False
                     self.last_command = None
                 elif self._pending:
-                    self.last_command = self._pending.popleft()
+                    self.last_command = verb = self._pending.popleft()
+                    step = _TRANSITIONS.get(verb)
+                    if step is not None:
+                        step(self, reply)
                 else:
                     self.last_command = None    # unsolicited (e.g. 421 before closing)
                 return reply
@@ -207,6 +199,77 @@ class SMTPClient:
         data = command.encode("utf-8", "surrogateescape") + b"\r\n"
         self._pending.append(command.split(" ", 1)[0].upper())
         return data
+
+    def command(self, command: str) -> None:
+        """Queue one command line for `data_to_send()` (rendered as `send()` does)."""
+        self._queue(self.send(command))
+
+    def mail(self, address: str, params: dict) -> list[str]:
+        """Queue MAIL FROM with the client's parameters the server's EHLO supports.
+
+        Returns the names of parameters dropped because the server lacks their extension
+        (DSN's RET/ENVID, say), for the caller to log."""
+        ext = self.extensions
+        keep = {"SIZE": "SIZE" in ext, "BODY": "8BITMIME" in ext, "SMTPUTF8": "SMTPUTF8" in ext,
+                "RET": "DSN" in ext, "ENVID": "DSN" in ext}
+        text, dropped = _params(params, keep)
+        self.command(f"MAIL FROM:<{address}>" + text)
+        return dropped
+
+    def rcpt(self, address: str, params: dict) -> list[str]:
+        """Queue RCPT TO with the parameters the server supports (NOTIFY/ORCPT need DSN).
+        Returns the dropped parameter names, as `mail()`."""
+        dsn = "DSN" in self.extensions
+        text, dropped = _params(params, {"NOTIFY": dsn, "ORCPT": dsn})
+        self.command(f"RCPT TO:<{address}>" + text)
+        return dropped
+
+    def xclient(self, ip: str, port: int, helo: str | None) -> None:
+        """Queue XCLIENT with the client's address, port and HELO name (xtext-encoded)."""
+        if ":" in ip:
+            ip = "IPV6:" + ip
+        attrs = [f"ADDR={ip}", f"PORT={port}", "NAME=[UNAVAILABLE]"]
+        if helo:
+            attrs.append(f"HELO={_xtext(helo)}")
+        self.command("XCLIENT " + " ".join(attrs))
+
+    def message_data(self, data: bytes) -> None:
+        """Queue message bytes (already in upstream framing) after DATA's 354."""
+        if not self.in_data:
+            raise ProtocolError("message data outside DATA")
+        self._queue(data)
+
+    def end_message(self) -> None:
+        """Queue the final dot; its reply ends the transaction."""
+        if not self.in_data:
+            raise ProtocolError("end of message outside DATA")
+        self._queue(b".\r\n")
+        self._pending.append(".")
+        self.in_data = False
+
+    def data_to_send(self) -> bytes:
+        """Everything queued, in one piece (one write), and the queue emptied."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._out = []
+        self._out_size = 0
+        return data
+
+    def discard_output(self) -> None:
+        """Forget what is queued (the connection is being dropped)."""
+        self._out = []
+        self._out_size = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued and not yet taken by `data_to_send()`."""
+        return self._out_size
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
 
     @property
     def pending(self) -> int:
@@ -248,6 +311,8 @@ class SMTPClient:
         self._pending.clear()
         self._greeting = False
         self.last_command = None
+        self.extensions = {}               # only what the encrypted EHLO offers counts (§6)
+        self.discard_output()
 
     # --- EHLO -------------------------------------------------------------------------------
 
@@ -264,6 +329,58 @@ class SMTPClient:
             if keyword:
                 ext.setdefault(keyword.upper(), params.strip())
         return ext
+
+
+# --- the client role's transitions (verb of the command a reply answers → step) -------------
+
+def _ehlo_reply(client: SMTPClient, reply: Reply) -> None:
+    if reply.code == 250:
+        client.extensions = SMTPClient.parse_ehlo(reply)
+
+
+def _helo_reply(client: SMTPClient, reply: Reply) -> None:
+    if reply.code == 250:
+        client.extensions = {}
+
+
+def _mail_reply(client: SMTPClient, reply: Reply) -> None:
+    if reply.code // 100 == 2:
+        client.in_transaction = True
+
+
+def _data_reply(client: SMTPClient, reply: Reply) -> None:
+    if reply.code == 354:
+        client.in_data = True
+
+
+def _end_reply(client: SMTPClient, reply: Reply) -> None:
+    client.in_transaction = False          # the message is taken or refused: either way over
+
+
+def _rset_reply(client: SMTPClient, reply: Reply) -> None:
+    if reply.code == 250:
+        client.in_transaction = False
+
+
+_TRANSITIONS = {"EHLO": _ehlo_reply, "HELO": _helo_reply, "MAIL": _mail_reply,
+                "DATA": _data_reply, ".": _end_reply, "RSET": _rset_reply}
+
+
+def _params(params: dict, keep: dict) -> tuple[str, list[str]]:
+    """(" K=V K2" for the parameters *keep* allows, names of the others)."""
+    out, dropped = [], []
+    for key, value in params.items():
+        if keep.get(key):
+            out.append(key if value is None else f"{key}={value}")
+        else:
+            dropped.append(key)
+    return (" " + " ".join(out)) if out else "", dropped
+
+
+def _xtext(value: str) -> str:
+    """RFC 3461 xtext: printable ASCII except + and =, the rest as +HH."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
+                   for c in value)
 
 
 def _parse_line(raw: bytes) -> tuple[int, bool, str]:

@@ -207,6 +207,10 @@ class SMTPServer:
         self._buf.clear()
         return n
 
+    def close(self) -> None:
+        """The session ends here (a failed TLS handshake, say): no more input is processed."""
+        self.closed = True
+
     def tls_established(self) -> None:
         self.tls_active = True
         self.helo = None

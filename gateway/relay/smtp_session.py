@@ -92,7 +92,7 @@ class SMTPSession:
             if self.listener.tls == "implicit":
                 if not await self._handshake():
                     return
-                self.core.tls_active = True
+                self.core.tls_established()
             self.core.greeting()
             await self._flush()
             # one scope for every wait on the client (see _receive), not one per read
@@ -221,7 +221,7 @@ class SMTPSession:
         if discarded:
             self.log.event("starttls_injection", level="warning", discarded=discarded)
         if not await self._handshake():
-            self.core.closed = True
+            self.core.close()
             return
         self.core.tls_established()
         await self._end_transaction()
@@ -304,9 +304,8 @@ class SMTPSession:
                     txn.refusal = mail
                     self.core.respond(*relayed(mail))
                     return
-                self.leg.in_transaction = True
             else:
-                reply = await leg.command(self._rcpt_line(event, leg))
+                reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [event.address])
             txn.failure = failure.reply
@@ -326,8 +325,7 @@ class SMTPSession:
         reused = self._leg_from_pool
         self._leg_from_pool = False
         try:
-            mail, reply = await leg.commands([self._mail_line(txn.mail, leg),
-                                              self._rcpt_line(rcpt, leg)])
+            mail, reply = await leg.start_transaction(txn.mail, rcpt)
             if not reused or mail.code != 421:
                 return mail, reply
         except UpstreamFailure:
@@ -337,7 +335,7 @@ class SMTPSession:
         self.leg = None
         self.log.event("upstream_reuse_failed", level="debug")
         self.leg = leg = await self._open_leg(level, pooled=False)
-        return await leg.commands([self._mail_line(txn.mail, leg), self._rcpt_line(rcpt, leg)])
+        return await leg.start_transaction(txn.mail, rcpt)
 
     async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
         pool = self.rt.state.pool
@@ -384,16 +382,6 @@ class SMTPSession:
             await self.leg.close()
             self.leg = None
 
-    def _mail_line(self, mail: S.Mail, leg: UpstreamLeg) -> str:
-        ext = leg.extensions
-        keep = {"SIZE": "SIZE" in ext, "BODY": "8BITMIME" in ext, "SMTPUTF8": "SMTPUTF8" in ext,
-                "RET": "DSN" in ext, "ENVID": "DSN" in ext}
-        return f"MAIL FROM:<{mail.address}>" + _params(mail.params, keep)
-
-    def _rcpt_line(self, rcpt: S.Rcpt, leg: UpstreamLeg) -> str:
-        dsn = "DSN" in leg.extensions
-        return f"RCPT TO:<{rcpt.address}>" + _params(rcpt.params, {"NOTIFY": dsn, "ORCPT": dsn})
-
     def _refuse(self, reply: tuple[int, str], close: bool = False) -> None:
         if self.txn is not None:
             self.txn.last_refusal = (reply[0], _text(reply[1]))
@@ -417,7 +405,6 @@ class SMTPSession:
         try:
             reply = await leg.command("DATA")
             if reply.code == 354:
-                leg.in_data = True
                 self._leg_broken = False
                 self._msg_bytes = 0
                 self.core.respond(*relayed(reply))
@@ -548,14 +535,6 @@ def _rfc5322_now() -> str:
 
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)
-
-
-def _params(params: dict, keep: dict) -> str:
-    out = []
-    for key, value in params.items():
-        if keep.get(key):
-            out.append(key if value is None else f"{key}={value}")
-    return (" " + " ".join(out)) if out else ""
 
 
 def _text(text) -> str:

@@ -6,7 +6,6 @@ leg satisfies its level. Every failure becomes an `UpstreamFailure` carrying the
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 import trio
@@ -182,14 +181,32 @@ class UpstreamLegBase:
 
 
 class UpstreamLeg(UpstreamLegBase):
+    """The SMTP leg: the sans-IO client core (`proto.smtp_client.SMTPClient`) holds the
+    protocol state (extensions, transaction, message data queued); this class moves its
+    bytes and bounds each wait."""
+
     def __init__(self, settings: UpstreamSettings, level: str):
         super().__init__(settings, level)
         self.client = SMTPClient()
-        self.extensions: dict[str, str] = {}
-        self.in_transaction = False     # MAIL sent and not yet finished/RSET
-        self.in_data = False            # DATA answered 354, the final dot not yet sent
-        self._held: list[bytes] = []    # message data waiting for the next send_data()
-        self.held_size = 0
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self.client.extensions
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL accepted and not yet finished or RSET."""
+        return self.client.in_transaction
+
+    @property
+    def in_data(self) -> bool:
+        """DATA answered 354 and the final dot not yet sent."""
+        return self.client.in_data
+
+    @property
+    def held_size(self) -> int:
+        """Message bytes queued for the next send_data()."""
+        return self.client.buffered
 
     # --- policy -----------------------------------------------------------------------------
 
@@ -207,8 +224,9 @@ class UpstreamLeg(UpstreamLegBase):
 
     def reusable(self) -> bool:
         """Between transactions with nothing buffered either way: fit for the pool."""
-        return (not self.closed and self.stream is not None and not self.in_transaction
-                and not self.in_data and not self._held and not self.client.has_leftover())
+        client = self.client
+        return (not self.closed and self.stream is not None and not client.in_transaction
+                and not client.in_data and not client.buffered and not client.has_leftover())
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -232,12 +250,10 @@ class UpstreamLeg(UpstreamLegBase):
     async def _ehlo(self) -> None:
         reply = await self.command(f"EHLO {self.settings.helo_name}")
         if reply.code == 250:
-            self.extensions = self.client.parse_ehlo(reply)
             return
         reply = await self.command(f"HELO {self.settings.helo_name}")
         if reply.code != 250:
             raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"HELO refused {reply.code}")
-        self.extensions = {}
 
     async def _starttls(self) -> None:
         reply = await self.command("STARTTLS")
@@ -251,61 +267,59 @@ class UpstreamLeg(UpstreamLegBase):
         await self._ehlo()
 
     async def _xclient(self, client_addr, client_helo) -> None:
-        ip, port = client_addr[0], client_addr[1]
-        try:
-            if ipaddress.ip_address(ip).version == 6:
-                ip = "IPV6:" + ip
-        except ValueError:
-            pass
-        attrs = [f"ADDR={ip}", f"PORT={port}", "NAME=[UNAVAILABLE]"]
-        if client_helo:
-            attrs.append(f"HELO={_xtext(client_helo)}")
-        reply = await self.command("XCLIENT " + " ".join(attrs))
+        self.client.xclient(client_addr[0], client_addr[1], client_helo)
+        reply = await self._exchange()
         if reply.code == 220:            # a new greeting: say EHLO again
             await self._ehlo()
 
     # --- commands ---------------------------------------------------------------------------
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
-        await self._send(self.client.send(line))
+        self.client.command(line)
+        return await self._exchange(timeout)
+
+    async def _exchange(self, timeout: float | None = None) -> Reply:
+        """Send what the core queued, then read one reply."""
+        await self._send(self.client.data_to_send())
         return await self._read_reply(timeout=timeout)
 
-    async def commands(self, lines: list[str]) -> list[Reply | None]:
-        """Several commands in one write, then their replies in order (RFC 2920 PIPELINING;
-        only when the upstream offers it, else one by one)."""
-        if len(lines) == 1 or "PIPELINING" not in self.extensions:
-            replies = []
-            for line in lines:                # one by one, stopping at the first refusal
-                replies.append(await self.command(line))
-                if replies[-1].code // 100 != 2:
-                    break
-            return replies + [None] * (len(lines) - len(replies))
-        await self._send(b"".join(self.client.send(line) for line in lines))
-        return [await self._read_reply() for _ in lines]
+    async def start_transaction(self, mail, rcpt) -> tuple[Reply, Reply | None]:
+        """MAIL replayed with the first RCPT (server core events: `.address`, `.params`), in
+        one write where the upstream offers PIPELINING (RFC 2920); else one by one, with no
+        RCPT after a refused MAIL. Returns (MAIL's reply, RCPT's reply or None)."""
+        client = self.client
+        client.mail(mail.address, mail.params)
+        if "PIPELINING" in client.extensions:
+            client.rcpt(rcpt.address, rcpt.params)
+            await self._send(client.data_to_send())
+            return await self._read_reply(), await self._read_reply()
+        reply = await self._exchange()
+        if reply.code // 100 != 2:
+            return reply, None
+        return reply, await self.rcpt(rcpt)
+
+    async def rcpt(self, rcpt) -> Reply:
+        """One more RCPT in the open transaction."""
+        self.client.rcpt(rcpt.address, rcpt.params)
+        return await self._exchange()
 
     async def send_data(self, data: bytes = b"") -> None:
-        """Send what is held, then *data*, in one write."""
-        if self._held:
-            held = self._held
-            if data:
-                held.append(data)
-            data = held[0] if len(held) == 1 else b"".join(held)
-            self._held = []
-            self.held_size = 0
+        """Send the message data queued, then *data*, in one write."""
+        client = self.client
         if data:
-            await self._send(data)
+            client.message_data(data)
+        out = client.data_to_send()
+        if out:
+            await self._send(out)
 
     def hold_data(self, data: bytes) -> None:
-        """Data to go out with the next send_data() (one write instead of several)."""
-        self._held.append(data)
-        self.held_size += len(data)
+        """Message data to go out with the next send_data() (one write instead of several)."""
+        self.client.message_data(data)
 
     async def finish_data(self) -> Reply:
-        await self.send_data(b".\r\n")
-        self.in_data = False
-        reply = await self._read_reply(timeout=self.settings.data_done_timeout)
-        self.in_transaction = False
-        return reply
+        self.client.end_message()
+        await self._send(self.client.data_to_send())
+        return await self._read_reply(timeout=self.settings.data_done_timeout)
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -344,17 +358,17 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def reset(self) -> None:
         """End an unfinished transaction (RSET) so the leg can carry the next one."""
-        self._held, self.held_size = [], 0
-        if self.in_data:                # an RSET now would be message text: drop the leg
+        client = self.client
+        if client.in_data:              # an RSET now would be message text: drop the leg
             await self.close()
-        elif self.in_transaction and not self.closed:
+        elif client.in_transaction and not self.closed:
+            client.discard_output()
             try:
                 reply = await self.command("RSET")
                 if reply.code != 250:
                     await self.close()
             except UpstreamFailure:
                 await self.close()
-        self.in_transaction = False
 
     async def _goodbye(self) -> None:
         """QUIT, not waiting more than 2 s, ignoring failures."""
@@ -371,10 +385,5 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def close(self) -> None:
         """Close at once; mid-DATA this drops the message (no terminating dot is sent)."""
-        self._held, self.held_size = [], 0
+        self.client.discard_output()
         await super().close()
-
-
-def _xtext(value: str) -> str:
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value)
