@@ -24,7 +24,7 @@ from .relay.smtp_session import SMTPSession
 from .relay.pool import UpstreamPool
 from .relay.upstream import UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog, tick_for
-from .rules import ClientPolicy, EncryptionPolicy
+from .policy.stages import StagePolicy
 from .sockstream import LeanSocketStream
 from .tls import context as tls_context
 from .tls.certs import demo_certificate
@@ -75,8 +75,7 @@ class ListenerRuntime:
     log: object
     index: int = 0                      # position in config.listeners (connection counts)
     state: WorkerState | None = None
-    policy: EncryptionPolicy | None = None       # SMTP encryption rules (§4.3)
-    client_policy: ClientPolicy | None = None    # client rules (§4.3)
+    stages: StagePolicy | None = None            # each stage's decision (policy/)
     strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
     alerts: object = None                        # AlertMailer when alert e-mail is configured
 
@@ -200,8 +199,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
                 interval=config.alert_interval)
         runtimes.append(ListenerRuntime(
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
-            index, state, policy=EncryptionPolicy(listener) if smtp else None,
-            client_policy=ClientPolicy(listener), strength_ctx=strength_ctx, alerts=alerts))
+            index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
+            alerts=alerts))
     return runtimes, demo_used
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import trio
 
 from ..errors import TLSError
+from ..policy.stages import Facts
 from ..proto import imap_server as S
 from ..proto import replies as R
 from .imap_upstream import IMAPUpstreamLeg
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import UpstreamFailure, resolve_level
+from .upstream import UpstreamFailure
 
 _FAILURE_KINDS = {                    # metric label of each upstream failure (as SMTP's)
     R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
@@ -46,8 +47,10 @@ class IMAPSession:
         self.metrics = rt.state.metrics
         self.name = self.listener.name
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
-        self.client_level, self.cipher_strength = rt.client_policy.at_connect(
-            self.listener.client_tls, client_addr[0], log)
+        self.facts = Facts(self.listener.name, client_addr[0], client_addr[1])
+        rt.stages.client_level(self.facts, log)
+        self.client_level = self.facts.client_level
+        self.cipher_strength = self.facts.cipher_strength
         self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
         self.user: str | None = None
@@ -171,14 +174,14 @@ class IMAPSession:
         if tls is None:
             return False
         self.stream = tls
-        self.tls = tls.info
+        self.tls = self.facts.tls = tls.info
         return True
 
     # --- login ------------------------------------------------------------------------------
 
     async def _login(self, event: S.Login) -> None:
         user = event.user.decode("utf-8", "replace")
-        level = resolve_level(self.listener.upstream.tls, self.tls is not None)
+        level = self.rt.stages.login_level(self.facts)
         try:
             if self.leg is None or self.leg.closed:
                 await self._flush()

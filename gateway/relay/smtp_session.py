@@ -17,12 +17,12 @@ import trio
 
 from ..errors import TLSError
 from ..proto import replies as R
+from ..policy.stages import Facts, Verdict
 from ..proto import smtp_server as S
-from ..rules import cipher_meets
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import UpstreamFailure, UpstreamLeg, resolve_level
+from .upstream import UpstreamFailure, UpstreamLeg
 
 _FAILURE_KINDS = {                    # metric label of each upstream failure reply
     R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
@@ -54,9 +54,12 @@ class SMTPSession:
         self.client_addr = client_addr
         self.log = log
         self.conn_id = conn_id
+        self.policy = rt.stages                 # every stage is decided there (policy/)
+        self.facts = facts = Facts(self.listener.name, client_addr[0], client_addr[1])
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
-        self.client_level, self.cipher_strength = rt.client_policy.at_connect(
-            self.listener.client_tls, client_addr[0], log)
+        self.policy.client_level(facts, log)
+        self.client_level = facts.client_level
+        self.cipher_strength = facts.cipher_strength
         self.metrics = rt.state.metrics
         self.name = self.listener.name
         self.tls = None                 # client leg TLSInfo
@@ -211,7 +214,7 @@ class SMTPSession:
         if tls is None:
             return False
         self.stream = tls
-        self.tls = tls.info
+        self.tls = self.facts.tls = tls.info
         return True
 
     async def _on_StartTLS(self, event) -> None:
@@ -229,6 +232,7 @@ class SMTPSession:
     # --- envelope ---------------------------------------------------------------------------
 
     async def _on_Hello(self, event) -> None:
+        self.facts.helo = event.name
         await self._end_transaction()
 
     async def _on_Reset(self, event) -> None:
@@ -237,29 +241,20 @@ class SMTPSession:
     async def _end_transaction(self) -> None:
         self._track_unsent()
         self.txn = None
+        self.facts.sender = None
         if self.leg is not None:
             await self.leg.reset()
 
     async def _on_Mail(self, event: S.Mail) -> None:
-        if self.client_level == "verify" and not (self.tls and self.tls.verified):
-            self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+        verdict = await self.policy.mail(self.facts, event.address, event.params)
+        if verdict.refused:
+            self._refuse_by(verdict)
             return
-        rule = self.rt.client_policy.for_sender(event.address)
-        if rule is not None:
-            # a rule by sender domain can only tighten (§4.3)
-            if rule.client_tls in ("required", "verify") and self.tls is None:
-                self._refuse(R.MUST_USE_TLS)
-                return
-            if rule.client_tls == "verify" and not self.tls.verified:
-                self._refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
-                return
-            if self.tls is not None and not cipher_meets(self.tls, rule.cipher_strength):
-                self._refuse(R.STRONGER_CIPHER)
-                return
         if self.leg is not None:
             await self.leg.reset()
         self._track_unsent()
         self.txn = Transaction(event)
+        self.facts.sender = event.address
         self.core.respond(*R.MAIL_OK)
 
     async def _on_Rcpt(self, event: S.Rcpt) -> None:
@@ -271,24 +266,15 @@ class SMTPSession:
         if txn.refusal is not None:
             self.core.respond(*relayed(txn.refusal))
             return
-        decision = self.rt.policy.decide(txn.mail.address, event.address) \
-            if self.rt.policy is not None else None
-        if decision is None:
-            level = self.listener.upstream.tls
-        else:
-            if decision.sender_encryption == "required" and self.tls is None:
-                # the pair must not travel in the clear on the client leg (§4.3)
-                self._refuse(R.MUST_USE_TLS)
-                return
-            level = decision.recipient_encryption
-        level = resolve_level(level, self.tls is not None)
         leg = self.leg
         if leg is not None and leg.closed:
             self.leg = leg = None
-        if leg is not None and not leg.satisfies(level):
-            if leg.in_transaction:
-                self._refuse(R.NEEDS_OTHER_POLICY)
-                return
+        verdict = await self.policy.rcpt(self.facts, event.address, event.params, leg)
+        if verdict.refused:
+            self._refuse_by(verdict)
+            return
+        level = verdict.level
+        if verdict.new_leg:
             await self._release_leg()
             leg = None
         try:
@@ -313,6 +299,7 @@ class SMTPSession:
             return
         if reply.code // 100 == 2:
             txn.rcpts.append(event.address)
+            self.facts.recipients = txn.rcpts
         else:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
@@ -382,18 +369,26 @@ class SMTPSession:
             await self.leg.close()
             self.leg = None
 
-    def _refuse(self, reply: tuple[int, str], close: bool = False) -> None:
+    def _refuse_by(self, verdict: Verdict) -> None:
+        """A policy stage's refusal: answered, logged and counted by the verdict's label."""
+        self._refuse(verdict.reply, close=verdict.close, label=verdict.label)
+
+    def _refuse(self, reply: tuple[int, str], close: bool = False, label: str | None = None
+                ) -> None:
         if self.txn is not None:
             self.txn.last_refusal = (reply[0], _text(reply[1]))
-        self._rejected(*reply)
+        self._rejected(*reply, label=label)
         self.core.respond(*reply, close=close)
 
-    def _rejected(self, code: int, text) -> None:
+    def _rejected(self, code: int, text, label: str | None = None) -> None:
+        """Log a refusal; count it as a policy rejection when a policy stage refused
+        (*label*) or the code is one of the refusals §4.5 makes final or closing."""
         text = _text(text)
         self.log.event("reject", code=code, reason=text)
-        if code in (421, 530, 550, 552, 553, 554, 555) or text.startswith("4.5.3 Recipient"):
-            self.metrics.policy_rejections_total.labels(
-                self.name, f"{code}_{text.split(' ')[0]}").inc()
+        if label is None and code in _COUNTED_CODES:
+            label = f"{code}_{text.split(' ')[0]}"
+        if label is not None:
+            self.metrics.policy_rejections_total.labels(self.name, label).inc()
 
     # --- message ----------------------------------------------------------------------------
 
@@ -533,6 +528,7 @@ def _rfc5322_now() -> str:
     return _date_cache[1]
 
 
+_COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals counted as policy
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)
 

@@ -33,13 +33,6 @@ class UpstreamFailure(Exception):
         self.tls_required = tls_required
 
 
-def resolve_level(level: str, client_tls: bool) -> str:
-    """`allowed` mirrors the client leg (§3.2); other levels stand."""
-    if level == "allowed":
-        return "required" if client_tls else "none"
-    return level
-
-
 @dataclass
 class UpstreamSettings:
     """What a leg needs to know, fixed per listener at start-up."""
@@ -207,20 +200,6 @@ class UpstreamLeg(UpstreamLegBase):
     def held_size(self) -> int:
         """Message bytes queued for the next send_data()."""
         return self.client.buffered
-
-    # --- policy -----------------------------------------------------------------------------
-
-    def satisfies(self, level: str) -> bool:
-        """Can a recipient whose resolved level is *level* travel on this leg? (§4.3)"""
-        if self.closed:
-            return False
-        if level == "verify":
-            return self.tls is not None and self.tls.verified
-        if level == "required":
-            return self.tls is not None
-        if level == "preferred":
-            return self.tls is not None or not self.tls_offered or self.tls_failed
-        return self.tls is None       # none
 
     def reusable(self) -> bool:
         """Between transactions with nothing buffered either way: fit for the pool."""

@@ -1,0 +1,1 @@
+"""Policy: where each stage of a transaction is decided (`stages.py`)."""

@@ -1,0 +1,198 @@
+"""The policy seam (gateway/policy/stages.py): each stage's verdict from the rules, the leg
+fit at RCPT, hooks joining in order, and labels taken from the verdict."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.policy.stages import (CONTINUE, Action, Facts, Hook, StagePolicy, Verdict,
+                                   refuse, run_now)
+from gateway.proto import replies as R
+from harness import config_dict, listener_dict
+
+TLS13 = SimpleNamespace(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=False)
+TLS12_WEAK = SimpleNamespace(version="TLSv1.2", cipher="AES128-CCM8", verified=False)
+TLS_VERIFIED = SimpleNamespace(version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256",
+                               verified=True)
+
+RULES = [
+    dict(sender="*", recipient="bank.example", sender_encryption="required",
+         recipient_encryption="verify"),
+    dict(sender="*", recipient="plain.example", recipient_encryption="none"),
+    dict(sender="*", recipient="mirror.example", recipient_encryption="allowed"),
+]
+CLIENT_RULES = [
+    dict(match="192.0.2.0/24", client_tls="required", cipher_strength="high"),
+    dict(match="secure.example", client_tls="verify"),
+    dict(match="strong.example", client_tls="optional", cipher_strength="high"),
+]
+
+
+def _policy(hooks=(), client_tls="optional", upstream_tls="preferred"):
+    data = config_dict([listener_dict(upstream_port=25, upstream_tls=upstream_tls,
+                                      client_tls=client_tls, rules=[dict(r) for r in RULES],
+                                      client_rules=[dict(r) for r in CLIENT_RULES],
+                                      profile="testca",
+                                      upstream={"server_name": "mx.internal.test"})],
+                       ca_file="/nonexistent/ca.pem")   # parsed only, never loaded
+    return StagePolicy(parse_config(data).listeners[0], hooks)
+
+
+def _facts(policy, ip="198.51.100.7", tls=None, sender="a@x.test"):
+    facts = Facts("smtp", ip, 1234, tls=tls, sender=sender)
+    policy.client_level(facts)
+    return facts
+
+
+def _leg(tls=None, offered=True, failed=False, in_transaction=True):
+    return SimpleNamespace(closed=False, tls=tls, tls_offered=offered, tls_failed=failed,
+                           in_transaction=in_transaction)
+
+
+def test_connect_stage_sets_level_and_strength_from_a_network_rule():
+    p = _policy()
+    f = _facts(p, ip="192.0.2.9")
+    assert (f.client_level, f.cipher_strength) == ("required", "high")
+    f = _facts(p)
+    assert (f.client_level, f.cipher_strength) == ("optional", None)
+
+
+@pytest.mark.parametrize("sender,tls,reply,close", [
+    ("a@x.test", None, None, False),
+    ("a@secure.example", None, R.MUST_USE_TLS, False),
+    ("a@secure.example", TLS13, R.UNVERIFIED_CLIENT_CERT, True),
+    ("a@secure.example", TLS_VERIFIED, None, False),
+    ("a@strong.example", TLS12_WEAK, R.STRONGER_CIPHER, False),
+    ("a@strong.example", TLS13, None, False),
+])
+def test_mail_stage(sender, tls, reply, close):
+    p = _policy()
+    v = run_now(p.mail(_facts(p, tls=tls), sender, {}))
+    assert v.reply == reply and v.close == close
+    assert v.refused == (reply is not None)
+
+
+def test_mail_stage_at_verify_needs_a_verified_certificate():
+    p = _policy(client_tls="verify")
+    v = run_now(p.mail(_facts(p, tls=TLS13), "a@x.test", {}))
+    assert v.reply == R.UNVERIFIED_CLIENT_CERT and v.close and v.label == "421_4.7.1"
+    assert not run_now(p.mail(_facts(p, tls=TLS_VERIFIED), "a@x.test", {})).refused
+
+
+@pytest.mark.parametrize("rcpt,tls,level,rule", [
+    ("b@bank.example", TLS13, "verify", 0),
+    ("b@plain.example", None, "none", 1),
+    ("b@mirror.example", None, "none", 2),
+    ("b@mirror.example", TLS13, "required", 2),
+    ("b@other.test", None, "preferred", None),
+])
+def test_rcpt_stage_levels(rcpt, tls, level, rule):
+    p = _policy()
+    v = run_now(p.rcpt(_facts(p, tls=tls), rcpt, {}))
+    assert not v.refused and (v.level, v.rule, v.new_leg) == (level, rule, False)
+
+
+def test_rcpt_stage_refuses_a_pair_that_needs_client_tls():
+    p = _policy()
+    v = run_now(p.rcpt(_facts(p), "b@bank.example", {}))
+    assert v.reply == R.MUST_USE_TLS and v.label == "530_5.7.0"
+
+
+@pytest.mark.parametrize("level_rcpt,leg,expect", [
+    # a leg in a transaction that can't carry the recipient: 452 4.5.3
+    ("b@plain.example", _leg(tls=TLS13), "452"),
+    ("b@bank.example", _leg(tls=TLS13), "452"),               # verify needs a verified leg
+    ("b@bank.example", _leg(tls=TLS_VERIFIED), "ok"),
+    ("b@other.test", _leg(tls=None, offered=True), "452"),    # preferred: STARTTLS was there
+    ("b@other.test", _leg(tls=None, offered=False), "ok"),    # not offered: plaintext is fine
+    ("b@other.test", _leg(tls=None, offered=True, failed=True), "ok"),
+    # between transactions the leg may be replaced instead
+    ("b@plain.example", _leg(tls=TLS13, in_transaction=False), "new"),
+])
+def test_rcpt_stage_fits_the_open_leg(level_rcpt, leg, expect):
+    p = _policy()
+    v = run_now(p.rcpt(_facts(p, tls=TLS13), level_rcpt, {}, leg))
+    if expect == "452":
+        assert v.reply == R.NEEDS_OTHER_POLICY and v.label == "452_4.5.3"
+    else:
+        assert not v.refused and v.new_leg == (expect == "new")
+
+
+class Recorder(Hook):
+    def __init__(self, name, refuse_at=None, wants_body=False, eom=CONTINUE):
+        self.name, self.refuse_at, self.wants_body, self._eom = name, refuse_at, wants_body, eom
+        self.seen = []
+
+    async def mail(self, facts, address, params):
+        self.seen.append(("mail", address))
+        return refuse((550, "5.7.1 no"), reason=self.name) if self.refuse_at == "mail" \
+            else CONTINUE
+
+    async def rcpt(self, facts, address, params):
+        self.seen.append(("rcpt", address))
+        return refuse((550, "5.7.1 no"), reason=self.name) if self.refuse_at == "rcpt" \
+            else CONTINUE
+
+    async def body(self, facts, chunk):
+        self.seen.append(("body", chunk))
+        return CONTINUE
+
+    async def eom(self, facts):
+        self.seen.append(("eom",))
+        return self._eom
+
+
+def test_hooks_run_after_the_rules_in_order_and_the_first_refusal_stops():
+    first, second = Recorder("first", refuse_at="rcpt"), Recorder("second")
+    p = _policy(hooks=(first, second))
+    f = _facts(p)
+    # the rules refuse first: no hook sees the pair
+    assert run_now(p.rcpt(f, "b@bank.example", {})).reply == R.MUST_USE_TLS
+    assert first.seen == []
+    assert not run_now(p.mail(f, "a@x.test", {})).refused
+    v = run_now(p.rcpt(f, "b@other.test", {}))
+    assert v.refused and v.reason == "first" and v.label == "550_5.7.1"
+    assert first.seen == [("mail", "a@x.test"), ("rcpt", "b@other.test")]
+    assert second.seen == [("mail", "a@x.test")]
+
+
+def test_rcpt_stage_keeps_the_rules_level_when_hooks_go_on():
+    p = _policy(hooks=(Recorder("h"),))
+    v = run_now(p.rcpt(_facts(p, tls=TLS13), "b@bank.example", {}))
+    assert (v.level, v.rule) == ("verify", 0)
+
+
+def test_body_and_end_of_message_go_to_body_hooks_and_collect_edits():
+    a = Recorder("a", wants_body=True, eom=Verdict(edits=("edit-a",)))
+    b = Recorder("b", wants_body=True,
+                 eom=Verdict(Action.QUARANTINE, reason="b: looks odd", edits=("edit-b",)))
+    c = Recorder("c")                       # no body: sees neither
+    p = _policy(hooks=(a, c, b))
+    f = _facts(p)
+    run_now(p.body(f, b"chunk"))
+    v = run_now(p.eom(f))
+    assert v.action is Action.QUARANTINE and v.reason == "b: looks odd"
+    assert v.edits == ("edit-a", "edit-b")
+    assert ("body", b"chunk") in a.seen and ("body", b"chunk") in b.seen and c.seen == []
+
+
+def test_end_of_message_discard_stops_later_hooks():
+    a = Recorder("a", wants_body=True, eom=Verdict(Action.DISCARD, reason="a"))
+    b = Recorder("b", wants_body=True)
+    p = _policy(hooks=(a, b))
+    assert run_now(p.eom(_facts(p))).action is Action.DISCARD
+    assert b.seen == []
+
+
+def test_run_now_refuses_a_stage_that_waits():
+    class Waits(Hook):
+        async def mail(self, facts, address, params):
+            import trio
+            await trio.sleep(0)
+            return CONTINUE
+
+    p = _policy(hooks=(Waits(),))
+    with pytest.raises(RuntimeError):
+        run_now(p.mail(_facts(p), "a@x.test", {}))
