@@ -143,7 +143,7 @@ UPSTREAM_MODES = ("starttls", "implicit")
 SENDER_ENCRYPTION = ("required", "optional", "none")
 RECIPIENT_ENCRYPTION = ("required", "preferred", "allowed", "none", "verify")
 BARE_NEWLINE = ("reject", "normalize")
-AUTH_MODES = ("off", "passthrough")
+AUTH_MODES = ("off", "passthrough", "required")
 LOG_FORMATS = ("logfmt", "json")
 CIPHER_STRENGTHS = tuple(CIPHER_STRENGTH)
 

@@ -41,6 +41,7 @@ METRIC_NAMES = (
     "gateway_worker_restarts_total",
     "gateway_demo_certificate",
     "gateway_build_info",
+    "gateway_auth_total",
 )
 
 # Attribute names shared by Metrics and NullMetrics.
@@ -49,6 +50,7 @@ ATTRIBUTES = (
     "tls_handshakes_total", "tls_handshake_seconds", "policy_rejections_total",
     "messages_total", "message_bytes_total", "upstream_errors_total", "tls_alerts_total",
     "session_seconds", "worker_restarts_total", "demo_certificate", "build_info",
+    "auth_total",
 )
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
@@ -124,6 +126,9 @@ class Metrics:
             "gateway_upstream_errors", "Upstream failures", ("listener", "reason"))
         self.tls_alerts_total = counter(
             "gateway_tls_alerts", "Required TLS not obtained", ("listener", "reason"))
+        self.auth_total = counter(
+            "gateway_auth", "AUTH exchanges relayed, by result", ("listener", "mechanism",
+                                                                 "result"))
         self.session_seconds = Histogram(
             "gateway_session_seconds", "Session duration", ("listener", "protocol"),
             buckets=SESSION_BUCKETS, registry=None)

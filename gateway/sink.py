@@ -12,6 +12,8 @@ timeout (300 s) on every read.
 """
 from __future__ import annotations
 
+import base64
+
 import itertools
 import os
 import re
@@ -45,6 +47,8 @@ class SinkMessage:
     tls_version: str | None
     xclient: dict = field(default_factory=dict)
     helo: str | None = None
+    auth_user: str | None = None       # the identity its session authenticated as (AUTH)
+    mail_params: str = ""               # MAIL FROM's parameters as received
 
 
 class _Closed(Exception):
@@ -64,12 +68,63 @@ class _Conn:
         self.tls_version: str | None = None
         self.helo: str | None = None
         self.xclient: dict[str, str] = {}
+        self.auth_user: str | None = None
         self.timeout = sink.idle_timeout
         self.reset()
 
     def reset(self) -> None:
         self.mail_from: str | None = None
+        self.mail_params = ""
         self.rcpts: list[str] = []
+
+    async def auth(self, arg: bytes) -> None:
+        """AUTH PLAIN or LOGIN against the sink's `auth` table (user -> password)."""
+        mech, _, initial = arg.strip().partition(b" ")
+        mech = mech.upper()
+        if self.auth_user is not None:
+            self.reply(b"503 5.5.1 Error: already authenticated\r\n")
+            return
+        if mech not in (b"PLAIN", b"LOGIN"):
+            self.reply(b"535 5.7.8 Error: authentication failed: mechanism\r\n")
+            return
+
+        async def response(challenge: bytes) -> bytes | None:
+            self.reply(b"334 " + challenge + b"\r\n")
+            while b"\n" not in self.buf:
+                await self.read_more()
+            nl = self.buf.find(b"\n")
+            line = bytes(self.buf[:nl]).rstrip(b"\r")
+            del self.buf[:nl + 1]
+            return None if line == b"*" else line
+
+        try:
+            if mech == b"PLAIN":
+                raw = initial if initial and initial != b"=" else await response(b"")
+                if raw is None:
+                    self.reply(b"501 5.7.0 Authentication aborted\r\n")
+                    return
+                parts = base64.b64decode(raw).split(b"\0")
+                user, password = parts[1], parts[2]
+            else:
+                raw = initial or await response(base64.b64encode(b"Username:"))
+                if raw is None:
+                    self.reply(b"501 5.7.0 Authentication aborted\r\n")
+                    return
+                user = base64.b64decode(raw)
+                raw = await response(base64.b64encode(b"Password:"))
+                if raw is None:
+                    self.reply(b"501 5.7.0 Authentication aborted\r\n")
+                    return
+                password = base64.b64decode(raw)
+        except (ValueError, IndexError):
+            self.reply(b"501 5.5.2 Cannot decode response\r\n")
+            return
+        name = user.decode("utf-8", "replace")
+        if self.sink.auth.get(name) == password.decode("utf-8", "replace"):
+            self.auth_user = name
+            self.reply(b"235 2.7.0 Authentication successful\r\n")
+        else:
+            self.reply(b"535 5.7.8 Error: authentication failed\r\n")
 
     # -- I/O -----------------------------------------------------------------------------
 
@@ -131,6 +186,8 @@ class _Conn:
                 caps.append(b"STARTTLS")
             if self.sink.xclient:
                 caps.append(b"XCLIENT ADDR PORT NAME HELO")
+            if self.sink.auth and (self.tls or not self.sink.ssl_context):
+                caps.append(b"AUTH PLAIN LOGIN")
             self.reply(b"".join(b"250" + (b" " if i == len(caps) - 1 else b"-") + c + b"\r\n"
                                 for i, c in enumerate(caps)))
         elif verb == b"HELO":
@@ -148,6 +205,7 @@ class _Conn:
                 return
             self.reset()
             self.mail_from = addr
+            self.mail_params = arg.partition(b">")[2].strip().decode("utf-8", "replace")
             self.reply(b"250 2.1.0 Ok\r\n")
         elif verb == b"RCPT":
             addr = self._address(arg, b"TO:")
@@ -172,7 +230,8 @@ class _Conn:
                 return
             self.sink._record(SinkMessage(
                 mail_from=self.mail_from, rcpts=list(self.rcpts), data=data, tls=self.tls,
-                tls_version=self.tls_version, xclient=dict(self.xclient), helo=self.helo))
+                tls_version=self.tls_version, xclient=dict(self.xclient), helo=self.helo,
+                auth_user=self.auth_user, mail_params=self.mail_params))
             if self.sink.data_reply is not None:
                 self.reply(self.sink.data_reply)
             else:
@@ -186,6 +245,8 @@ class _Conn:
             self.reply(b"221 2.0.0 Bye\r\n")
             await self.flush()
             raise _Closed()
+        elif verb == b"AUTH" and self.sink.auth:
+            await self.auth(arg)
         elif verb == b"STARTTLS":
             await self.starttls()
         elif verb == b"XCLIENT" and self.sink.xclient:
@@ -275,13 +336,14 @@ class Sink:
                  data_reply: bytes | None = None,
                  on_message: Callable[[SinkMessage], Any] | None = None,
                  keep_messages: bool = True, max_size: int = MAX_SIZE,
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, auth: dict[str, str] | None = None):
         """`starttls_reply`: raw bytes sent instead of the normal 220 to STARTTLS (the TLS
         handshake follows when they start with "220"); `reject_rcpt`: addresses answered
         `550 5.1.1 No such user`; `data_reply`: raw final reply to DATA (the message is still
         recorded); `on_message`: called with each message; `keep_messages=False` only counts
         messages (`message_count`), for long benchmark runs."""
         self.hostname = hostname
+        self.auth = dict(auth or {})      # AUTH PLAIN/LOGIN users (offered after STARTTLS)
         self.ssl_context = ssl_context
         self.xclient = xclient
         self.maildir = os.fspath(maildir) if maildir is not None else None

@@ -188,6 +188,7 @@ def test_every_spec_name_is_exposed():
         m.session_seconds.labels("l", "smtp").observe(1)
         m.worker_restarts_total.inc()
         m.demo_certificate.set(1)
+        m.auth_total.labels("l", "PLAIN", "success").inc()
         body, _ = M.render()
         names = set()
         for line in body.decode().splitlines():

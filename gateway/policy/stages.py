@@ -136,6 +136,7 @@ class StagePolicy:
         self.client_rules = ClientPolicy(listener)
         self.encryption = EncryptionPolicy(listener) if listener.protocol == "smtp" else None
         self.upstream_level = listener.upstream.tls
+        self.auth_required = listener.auth == "required"
         self.hooks = tuple(hooks)
         self.body_hooks = tuple(h for h in self.hooks if h.wants_body)
 
@@ -163,11 +164,21 @@ class StagePolicy:
 
     # --- MAIL FROM --------------------------------------------------------------------------
 
+    def auth_rules(self, facts: Facts) -> Verdict:
+        """AUTH (§4.6): at `verify` the client certificate is checked before any credential
+        goes upstream."""
+        if facts.client_level == "verify" and not (facts.tls and facts.tls.verified):
+            return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+        return CONTINUE
+
     def mail_rules(self, facts: Facts, address: str) -> Verdict:
-        """The client level's and the sender-domain client rule's checks (§4.2, §4.3)."""
+        """The client level's and the sender-domain client rule's checks (§4.2, §4.3), and
+        AUTH on an `auth = "required"` listener (§4.6)."""
         tls = facts.tls
         if facts.client_level == "verify" and not (tls and tls.verified):
             return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+        if self.auth_required and facts.auth_user is None:
+            return refuse(R.AUTH_REQUIRED)
         rule = self.client_rules.for_sender(address)
         if rule is not None:
             # a rule by sender domain can only tighten (§4.3)
@@ -196,6 +207,10 @@ class StagePolicy:
         (None: none yet) can carry it: `level` to carry it at, `new_leg` when the leg must
         be replaced first (it carries no transaction yet), or `452 4.5.3`."""
         rule = None
+        if facts.auth_user is not None:
+            # authenticated: the upstream is the submission server, which applies the
+            # outbound policy itself; its leg carries every transaction (§4.6)
+            return Verdict()
         if self.encryption is None:
             level = self.upstream_level
         else:

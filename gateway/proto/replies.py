@@ -47,6 +47,15 @@ TLS_ACTIVE = (554, "5.5.1 Error: TLS already active")
 NO_VALID_RECIPIENTS = (554, "5.5.1 No valid recipients")
 UNSUPPORTED_PARAMETER = (555, "5.5.4 Unsupported parameter")
 
+# AUTH for submission (SPEC §4.6, RFC 4954)
+AUTH_TOO_MANY_FAILURES = (421, "4.7.0 Too many authentication failures")
+AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication Exchange line is too long")
+AUTH_ALREADY = (503, "5.5.1 Error: already authenticated")
+AUTH_IN_TRANSACTION = (503, "5.5.1 Error: MAIL transaction in progress")
+AUTH_UNKNOWN_MECHANISM = (504, "5.5.4 Unrecognized authentication type")
+AUTH_REQUIRED = (530, "5.7.0 Authentication required")
+AUTH_NEEDS_TLS = (538, "5.7.11 Encryption required for requested authentication mechanism")
+
 
 def render(code: int, lines) -> bytes:
     """Render a (possibly multi-line) reply: `250-a\\r\\n250 b\\r\\n`."""

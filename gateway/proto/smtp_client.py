@@ -113,6 +113,7 @@ class SMTPClient:
         self._texts: list[str] = []             # texts of the open reply's lines so far
         self._pending: deque[str] = deque()     # verbs of commands sent, awaiting replies
         self._greeting = greeting
+        self.max_line = MAX_LINE                # raised for a SASL exchange's 334 challenges
         self.last_command: str | None = None    # verb the last reply answered (None: greeting)
         # the client role's state (moved by _TRANSITIONS as replies are read)
         self.extensions: dict[str, str] = {}    # of the last 250 EHLO (HELO: none)
@@ -140,8 +141,9 @@ class SMTPClient:
         # Bound the partial last line. It was at most MAX_LINE + 2 octets before this chunk,
         # so this rfind scans at most the new chunk plus that.
         start = self._buf.rfind(b"\n") + 1
-        if len(self._buf) - start > MAX_LINE + 2:   # room for a CR and one more byte
-            del self._buf[start + MAX_LINE:]
+        limit = self.max_line
+        if len(self._buf) - start > limit + 2:   # room for a CR and one more byte
+            del self._buf[start + limit:]
             self._skipping = True
 
     def next_reply(self) -> Reply | None:
@@ -162,7 +164,7 @@ class SMTPClient:
                     raise ProtocolError("connection closed")
                 return None
             end = nl - 1 if nl > 0 and self._buf[nl - 1] == 0x0D else nl
-            raw = bytes(self._buf[:min(end, MAX_LINE)])
+            raw = bytes(self._buf[:min(end, self.max_line)])
             del self._buf[:nl + 1]
             code, last, text = _parse_line(raw)
             if self._code is None:
@@ -211,7 +213,7 @@ class SMTPClient:
         (DSN's RET/ENVID, say), for the caller to log."""
         ext = self.extensions
         keep = {"SIZE": "SIZE" in ext, "BODY": "8BITMIME" in ext, "SMTPUTF8": "SMTPUTF8" in ext,
-                "RET": "DSN" in ext, "ENVID": "DSN" in ext}
+                "RET": "DSN" in ext, "ENVID": "DSN" in ext, "AUTH": "AUTH" in ext}
         text, dropped = _params(params, keep)
         self.command(f"MAIL FROM:<{address}>" + text)
         return dropped

@@ -42,6 +42,25 @@ class StartTLS:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """AUTH on a TLS leg, before any transaction. Needs a reply: a 334 challenge enters the
+    SASL line mode (the next line is an `AuthResponse`), any other reply ends the exchange
+    (235: the session is authenticated). `initial` is the initial response (None: none;
+    "=" is an empty one, RFC 4954)."""
+    mechanism: str
+    initial: str | None
+
+
+@dataclass(frozen=True)
+class AuthResponse:
+    """One client line of the SASL exchange (`*` cancels). `too_long`: the line passed
+    MAX_SASL_LINE and was dropped; the session cancels the exchange upstream and answers
+    500 5.5.6. Needs a reply, as `Auth`."""
+    line: str
+    too_long: bool = False
+
+
+@dataclass(frozen=True)
 class Mail:
     address: str
     params: dict = field(default_factory=dict)
@@ -93,12 +112,13 @@ class ConnectionClosed:
     """The client closed its side."""
 
 
-_NEEDS_REPLY = (StartTLS, Mail, Rcpt, Data, DataEnd)
+_NEEDS_REPLY = (StartTLS, Auth, AuthResponse, Mail, Rcpt, Data, DataEnd)
+MAX_SASL_LINE = 12288          # octets of a SASL response line (SPEC §4.5, RFC 4954)
 
 _PATH_RE = re.compile(r"^(?P<path><[^<>\s]*>|[^<>\s]+)(?:\s+(?P<params>.*))?$")
 _ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _NEEDS_EHLO = "\0needs-ehlo"   # a params key no check accepts
-_NOT_IMPLEMENTED = {"BDAT", "ETRN", "VRFY", "EXPN", "XCLIENT", "AUTH", "TURN", "ATRN", "HELP",
+_NOT_IMPLEMENTED = {"BDAT", "ETRN", "VRFY", "EXPN", "XCLIENT", "TURN", "ATRN", "HELP",
                     "XFORWARD", "SEND", "SOML", "SAML"}
 _ALLOWED_BEFORE_TLS = {"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"}
 
@@ -121,6 +141,7 @@ class SMTPServer:
         tls_active: bool = False,
         max_line: int = 2048,
         max_errors: int = 20,
+        auth_mechanisms: tuple[str, ...] = (),
     ):
         self.hostname = hostname
         self.esmtp = esmtp
@@ -134,6 +155,9 @@ class SMTPServer:
         self.tls_active = tls_active
         self.max_line = max_line
         self.max_errors = max_errors
+        # AUTH (§4.6): offered once TLS is active when mechanisms are configured
+        self.auth_mechanisms = tuple(m.upper() for m in auth_mechanisms)
+        self.authenticated = False
 
         self.helo: str | None = None
         self.esmtp_session = False
@@ -150,6 +174,7 @@ class SMTPServer:
         self._scanner = None           # DataScanner while in data mode
         self._aborted: str | None = None
         self._rejections: list[tuple[int, str]] = []
+        self._sasl = False             # inside an AUTH exchange: lines are AuthResponses
 
     # --- I/O side ---------------------------------------------------------------------------
 
@@ -196,6 +221,10 @@ class SMTPServer:
             self._aborted = None
         elif isinstance(event, DataEnd):
             self._reset_transaction()
+        elif isinstance(event, (Auth, AuthResponse)):
+            self._sasl = code == 334
+            if code == 235:
+                self.authenticated = True
         if close or code == 421:
             self.closed = True
 
@@ -225,6 +254,8 @@ class SMTPServer:
         while True:
             if self._scanner is not None:
                 event = self._data_event()
+            elif self._sasl:
+                event = self._sasl_event()
             else:
                 event = self._command_event()
             if event is None:
@@ -281,6 +312,32 @@ class SMTPServer:
                 return DataChunk(out)
         return None
 
+    def _sasl_event(self):
+        """One SASL response line (up to MAX_SASL_LINE octets; a longer one is dropped
+        whole and reported, so the session can cancel the exchange upstream)."""
+        buf = self._buf
+        if self._discarding:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                buf.clear()
+                return ConnectionClosed() if self._eof else NEED_DATA
+            del buf[: nl + 1]
+            self._discarding = False
+            return AuthResponse("", too_long=True)
+        end, flags = native.scan_line(buf)
+        if end < 0:
+            if len(buf) > MAX_SASL_LINE + 1:
+                self._discarding = True
+                buf.clear()
+                return None
+            return ConnectionClosed() if self._eof else NEED_DATA
+        line = bytes(buf[:end])
+        del buf[:end]
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if len(line) > MAX_SASL_LINE:
+            return AuthResponse("", too_long=True)
+        return AuthResponse(line.decode("ascii", "replace").strip(" "))
+
     def _command_event(self):
         buf = self._buf
         if self._discarding:
@@ -314,6 +371,8 @@ class SMTPServer:
         verb, _, arg = text.strip(" ").partition(" ")
         verb = verb.upper()
         arg = arg.strip(" ")
+        if verb == "AUTH":
+            return self._cmd_AUTH(arg)
         if self.require_tls and not self.tls_active and verb not in _ALLOWED_BEFORE_TLS:
             self._reply(R.MUST_STARTTLS)
             return None
@@ -346,6 +405,8 @@ class SMTPServer:
                  "ENHANCEDSTATUSCODES"]
         if self.offer_starttls and not self.tls_active:
             lines.append("STARTTLS")
+        if self.auth_mechanisms and self.tls_active:
+            lines.append("AUTH " + " ".join(self.auth_mechanisms))
         if self.smtputf8:
             lines.append("SMTPUTF8")
         if self.dsn:
@@ -374,6 +435,35 @@ class SMTPServer:
         else:
             return StartTLS()
         return None
+
+    def _cmd_AUTH(self, arg: str):
+        """AUTH (§4.6): 502 without AUTH on the listener, 538 before TLS (nothing goes
+        upstream), 503 during a transaction or after a success, 504 for a mechanism the
+        listener does not list; else an `Auth` event for the session to relay."""
+        if not self.auth_mechanisms:
+            self._reply(R.NOT_IMPLEMENTED)
+            return None
+        if not self.tls_active:
+            self._reply(R.AUTH_NEEDS_TLS)
+            return None
+        if self.helo is None or not self.esmtp_session:
+            self._reply(R.NEED_HELO)
+            return None
+        if self.authenticated:
+            self._reply(R.AUTH_ALREADY)
+            return None
+        if self.mail_from is not None:
+            self._reply(R.AUTH_IN_TRANSACTION)
+            return None
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip(" ")
+        if not mechanism or " " in initial:
+            self._reply(R.SYNTAX)
+            return None
+        if mechanism not in self.auth_mechanisms:
+            self._reply(R.AUTH_UNKNOWN_MECHANISM)
+            return None
+        return Auth(mechanism, initial or None)
 
     def _cmd_NOOP(self, arg: str):
         self._send(*R.OK)
@@ -493,6 +583,7 @@ _MAIL_PARAMS = {
     "SMTPUTF8": lambda core, v: core.smtputf8 and v is None,
     "RET": lambda core, v: core.dsn and v is not None and v.upper() in ("FULL", "HDRS"),
     "ENVID": lambda core, v: core.dsn and bool(v) and len(v) <= 100,
+    "AUTH": lambda core, v: bool(core.auth_mechanisms) and bool(v) and len(v) <= 500,
 }
 _RCPT_PARAMS = {
     "NOTIFY": lambda core, v: core.dsn and bool(v),

@@ -7,6 +7,8 @@ replies or the gateway's tempfails. It never answers DATA with 250 before the up
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import email.utils
 import math
@@ -17,7 +19,7 @@ import trio
 
 from ..errors import TLSError
 from ..proto import replies as R
-from ..policy.stages import Facts, Verdict
+from ..policy.stages import Facts, Verdict, resolve
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
@@ -72,6 +74,10 @@ class SMTPSession:
         self._leg_broken = False
         self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._tracked = 0
+        self._auth: _AuthExchange | None = None     # the SASL exchange in progress
+        self._auth_failures = 0
+        self._auth_user: str | None = None
+        self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
         self.core = S.SMTPServer(
@@ -82,6 +88,8 @@ class SMTPSession:
             dsn=self.listener.dsn,
             max_recipients=self.listener.max_recipients,
             bare_newline=self.listener.bare_newline,
+            auth_mechanisms=(self.listener.auth_mechanisms
+                             if self.listener.auth != "off" else ()),
             offer_starttls=self.listener.tls == "starttls" and self.client_level != "none",
             require_tls=self.client_level in ("required", "verify"),
         )
@@ -267,13 +275,17 @@ class SMTPSession:
             self.core.respond(*relayed(txn.refusal))
             return
         leg = self.leg
+        if self._leg_bound and (leg is None or leg.closed):
+            # the authenticated leg broke: no credentials to log in again (§4.6)
+            self._refuse(R.UPSTREAM_LOST, close=True)
+            return
         if leg is not None and leg.closed:
             self.leg = leg = None
         verdict = await self.policy.rcpt(self.facts, event.address, event.params, leg)
         if verdict.refused:
             self._refuse_by(verdict)
             return
-        level = verdict.level
+        level = verdict.level if verdict.level is not None else leg.level
         if verdict.new_leg:
             await self._release_leg()
             leg = None
@@ -311,8 +323,12 @@ class SMTPSession:
         leg = self.leg
         reused = self._leg_from_pool
         self._leg_from_pool = False
+        mail = txn.mail
+        if "AUTH" in mail.params and not self._leg_bound:
+            # RFC 4954 §5: the submitter is not vouched for on an unauthenticated session
+            mail = S.Mail(mail.address, {**mail.params, "AUTH": "<>"})
         try:
-            mail, reply = await leg.start_transaction(txn.mail, rcpt)
+            mail, reply = await leg.start_transaction(mail, rcpt)
             if not reused or mail.code != 421:
                 return mail, reply
         except UpstreamFailure:
@@ -322,7 +338,7 @@ class SMTPSession:
         self.leg = None
         self.log.event("upstream_reuse_failed", level="debug")
         self.leg = leg = await self._open_leg(level, pooled=False)
-        return await leg.start_transaction(txn.mail, rcpt)
+        return await leg.start_transaction(mail, rcpt)
 
     async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
         pool = self.rt.state.pool
@@ -342,6 +358,10 @@ class SMTPSession:
         when the session ends (never in the middle of DATA: that leg is closed)."""
         leg, self.leg = self.leg, None
         if leg is None:
+            return
+        if self._leg_bound:             # never pooled, never handed on (§4.6)
+            self._leg_bound = False
+            await leg.quit()
             return
         try:
             if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
@@ -389,6 +409,80 @@ class SMTPSession:
             label = f"{code}_{text.split(' ')[0]}"
         if label is not None:
             self.metrics.policy_rejections_total.labels(self.name, label).inc()
+
+    # --- AUTH (§4.6) -----------------------------------------------------------------------
+
+    async def _on_Auth(self, event: S.Auth) -> None:
+        """Open a leg of this session's own at upstream.tls and relay the SASL exchange."""
+        verdict = self.policy.auth_rules(self.facts)
+        if verdict.refused:
+            self._refuse_by(verdict)
+            return
+        await self._release_leg()
+        self._auth = _AuthExchange(event.mechanism)
+        self._auth.user_from(event.initial)
+        level = resolve(self.listener.upstream.tls, self.tls is not None)
+        try:
+            await self._flush()
+            self.leg = await self._open_leg(level, pooled=False)
+        except UpstreamFailure as failure:
+            await self._leg_failed(failure, [])
+            self._auth_done("error")
+            self._refuse(failure.reply)
+            return
+        self.leg.client.max_line = S.MAX_SASL_LINE       # a 334 challenge may be that long
+        initial = f" {event.initial}" if event.initial is not None else ""
+        await self._auth_relay(f"AUTH {event.mechanism}{initial}")
+
+    async def _on_AuthResponse(self, event: S.AuthResponse) -> None:
+        auth = self._auth
+        if event.too_long:
+            auth.cancelled = True
+            await self._auth_relay("*", answer=R.AUTH_LINE_TOO_LONG)
+            return
+        if event.line == "*":
+            auth.cancelled = True
+        else:
+            auth.user_from(event.line)
+        await self._auth_relay(event.line)
+
+    async def _auth_relay(self, line: str, answer=None) -> None:
+        """Send one line of the exchange upstream and relay the reply (a 334 challenge, or
+        the final reply unchanged: *answer* replaces it for a cancelled over-long line)."""
+        try:
+            reply = await self.leg.command(line)
+        except UpstreamFailure as failure:
+            await self._leg_failed(failure, [])
+            self._auth_done("error")
+            self._refuse(answer or failure.reply)
+            return
+        if reply.code == 334 and answer is None:
+            self.core.respond(*relayed(reply))
+            return
+        leg = self.leg
+        leg.client.max_line = _MAX_REPLY_LINE
+        if reply.code == 235 and answer is None:
+            self._auth_done("success")
+            self._leg_bound = True
+            self.facts.auth_user = self._auth_user or ""
+            self.core.respond(*relayed(reply))
+            return
+        # refused or cancelled: the leg is closed, never pooled (§4.6)
+        self.leg = None
+        await leg.close()
+        cancelled = self._auth.cancelled
+        self._auth_done("cancelled" if cancelled else "failure")
+        self.core.respond(*(answer or relayed(reply)))
+        if not cancelled:
+            self._auth_failures += 1
+            if self._auth_failures >= 3:
+                self._refuse(R.AUTH_TOO_MANY_FAILURES, close=True)
+
+    def _auth_done(self, result: str) -> None:
+        auth, self._auth = self._auth, None
+        self._auth_user = auth.user
+        self.log.event("auth", mechanism=auth.mechanism, user=auth.user or "", result=result)
+        self.metrics.auth_total.labels(self.name, auth.mechanism, result).inc()
 
     # --- message ----------------------------------------------------------------------------
 
@@ -526,6 +620,38 @@ def _rfc5322_now() -> str:
             datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
         _date_cache[0] = now
     return _date_cache[1]
+
+
+_MAX_REPLY_LINE = 512       # the reply line bound outside a SASL exchange (SPEC §4.5)
+
+
+class _AuthExchange:
+    """One AUTH exchange: its mechanism and the authentication identity read from a PLAIN
+    or LOGIN response (never the password; nothing of the exchange is logged)."""
+
+    def __init__(self, mechanism: str):
+        self.mechanism = mechanism
+        self.user: str | None = None
+        self.cancelled = False
+        self._responses = 0
+
+    def user_from(self, response: str | None) -> None:
+        if response is None:
+            return
+        first = self._responses == 0
+        self._responses += 1
+        if self.user is not None or not first or response == "=":
+            return
+        try:
+            raw = base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            return
+        if self.mechanism == "PLAIN":
+            parts = raw.split(b"\0")
+            raw = parts[1] if len(parts) == 3 else b""
+        elif self.mechanism != "LOGIN":
+            return
+        self.user = raw.decode("utf-8", "replace")[:256] or None
 
 
 _COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals counted as policy

@@ -1,0 +1,156 @@
+"""AUTH for submission through the gateway (SPEC §4.6) against the sink's AUTH PLAIN/LOGIN:
+the offer only over TLS, 538 before TLS, the relayed exchange, failures, the bound leg, the
+`auth` event and counter, and no secret in any log line."""
+from __future__ import annotations
+
+import base64
+import json
+import smtplib
+
+import trio
+
+from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
+                     running_sink, server_ssl_context)
+
+USER, PASSWORD = "alice", "s3cret pass+/="
+
+
+def _config(sink, server_cert, **listener):
+    extra = {"auth": "passthrough", **listener}
+    return config_dict([listener_dict(upstream_port=sink.port, cert="main",
+                                      upstream_tls="required", **extra)],
+                       server_cert=server_cert)
+
+
+async def test_auth_offered_after_starttls_and_relayed(server_cert, upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={USER: PASSWORD}) as sink:
+        async with running_gateway(_config(sink, server_cert)) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def session(mechanism):
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    before = s.has_extn("auth")
+                    early = s.docmd("AUTH PLAIN " + base64.b64encode(
+                        f"\0{USER}\0{PASSWORD}".encode()).decode())
+                    s.starttls(context=ctx)
+                    s.ehlo("client.test")
+                    offered = s.esmtp_features.get("auth", "")
+                    s.user, s.password = USER, PASSWORD
+                    auth = s.auth(mechanism, getattr(s, "auth_" + mechanism.lower()),
+                                  initial_response_ok=mechanism == "PLAIN")
+                    again = s.docmd("AUTH PLAIN")
+                    s.sendmail("alice@client.test", ["bob@remote.example"],
+                               b"Subject: submitted\r\n\r\nhello\r\n")
+                    return before, early, offered, auth, again
+
+            with trio.fail_after(30):
+                plain = await in_thread(session, "PLAIN")
+                login = await in_thread(session, "LOGIN")
+    for before, early, offered, auth, again in (plain, login):
+        assert not before
+        assert early == (538, b"5.7.11 Encryption required for requested authentication "
+                              b"mechanism")
+        assert offered.split() == ["PLAIN", "LOGIN"]
+        assert auth[0] == 235
+        assert again[0] == 503
+    assert [m.auth_user for m in sink.messages] == [USER, USER]
+    events = logs.of("auth")
+    assert [(e["mechanism"], e["user"], e["result"]) for e in events] == [
+        ("PLAIN", USER, "success"), ("LOGIN", USER, "success")]
+    secret_b64 = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+    for line in map(json.dumps, logs.events):
+        assert PASSWORD not in line and secret_b64 not in line
+        assert base64.b64encode(PASSWORD.encode()).decode() not in line
+
+
+async def test_wrong_password_closes_the_leg_and_three_failures_end_the_session(
+        server_cert, upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={USER: PASSWORD}) as sink:
+        async with running_gateway(_config(sink, server_cert)) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def session():
+                replies = []
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.starttls(context=ctx)
+                    s.ehlo("client.test")
+                    bad = base64.b64encode(f"\0{USER}\0wrong".encode()).decode()
+                    replies.append(s.docmd("AUTH PLAIN " + bad))
+                    replies.append(s.docmd("AUTH LOGIN"))       # 334 Username:
+                    replies.append(s.docmd("*"))                # cancelled: not a failure
+                    replies.append(s.docmd("AUTH PLAIN " + bad))
+                    replies.append(s.docmd("AUTH PLAIN " + bad))
+                    replies.append(s.getreply())                # 421 follows the third 535
+                return replies
+
+            with trio.fail_after(30):
+                replies = await in_thread(session)
+    codes = [code for code, _ in replies]
+    assert codes == [535, 334, 501, 535, 535, 421]
+    assert replies[-1][1] == b"4.7.0 Too many authentication failures"
+    results = [e["result"] for e in logs.of("auth")]
+    assert results == ["failure", "cancelled", "failure", "failure"]
+    assert sink.messages == []
+
+
+async def test_required_refuses_mail_before_auth_and_the_leg_is_never_pooled(
+        server_cert, upstream_cert):
+    """After an authenticated session, unauthenticated sessions (pool on) never travel on
+    the authenticated connection."""
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={USER: PASSWORD}) as sink:
+        async with running_gateway(_config(sink, server_cert)) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def authenticated():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.starttls(context=ctx)
+                    s.login(USER, PASSWORD)
+                    s.sendmail("alice@client.test", ["bob@remote.example"],
+                               b"Subject: one\r\n\r\nhello\r\n")
+
+            def anonymous(n):
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.starttls(context=ctx)
+                    s.ehlo("client.test")
+                    s.sendmail("mallory@client.test", ["x@remote.example"],
+                               f"Subject: anon {n}\r\n\r\nhello\r\n".encode(),
+                               mail_options=["AUTH=mallory@client.test"])
+
+            with trio.fail_after(30):
+                await in_thread(authenticated)
+                for n in range(3):
+                    await in_thread(anonymous, n)
+    assert [m.auth_user for m in sink.messages] == [USER, None, None, None]
+    # RFC 4954 §5: an unauthenticated session's AUTH= goes upstream as AUTH=<>
+    assert all("AUTH=<>" in m.mail_params.split() for m in sink.messages[1:])
+
+
+async def test_auth_required_listener_and_auth_parameter(server_cert, upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={USER: PASSWORD}) as sink:
+        async with running_gateway(_config(sink, server_cert, auth="required")) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.starttls(context=ctx)
+                    s.ehlo("client.test")
+                    refused = s.mail("alice@client.test")
+                    s.rset()
+                    s.login(USER, PASSWORD)
+                    s.sendmail("alice@client.test", ["bob@remote.example"],
+                               b"Subject: x\r\n\r\nhello\r\n", mail_options=["AUTH=alice"])
+                return refused
+
+            with trio.fail_after(30):
+                refused = await in_thread(session)
+    assert refused == (530, b"5.7.0 Authentication required")
+    assert "AUTH=alice" in sink.messages[0].mail_params.split()
