@@ -5,7 +5,6 @@ certificates loaded, the demo certificate generated if a listener needs one and 
 """
 from __future__ import annotations
 
-import errno
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -18,6 +17,10 @@ from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .logs import new_conn_id
 from .metrics import NullMetrics
+from .net.accept import accept_loop
+from .net.bind import bind_socket
+from .net.proxy_stream import read_proxy_header
+from .net.sockstream import LeanSocketStream
 from .proto import replies as R
 from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
@@ -25,7 +28,6 @@ from .relay.pool import UpstreamPool
 from .relay.upstream import UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog, tick_for
 from .rules import ClientPolicy, EncryptionPolicy
-from .sockstream import LeanSocketStream
 from .tls import context as tls_context
 from .tls.certs import demo_certificate
 from .tls.profiles import clone as clone_profile
@@ -205,106 +207,6 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     return runtimes, demo_used
 
 
-def bind_socket(listener: Listener, *, reuse_port: bool = False,
-                port: int | None = None) -> socket.socket:
-    """A listening stdlib socket for *listener* (the supervisor keeps these, SPEC §9)."""
-    host = listener.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, listener.port if port is None else port))
-        sock.listen(listener.backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns bytes already read (after a PROXY protocol header)."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes):
-        self.stream = stream
-        self.prefix = prefix
-
-    async def receive_some(self, max_bytes=None):
-        if self.prefix:
-            n = len(self.prefix) if max_bytes is None else max_bytes
-            data, self.prefix = self.prefix[:n], self.prefix[n:]
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data):
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self):
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self):
-        await self.stream.aclose()
-
-
-async def _read_proxy_header(rt: ListenerRuntime, stream, peer, log):
-    """SPEC §9: the real client address from a trusted load balancer, else None (closed)."""
-    from .proxy_protocol import ProxyHeaderError, is_trusted, parse_proxy_header
-    m, name = rt.state.metrics, rt.listener.name
-    if not is_trusted(peer[0], rt.listener.trusted_proxies):
-        log.event("reject", level="warning", code=0, reason="PROXY header from untrusted peer")
-        m.connections_rejected_total.labels(name, "untrusted_proxy").inc()
-        return None
-    buf = b""
-    try:
-        with trio.fail_after(rt.listener.timeouts.tls_handshake):
-            while True:
-                parsed = parse_proxy_header(buf)
-                if parsed is not None:
-                    break
-                data = await stream.receive_some(4096)
-                if not data:
-                    raise ProxyHeaderError("connection closed before the PROXY header")
-                buf += data
-    except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {exc or 'timeout'}")
-        m.connections_rejected_total.labels(name, "bad_proxy_header").inc()
-        return None
-    info, used = parsed
-    source = info.source or peer
-    return (source[0], source[1]), PrefixedStream(stream, buf[used:])
-
-
-# accept() errors (as trio's SocketListener and serve_listeners treat them): the connection
-# went away before it was accepted -- try the next; out of descriptors or memory -- pause.
-_ACCEPT_SKIP = {getattr(errno, name) for name in (
-    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
-    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
-    "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET") if hasattr(errno, name)}
-_ACCEPT_PAUSE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-async def _accept_loop(rt: ListenerRuntime, listen_sock, handlers: trio.Nursery) -> None:
-    """Accept connections and start a session task for each (trio.serve_listeners without
-    its SocketStream per connection and the forced close after the handler, which _handle
-    does itself)."""
-    with listen_sock:                        # closed when accepting stops (as trio does)
-        while True:
-            try:
-                sock, _ = await listen_sock.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_SKIP:
-                    continue
-                if exc.errno in _ACCEPT_PAUSE:
-                    rt.log.event("accept_error", level="error", reason=str(exc))
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            handlers.start_soon(_handle, rt, sock)
-
-
 async def _handle(rt: ListenerRuntime, sock) -> None:
     """One accepted connection (a trio socket), closed when this returns."""
     try:
@@ -321,8 +223,12 @@ async def _session(rt: ListenerRuntime, sock) -> None:
         return
     stream = LeanSocketStream(sock)
     if rt.listener.proxy_protocol:
-        got = await _read_proxy_header(rt, stream, peer, rt.log.bind(
-            client=_fmt_addr(peer)))
+        m, name = rt.state.metrics, rt.listener.name
+        got = await read_proxy_header(
+            stream, peer, rt.log.bind(client=_fmt_addr(peer)),
+            trusted_proxies=rt.listener.trusted_proxies,
+            timeout=rt.listener.timeouts.tls_handshake,
+            rejected=lambda reason: m.connections_rejected_total.labels(name, reason).inc())
         if got is None:
             await stream.aclose()
             return
@@ -421,7 +327,8 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
                              upstream=f"{rt.upstream.host}:{rt.upstream.port}",
                              upstream_tls=rt.listener.upstream.tls)
 
-                acceptors.start_soon(_accept_loop, rt, listen_sock, handlers)
+                acceptors.start_soon(accept_loop, listen_sock, partial(_handle, rt), handlers,
+                                     rt.log)
             task_status.started(gateway)
         # accepting stopped: drain
         log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)

@@ -52,7 +52,7 @@ class Supervisor:
     # --- start ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from .server import bind_socket
+        from .net.bind import bind_socket
         if self.config.metrics:
             from . import metrics as M
             self.metrics_dir = M.prepare_multiprocess_dir()
