@@ -1,7 +1,10 @@
-"""Listeners and the process that serves them (one process; the supervisor comes with SPEC §9).
+"""Serving the listeners of one process: `serve()` accepts on every listener and hands each
+connection to its SMTP or IMAP session; `Gateway.stop_accepting()` drains (a shutdown) or
+retires (after a reload, SPEC §9); `serve_until_signal()` ties both to signals; `run_single()`
+is `gateway run --single-process`.
 
-Everything expensive is done once here at start-up: TLS contexts per listener and upstream,
-certificates loaded, the demo certificate generated if a listener needs one and has none.
+What a worker serves with is built elsewhere, once: TLS contexts in listener_tls (by the
+supervisor, before it forks), the listeners' runtimes in runtime.
 """
 from __future__ import annotations
 
@@ -12,11 +15,9 @@ from functools import partial
 
 import trio
 
-from .alerts import AlertMailer
-from .config import GatewayConfig, Listener
+from .config import GatewayConfig
 from .conncount import ConnectionCounts
 from .logs import new_conn_id
-from .metrics import NullMetrics
 from .net.accept import accept_loop
 from .net.bind import bind_socket
 from .net.proxy_stream import read_proxy_header
@@ -24,69 +25,12 @@ from .net.sockstream import LeanSocketStream
 from .proto import replies as R
 from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
-from .relay.pool import UpstreamPool
-from .relay.upstream import UpstreamSettings
-from .relay.watchdog import ReceiveWatchdog, tick_for
-from .rules import ClientPolicy, EncryptionPolicy
-from .tls import context as tls_context
-from .tls.certs import demo_certificate
-from .tls.profiles import clone as clone_profile
+from .relay.watchdog import tick_for
+from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
 RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
-
-
-class WorkerState:
-    """What every session of one process shares: draining (SPEC §9) and connection counts."""
-
-    def __init__(self, counts=None, row: int = 0, metrics=None):
-        self.draining = False
-        self.idle_scopes: set[trio.CancelScope] = set()
-        self.counts = counts if counts is not None else ConnectionCounts(1, 1)
-        self.row = row
-        self.metrics = metrics if metrics is not None else NullMetrics()
-        self.tracking = None                     # TrackingLog when tracking_log is set
-        self.sessions = 0                        # open connections in this process
-        self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
-        self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
-        self.no_sessions = trio.Event()
-
-    def session_started(self) -> None:
-        self.sessions += 1
-
-    def session_ended(self) -> None:
-        self.sessions -= 1
-        if self.sessions == 0:
-            self.no_sessions.set()
-            self.no_sessions = trio.Event()
-
-    def drain(self) -> None:
-        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
-        self.draining = True
-        for scope in list(self.idle_scopes):
-            scope.cancel()
-
-
-@dataclass
-class ListenerRuntime:
-    listener: Listener
-    hostname: str
-    server_ctx: object | None
-    upstream: UpstreamSettings
-    log: object
-    index: int = 0                      # position in config.listeners (connection counts)
-    state: WorkerState | None = None
-    policy: EncryptionPolicy | None = None       # SMTP encryption rules (§4.3)
-    client_policy: ClientPolicy | None = None    # client rules (§4.3)
-    strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
-    alerts: object = None                        # AlertMailer when alert e-mail is configured
-
-    def server_ctx_for(self, strength: str | None):
-        """The client-leg context, or its variant for a client rule's cipher strength."""
-        if strength is None:
-            return self.server_ctx
-        return self.strength_ctx.get(strength, self.server_ctx)
 
 
 @dataclass
@@ -107,104 +51,6 @@ class Gateway:
         self.retiring = retire
         if self.accept_scope is not None:
             self.accept_scope.cancel()
-
-
-def _needs_server_tls(listener: Listener) -> bool:
-    if listener.tls == "implicit":
-        return True
-    return listener.tls == "starttls" and (listener.client_tls != "none" or any(
-        r.client_tls not in (None, "none") for r in listener.client_rules))
-
-
-@dataclass
-class ListenerTLS:
-    """A listener's TLS contexts: the client leg's (and its cipher-strength variants) and
-    the upstream leg's."""
-    server_ctx: object | None
-    strength_ctx: dict
-    client_ctx: object
-
-
-def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
-    """Every listener's TLS contexts, and whether the demo certificate is used.
-
-    The supervisor builds them once, before it forks, so that every worker inherits the same
-    contexts: the same certificate (a demo certificate too) and the same TLS session-ticket
-    keys, so a client's ticket from one worker resumes on any other. Raises on a certificate
-    or key that cannot be loaded."""
-    demo_pems = None
-    out = []
-    for listener in config.listeners:
-        profile = config.profiles[listener.profile]
-        server_ctx = None
-        strength_ctx = {}
-        if _needs_server_tls(listener):
-            verify_clients = listener.client_tls == "verify" or any(
-                r.client_tls == "verify" for r in listener.client_rules)
-            if listener.certificate is None:
-                if demo_pems is None:
-                    demo_pems = demo_certificate(config.hostname)
-                    log.event("demo_certificate", level="warning",
-                              message="using a generated self-signed demonstration "
-                                      "certificate: insecure, configure a certificate")
-                make = partial(tls_context.server_context, cert_pem=demo_pems[0],
-                               key_pem=demo_pems[1], request_client_cert=verify_clients)
-            else:
-                cert = config.certificates[listener.certificate]
-                make = partial(tls_context.server_context, cert_path=cert.cert,
-                               key_path=cert.key, request_client_cert=verify_clients)
-            server_ctx = make(profile)
-            for strength in {r.cipher_strength for r in listener.client_rules
-                             if r.is_network and r.cipher_strength}:
-                strength_ctx[strength] = make(clone_profile(
-                    profile, f"{profile.name}+{strength}", cipher_strength=strength))
-        up = listener.upstream
-        up_cert = config.certificates.get(up.certificate) if up.certificate else None
-        verify_upstream = up.tls == "verify" or any(
-            r.recipient_encryption == "verify" for r in listener.rules)
-        client_ctx = tls_context.client_context(
-            config.profiles[up.profile], verify=verify_upstream,
-            cert_path=up_cert.cert if up_cert else None,
-            key_path=up_cert.key if up_cert else None)
-        out.append(ListenerTLS(server_ctx, strength_ctx, client_ctx))
-    return out, demo_pems is not None
-
-
-def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
-                   tls: tuple[list[ListenerTLS], bool] | None = None
-                   ) -> tuple[list[ListenerRuntime], bool]:
-    """Upstream settings, policies and TLS contexts (*tls* from build_tls(), built here when
-    not given) for every listener. Returns (runtimes, demo_used)."""
-    tls_list, demo_used = tls if tls is not None else build_tls(config, log)
-    runtimes = []
-    state = state if state is not None else WorkerState(
-        ConnectionCounts(1, len(config.listeners)))
-    for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
-        up = listener.upstream
-        server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
-                                                ltls.client_ctx)
-        t = listener.timeouts
-        settings = UpstreamSettings(
-            host=up.host, port=up.port, mode=up.mode, server_name=up.server_name,
-            helo_name=config.hostname, tls_context=client_ctx,
-            connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
-            data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
-            pool_size=up.pool_size if listener.protocol == "smtp" else 0,
-            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
-            tls_resumption=config.profiles[up.profile].session_resumption)
-        smtp = listener.protocol == "smtp"
-        alerts = None
-        if smtp and config.alert_recipients:
-            alerts = AlertMailer(
-                settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
-                recipients=config.alert_recipients, hostname=config.hostname,
-                listener=listener.name, log=log.bind(listener=listener.name),
-                interval=config.alert_interval)
-        runtimes.append(ListenerRuntime(
-            listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
-            index, state, policy=EncryptionPolicy(listener) if smtp else None,
-            client_policy=ClientPolicy(listener), strength_ctx=strength_ctx, alerts=alerts))
-    return runtimes, demo_used
 
 
 async def _handle(rt: ListenerRuntime, sock) -> None:

@@ -88,8 +88,8 @@ class Supervisor:
                     sock.close()
 
     def _build_tls(self, config: GatewayConfig):
-        """The TLS contexts every worker inherits (server.build_tls), or None (logged)."""
-        from .server import build_tls
+        """The TLS contexts every worker inherits (listener_tls.build_tls), or None (logged)."""
+        from .listener_tls import build_tls
         try:
             return build_tls(config, self.base_log)
         except Exception as exc:       # a certificate or key OpenSSL refuses

@@ -39,7 +39,8 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> i
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # ^C reaches the supervisor, which drains
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)      # until trio listens for the retire signal
-    from .server import WorkerState, build_runtimes, serve_until_signal
+    from .runtime import WorkerState, build_runtimes
+    from .server import serve_until_signal
     log = log.bind(worker=os.getpid())
     metrics = None
     if config.metrics:
