@@ -1,7 +1,7 @@
 """Serving the listeners of one process: `serve()` accepts on every listener and hands each
 connection to its SMTP or IMAP session; `Gateway.stop_accepting()` drains (a shutdown) or
-retires (after a reload, SPEC §9); `serve_until_signal()` ties both to signals; `run_single()`
-is `gateway run --single-process`.
+retires (after a reload, SPEC §9); `serve_until_signal()`, which a worker and
+`gateway run --single-process` run, ties both to signals.
 
 What a worker serves with is built elsewhere, once: TLS contexts in listener_tls (by the
 supervisor, before it forks), the listeners' runtimes in runtime.
@@ -17,6 +17,7 @@ import trio
 
 from .config import GatewayConfig
 from .conncount import ConnectionCounts
+from .lifecycle import RETIRE_SIGNAL
 from .logs import new_conn_id
 from .net.accept import accept_loop
 from .net.bind import bind_socket
@@ -30,7 +31,6 @@ from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
-RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
 
 
 @dataclass
@@ -201,24 +201,6 @@ async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> 
     scope.deadline = trio.current_time() + 5
 
 
-def run(config: GatewayConfig, log, demo: bool = False) -> int:
-    """`gateway run`: the supervisor with workers, or one process with --single-process."""
-    if not config.single_process:
-        from .supervisor import Supervisor
-        return Supervisor(config, log, demo=demo).run()
-    return run_single(config, log, demo)
-
-
-async def run_demo_sink(config: GatewayConfig, log, *, task_status=trio.TASK_STATUS_IGNORED):
-    from .sink import Sink
-    up = config.listeners[0].upstream
-    sink = Sink(hostname="sink.demo")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sink.serve, up.host, up.port)
-        log.event("demo_sink", bind=f"{up.host}:{up.port}")
-        task_status.started()
-
-
 async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
                              runtimes=None) -> None:
     """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload)."""
@@ -230,23 +212,3 @@ async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=
                 log.event("shutdown", signal=signal.Signals(signum).name)
                 gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
                 break
-
-
-def run_single(config: GatewayConfig, log, demo: bool = False) -> int:
-    async def main():
-        async with trio.open_nursery() as nursery:
-            if demo:
-                await nursery.start(run_demo_sink, config, log)
-            await serve_until_signal(config, log)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        fatal, rest = group.split(OSError)      # e.g. a port already in use
-        if rest is not None or fatal is None:
-            raise
-        for exc in fatal.exceptions:
-            log.event("fatal", level="error", message=str(exc))
-        return 1
-    return 0
