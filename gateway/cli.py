@@ -8,8 +8,8 @@
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
 usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
-traceback. The server, sink and certificate modules are imported only by the subcommand that
-needs them.
+traceback. The launch (supervisor, server), sink and certificate modules are imported only by
+the subcommand that needs them.
 """
 from __future__ import annotations
 
@@ -162,9 +162,9 @@ def cmd_run(args) -> int:
     log = EventLog(args.log_format or config.log_format)
     for warning in config.warnings:
         log.event("config_warning", level="warning", message=warning)
-    from . import server
+    from . import launch
     try:
-        result = server.run(config, log=log, demo=bool(args.demo))
+        result = launch.run(config, log=log, demo=bool(args.demo))
     except ConfigError as exc:
         return _config_error(exc)
     except KeyboardInterrupt:

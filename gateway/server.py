@@ -1,11 +1,13 @@
-"""Listeners and the process that serves them (one process; the supervisor comes with SPEC §9).
+"""Serving the listeners of one process: `serve()` accepts on every listener and hands each
+connection to its SMTP or IMAP session; `Gateway.stop_accepting()` drains (a shutdown) or
+retires (after a reload, SPEC §9); `serve_until_signal()`, which a worker and
+`gateway run --single-process` run, ties both to signals.
 
-Everything expensive is done once here at start-up: TLS contexts per listener and upstream,
-certificates loaded, the demo certificate generated if a listener needs one and has none.
+What a worker serves with is built elsewhere, once: TLS contexts in listener_tls (by the
+supervisor, before it forks), the listeners' runtimes in runtime.
 """
 from __future__ import annotations
 
-import errno
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -13,77 +15,22 @@ from functools import partial
 
 import trio
 
-from .alerts import AlertMailer
-from .config import GatewayConfig, Listener
+from .config import GatewayConfig
 from .conncount import ConnectionCounts
+from .lifecycle import RETIRE_SIGNAL
 from .logs import new_conn_id
-from .metrics import NullMetrics
+from .net.accept import accept_loop
+from .net.bind import bind_socket
+from .net.proxy_stream import read_proxy_header
+from .net.sockstream import LeanSocketStream
 from .proto import replies as R
 from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
-from .relay.pool import UpstreamPool
-from .relay.upstream import UpstreamSettings
-from .relay.watchdog import ReceiveWatchdog, tick_for
-from .policy.stages import StagePolicy
-from .sockstream import LeanSocketStream
-from .tls import context as tls_context
-from .tls.certs import demo_certificate
-from .tls.profiles import clone as clone_profile
+from .relay.watchdog import tick_for
+from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
-RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
-
-
-class WorkerState:
-    """What every session of one process shares: draining (SPEC §9) and connection counts."""
-
-    def __init__(self, counts=None, row: int = 0, metrics=None):
-        self.draining = False
-        self.idle_scopes: set[trio.CancelScope] = set()
-        self.counts = counts if counts is not None else ConnectionCounts(1, 1)
-        self.row = row
-        self.metrics = metrics if metrics is not None else NullMetrics()
-        self.tracking = None                     # TrackingLog when tracking_log is set
-        self.sessions = 0                        # open connections in this process
-        self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
-        self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
-        self.no_sessions = trio.Event()
-
-    def session_started(self) -> None:
-        self.sessions += 1
-
-    def session_ended(self) -> None:
-        self.sessions -= 1
-        if self.sessions == 0:
-            self.no_sessions.set()
-            self.no_sessions = trio.Event()
-
-    def drain(self) -> None:
-        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
-        self.draining = True
-        for scope in list(self.idle_scopes):
-            scope.cancel()
-
-
-@dataclass
-class ListenerRuntime:
-    listener: Listener
-    hostname: str
-    server_ctx: object | None
-    upstream: UpstreamSettings
-    log: object
-    index: int = 0                      # position in config.listeners (connection counts)
-    state: WorkerState | None = None
-    stages: StagePolicy | None = None            # each stage's decision (policy/)
-    strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
-    alerts: object = None                        # AlertMailer when alert e-mail is configured
-
-    def server_ctx_for(self, strength: str | None):
-        """The client-leg context, or its variant for a client rule's cipher strength."""
-        if strength is None:
-            return self.server_ctx
-        return self.strength_ctx.get(strength, self.server_ctx)
 
 
 @dataclass
@@ -106,204 +53,6 @@ class Gateway:
             self.accept_scope.cancel()
 
 
-def _needs_server_tls(listener: Listener) -> bool:
-    if listener.tls == "implicit":
-        return True
-    return listener.tls == "starttls" and (listener.client_tls != "none" or any(
-        r.client_tls not in (None, "none") for r in listener.client_rules))
-
-
-@dataclass
-class ListenerTLS:
-    """A listener's TLS contexts: the client leg's (and its cipher-strength variants) and
-    the upstream leg's."""
-    server_ctx: object | None
-    strength_ctx: dict
-    client_ctx: object
-
-
-def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
-    """Every listener's TLS contexts, and whether the demo certificate is used.
-
-    The supervisor builds them once, before it forks, so that every worker inherits the same
-    contexts: the same certificate (a demo certificate too) and the same TLS session-ticket
-    keys, so a client's ticket from one worker resumes on any other. Raises on a certificate
-    or key that cannot be loaded."""
-    demo_pems = None
-    out = []
-    for listener in config.listeners:
-        profile = config.profiles[listener.profile]
-        server_ctx = None
-        strength_ctx = {}
-        if _needs_server_tls(listener):
-            verify_clients = listener.client_tls == "verify" or any(
-                r.client_tls == "verify" for r in listener.client_rules)
-            if listener.certificate is None:
-                if demo_pems is None:
-                    demo_pems = demo_certificate(config.hostname)
-                    log.event("demo_certificate", level="warning",
-                              message="using a generated self-signed demonstration "
-                                      "certificate: insecure, configure a certificate")
-                make = partial(tls_context.server_context, cert_pem=demo_pems[0],
-                               key_pem=demo_pems[1], request_client_cert=verify_clients)
-            else:
-                cert = config.certificates[listener.certificate]
-                make = partial(tls_context.server_context, cert_path=cert.cert,
-                               key_path=cert.key, request_client_cert=verify_clients)
-            server_ctx = make(profile)
-            for strength in {r.cipher_strength for r in listener.client_rules
-                             if r.is_network and r.cipher_strength}:
-                strength_ctx[strength] = make(clone_profile(
-                    profile, f"{profile.name}+{strength}", cipher_strength=strength))
-        up = listener.upstream
-        up_cert = config.certificates.get(up.certificate) if up.certificate else None
-        verify_upstream = up.tls == "verify" or any(
-            r.recipient_encryption == "verify" for r in listener.rules)
-        client_ctx = tls_context.client_context(
-            config.profiles[up.profile], verify=verify_upstream,
-            cert_path=up_cert.cert if up_cert else None,
-            key_path=up_cert.key if up_cert else None)
-        out.append(ListenerTLS(server_ctx, strength_ctx, client_ctx))
-    return out, demo_pems is not None
-
-
-def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
-                   tls: tuple[list[ListenerTLS], bool] | None = None
-                   ) -> tuple[list[ListenerRuntime], bool]:
-    """Upstream settings, policies and TLS contexts (*tls* from build_tls(), built here when
-    not given) for every listener. Returns (runtimes, demo_used)."""
-    tls_list, demo_used = tls if tls is not None else build_tls(config, log)
-    runtimes = []
-    state = state if state is not None else WorkerState(
-        ConnectionCounts(1, len(config.listeners)))
-    for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
-        up = listener.upstream
-        server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
-                                                ltls.client_ctx)
-        t = listener.timeouts
-        settings = UpstreamSettings(
-            host=up.host, port=up.port, mode=up.mode, server_name=up.server_name,
-            helo_name=config.hostname, tls_context=client_ctx,
-            connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
-            data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
-            pool_size=up.pool_size if listener.protocol == "smtp" else 0,
-            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
-            tls_resumption=config.profiles[up.profile].session_resumption)
-        smtp = listener.protocol == "smtp"
-        alerts = None
-        if smtp and config.alert_recipients:
-            alerts = AlertMailer(
-                settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
-                recipients=config.alert_recipients, hostname=config.hostname,
-                listener=listener.name, log=log.bind(listener=listener.name),
-                interval=config.alert_interval)
-        runtimes.append(ListenerRuntime(
-            listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
-            index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
-            alerts=alerts))
-    return runtimes, demo_used
-
-
-def bind_socket(listener: Listener, *, reuse_port: bool = False,
-                port: int | None = None) -> socket.socket:
-    """A listening stdlib socket for *listener* (the supervisor keeps these, SPEC §9)."""
-    host = listener.host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, listener.port if port is None else port))
-        sock.listen(listener.backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns bytes already read (after a PROXY protocol header)."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes):
-        self.stream = stream
-        self.prefix = prefix
-
-    async def receive_some(self, max_bytes=None):
-        if self.prefix:
-            n = len(self.prefix) if max_bytes is None else max_bytes
-            data, self.prefix = self.prefix[:n], self.prefix[n:]
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data):
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self):
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self):
-        await self.stream.aclose()
-
-
-async def _read_proxy_header(rt: ListenerRuntime, stream, peer, log):
-    """SPEC §9: the real client address from a trusted load balancer, else None (closed)."""
-    from .proxy_protocol import ProxyHeaderError, is_trusted, parse_proxy_header
-    m, name = rt.state.metrics, rt.listener.name
-    if not is_trusted(peer[0], rt.listener.trusted_proxies):
-        log.event("reject", level="warning", code=0, reason="PROXY header from untrusted peer")
-        m.connections_rejected_total.labels(name, "untrusted_proxy").inc()
-        return None
-    buf = b""
-    try:
-        with trio.fail_after(rt.listener.timeouts.tls_handshake):
-            while True:
-                parsed = parse_proxy_header(buf)
-                if parsed is not None:
-                    break
-                data = await stream.receive_some(4096)
-                if not data:
-                    raise ProxyHeaderError("connection closed before the PROXY header")
-                buf += data
-    except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {exc or 'timeout'}")
-        m.connections_rejected_total.labels(name, "bad_proxy_header").inc()
-        return None
-    info, used = parsed
-    source = info.source or peer
-    return (source[0], source[1]), PrefixedStream(stream, buf[used:])
-
-
-# accept() errors (as trio's SocketListener and serve_listeners treat them): the connection
-# went away before it was accepted -- try the next; out of descriptors or memory -- pause.
-_ACCEPT_SKIP = {getattr(errno, name) for name in (
-    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
-    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
-    "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET") if hasattr(errno, name)}
-_ACCEPT_PAUSE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-async def _accept_loop(rt: ListenerRuntime, listen_sock, handlers: trio.Nursery) -> None:
-    """Accept connections and start a session task for each (trio.serve_listeners without
-    its SocketStream per connection and the forced close after the handler, which _handle
-    does itself)."""
-    with listen_sock:                        # closed when accepting stops (as trio does)
-        while True:
-            try:
-                sock, _ = await listen_sock.accept()
-            except OSError as exc:
-                if exc.errno in _ACCEPT_SKIP:
-                    continue
-                if exc.errno in _ACCEPT_PAUSE:
-                    rt.log.event("accept_error", level="error", reason=str(exc))
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            handlers.start_soon(_handle, rt, sock)
-
-
 async def _handle(rt: ListenerRuntime, sock) -> None:
     """One accepted connection (a trio socket), closed when this returns."""
     try:
@@ -320,8 +69,12 @@ async def _session(rt: ListenerRuntime, sock) -> None:
         return
     stream = LeanSocketStream(sock)
     if rt.listener.proxy_protocol:
-        got = await _read_proxy_header(rt, stream, peer, rt.log.bind(
-            client=_fmt_addr(peer)))
+        m, name = rt.state.metrics, rt.listener.name
+        got = await read_proxy_header(
+            stream, peer, rt.log.bind(client=_fmt_addr(peer)),
+            trusted_proxies=rt.listener.trusted_proxies,
+            timeout=rt.listener.timeouts.tls_handshake,
+            rejected=lambda reason: m.connections_rejected_total.labels(name, reason).inc())
         if got is None:
             await stream.aclose()
             return
@@ -420,7 +173,8 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
                              upstream=f"{rt.upstream.host}:{rt.upstream.port}",
                              upstream_tls=rt.listener.upstream.tls)
 
-                acceptors.start_soon(_accept_loop, rt, listen_sock, handlers)
+                acceptors.start_soon(accept_loop, listen_sock, partial(_handle, rt), handlers,
+                                     rt.log)
             task_status.started(gateway)
         # accepting stopped: drain
         log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)
@@ -447,24 +201,6 @@ async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> 
     scope.deadline = trio.current_time() + 5
 
 
-def run(config: GatewayConfig, log, demo: bool = False) -> int:
-    """`gateway run`: the supervisor with workers, or one process with --single-process."""
-    if not config.single_process:
-        from .supervisor import Supervisor
-        return Supervisor(config, log, demo=demo).run()
-    return run_single(config, log, demo)
-
-
-async def run_demo_sink(config: GatewayConfig, log, *, task_status=trio.TASK_STATUS_IGNORED):
-    from .sink import Sink
-    up = config.listeners[0].upstream
-    sink = Sink(hostname="sink.demo")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sink.serve, up.host, up.port)
-        log.event("demo_sink", bind=f"{up.host}:{up.port}")
-        task_status.started()
-
-
 async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
                              runtimes=None) -> None:
     """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload)."""
@@ -476,23 +212,3 @@ async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=
                 log.event("shutdown", signal=signal.Signals(signum).name)
                 gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
                 break
-
-
-def run_single(config: GatewayConfig, log, demo: bool = False) -> int:
-    async def main():
-        async with trio.open_nursery() as nursery:
-            if demo:
-                await nursery.start(run_demo_sink, config, log)
-            await serve_until_signal(config, log)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        fatal, rest = group.split(OSError)      # e.g. a port already in use
-        if rest is not None or fatal is None:
-            raise
-        for exc in fatal.exceptions:
-            log.event("fatal", level="error", message=str(exc))
-        return 1
-    return 0

@@ -460,3 +460,14 @@ def main_sink(host: str, port: int, cert, key, maildir, log) -> int | None:
 
     trio.run(run)
     return None
+
+
+async def run_demo_sink(config, log, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The sink `gateway run --demo` relays to, on the first listener's upstream address
+    (*config*: the demo GatewayConfig)."""
+    up = config.listeners[0].upstream
+    sink = Sink(hostname="sink.demo")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.serve, up.host, up.port)
+        log.event("demo_sink", bind=f"{up.host}:{up.port}")
+        task_status.started()

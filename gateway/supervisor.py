@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from .config import ConfigError, GatewayConfig, check_files, load_config
 from .conncount import ConnectionCounts
+from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
 
-BOOT_ERROR = 3                 # a worker could not start (bad certificate, ...): do not loop
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 RELOAD_FIXED = ("workers", "user", "group")
 
@@ -52,7 +52,7 @@ class Supervisor:
     # --- start ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from .server import bind_socket
+        from .net.bind import bind_socket
         if self.config.metrics:
             from . import metrics as M
             self.metrics_dir = M.prepare_multiprocess_dir()
@@ -88,8 +88,8 @@ class Supervisor:
                     sock.close()
 
     def _build_tls(self, config: GatewayConfig):
-        """The TLS contexts every worker inherits (server.build_tls), or None (logged)."""
-        from .server import build_tls
+        """The TLS contexts every worker inherits (listener_tls.build_tls), or None (logged)."""
+        from .listener_tls import build_tls
         try:
             return build_tls(config, self.base_log)
         except Exception as exc:       # a certificate or key OpenSSL refuses
@@ -109,7 +109,7 @@ class Supervisor:
     def _start_demo_sink(self) -> None:
         import trio
 
-        from .server import run_demo_sink
+        from .sink import run_demo_sink
         ready = threading.Event()
 
         def thread():
@@ -255,7 +255,7 @@ class Supervisor:
         for info in old:                   # new worker first, then retire the old one
             self._spawn(info.slot)
             info.retiring = True
-            _kill(info.pid, signal.SIGUSR2)        # server.RETIRE_SIGNAL: finish, then exit
+            _kill(info.pid, RETIRE_SIGNAL)         # finish, then exit
         self.log.event("reloaded", workers=len(old))
 
 

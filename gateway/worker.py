@@ -1,7 +1,12 @@
 """A worker process: serves the supervisor's sockets with trio until SIGTERM (SPEC §9).
 
-It loads certificates and builds TLS contexts, then drops privileges (so keys may stay
-readable by root only), then serves; SIGTERM stops accepting and drains.
+It inherits the TLS contexts the supervisor built before forking (so every worker has the same
+certificates and session-ticket keys, and no key is read here). It resets the signals it
+inherited, builds its listeners' runtimes around those contexts (upstream settings, encryption
+and client rules, alert mail) and opens the tracking log, then drops privileges, then serves.
+SIGTERM stops accepting and drains; the retire signal (after a reload) lets sessions finish
+first. A start that fails exits with BOOT_ERROR, and the supervisor stops instead of
+respawning it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from functools import partial
 
 import trio
 
-from .supervisor import BOOT_ERROR
+from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
 
 
 def resolve_ids(user: str | None, group: str | None) -> tuple[int, int]:
@@ -38,8 +43,9 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> i
     for sig in (signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # ^C reaches the supervisor, which drains
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)      # until trio listens for the retire signal
-    from .server import WorkerState, build_runtimes, serve_until_signal
+    signal.signal(RETIRE_SIGNAL, signal.SIG_IGN)       # until trio listens for it
+    from .runtime import WorkerState, build_runtimes
+    from .server import serve_until_signal
     log = log.bind(worker=os.getpid())
     metrics = None
     if config.metrics:

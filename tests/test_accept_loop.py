@@ -1,27 +1,24 @@
-"""server._accept_loop's errno handling (as trio's SocketListener and serve_listeners do it):
+"""net.accept.accept_loop's errno handling (as trio's SocketListener and serve_listeners do it):
 a connection gone before accept() is skipped, running out of descriptors pauses and logs,
-anything else ends the loop; the listening socket is closed when the loop ends. The normal
-path (a real accepted connection) is what every end-to-end test goes through."""
+anything else ends the loop; the listening socket is closed when the loop ends; an accepted
+socket goes to the handler. The normal path (a real accepted connection, served by
+server._handle) is what every end-to-end test goes through."""
 from __future__ import annotations
 
 import errno
-from types import SimpleNamespace
 
 import trio
 
 from gateway.logs import EventLog
-from gateway.server import _accept_loop
+from gateway.net.accept import accept_loop
 from harness import LogCapture
 
 
-class _ClosedAtOnce:
-    """An accepted socket whose setsockopt fails: the session ends at once, then closes it."""
+class _Accepted:
+    """An accepted socket; the handler closes it."""
 
     def __init__(self):
         self.closed = False
-
-    def setsockopt(self, *args):
-        raise OSError(errno.EBADF, "gone")
 
     def close(self):
         self.closed = True
@@ -48,8 +45,13 @@ class _FakeListener:
 
 async def test_accept_errors_are_skipped_paused_or_raised(autojump_clock):
     logs = LogCapture()
-    rt = SimpleNamespace(log=EventLog("json", stream=logs))
-    conn = _ClosedAtOnce()
+    log = EventLog("json", stream=logs)
+    conn = _Accepted()
+    handled = []
+
+    async def handle(sock):
+        handled.append(sock)
+        sock.close()
     listener = _FakeListener([
         OSError(errno.ECONNABORTED, "aborted"),     # skipped
         OSError(errno.EMFILE, "too many open files"),   # logged, 0.1 s pause
@@ -60,10 +62,10 @@ async def test_accept_errors_are_skipped_paused_or_raised(autojump_clock):
     caught = ()
     try:
         async with trio.open_nursery() as handlers:
-            await _accept_loop(rt, listener, handlers)
+            await accept_loop(listener, handle, handlers, log)
     except* OSError as group:
         caught = group.exceptions
     assert [exc.errno for exc in caught] == [errno.EBADF]
     assert trio.current_time() - start >= 0.1
     assert [e["reason"] for e in logs.of("accept_error")] == ["[Errno 24] too many open files"]
-    assert conn.closed and listener.closed and not listener.script
+    assert handled == [conn] and conn.closed and listener.closed and not listener.script

@@ -110,18 +110,18 @@ def test_run_config_error_exits_2(tmp_path):
 
 @pytest.fixture
 def fake_server(monkeypatch):
-    """Replace gateway.server.run (another module) with a recorder."""
+    """Replace gateway.launch.run (another module) with a recorder."""
     import types
     calls = []
-    module = types.ModuleType("gateway.server")
+    module = types.ModuleType("gateway.launch")
 
     def run(config, log, demo=False):
         calls.append((config, log, demo))
         return 0
     module.run = run
-    monkeypatch.setitem(sys.modules, "gateway.server", module)
+    monkeypatch.setitem(sys.modules, "gateway.launch", module)
     import gateway
-    monkeypatch.setattr(gateway, "server", module, raising=False)
+    monkeypatch.setattr(gateway, "launch", module, raising=False)
     return calls
 
 

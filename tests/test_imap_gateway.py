@@ -516,7 +516,8 @@ async def test_metrics_of_an_imap_session(dovecot, server_cert):
     from harness import LogCapture
     from gateway.config import parse_config
     from gateway.logs import EventLog
-    from gateway.server import WorkerState, serve
+    from gateway.runtime import WorkerState
+    from gateway.server import serve
     metrics = RecordingMetrics()
     config = parse_config(gateway_config(imap_listener("imap", dovecot.port), server_cert))
     async with trio.open_nursery() as nursery:

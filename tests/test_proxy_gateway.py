@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import trio
 
-from gateway.proxy_protocol import build_v1, build_v2
+from gateway.net.proxy_protocol import build_v1, build_v2
 from harness import config_dict, in_thread, listener_dict, running_gateway, running_sink
 from peers import free_port, require, wait_for_port
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.proxy_protocol import (ProxyHeaderError, ProxyInfo, build_v1, build_v2,
+from gateway.net.proxy_protocol import (ProxyHeaderError, ProxyInfo, build_v1, build_v2,
                                     is_trusted, parse_proxy_header)
 
 V4 = (("192.0.2.1", 40000), ("198.51.100.2", 25))

@@ -1,4 +1,4 @@
-"""gateway.proxy_protocol: the sans-IO PROXY protocol v1/v2 parser, builders and trust check."""
+"""gateway.net.proxy_protocol: the sans-IO PROXY protocol v1/v2 parser, builders and trust check."""
 from __future__ import annotations
 
 import ipaddress
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.proxy_protocol import (MAX_HEADER, V2_SIGNATURE, ProxyHeaderError, ProxyInfo,
+from gateway.net.proxy_protocol import (MAX_HEADER, V2_SIGNATURE, ProxyHeaderError, ProxyInfo,
                                     build_v1, build_v2, is_trusted, parse_proxy_header)
 
 SIG = V2_SIGNATURE

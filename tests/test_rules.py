@@ -225,7 +225,7 @@ def test_network_rule_cipher_strength_gets_its_own_server_context():
 
     from gateway.logs import EventLog
     from gateway.rules import cipher_names
-    from gateway.server import build_runtimes
+    from gateway.runtime import build_runtimes
     data = config_dict([listener_dict(upstream_port=25, profile="compatible", client_rules=[
         {"match": "192.0.2.0/24", "cipher_strength": "high"}])])
     (rt,), _ = build_runtimes(parse_config(data), EventLog(stream=open("/dev/null", "w")))

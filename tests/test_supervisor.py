@@ -412,7 +412,7 @@ async def test_a_worker_that_cannot_start_stops_the_gateway_with_exit_code_1(tmp
 
 async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_reload(
         tmp_path, server_cert, upstream_cert, ports):
-    """The supervisor loads the certificates before forking (server.build_tls): a key that
+    """The supervisor loads the certificates before forking (listener_tls.build_tls): a key that
     does not belong to its certificate ends the start with exit code 1, and a reload to such
     a pair keeps the running workers."""
     port, metrics_port = ports

@@ -8,7 +8,8 @@ import trio
 from gateway.config import parse_config
 from gateway.logs import EventLog
 from gateway.relay.watchdog import ReceiveWatchdog, tick_for
-from gateway.server import WorkerState, serve
+from gateway.runtime import WorkerState
+from gateway.server import serve
 from harness import LogCapture, config_dict, in_thread, listener_dict, running_sink
 
 

@@ -50,7 +50,7 @@ class Transaction:
 
 class SMTPSession:
     def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
-        self.rt = rt                    # ListenerRuntime (gateway.server)
+        self.rt = rt                    # ListenerRuntime (gateway.runtime)
         self.listener = rt.listener
         self.stream = stream
         self.client_addr = client_addr

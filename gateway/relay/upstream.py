@@ -13,7 +13,7 @@ import trio
 from ..errors import ProtocolError, TLSError
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
-from ..sockstream import open_tcp
+from ..net.sockstream import open_tcp
 from .tls_legs import (HandshakeFailed, remember_upstream_session, resumed_info,
                        upstream_handshake)
 

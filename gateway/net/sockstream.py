@@ -21,7 +21,7 @@ import trio
 YIELD_EVERY = 16
 
 
-class LeanSocketStream(trio.abc.HalfCloseableStream):
+class LeanSocketStream(trio.abc.Stream):
     __slots__ = ("socket", "_sock", "_calls", "_closed")
 
     def __init__(self, tsock) -> None:
@@ -102,13 +102,6 @@ class LeanSocketStream(trio.abc.HalfCloseableStream):
         """Close now, without awaiting (no task may be using the stream)."""
         self._closed = True
         self.socket.close()
-
-    async def send_eof(self) -> None:
-        await self._enter()
-        try:
-            self.socket.shutdown(_socket.SHUT_WR)
-        except OSError as exc:
-            raise self._error(exc) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._wait(trio.lowlevel.wait_writable)

@@ -1,0 +1,105 @@
+"""What a worker serves with: per-listener runtimes (upstream settings, policies, alert
+mailer, the TLS contexts from listener_tls) and the state all sessions of the process share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from .alerts import AlertMailer
+from .config import GatewayConfig, Listener
+from .conncount import ConnectionCounts
+from .listener_tls import ListenerTLS, build_tls
+from .metrics import NullMetrics
+from .relay.pool import UpstreamPool
+from .relay.upstream import UpstreamSettings
+from .relay.watchdog import ReceiveWatchdog
+from .policy.stages import StagePolicy
+
+
+class WorkerState:
+    """What every session of one process shares: draining (SPEC §9) and connection counts."""
+
+    def __init__(self, counts=None, row: int = 0, metrics=None):
+        self.draining = False
+        self.idle_scopes: set[trio.CancelScope] = set()
+        self.counts = counts if counts is not None else ConnectionCounts(1, 1)
+        self.row = row
+        self.metrics = metrics if metrics is not None else NullMetrics()
+        self.tracking = None                     # TrackingLog when tracking_log is set
+        self.sessions = 0                        # open connections in this process
+        self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
+        self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
+        self.no_sessions = trio.Event()
+
+    def session_started(self) -> None:
+        self.sessions += 1
+
+    def session_ended(self) -> None:
+        self.sessions -= 1
+        if self.sessions == 0:
+            self.no_sessions.set()
+            self.no_sessions = trio.Event()
+
+    def drain(self) -> None:
+        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
+        self.draining = True
+        for scope in list(self.idle_scopes):
+            scope.cancel()
+
+
+@dataclass
+class ListenerRuntime:
+    listener: Listener
+    hostname: str
+    server_ctx: object | None
+    upstream: UpstreamSettings
+    log: object
+    index: int = 0                      # position in config.listeners (connection counts)
+    state: WorkerState | None = None
+    stages: StagePolicy | None = None            # each stage's decision (policy/)
+    strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
+    alerts: object = None                        # AlertMailer when alert e-mail is configured
+
+    def server_ctx_for(self, strength: str | None):
+        """The client-leg context, or its variant for a client rule's cipher strength."""
+        if strength is None:
+            return self.server_ctx
+        return self.strength_ctx.get(strength, self.server_ctx)
+
+
+def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
+                   tls: tuple[list[ListenerTLS], bool] | None = None
+                   ) -> tuple[list[ListenerRuntime], bool]:
+    """Upstream settings, policies and TLS contexts (*tls* from build_tls(), built here when
+    not given) for every listener. Returns (runtimes, demo_used)."""
+    tls_list, demo_used = tls if tls is not None else build_tls(config, log)
+    runtimes = []
+    state = state if state is not None else WorkerState(
+        ConnectionCounts(1, len(config.listeners)))
+    for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
+        up = listener.upstream
+        server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
+                                                ltls.client_ctx)
+        t = listener.timeouts
+        settings = UpstreamSettings(
+            host=up.host, port=up.port, mode=up.mode, server_name=up.server_name,
+            helo_name=config.hostname, tls_context=client_ctx,
+            connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
+            data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
+            pool_size=up.pool_size if listener.protocol == "smtp" else 0,
+            pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
+            tls_resumption=config.profiles[up.profile].session_resumption)
+        smtp = listener.protocol == "smtp"
+        alerts = None
+        if smtp and config.alert_recipients:
+            alerts = AlertMailer(
+                settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
+                recipients=config.alert_recipients, hostname=config.hostname,
+                listener=listener.name, log=log.bind(listener=listener.name),
+                interval=config.alert_interval)
+        runtimes.append(ListenerRuntime(
+            listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
+            index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
+            alerts=alerts))
+    return runtimes, demo_used
