@@ -1,16 +1,31 @@
 """Message tracking (SPEC §7): one JSON line per relayed or refused message.
 
 Every worker appends to the same file opened with O_APPEND and writes each record with a
-single write() call, so records from several processes never interleave. `gateway track`
-(gateway/track.py) reads it back.
+single write() of the whole line, so records from several processes never interleave. A record
+is written whole or counted as failed: a short or failed write (disk full) is logged as
+`tracking_error` and counted in `gateway_tracking_errors_total`, and mail keeps flowing. The
+fragment a short write leaves is never glued to the next record: a record written after a file
+that does not end with a newline starts with one. `gateway track` (gateway/track.py) reads the
+file back.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
+
+_FLAGS = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_MODE = 0o640
+
+
+def _open(path: str) -> tuple[int, bool]:
+    """The file for appending, and whether it could be opened for reading too (to see the
+    fragment a torn write left at its end); a write-only file is written all the same."""
+    try:
+        return os.open(path, os.O_RDWR | _FLAGS, _MODE), True
+    except PermissionError:
+        return os.open(path, os.O_WRONLY | _FLAGS, _MODE), False
 
 
 @dataclass
@@ -55,15 +70,63 @@ def encode_record(record: TrackingRecord) -> bytes:
 
 
 class TrackingLog:
-    def __init__(self, path: str):
+    """The tracking file of one process.
+
+    *log*: where `tracking_error` events go (an EventLog or BoundLog; default a logfmt
+    EventLog on stderr). *metrics*: a Metrics whose `tracking_errors_total` counts the records
+    not written (default: not counted). `reopen()` reopens the path after logrotate moved the
+    file away (for the worker to call on SIGUSR1, SPEC §9)."""
+
+    def __init__(self, path: str, *, log=None, metrics=None):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.log = log
+        self.metrics = metrics
+        self.errors = 0                          # records not written whole, this process
+        self.fd, self._readable = _open(path)
 
     def write(self, record: TrackingRecord) -> None:
+        data = encode_record(record)
         try:
-            os.write(self.fd, encode_record(record))
-        except OSError as exc:                 # a full disk must not stop mail flowing
-            print(f"tracking log write failed: {exc}", file=sys.stderr)
+            if not self._ends_with_newline():
+                data = b"\n" + data              # a torn record before: start a line of our own
+            written = os.write(self.fd, data)
+        except OSError as exc:                   # a full disk must not stop mail flowing
+            self._failed(record, exc.strerror or str(exc), 0, len(data))
+            return
+        if written != len(data):                 # a short write (disk full): the record is torn
+            self._failed(record, "short write", written, len(data))
+
+    def _ends_with_newline(self) -> bool:
+        if not self._readable:
+            return True
+        size = os.fstat(self.fd).st_size
+        return size == 0 or os.pread(self.fd, 1, size - 1) == b"\n"
+
+    def _failed(self, record: TrackingRecord, reason: str, written: int, size: int) -> None:
+        self.errors += 1
+        if self.metrics is not None:
+            self.metrics.tracking_errors_total.inc()
+        self._log().event("tracking_error", level="error", path=self.path, id=record.id,
+                          reason=reason, written=written, bytes=size)
+
+    def _log(self):
+        if self.log is None:
+            from .logs import EventLog
+            self.log = EventLog()
+        return self.log
+
+    def reopen(self) -> bool:
+        """Open the path again (logrotate moved the file away) and write there from now on.
+        On failure the old file stays in use and `tracking_error` is logged; returns success."""
+        try:
+            fd, readable = _open(self.path)
+        except OSError as exc:
+            self._log().event("tracking_error", level="error", path=self.path,
+                              reason=f"reopen: {exc.strerror or exc}")
+            return False
+        old, self.fd, self._readable = self.fd, fd, readable
+        os.close(old)
+        return True
 
     def close(self) -> None:
         os.close(self.fd)
