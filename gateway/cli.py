@@ -374,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "func", None) is cmd_track \
+                and not any(a.startswith("-") for a in extra):
+            args.files += extra       # `track A --from X B`: argparse takes only A positionally
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:     # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
     if args.version:

@@ -177,6 +177,8 @@ def test_several_files_positional_gzip_and_time_order(tmp_path, capsys):
     assert ids(capsys, older, middle, newest) == everything
     assert ids(capsys, newest, middle, older) == everything          # shown in time order
     assert ids(capsys, "-f", newest, "-f", older, middle) == everything
+    assert ids(capsys, older, "--from", "alice@a.example", middle, "-f", newest,
+               "--client-tls") == ["m.1", "m.3", "m.5", "m.7"]     # files between options
     # gzip is found by its content, whatever the name
     renamed = write(tmp_path / "archive", RECORDS[:1], compress=True)
     assert ids(capsys, renamed) == ["m.1"]
@@ -315,6 +317,8 @@ def test_missing_inputs(tmp_path, capsys):
     assert (code, err) == (2, f"error: {config}: gateway.tracking_log is not set\n")
     code, _, err = run(capsys, "--tls", "--no-tls", tmp_path / "x")
     assert code == 2 and "not allowed with argument" in err
+    code, _, err = run(capsys, tmp_path / "x", "--no-such-option", "y")
+    assert code == 2 and err.endswith("error: unrecognized arguments: --no-such-option y\n")
 
 
 def test_unreadable_directory_of_rotated_files_is_one_line(tmp_path, capsys):
