@@ -5,6 +5,7 @@
     gateway run (-c FILE | --demo) [--workers N | --single-process] [--log-format F]
     gateway sink [--listen HOST:PORT] [--starttls] [--cert F --key F] [--maildir DIR]
     gateway certs demo DIR [--hostname H]
+    gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--json] [FILE...]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
 usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
@@ -231,34 +232,49 @@ def cmd_certs_demo(args) -> int:
 
 
 def cmd_track(args) -> int:
-    import json
-
-    from .tracking import format_table, query
-    path = args.file
-    if path is None:
+    from . import track
+    files = list(args.file or ()) + list(args.files)
+    if not files:
+        if not args.config:
+            _error("no tracking log: give FILE, -f FILE or -c CONFIG with gateway.tracking_log")
+            return EXIT_CONFIG
         from .config import load_config
         try:
-            path = load_config(args.config).tracking_log if args.config else None
+            path = load_config(args.config).tracking_log
         except ConfigError as exc:
             return _config_error(exc)
         if not path:
-            _error("no tracking log: give -f FILE or -c FILE with gateway.tracking_log")
+            _error(f"{args.config}: gateway.tracking_log is not set")
             return EXIT_CONFIG
-    tls = True if args.tls else False if args.no_tls else None
+        files = track.rotated_files(path)
+    now = track.local_now()
+    filters = track.Filters(mail_from=args.mail_from, rcpt=args.to, tls=args.tls,
+                            client_tls=args.client_tls, upstream_tls=args.upstream_tls)
+    for name in ("since", "until"):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                setattr(filters, name, track.parse_time(text, now))
+            except ValueError as exc:
+                _error(f"--{name}: {exc}")
+                return EXIT_CONFIG
+    results = {r.strip() for value in args.result or () for r in value.split(",") if r.strip()}
+    unknown = sorted(results - set(track.RESULTS))
+    if unknown:
+        _error(f"--result: unknown result {unknown[0]!r} (one of {', '.join(track.RESULTS)})")
+        return EXIT_CONFIG
+    filters.results = frozenset(results)
     try:
-        records = list(query(path, mail_from=args.mail_from, rcpt=args.to, since=args.since,
-                             until=args.until, tls=tls))
-    except OSError as exc:
+        records = track.query(files, filters, warn=lambda message: print(
+            f"warning: {message}", file=sys.stderr))
+    except track.TrackError as exc:
         _error(str(exc))
         return EXIT_FAILURE
-    except ValueError as exc:
-        _error(f"bad time: {exc}")
-        return EXIT_CONFIG
     if args.json:
         for rec in records:
-            print(json.dumps(rec, ensure_ascii=False))
+            print(track.format_json(rec))
     else:
-        print(format_table(records))
+        print(track.format_table(records))
     return EXIT_OK
 
 
@@ -274,6 +290,10 @@ def _positive_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 (one per CPU) or more")
     return value
+
+
+TRACK_TIMES = "ISO 8601 (2026-11-24T10:00Z; UTC without an offset), 30m, 24h, 7d, today, " \
+    "yesterday (local midnight)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,17 +332,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     p.set_defaults(func=cmd_sink)
 
-    p = sub.add_parser("track", help="query the message tracking log")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("-f", "--file", metavar="FILE", help="a tracking JSON-lines file")
-    where.add_argument("-c", "--config", metavar="FILE", help="use its gateway.tracking_log")
-    p.add_argument("--from", dest="mail_from", metavar="ADDR|DOMAIN")
-    p.add_argument("--to", metavar="ADDR|DOMAIN")
-    p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-24T10:00Z")
-    p.add_argument("--until", metavar="TIME")
-    leg = p.add_mutually_exclusive_group()
-    leg.add_argument("--tls", action="store_true", help="only messages with TLS on both legs")
-    leg.add_argument("--no-tls", action="store_true", help="only messages with a plaintext leg")
+    p = sub.add_parser(
+        "track", help="query the message tracking log",
+        description="Query message tracking files (rotated and gzip-compressed ones too). "
+                    "Without FILE, -c CONFIG reads its gateway.tracking_log and the rotated "
+                    "files beside it, oldest first.")
+    p.add_argument("files", nargs="*", metavar="FILE", help="a tracking JSON-lines file")
+    p.add_argument("-f", "--file", action="append", metavar="FILE",
+                   help="a tracking JSON-lines file (repeatable)")
+    p.add_argument("-c", "--config", metavar="CONFIG", help="use its gateway.tracking_log")
+    p.add_argument("--from", dest="mail_from", metavar="ADDR|DOMAIN",
+                   help="sender: an address, a domain (x.example or @x.example), <> for none")
+    p.add_argument("--to", metavar="ADDR|DOMAIN", help="a recipient: an address or a domain")
+    p.add_argument("--since", metavar="TIME", help="from TIME on (inclusive): " + TRACK_TIMES)
+    p.add_argument("--until", metavar="TIME", help="before TIME (exclusive)")
+    p.add_argument("--result", action="append", metavar="RESULT",
+                   help="accepted, rejected, tempfail or discarded (repeatable, or a comma list)")
+    for flag, dest, yes, no in (
+            ("tls", "tls", "every leg that carried the message used TLS",
+             "some leg that carried the message was plaintext"),
+            ("client-tls", "client_tls", "the client leg used TLS",
+             "the client leg was plaintext"),
+            ("upstream-tls", "upstream_tls", "the upstream leg used TLS",
+             "the upstream leg was plaintext (not: never reached the upstream)")):
+        leg = p.add_mutually_exclusive_group()
+        leg.add_argument(f"--{flag}", dest=dest, action="store_const", const=True, help=yes)
+        leg.add_argument(f"--no-{flag}", dest=dest, action="store_const", const=False, help=no)
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=cmd_track)
 
@@ -339,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "func", None) is cmd_track \
+                and not any(a.startswith("-") for a in extra):
+            args.files += extra       # `track A --from X B`: argparse takes only A positionally
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:     # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
     if args.version:

@@ -42,6 +42,7 @@ METRIC_NAMES = (
     "gateway_demo_certificate",
     "gateway_build_info",
     "gateway_auth_total",
+    "gateway_tracking_errors_total",
 )
 
 # Attribute names shared by Metrics and NullMetrics.
@@ -51,6 +52,7 @@ ATTRIBUTES = (
     "messages_total", "message_bytes_total", "upstream_errors_total", "tls_alerts_total",
     "session_seconds", "worker_restarts_total", "demo_certificate", "build_info",
     "auth_total",
+    "tracking_errors_total",
 )
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
@@ -142,6 +144,8 @@ class Metrics:
             multiprocess_mode="max", registry=None)
         self.build_info.labels(gateway.__version__,
                                "yes" if native.BACKEND == "native" else "no").set(1)
+        self.tracking_errors_total = counter(
+            "gateway_tracking_errors", "Tracking records not written (disk full)")
 
 
 class _Null:

@@ -134,7 +134,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
         ConnectionCounts(1, len(config.listeners)))
     if state.tracking is None and config.tracking_log:
         from .tracking import TrackingLog
-        state.tracking = TrackingLog(config.tracking_log)
+        state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
     if runtimes is None:
         runtimes, demo = build_runtimes(config, log, state)
     else:

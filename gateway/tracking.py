@@ -1,20 +1,46 @@
-"""Message tracking (SPEC §7): one JSON line per relayed or refused message, and its query.
+"""Message tracking (SPEC §7): one JSON line per relayed or refused message.
 
 Every worker appends to the same file opened with O_APPEND and writes each record with a
-single write() call, so records from several processes never interleave. `gateway track`
-reads it back with filters and prints a table that marks each leg that used TLS.
+single write() of the whole line, so records from several processes never interleave. A record
+is written whole or counted as failed: a short or failed write (disk full) is logged as
+`tracking_error` and counted in `gateway_tracking_errors_total`, and mail keeps flowing. The
+fragment a short write leaves is never glued to the next record: a record written after a file
+that does not end with a newline starts with one. `gateway track` (gateway/track.py) reads the
+file back.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
+
+_FLAGS = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+_MODE = 0o640
+
+
+def _open(path: str) -> tuple[int, bool]:
+    """The file for appending, and whether it could be opened for reading too (to see the
+    fragment a torn write left at its end); a write-only file is written all the same."""
+    try:
+        return os.open(path, os.O_RDWR | _FLAGS, _MODE), True
+    except PermissionError:
+        return os.open(path, os.O_WRONLY | _FLAGS, _MODE), False
 
 
 @dataclass
 class TrackingRecord:
+    """One tracked message.
+
+    upstream_leg: "tls" or "plain" when the transaction reached the upstream (its envelope was
+    sent on a leg, with or without TLS); None when it never did (refused before a leg was used,
+    the leg could not be opened, or the TLS its level requires was not obtained). Readers infer
+    it for records written before the field existed (gateway/track.py `upstream_leg`).
+    auth_user: the SMTP AUTH identity (SPEC §4.6), None when the client did not authenticate.
+    milter: the milters' verdicts (SPEC §4.7), a list of {"milter", "stage", "result"}; None
+    when no milter ran. Fields left None are written as null and not shown by `gateway track`'s
+    table.
+    """
     id: str
     time: str                  # RFC 3339, UTC
     listener: str
@@ -26,78 +52,81 @@ class TrackingRecord:
     client_tls: str | None     # "TLSv1.3 TLS_AES_256_GCM_SHA384", or None for plaintext
     upstream: str
     upstream_tls: str | None
-    result: str                # accepted | rejected | tempfail
+    result: str                # accepted | rejected | tempfail | discarded
     reply: str
+    upstream_leg: str | None = None     # "tls" | "plain" | None: no upstream leg
+    auth_user: str | None = None
+    milter: list[dict] | None = None
 
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def encode_record(record: TrackingRecord) -> bytes:
+    """The record's line, newline included."""
+    line = json.dumps(asdict(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return line.encode("utf-8", "surrogateescape")
+
+
 class TrackingLog:
-    def __init__(self, path: str):
+    """The tracking file of one process.
+
+    *log*: where `tracking_error` events go (an EventLog or BoundLog; default a logfmt
+    EventLog on stderr). *metrics*: a Metrics whose `tracking_errors_total` counts the records
+    not written (default: not counted). `reopen()` reopens the path after logrotate moved the
+    file away (for the worker to call on SIGUSR1, SPEC §9)."""
+
+    def __init__(self, path: str, *, log=None, metrics=None):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.log = log
+        self.metrics = metrics
+        self.errors = 0                          # records not written whole, this process
+        self.fd, self._readable = _open(path)
 
     def write(self, record: TrackingRecord) -> None:
-        line = json.dumps(asdict(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = encode_record(record)
         try:
-            os.write(self.fd, line.encode("utf-8", "surrogateescape"))
-        except OSError as exc:                 # a full disk must not stop mail flowing
-            print(f"tracking log write failed: {exc}", file=sys.stderr)
+            if not self._ends_with_newline():
+                data = b"\n" + data              # a torn record before: start a line of our own
+            written = os.write(self.fd, data)
+        except OSError as exc:                   # a full disk must not stop mail flowing
+            self._failed(record, exc.strerror or str(exc), 0, len(data))
+            return
+        if written != len(data):                 # a short write (disk full): the record is torn
+            self._failed(record, "short write", written, len(data))
+
+    def _ends_with_newline(self) -> bool:
+        if not self._readable:
+            return True
+        size = os.fstat(self.fd).st_size
+        return size == 0 or os.pread(self.fd, 1, size - 1) == b"\n"
+
+    def _failed(self, record: TrackingRecord, reason: str, written: int, size: int) -> None:
+        self.errors += 1
+        if self.metrics is not None:
+            self.metrics.tracking_errors_total.inc()
+        self._log().event("tracking_error", level="error", path=self.path, id=record.id,
+                          reason=reason, written=written, bytes=size)
+
+    def _log(self):
+        if self.log is None:
+            from .logs import EventLog
+            self.log = EventLog()
+        return self.log
+
+    def reopen(self) -> bool:
+        """Open the path again (logrotate moved the file away) and write there from now on.
+        On failure the old file stays in use and `tracking_error` is logged; returns success."""
+        try:
+            fd, readable = _open(self.path)
+        except OSError as exc:
+            self._log().event("tracking_error", level="error", path=self.path,
+                              reason=f"reopen: {exc.strerror or exc}")
+            return False
+        old, self.fd, self._readable = self.fd, fd, readable
+        os.close(old)
+        return True
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-# --- gateway track ------------------------------------------------------------------------
-
-def _parse_time(text: str) -> datetime.datetime:
-    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=datetime.timezone.utc)
-    return value
-
-
-def _matches_address(address: str, pattern: str) -> bool:
-    pattern = pattern.lower()
-    address = address.lower()
-    if "@" in pattern:
-        return address == pattern
-    return address.rpartition("@")[2] == pattern.lstrip("@")     # a domain
-
-
-def query(path, *, mail_from=None, rcpt=None, since=None, until=None, tls=None):
-    """Records matching every given filter. tls=True: both legs used TLS; False: a leg did not."""
-    since = _parse_time(since) if since else None
-    until = _parse_time(until) if until else None
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            when = _parse_time(rec["time"])
-            if since and when < since or until and when > until:
-                continue
-            if mail_from and not _matches_address(rec["mail_from"], mail_from):
-                continue
-            if rcpt and not any(_matches_address(r, rcpt) for r in rec["recipients"]):
-                continue
-            encrypted = bool(rec.get("client_tls")) and bool(rec.get("upstream_tls"))
-            if tls is not None and encrypted != tls:
-                continue
-            yield rec
-
-
-def format_table(records) -> str:
-    rows = [("TIME", "RESULT", "FROM", "TO", "SIZE", "CLIENT LEG", "UPSTREAM LEG", "REPLY")]
-    for r in records:
-        rows.append((r["time"][:19].replace("T", " "), r["result"], r["mail_from"] or "<>",
-                     ",".join(r["recipients"]), str(r["size"]),
-                     ("TLS " + r["client_tls"].split(" ")[0]) if r.get("client_tls") else "plain",
-                     ("TLS " + r["upstream_tls"].split(" ")[0]) if r.get("upstream_tls")
-                     else "plain", r["reply"][:40]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)

@@ -58,7 +58,7 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> i
         runtimes = build_runtimes(config, log, state, tls)
         if config.tracking_log:
             from .tracking import TrackingLog
-            state.tracking = TrackingLog(config.tracking_log)
+            state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
         drop_privileges(config.user, config.group)
     except Exception as exc:
         log.event("fatal", level="error", message=f"worker start: {exc}")

@@ -43,7 +43,9 @@ async def test_tracking_records_and_track_filters(tmp_path, server_cert):
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith("TIME") and len(lines) == 4
-    assert "TLS TLSv1.3" in lines[1] and "plain" in lines[2]
+    assert lines[1].split()[6:8] == ["TLSv1.3", "plain"]          # client, upstream legs
+    assert lines[2].split()[6:8] == ["plain", "plain"]
+    assert lines[3].endswith(records[2]["reply"])                 # the whole reply
 
     def rows(*args):
         out = track("-f", str(log_path), "--json", *args)
@@ -54,8 +56,12 @@ async def test_tracking_records_and_track_filters(tmp_path, server_cert):
     assert rows("--to", "carol@example.test") == ["bob@plain.test"]
     assert rows("--no-tls") == ["alice@tls.test", "bob@plain.test", "eve@plain.test"]
     assert rows("--tls") == []                       # the upstream leg was plaintext
+    assert rows("--client-tls") == ["alice@tls.test"]
+    assert rows("--result", "rejected") == ["eve@plain.test"]
     assert rows("--since", "2000-01-01T00:00Z", "--until", "2000-01-02T00:00Z") == []
     assert len(rows("--since", records[0]["time"])) == 3
+    assert len(rows("--since", "1h")) == 3 and rows("--until", "1h") == []
+    assert rows("--to", "@example.test", "--json") == [r["mail_from"] for r in records]
 
 
 async def test_tls_required_upstream_refusal_is_tracked_as_tempfail(tmp_path):
@@ -77,3 +83,15 @@ async def test_tls_required_upstream_refusal_is_tracked_as_tempfail(tmp_path):
     (record,) = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert record["result"] == "tempfail" and record["reply"].startswith("451 4.7.5")
     assert record["recipients"] == ["bob@partner.test"] and record["size"] == 0
+    # it never reached the upstream: no upstream leg, so not "plain"
+    assert record["upstream_tls"] is None and record.get("upstream_leg") is None
+    out = track("-f", str(log_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].split()[6:8] == ["plain", "-"]
+
+    def ids(*args):
+        done = track("-f", str(log_path), "--json", *args)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line)["id"] for line in done.stdout.splitlines()]
+    assert ids("--no-upstream-tls") == [] and ids("--upstream-tls") == []
+    assert ids("--no-tls") == [record["id"]]                     # the client leg was plain

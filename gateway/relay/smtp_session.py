@@ -46,6 +46,8 @@ class Transaction:
     refusal: object = None                     # the upstream's refusal of MAIL, likewise
     attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
     last_refusal: tuple[int, str] | None = None
+    upstream_leg: str | None = None            # "tls" / "plain": the leg MAIL went over
+    upstream_tls: str | None = None            # that leg's "version cipher"
 
 
 class SMTPSession:
@@ -298,6 +300,9 @@ class SMTPSession:
                 return
             if not leg.in_transaction:
                 mail, reply = await self._start_transaction(txn, event, level)
+                leg = self.leg               # the envelope reached the upstream on this leg
+                txn.upstream_leg = "tls" if leg.tls is not None else "plain"
+                txn.upstream_tls = f"{leg.tls.version} {leg.tls.cipher}" if leg.tls else None
                 if mail.code // 100 != 2:
                     txn.refusal = mail
                     self.core.respond(*relayed(mail))
@@ -587,8 +592,10 @@ class SMTPSession:
             mail_from=txn.mail.address, recipients=list(rcpts), size=size,
             client_tls=f"{self.tls.version} {self.tls.cipher}" if self.tls else None,
             upstream=f"{self.rt.upstream.host}:{self.rt.upstream.port}",
-            upstream_tls=(f"{leg.tls.version} {leg.tls.cipher}"
-                          if leg is not None and leg.tls is not None else None),
+            upstream_tls=txn.upstream_tls or (f"{leg.tls.version} {leg.tls.cipher}"
+                                              if leg is not None and leg.tls is not None
+                                              else None),
+            upstream_leg=txn.upstream_leg, auth_user=self.facts.auth_user,
             result=result, reply=reply))
 
     def _received_header(self) -> bytes:
