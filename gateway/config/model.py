@@ -1,9 +1,22 @@
-"""The typed configuration: frozen dataclasses the parser builds and the gateway reads."""
+"""The typed configuration: frozen dataclasses the parser builds and the gateway reads.
+
+Levels and grades are the types of `gateway.policy.levels`; a level given as its word (by a
+test or a tool building a configuration by hand) becomes the member on construction.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..tls.profiles import Profile
+
+
+def _as_levels(obj, **kinds) -> None:
+    """Turn the named fields of the frozen *obj* given as words into members of their kind."""
+    for name, kind in kinds.items():
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, kind):
+            object.__setattr__(obj, name, kind(value))
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class Upstream:
     host: str
     port: int
     mode: str = "starttls"            # starttls | implicit
-    tls: str = "preferred"            # none | preferred | allowed | required | verify
+    tls: UpstreamLevel = UpstreamLevel.PREFERRED
     server_name: str | None = None
     profile: str = "default"
     certificate: str | None = None    # name in GatewayConfig.certificates
@@ -39,12 +52,18 @@ class Upstream:
     pool_idle: float = 5.0            # seconds an idle pooled connection is kept
     pool_max_reuse: int = 100         # client sessions one connection serves at most
 
+    def __post_init__(self):
+        _as_levels(self, tls=UpstreamLevel)
+
 
 @dataclass(frozen=True)
 class ClientRule:
     match: str                        # CIDR / IP, or a sender domain pattern
-    client_tls: str | None = None     # none | optional | required | verify
-    cipher_strength: str | None = None
+    client_tls: ClientLevel | None = None
+    cipher_strength: CipherGrade | None = None
+
+    def __post_init__(self):
+        _as_levels(self, client_tls=ClientLevel, cipher_strength=CipherGrade)
 
     @property
     def is_network(self) -> bool:
@@ -56,9 +75,13 @@ class ClientRule:
 class Rule:
     sender: str = "*"
     recipient: str = "*"
-    sender_encryption: str = "optional"      # required | optional | none
-    recipient_encryption: str = "preferred"  # required | preferred | allowed | none | verify
+    sender_encryption: SenderEncryption = SenderEncryption.OPTIONAL
+    recipient_encryption: UpstreamLevel = UpstreamLevel.PREFERRED
     enabled: bool = True
+
+    def __post_init__(self):
+        _as_levels(self, sender_encryption=SenderEncryption,
+                   recipient_encryption=UpstreamLevel)
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,7 @@ class Listener:
     upstream: Upstream
     type: str = "public"              # public | private
     tls: str = "starttls"             # starttls | implicit | off
-    client_tls: str = "optional"      # none | optional | required | verify (defaults per §2)
+    client_tls: ClientLevel = ClientLevel.OPTIONAL   # the default depends on tls (§2)
     certificate: str | None = None    # None → demo certificate when TLS is needed
     profile: str = "default"
     max_connections: int = 1000
@@ -90,6 +113,9 @@ class Listener:
     timeouts: Timeouts = field(default_factory=Timeouts)
     client_rules: tuple[ClientRule, ...] = ()
     rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self):
+        _as_levels(self, client_tls=ClientLevel)
 
 
 @dataclass(frozen=True)

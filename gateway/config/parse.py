@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..tls.profiles import PREDEFINED, Profile
 from .model import Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts, Upstream
-from .profiles import CIPHER_STRENGTHS, parse_profiles
+from .profiles import parse_profiles
 from .table import NAME_RE, Table, describe, key_path, quoted
 from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_domain_pattern,
                      parse_hostport, parse_network)
@@ -25,11 +26,13 @@ from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_d
 PROTOCOLS = ("smtp", "imap")
 LISTENER_TYPES = ("public", "private")
 LISTENER_TLS = ("starttls", "implicit", "off")
-CLIENT_LEVELS = ("none", "optional", "required", "verify")
-UPSTREAM_LEVELS = ("none", "preferred", "allowed", "required", "verify")
+CLIENT_LEVELS = tuple(ClientLevel)
+UPSTREAM_LEVELS = tuple(UpstreamLevel)
 UPSTREAM_MODES = ("starttls", "implicit")
-SENDER_ENCRYPTION = ("required", "optional", "none")
-RECIPIENT_ENCRYPTION = ("required", "preferred", "allowed", "none", "verify")
+SENDER_ENCRYPTION = tuple(SenderEncryption)
+# in the order its error message lists them
+RECIPIENT_ENCRYPTION = (UpstreamLevel.REQUIRED, UpstreamLevel.PREFERRED, UpstreamLevel.ALLOWED,
+                        UpstreamLevel.NONE, UpstreamLevel.VERIFY)
 BARE_NEWLINE = ("reject", "normalize")
 AUTH_MODES = ("off", "passthrough")
 LOG_FORMATS = ("logfmt", "json")
@@ -122,16 +125,16 @@ def _has_ca(profile: Profile) -> bool:
 def _parse_upstream(t: Table, certificates, profiles) -> Upstream:
     host, port = parse_hostport(t.raw("address"), t.p("address"))
     mode = t.str("mode", "starttls", choices=UPSTREAM_MODES)
-    level = t.str("tls", "preferred", choices=UPSTREAM_LEVELS)
+    level = t.choice("tls", UpstreamLevel, UpstreamLevel.PREFERRED)
     server_name = t.str("server_name", None)
     if server_name is not None and not HOSTNAME_RE.match(server_name):
         raise ConfigError(t.p("server_name"), f'"{server_name}" is not a valid host name')
     profile = _ref(t, "profile", profiles, "TLS profile", "default")
     certificate = _ref(t, "certificate", certificates, "certificate", None)
-    if mode == "implicit" and level == "none":
+    if mode == "implicit" and level is UpstreamLevel.NONE:
         raise ConfigError(t.p("tls"), 'mode = "implicit" always uses TLS; '
                                       'tls = "none" contradicts it')
-    if level == "verify" and server_name is None and is_ip(host):
+    if level is UpstreamLevel.VERIFY and server_name is None and is_ip(host):
         raise ConfigError(t.p("tls"), f'"verify" to the IP address {host} needs server_name '
                                       "(the name to verify the certificate against)")
     pool_size = t.int("pool_size", 16, minimum=0, maximum=10000)
@@ -156,33 +159,34 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     profile_name = _ref(t, "profile", profiles, "TLS profile", "default")
     profile = profiles[profile_name]
 
-    level = t.str("client_tls", None, choices=CLIENT_LEVELS)
+    level = t.choice("client_tls", ClientLevel, None)
     if mode == "implicit":
-        if level == "none":
+        if level is ClientLevel.NONE:
             raise ConfigError(t.p("client_tls"), 'cannot be "none" on a tls = "implicit" '
                                                  "listener (every session is TLS)")
-        level = "required" if level in (None, "optional") else level
+        if level in (None, ClientLevel.OPTIONAL):
+            level = ClientLevel.REQUIRED
     elif mode == "off":
-        if level in ("required", "verify"):
+        if level is not None and level.requires_tls:
             raise ConfigError(t.p("client_tls"), f'cannot be "{level}" on a tls = "off" '
                                                  "listener (it never offers TLS)")
-        level = level or "none"
+        level = level or ClientLevel.NONE
     else:
-        level = level or "optional"
-    if level == "verify" and not _has_ca(profile):
+        level = level or ClientLevel.OPTIONAL
+    if level is ClientLevel.VERIFY and not _has_ca(profile):
         raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
                                              f'ca_path; profile "{profile_name}" has neither')
 
     esmtp = t.bool("esmtp", True)
     if protocol == "smtp" and mode == "starttls" and not esmtp:
-        if level in ("required", "verify"):
+        if level.requires_tls:
             raise ConfigError(t.p("esmtp"), f'esmtp = false offers no STARTTLS, so '
                                             f'client_tls = "{level}" could never be met')
-        if level == "optional":
+        if level is ClientLevel.OPTIONAL:
             warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
 
     auth = t.str("auth", "off", choices=AUTH_MODES)
-    if auth == "passthrough" and level == "none":
+    if auth == "passthrough" and not level.offers_tls:
         raise ConfigError(t.p("auth"), 'auth = "passthrough" needs TLS; this listener\'s '
                                        'client_tls is "none"')
     mechanisms = t.str_list("auth_mechanisms", ["PLAIN", "LOGIN"])
@@ -224,7 +228,7 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     for rt in rule_tables:
         rules.append(_parse_rule(rt, upstream))
 
-    if certificate is None and (mode == "implicit" or (mode == "starttls" and level != "none")):
+    if certificate is None and (mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
                         "will be generated (insecure)")
 
@@ -247,38 +251,38 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     )
 
 
-def _parse_client_rule(t: Table, mode: str, listener_level: str, protocol: str,
+def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,
                        profile: Profile, profile_name: str) -> ClientRule:
     raw = t.str("match")
     by_network = looks_like_ip(raw.strip())
     match = parse_network(raw, t.p("match")) if by_network \
         else parse_domain_pattern(raw, t.p("match"))
-    level = t.str("client_tls", None, choices=CLIENT_LEVELS)
-    strength = t.str("cipher_strength", None, choices=CIPHER_STRENGTHS)
+    level = t.choice("client_tls", ClientLevel, None)
+    strength = t.choice("cipher_strength", CipherGrade, None)
     if level is None and strength is None:
         raise ConfigError(t.path, "a client rule must set client_tls or cipher_strength")
     if not by_network:
         if protocol != "smtp":
             raise ConfigError(t.p("match"), "sender-domain rules apply to SMTP listeners only")
-        if listener_level == "none":
+        if not listener_level.offers_tls:
             raise ConfigError(t.p("match"), "a sender-domain rule cannot apply on a listener "
                                             'whose client_tls is "none" (no TLS is offered)')
-        if level == "none":
+        if level is ClientLevel.NONE:
             raise ConfigError(t.p("client_tls"), 'a sender-domain rule can only tighten; '
                                                  '"none" is not allowed')
     if mode == "implicit":
-        if level == "none":
+        if level is ClientLevel.NONE:
             raise ConfigError(t.p("client_tls"), 'cannot be "none" on a tls = "implicit" '
                                                  "listener")
-        if level == "optional":
-            level = "required"
+        if level is ClientLevel.OPTIONAL:
+            level = ClientLevel.REQUIRED
     elif mode == "off":
-        if level in ("required", "verify"):
+        if level is not None and level.requires_tls:
             raise ConfigError(t.p("client_tls"), f'cannot be "{level}" on a tls = "off" '
                                                  "listener")
         if strength is not None:
             raise ConfigError(t.p("cipher_strength"), 'has no effect on a tls = "off" listener')
-    if level == "verify" and not _has_ca(profile):
+    if level is ClientLevel.VERIFY and not _has_ca(profile):
         raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
                                              f'ca_path; profile "{profile_name}" has neither')
     return ClientRule(match=match, client_tls=level, cipher_strength=strength)
@@ -289,16 +293,17 @@ def _parse_rule(t: Table, upstream: Upstream) -> Rule:
         enabled=t.bool("enabled", True),
         sender=parse_domain_pattern(t.raw("sender", "*"), t.p("sender")),
         recipient=parse_domain_pattern(t.raw("recipient", "*"), t.p("recipient")),
-        sender_encryption=t.str("sender_encryption", "optional", choices=SENDER_ENCRYPTION),
-        recipient_encryption=t.str("recipient_encryption", upstream.tls,
-                                   choices=RECIPIENT_ENCRYPTION),
+        sender_encryption=t.choice("sender_encryption", SenderEncryption,
+                                   SenderEncryption.OPTIONAL),
+        recipient_encryption=t.choice("recipient_encryption", UpstreamLevel, upstream.tls,
+                                      choices=RECIPIENT_ENCRYPTION),
     )
-    if rule.recipient_encryption == "verify" and upstream.server_name is None \
+    if rule.recipient_encryption is UpstreamLevel.VERIFY and upstream.server_name is None \
             and is_ip(upstream.host):
         raise ConfigError(t.p("recipient_encryption"),
                           f'"verify" to the upstream IP address {upstream.host} needs '
                           "upstream.server_name")
-    if rule.recipient_encryption == "none" and upstream.mode == "implicit":
+    if rule.recipient_encryption is UpstreamLevel.NONE and upstream.mode == "implicit":
         raise ConfigError(t.p("recipient_encryption"),
                           '"none" is impossible: the upstream mode is "implicit" (always TLS)')
     return rule
@@ -358,12 +363,14 @@ def load_config(path: str | os.PathLike) -> GatewayConfig:
 
 def demo_config(sink_host: str = "127.0.0.1", sink_port: int = 2526) -> GatewayConfig:
     """The embedded configuration of `gateway run --demo` (SPEC §12)."""
-    upstream = Upstream(host=sink_host, port=sink_port, mode="starttls", tls="none")
+    upstream = Upstream(host=sink_host, port=sink_port, mode="starttls", tls=UpstreamLevel.NONE)
     listeners = (
         Listener(name="demo-smtp", protocol="smtp", host="127.0.0.1", port=2525,
-                 upstream=upstream, type="public", tls="starttls", client_tls="optional"),
+                 upstream=upstream, type="public", tls="starttls",
+                 client_tls=ClientLevel.OPTIONAL),
         Listener(name="demo-smtps", protocol="smtp", host="127.0.0.1", port=4465,
-                 upstream=upstream, type="public", tls="implicit", client_tls="required"),
+                 upstream=upstream, type="public", tls="implicit",
+                 client_tls=ClientLevel.REQUIRED),
     )
     warnings = tuple(f"listeners[{i}]: no certificate; a self-signed demonstration "
                      "certificate will be generated (insecure)" for i in range(len(listeners)))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from ..tls.profiles import CIPHER_STRENGTH, PREDEFINED, TLS_VERSIONS, Profile, clone
+from ..policy.levels import CipherGrade
+from ..tls.profiles import PREDEFINED, TLS_VERSIONS, Profile, clone
 from .table import Table, describe, key_path, quoted
 
-CIPHER_STRENGTHS = tuple(CIPHER_STRENGTH)
+CIPHER_STRENGTHS = tuple(CipherGrade)
 
 _PROFILE_KEYS = ("clone", "min_version", "max_version", "cipher_strength", "ciphers",
                  "ciphersuites", "groups", "ca_file", "ca_path", "verify_depth",
@@ -86,7 +87,7 @@ def parse_profiles(top: Table) -> dict[str, Profile]:
             raise ConfigError(t.p("cipher_strength"),
                               "set either cipher_strength or ciphers, not both")
         if t.has("cipher_strength"):
-            overrides["cipher_strength"] = t.str("cipher_strength", choices=CIPHER_STRENGTHS)
+            overrides["cipher_strength"] = t.choice("cipher_strength", CipherGrade)
         if t.has("ciphers"):
             overrides["ciphers"] = t.str("ciphers")
             overrides["cipher_strength"] = None

@@ -78,6 +78,12 @@ class Table:
             raise ConfigError(self.p(key), "must not be empty")
         return value
 
+    def choice(self, key: str, kind, default: Any = MISSING, *, choices=None) -> Any:
+        """A word among *choices* (by default every member of the enum *kind*, in its order)
+        as the member of *kind*; *default* when the key is absent (None stays None)."""
+        value = self.str(key, default, choices=tuple(kind) if choices is None else choices)
+        return None if value is None else kind(value)
+
     def bool(self, key: str, default: Any = MISSING) -> Any:
         if key not in self.data:
             return self.raw(key, default)
