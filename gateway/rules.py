@@ -18,9 +18,6 @@ from functools import lru_cache
 from .config import ClientRule, Listener, Rule
 from .rulematch import DomainPatternMatcher, DomainRuleMatcher, NetworkMatcher
 
-CLIENT_STRICTNESS = {"none": 0, "optional": 1, "required": 2, "verify": 3}
-STRENGTH_ORDER = {None: 0, "medium": 1, "high": 2}
-
 
 @lru_cache(maxsize=4096)
 def _normalise(domain: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..proto import replies as R
+from .levels import ClientLevel, SenderEncryption, UpstreamLevel
 from ..rules import ClientPolicy, EncryptionPolicy, cipher_meets
 
 
@@ -107,25 +108,9 @@ class Hook:
         return None
 
 
-def fits(level: str, leg) -> bool:
-    """Can a recipient at *level* (resolved) travel on *leg* (§4.3)? *leg* has `closed`,
-    `tls` (None or with `.verified`), `tls_offered` and `tls_failed`."""
-    if leg.closed:
-        return False
-    if level == "verify":
-        return leg.tls is not None and leg.tls.verified
-    if level == "required":
-        return leg.tls is not None
-    if level == "preferred":
-        return leg.tls is not None or not leg.tls_offered or leg.tls_failed
-    return leg.tls is None       # none
-
-
-def resolve(level: str, client_tls: bool) -> str:
+def resolve(level, client_tls: bool) -> UpstreamLevel:
     """`allowed` mirrors the client leg (§3.2); other levels stand."""
-    if level == "allowed":
-        return "required" if client_tls else "none"
-    return level
+    return UpstreamLevel(level).resolve(client_tls)
 
 
 class StagePolicy:
@@ -182,7 +167,8 @@ class StagePolicy:
         rule = self.client_rules.for_sender(address)
         if rule is not None:
             # a rule by sender domain can only tighten (§4.3)
-            if rule.client_tls in ("required", "verify") and tls is None:
+            if rule.client_tls is not None and ClientLevel(rule.client_tls).requires_tls \
+                    and tls is None:
                 return refuse(R.MUST_USE_TLS)
             if rule.client_tls == "verify" and not tls.verified:
                 return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
@@ -215,13 +201,13 @@ class StagePolicy:
             level = self.upstream_level
         else:
             decision = self.encryption.decide(facts.sender or "", address)
-            if decision.sender_encryption == "required" and facts.tls is None:
+            if SenderEncryption(decision.sender_encryption).requires_tls and facts.tls is None:
                 # the pair must not travel in the clear on the client leg (§4.3)
                 return refuse(R.MUST_USE_TLS)
             level, rule = decision.recipient_encryption, decision.rule
         level = resolve(level, facts.tls is not None)
         new_leg = False
-        if leg is not None and not leg.closed and not fits(level, leg):
+        if leg is not None and not leg.closed and not level.satisfied_by(leg):
             if leg.in_transaction:
                 return refuse(R.NEEDS_OTHER_POLICY)
             new_leg = True

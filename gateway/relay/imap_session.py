@@ -16,6 +16,7 @@ from __future__ import annotations
 import trio
 
 from ..errors import TLSError
+from ..policy.levels import ClientLevel
 from ..policy.stages import Facts
 from ..proto import imap_server as S
 from ..proto import replies as R
@@ -49,7 +50,7 @@ class IMAPSession:
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.facts = Facts(self.listener.name, client_addr[0], client_addr[1])
         rt.stages.client_level(self.facts, log)
-        self.client_level = self.facts.client_level
+        self.client_level = level = ClientLevel(self.facts.client_level)
         self.cipher_strength = self.facts.cipher_strength
         self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
@@ -59,9 +60,9 @@ class IMAPSession:
         self._deadline = 0.0
         self.core = S.IMAPServer(
             hostname=rt.hostname,
-            offer_starttls=self.listener.tls == "starttls" and self.client_level != "none",
-            require_tls=self.client_level in ("required", "verify"),
-            require_client_cert=self.client_level == "verify")
+            offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
+            require_tls=level.requires_tls,
+            require_client_cert=level is ClientLevel.VERIFY)
 
     # --- the session ------------------------------------------------------------------------
 

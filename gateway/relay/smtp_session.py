@@ -19,6 +19,7 @@ import trio
 
 from ..errors import TLSError
 from ..proto import replies as R
+from ..policy.levels import ClientLevel
 from ..policy.stages import Facts, Verdict, resolve
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
@@ -62,7 +63,7 @@ class SMTPSession:
         self.facts = facts = Facts(self.listener.name, client_addr[0], client_addr[1])
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.policy.client_level(facts, log)
-        self.client_level = facts.client_level
+        self.client_level = level = ClientLevel(facts.client_level)
         self.cipher_strength = facts.cipher_strength
         self.metrics = rt.state.metrics
         self.name = self.listener.name
@@ -92,8 +93,8 @@ class SMTPSession:
             bare_newline=self.listener.bare_newline,
             auth_mechanisms=(self.listener.auth_mechanisms
                              if self.listener.auth != "off" else ()),
-            offer_starttls=self.listener.tls == "starttls" and self.client_level != "none",
-            require_tls=self.client_level in ("required", "verify"),
+            offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
+            require_tls=level.requires_tls,
         )
 
     # --- the session ------------------------------------------------------------------------

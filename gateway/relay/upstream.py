@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import ProtocolError, TLSError
+from ..policy.levels import UpstreamLevel
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
 from ..net.sockstream import open_tcp
 from .tls_legs import (HandshakeFailed, remember_upstream_session, resumed_info,
                        upstream_handshake)
 
-TLS_LEVELS_REQUIRING_TLS = ("required", "verify")
 
 
 class UpstreamFailure(Exception):
@@ -82,7 +82,7 @@ class UpstreamLegBase:
 
     @property
     def requires_tls(self) -> bool:
-        return self.level in TLS_LEVELS_REQUIRING_TLS
+        return UpstreamLevel(self.level).requires_tls
 
     @classmethod
     async def open(cls, settings: UpstreamSettings, level: str, *, on_tls_error=None,

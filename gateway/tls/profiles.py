@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..policy.levels import CipherGrade
+
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
 # Mozilla server-side TLS recommendations (v5.7).
@@ -30,11 +32,8 @@ MOZILLA_OLD = (
 TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 DEFAULT_GROUPS = "X25519MLKEM768:X25519:prime256v1:secp384r1"
 
-# cipher_strength → OpenSSL grade, as Postfix maps it; always without anonymous/null suites.
-CIPHER_STRENGTH = {
-    "medium": "HIGH:MEDIUM:!aNULL:!eNULL",
-    "high": "HIGH:!aNULL:!eNULL",
-}
+# cipher_strength → OpenSSL grade, as Postfix maps it (gateway.policy.levels.CipherGrade).
+CIPHER_STRENGTH = {grade: grade.openssl for grade in CipherGrade}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Profile:
     min_version: str = "TLSv1.2"
     max_version: str = "TLSv1.3"
     ciphers: str = MOZILLA_INTERMEDIATE      # the OpenSSL cipher string actually used (TLS ≤ 1.2)
-    cipher_strength: str | None = None       # "medium" | "high" when set by the operator
+    cipher_strength: CipherGrade | None = None   # when set by the operator
     ciphersuites: str = TLS13_SUITES         # TLS 1.3 suites
     groups: str = DEFAULT_GROUPS
     ca_file: str | None = None

@@ -1,0 +1,67 @@
+"""`gateway check` beyond syntax: the files a configuration names, and its user and group."""
+from __future__ import annotations
+
+import os
+
+from .model import GatewayConfig
+from .table import key_path
+
+
+def check_files(config: GatewayConfig) -> list[str]:
+    """Checks `gateway check` makes beyond syntax: certificate/key/CA files readable, the key
+    matching its certificate, `user`/`group` existing. Returns the problems found."""
+    problems: list[str] = []
+
+    def readable(path_key: str, filename: str) -> bool:
+        try:
+            with open(filename, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError as exc:
+            problems.append(f"{path_key}: cannot read {filename}: {exc.strerror or exc}")
+            return False
+        if b"-----BEGIN" not in head:
+            problems.append(f"{path_key}: {filename} holds no PEM data")
+            return False
+        return True
+
+    for name, cert in config.certificates.items():
+        base = key_path("certificates", name)
+        ok = readable(f"{base}.cert", cert.cert)
+        ok = readable(f"{base}.key", cert.key) and ok
+        if ok:
+            try:
+                from OpenSSL import SSL
+                ctx = SSL.Context(SSL.TLS_METHOD)
+                ctx.use_certificate_chain_file(cert.cert)
+                ctx.use_privatekey_file(cert.key)
+                ctx.check_privatekey()
+            except ImportError:  # pragma: no cover
+                pass
+            except Exception as exc:
+                problems.append(f"{base}: the certificate and key cannot be used together "
+                                f"({exc})")
+    for name, profile in config.profiles.items():
+        if profile.predefined:
+            continue
+        base = key_path("tls_profiles", name)
+        if profile.ca_file:
+            readable(f"{base}.ca_file", profile.ca_file)
+        if profile.ca_path and not os.path.isdir(profile.ca_path):
+            problems.append(f"{base}.ca_path: {profile.ca_path} is not a directory")
+    if config.user is not None:
+        import pwd
+        try:
+            pwd.getpwnam(config.user)
+        except KeyError:
+            problems.append(f'gateway.user: no such user "{config.user}"')
+    if config.group is not None:
+        import grp
+        try:
+            grp.getgrnam(config.group)
+        except KeyError:
+            problems.append(f'gateway.group: no such group "{config.group}"')
+    if config.tracking_log:
+        directory = os.path.dirname(os.path.abspath(config.tracking_log))
+        if not os.path.isdir(directory):
+            problems.append(f"gateway.tracking_log: directory {directory} does not exist")
+    return problems

@@ -1,0 +1,139 @@
+"""The typed configuration: frozen dataclasses the parser builds and the gateway reads.
+
+Levels and grades are the types of `gateway.policy.levels`; a level given as its word (by a
+test or a tool building a configuration by hand) becomes the member on construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..tls.profiles import Profile
+
+
+def _as_levels(obj, **kinds) -> None:
+    """Turn the named fields of the frozen *obj* given as words into members of their kind."""
+    for name, kind in kinds.items():
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, kind):
+            object.__setattr__(obj, name, kind(value))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    tls_handshake: float = 30
+    command: float = 300
+    data: float = 180
+    upstream_connect: float = 30
+    upstream_reply: float = 300
+    upstream_data_done: float = 540
+    imap_login: float = 60
+    imap_idle: float = 1800
+
+
+@dataclass(frozen=True)
+class Certificate:
+    name: str
+    cert: str            # path of the chain PEM
+    key: str             # path of the key PEM
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    mode: str = "starttls"            # starttls | implicit
+    tls: UpstreamLevel = UpstreamLevel.PREFERRED
+    server_name: str | None = None
+    profile: str = "default"
+    certificate: str | None = None    # name in GatewayConfig.certificates
+    # idle connections kept per worker for later sessions (SMTP, §4.4; 0 = none)
+    pool_size: int = 16
+    pool_idle: float = 5.0            # seconds an idle pooled connection is kept
+    pool_max_reuse: int = 100         # client sessions one connection serves at most
+
+    def __post_init__(self):
+        _as_levels(self, tls=UpstreamLevel)
+
+
+@dataclass(frozen=True)
+class ClientRule:
+    match: str                        # CIDR / IP, or a sender domain pattern
+    client_tls: ClientLevel | None = None
+    cipher_strength: CipherGrade | None = None
+
+    def __post_init__(self):
+        _as_levels(self, client_tls=ClientLevel, cipher_strength=CipherGrade)
+
+    @property
+    def is_network(self) -> bool:
+        """True for a rule by client address (normalised CIDR), False for a sender domain."""
+        return "/" in self.match
+
+
+@dataclass(frozen=True)
+class Rule:
+    sender: str = "*"
+    recipient: str = "*"
+    sender_encryption: SenderEncryption = SenderEncryption.OPTIONAL
+    recipient_encryption: UpstreamLevel = UpstreamLevel.PREFERRED
+    enabled: bool = True
+
+    def __post_init__(self):
+        _as_levels(self, sender_encryption=SenderEncryption,
+                   recipient_encryption=UpstreamLevel)
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    protocol: str                     # smtp | imap
+    host: str
+    port: int
+    upstream: Upstream
+    type: str = "public"              # public | private
+    tls: str = "starttls"             # starttls | implicit | off
+    client_tls: ClientLevel = ClientLevel.OPTIONAL   # the default depends on tls (§2)
+    certificate: str | None = None    # None → demo certificate when TLS is needed
+    profile: str = "default"
+    max_connections: int = 1000
+    backlog: int = 50
+    esmtp: bool = True
+    max_message_size: int = 52428800
+    bare_newline: str = "reject"      # reject | normalize
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()
+    max_recipients: int = 1000
+    received_header: bool = True
+    forward_client: bool = False
+    smtputf8: bool = True
+    dsn: bool = False
+    auth: str = "off"
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    client_rules: tuple[ClientRule, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self):
+        _as_levels(self, client_tls=ClientLevel)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    hostname: str
+    listeners: tuple[Listener, ...]
+    workers: int = 0
+    user: str | None = None
+    group: str | None = None
+    metrics: str = "127.0.0.1:9108"
+    log_format: str = "logfmt"
+    tracking_log: str | None = None
+    shutdown_grace: float = 30
+    alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
+    alert_sender: str | None = None          # default postmaster@<hostname>
+    alert_interval: float = 3600             # at most one e-mail per domain and reason
+    certificates: dict[str, Certificate] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)   # predefined + operator
+    warnings: tuple[str, ...] = ()        # non-fatal findings, for `gateway check` and the log
+    single_process: bool = False          # `gateway run --single-process`: no forked workers
+    source: str | None = None             # the file it was loaded from (for reload), if any

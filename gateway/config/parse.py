@@ -1,0 +1,378 @@
+"""Composition (SPEC §12): the sections of the file, their cross-checks, and the entry points
+`parse_config`, `load_config` and `demo_config`."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..tls.profiles import PREDEFINED, Profile
+from .model import Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts, Upstream
+from .profiles import parse_profiles
+from .table import NAME_RE, Table, describe, key_path, quoted
+from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_domain_pattern,
+                     parse_hostport, parse_network)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+
+PROTOCOLS = ("smtp", "imap")
+LISTENER_TYPES = ("public", "private")
+LISTENER_TLS = ("starttls", "implicit", "off")
+CLIENT_LEVELS = tuple(ClientLevel)
+UPSTREAM_LEVELS = tuple(UpstreamLevel)
+UPSTREAM_MODES = ("starttls", "implicit")
+SENDER_ENCRYPTION = tuple(SenderEncryption)
+# in the order its error message lists them
+RECIPIENT_ENCRYPTION = (UpstreamLevel.REQUIRED, UpstreamLevel.PREFERRED, UpstreamLevel.ALLOWED,
+                        UpstreamLevel.NONE, UpstreamLevel.VERIFY)
+BARE_NEWLINE = ("reject", "normalize")
+AUTH_MODES = ("off", "passthrough", "required")
+LOG_FORMATS = ("logfmt", "json")
+
+_TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
+_GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
+                 "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
+                 "alert_interval")
+_CERT_KEYS = ("cert", "key")
+_LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
+                  "profile", "max_connections", "backlog", "esmtp", "max_message_size",
+                  "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
+                  "received_header", "forward_client", "smtputf8", "dsn", "auth",
+                  "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules")
+_TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
+_UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
+                  "pool_size", "pool_idle", "pool_max_reuse")
+_CLIENT_RULE_KEYS = ("match", "client_tls", "cipher_strength")
+_RULE_KEYS = ("enabled", "sender", "recipient", "sender_encryption", "recipient_encryption")
+
+_SASL_RE = re.compile(r"[A-Z0-9_-]{1,20}\Z")
+_ADDRESS_RE = re.compile(r"[^\s@<>]{1,64}@[A-Za-z0-9_.-]{1,253}\Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _parse_gateway(t: Table | None) -> dict:
+    if t is None:
+        return {"hostname": socket.getfqdn()}
+    out: dict[str, Any] = {}
+    hostname = t.str("hostname", None)
+    if hostname is None:
+        hostname = socket.getfqdn()
+    elif not HOSTNAME_RE.match(hostname):
+        raise ConfigError(t.p("hostname"), f'"{hostname}" is not a valid host name')
+    out["hostname"] = hostname
+    out["workers"] = t.int("workers", 0, minimum=0)
+    out["user"] = t.str("user", None)
+    out["group"] = t.str("group", None)
+    metrics = t.str("metrics", "127.0.0.1:9108", empty_ok=True)
+    if metrics:
+        parse_hostport(metrics, t.p("metrics"), port_zero_ok=True)
+    out["metrics"] = metrics
+    out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
+    out["tracking_log"] = t.str("tracking_log", None)
+    out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
+    recipients = t.str_list("alert_recipients", [])
+    for i, addr in enumerate(recipients):
+        if not _ADDRESS_RE.match(addr):
+            raise ConfigError(f"{t.p('alert_recipients')}[{i}]",
+                              f'"{addr}" is not an e-mail address (local@domain)')
+    out["alert_recipients"] = tuple(recipients)
+    sender = t.str("alert_sender", None)
+    if sender is not None and not _ADDRESS_RE.match(sender):
+        raise ConfigError(t.p("alert_sender"), f'"{sender}" is not an e-mail address')
+    out["alert_sender"] = sender
+    out["alert_interval"] = t.seconds("alert_interval", 3600.0)
+    return out
+
+
+def _parse_certificates(top: Table) -> dict[str, Certificate]:
+    if not top.has("certificates"):
+        return {}
+    section = top.data["certificates"]
+    if not isinstance(section, dict):
+        raise ConfigError("certificates", f"expected a table of certificates "
+                                          f"([certificates.NAME]), got {describe(section)}")
+    result = {}
+    for name, value in section.items():
+        t = Table(value, key_path("certificates", name), _CERT_KEYS,
+                  what="a table with cert and key")
+        result[name] = Certificate(name=name, cert=t.str("cert"), key=t.str("key"))
+    return result
+
+
+def _ref(t: Table, key: str, known: dict, what: str, default: Any) -> Any:
+    name = t.str(key, default)
+    if name is not None and name not in known:
+        listing = quoted(sorted(known)) if known else "none defined"
+        raise ConfigError(t.p(key), f'unknown {what} "{name}" (known: {listing})')
+    return name
+
+
+def _has_ca(profile: Profile) -> bool:
+    return bool(profile.ca_file or profile.ca_path)
+
+
+def _parse_upstream(t: Table, certificates, profiles) -> Upstream:
+    host, port = parse_hostport(t.raw("address"), t.p("address"))
+    mode = t.str("mode", "starttls", choices=UPSTREAM_MODES)
+    level = t.choice("tls", UpstreamLevel, UpstreamLevel.PREFERRED)
+    server_name = t.str("server_name", None)
+    if server_name is not None and not HOSTNAME_RE.match(server_name):
+        raise ConfigError(t.p("server_name"), f'"{server_name}" is not a valid host name')
+    profile = _ref(t, "profile", profiles, "TLS profile", "default")
+    certificate = _ref(t, "certificate", certificates, "certificate", None)
+    if mode == "implicit" and level is UpstreamLevel.NONE:
+        raise ConfigError(t.p("tls"), 'mode = "implicit" always uses TLS; '
+                                      'tls = "none" contradicts it')
+    if level is UpstreamLevel.VERIFY and server_name is None and is_ip(host):
+        raise ConfigError(t.p("tls"), f'"verify" to the IP address {host} needs server_name '
+                                      "(the name to verify the certificate against)")
+    pool_size = t.int("pool_size", 16, minimum=0, maximum=10000)
+    pool_idle = t.seconds("pool_idle", 5.0)
+    pool_max_reuse = t.int("pool_max_reuse", 100, minimum=1)
+    return Upstream(host=host, port=port, mode=mode, tls=level, server_name=server_name,
+                    profile=profile, certificate=certificate, pool_size=pool_size,
+                    pool_idle=pool_idle, pool_max_reuse=pool_max_reuse)
+
+
+def _parse_listener(t: Table, index: int, certificates, profiles,
+                    warnings: list[str]) -> Listener:
+    name = t.str("name")
+    if not NAME_RE.match(name):
+        raise ConfigError(t.p("name"), f'"{name}" may contain only letters, digits, '
+                                       '".", "_" and "-"')
+    protocol = t.str("protocol", "smtp", choices=PROTOCOLS)
+    ltype = t.str("type", "public", choices=LISTENER_TYPES)
+    host, port = parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True)
+    mode = t.str("tls", "starttls", choices=LISTENER_TLS)
+    certificate = _ref(t, "certificate", certificates, "certificate", None)
+    profile_name = _ref(t, "profile", profiles, "TLS profile", "default")
+    profile = profiles[profile_name]
+
+    level = t.choice("client_tls", ClientLevel, None)
+    if mode == "implicit":
+        if level is ClientLevel.NONE:
+            raise ConfigError(t.p("client_tls"), 'cannot be "none" on a tls = "implicit" '
+                                                 "listener (every session is TLS)")
+        if level in (None, ClientLevel.OPTIONAL):
+            level = ClientLevel.REQUIRED
+    elif mode == "off":
+        if level is not None and level.requires_tls:
+            raise ConfigError(t.p("client_tls"), f'cannot be "{level}" on a tls = "off" '
+                                                 "listener (it never offers TLS)")
+        level = level or ClientLevel.NONE
+    else:
+        level = level or ClientLevel.OPTIONAL
+    if level is ClientLevel.VERIFY and not _has_ca(profile):
+        raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
+                                             f'ca_path; profile "{profile_name}" has neither')
+
+    esmtp = t.bool("esmtp", True)
+    if protocol == "smtp" and mode == "starttls" and not esmtp:
+        if level.requires_tls:
+            raise ConfigError(t.p("esmtp"), f'esmtp = false offers no STARTTLS, so '
+                                            f'client_tls = "{level}" could never be met')
+        if level is ClientLevel.OPTIONAL:
+            warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
+
+    auth = t.str("auth", "off", choices=AUTH_MODES)
+    if auth == "passthrough" and not level.offers_tls:
+        raise ConfigError(t.p("auth"), 'auth = "passthrough" needs TLS; this listener\'s '
+                                       'client_tls is "none"')
+    mechanisms = t.str_list("auth_mechanisms", ["PLAIN", "LOGIN"])
+    mechs = []
+    for i, mech in enumerate(mechanisms):
+        if not _SASL_RE.match(mech.upper()):
+            raise ConfigError(f"{t.p('auth_mechanisms')}[{i}]",
+                              f'"{mech}" is not a SASL mechanism name')
+        mechs.append(mech.upper())
+    if auth == "passthrough" and not mechs:
+        raise ConfigError(t.p("auth_mechanisms"), "must name at least one mechanism")
+
+    proxy_protocol = t.bool("proxy_protocol", False)
+    trusted = tuple(parse_network(v, f"{t.p('trusted_proxies')}[{i}]")
+                    for i, v in enumerate(t.str_list("trusted_proxies", [])))
+    if proxy_protocol and not trusted:
+        raise ConfigError(t.p("trusted_proxies"), "proxy_protocol = true needs the addresses "
+                                                  "of the proxies in trusted_proxies")
+
+    timeouts_t = t.table("timeouts", _TIMEOUT_KEYS)
+    timeouts = Timeouts()
+    if timeouts_t is not None:
+        timeouts = Timeouts(**{k: timeouts_t.seconds(k, getattr(timeouts, k))
+                               for k in _TIMEOUT_KEYS})
+
+    if not t.has("upstream"):
+        raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")
+    upstream = _parse_upstream(t.table("upstream", _UPSTREAM_KEYS), certificates, profiles)
+
+    client_rules = []
+    for i, rt in enumerate(t.tables("client_rules", _CLIENT_RULE_KEYS)):
+        client_rules.append(_parse_client_rule(rt, mode, level, protocol, profile,
+                                               profile_name))
+
+    rule_tables = t.tables("rules", _RULE_KEYS)
+    if rule_tables and protocol != "smtp":
+        raise ConfigError(t.p("rules"), "encryption rules apply to SMTP listeners only")
+    rules = []
+    for rt in rule_tables:
+        rules.append(_parse_rule(rt, upstream))
+
+    if certificate is None and (mode == "implicit" or (mode == "starttls" and level.offers_tls)):
+        warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
+                        "will be generated (insecure)")
+
+    return Listener(
+        name=name, protocol=protocol, host=host, port=port, upstream=upstream, type=ltype,
+        tls=mode, client_tls=level, certificate=certificate, profile=profile_name,
+        max_connections=t.int("max_connections", 1000, minimum=1),
+        backlog=t.int("backlog", 50, minimum=1),
+        esmtp=esmtp,
+        max_message_size=t.int("max_message_size", 52428800, minimum=1),
+        bare_newline=t.str("bare_newline", "reject", choices=BARE_NEWLINE),
+        proxy_protocol=proxy_protocol, trusted_proxies=trusted,
+        max_recipients=t.int("max_recipients", 1000, minimum=1),
+        received_header=t.bool("received_header", True),
+        forward_client=t.bool("forward_client", False),
+        smtputf8=t.bool("smtputf8", True),
+        dsn=t.bool("dsn", False),
+        auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
+        client_rules=tuple(client_rules), rules=tuple(rules),
+    )
+
+
+def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,
+                       profile: Profile, profile_name: str) -> ClientRule:
+    raw = t.str("match")
+    by_network = looks_like_ip(raw.strip())
+    match = parse_network(raw, t.p("match")) if by_network \
+        else parse_domain_pattern(raw, t.p("match"))
+    level = t.choice("client_tls", ClientLevel, None)
+    strength = t.choice("cipher_strength", CipherGrade, None)
+    if level is None and strength is None:
+        raise ConfigError(t.path, "a client rule must set client_tls or cipher_strength")
+    if not by_network:
+        if protocol != "smtp":
+            raise ConfigError(t.p("match"), "sender-domain rules apply to SMTP listeners only")
+        if not listener_level.offers_tls:
+            raise ConfigError(t.p("match"), "a sender-domain rule cannot apply on a listener "
+                                            'whose client_tls is "none" (no TLS is offered)')
+        if level is ClientLevel.NONE:
+            raise ConfigError(t.p("client_tls"), 'a sender-domain rule can only tighten; '
+                                                 '"none" is not allowed')
+    if mode == "implicit":
+        if level is ClientLevel.NONE:
+            raise ConfigError(t.p("client_tls"), 'cannot be "none" on a tls = "implicit" '
+                                                 "listener")
+        if level is ClientLevel.OPTIONAL:
+            level = ClientLevel.REQUIRED
+    elif mode == "off":
+        if level is not None and level.requires_tls:
+            raise ConfigError(t.p("client_tls"), f'cannot be "{level}" on a tls = "off" '
+                                                 "listener")
+        if strength is not None:
+            raise ConfigError(t.p("cipher_strength"), 'has no effect on a tls = "off" listener')
+    if level is ClientLevel.VERIFY and not _has_ca(profile):
+        raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
+                                             f'ca_path; profile "{profile_name}" has neither')
+    return ClientRule(match=match, client_tls=level, cipher_strength=strength)
+
+
+def _parse_rule(t: Table, upstream: Upstream) -> Rule:
+    rule = Rule(
+        enabled=t.bool("enabled", True),
+        sender=parse_domain_pattern(t.raw("sender", "*"), t.p("sender")),
+        recipient=parse_domain_pattern(t.raw("recipient", "*"), t.p("recipient")),
+        sender_encryption=t.choice("sender_encryption", SenderEncryption,
+                                   SenderEncryption.OPTIONAL),
+        recipient_encryption=t.choice("recipient_encryption", UpstreamLevel, upstream.tls,
+                                      choices=RECIPIENT_ENCRYPTION),
+    )
+    if rule.recipient_encryption is UpstreamLevel.VERIFY and upstream.server_name is None \
+            and is_ip(upstream.host):
+        raise ConfigError(t.p("recipient_encryption"),
+                          f'"verify" to the upstream IP address {upstream.host} needs '
+                          "upstream.server_name")
+    if rule.recipient_encryption is UpstreamLevel.NONE and upstream.mode == "implicit":
+        raise ConfigError(t.p("recipient_encryption"),
+                          '"none" is impossible: the upstream mode is "implicit" (always TLS)')
+    return rule
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
+    """Validate decoded TOML and build the configuration. Raises ConfigError."""
+    top = Table(data, "", _TOP_KEYS)
+    gateway = _parse_gateway(top.table("gateway", _GATEWAY_KEYS))
+    certificates = _parse_certificates(top)
+    profiles = parse_profiles(top)
+    warnings: list[str] = []
+
+    listener_tables = top.tables("listeners", _LISTENER_KEYS)
+    if not listener_tables:
+        raise ConfigError("listeners", "at least one listener is required ([[listeners]])")
+    listeners: list[Listener] = []
+    names: dict[str, int] = {}
+    binds: dict[tuple[str, int], int] = {}
+    for i, t in enumerate(listener_tables):
+        listener = _parse_listener(t, i, certificates, profiles, warnings)
+        if listener.name in names:
+            raise ConfigError(t.p("name"), f'duplicate listener name "{listener.name}" '
+                                           f"(also listeners[{names[listener.name]}])")
+        names[listener.name] = i
+        addr = (listener.host, listener.port)
+        if listener.port and addr in binds:
+            other = listeners[binds[addr]].name
+            raise ConfigError(t.p("bind"), f"{format_hostport(*addr)} is already bound by "
+                                           f'listeners[{binds[addr]}] ("{other}")')
+        binds[addr] = i
+        listeners.append(listener)
+
+    return GatewayConfig(listeners=tuple(listeners), certificates=certificates,
+                         profiles=profiles, warnings=tuple(warnings), source=source, **gateway)
+
+
+def load_config(path: str | os.PathLike) -> GatewayConfig:
+    """Read and validate a TOML file. Raises ConfigError (with line info on a syntax error)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read the file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, f"TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, f"the file is not valid UTF-8 ({exc.reason} at byte "
+                                f"{exc.start})") from None
+    return parse_config(data, source=str(Path(name).resolve()))
+
+
+def demo_config(sink_host: str = "127.0.0.1", sink_port: int = 2526) -> GatewayConfig:
+    """The embedded configuration of `gateway run --demo` (SPEC §12)."""
+    upstream = Upstream(host=sink_host, port=sink_port, mode="starttls", tls=UpstreamLevel.NONE)
+    listeners = (
+        Listener(name="demo-smtp", protocol="smtp", host="127.0.0.1", port=2525,
+                 upstream=upstream, type="public", tls="starttls",
+                 client_tls=ClientLevel.OPTIONAL),
+        Listener(name="demo-smtps", protocol="smtp", host="127.0.0.1", port=4465,
+                 upstream=upstream, type="public", tls="implicit",
+                 client_tls=ClientLevel.REQUIRED),
+    )
+    warnings = tuple(f"listeners[{i}]: no certificate; a self-signed demonstration "
+                     "certificate will be generated (insecure)" for i in range(len(listeners)))
+    return GatewayConfig(hostname="localhost", listeners=listeners, metrics="127.0.0.1:9108",
+                         profiles=dict(PREDEFINED), warnings=warnings)

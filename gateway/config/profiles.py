@@ -1,0 +1,118 @@
+"""The ``[tls_profiles]`` section (SPEC §3.3): operator profiles cloned from the predefined
+ones or from each other, with the OpenSSL probe that rejects strings OpenSSL cannot apply."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..policy.levels import CipherGrade
+from ..tls.profiles import PREDEFINED, TLS_VERSIONS, Profile, clone
+from .table import Table, describe, key_path, quoted
+
+CIPHER_STRENGTHS = tuple(CipherGrade)
+
+_PROFILE_KEYS = ("clone", "min_version", "max_version", "cipher_strength", "ciphers",
+                 "ciphersuites", "groups", "ca_file", "ca_path", "verify_depth",
+                 "session_resumption")
+
+
+def _check_openssl(path: str, key: str, value: str) -> None:
+    """Reject cipher strings, TLS 1.3 suites and group lists OpenSSL cannot apply."""
+    try:
+        from OpenSSL import SSL
+        from OpenSSL._util import lib
+    except Exception:  # pragma: no cover - pyOpenSSL is a dependency
+        return
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        if key == "ciphers":
+            ctx.set_cipher_list(value.encode())
+        elif key == "ciphersuites":
+            ctx.set_tls13_ciphersuites(value.encode())
+        elif key == "groups":
+            setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+            if setter is not None and setter(ctx._context, value.encode()) != 1:
+                raise ValueError("unknown group")
+    except Exception:
+        raise ConfigError(key_path(path, key),
+                          f'OpenSSL cannot apply {key} = "{value}"') from None
+
+
+def parse_profiles(top: Table) -> dict[str, Profile]:
+    profiles = dict(PREDEFINED)
+    if not top.has("tls_profiles"):
+        return profiles
+    section = top.data["tls_profiles"]
+    if not isinstance(section, dict):
+        raise ConfigError("tls_profiles", f"expected a table of profiles "
+                                          f"([tls_profiles.NAME]), got {describe(section)}")
+    tables: dict[str, Table] = {}
+    for name, value in section.items():
+        path = key_path("tls_profiles", name)
+        if name in PREDEFINED:
+            raise ConfigError(path, f'the predefined profile "{name}" is read-only; clone it: '
+                                    f'[tls_profiles.my_{name}] with clone = "{name}"')
+        t = Table(value, path, _PROFILE_KEYS)
+        if not t.has("clone"):
+            raise ConfigError(path, 'a profile must start with clone = "<name>" '
+                                    f"(predefined: {quoted(PREDEFINED)})")
+        if next(iter(t.data)) != "clone":
+            raise ConfigError(t.p("clone"), f'must be the first key of [{path}]')
+        t.str("clone")
+        tables[name] = t
+
+    resolving: list[str] = []
+
+    def resolve(name: str) -> Profile:
+        if name in profiles:
+            return profiles[name]
+        t = tables[name]
+        base_name = t.data["clone"]
+        if base_name not in profiles and base_name not in tables:
+            known = sorted(set(profiles) | set(tables))
+            raise ConfigError(t.p("clone"), f'unknown profile "{base_name}" '
+                                            f"(known: {quoted(known)})")
+        if base_name in resolving or base_name == name:
+            raise ConfigError(t.p("clone"),
+                              "profiles clone each other in a cycle: "
+                              + " -> ".join(resolving + [name, base_name]))
+        resolving.append(name)
+        base = resolve(base_name)
+        resolving.pop()
+        overrides: dict[str, Any] = {}
+        for key in ("min_version", "max_version"):
+            if t.has(key):
+                overrides[key] = t.str(key, choices=TLS_VERSIONS)
+        if t.has("ciphers") and t.has("cipher_strength"):
+            raise ConfigError(t.p("cipher_strength"),
+                              "set either cipher_strength or ciphers, not both")
+        if t.has("cipher_strength"):
+            overrides["cipher_strength"] = t.choice("cipher_strength", CipherGrade)
+        if t.has("ciphers"):
+            overrides["ciphers"] = t.str("ciphers")
+            overrides["cipher_strength"] = None
+            _check_openssl(t.path, "ciphers", overrides["ciphers"])
+        for key in ("ciphersuites", "groups"):
+            if t.has(key):
+                overrides[key] = t.str(key)
+                _check_openssl(t.path, key, overrides[key])
+        for key in ("ca_file", "ca_path"):
+            if t.has(key):
+                overrides[key] = t.str(key)
+        if t.has("verify_depth"):
+            overrides["verify_depth"] = t.int("verify_depth", minimum=0, maximum=100)
+        if t.has("session_resumption"):
+            overrides["session_resumption"] = t.bool("session_resumption")
+        profile = clone(base, name, **overrides)
+        lo, hi = (TLS_VERSIONS.index(profile.min_version),
+                  TLS_VERSIONS.index(profile.max_version))
+        if lo > hi:
+            key = "min_version" if t.has("min_version") else "max_version"
+            raise ConfigError(t.p(key), f"min_version {profile.min_version} is above "
+                                        f"max_version {profile.max_version}")
+        profiles[name] = profile
+        return profile
+
+    for name in tables:
+        resolve(name)
+    return profiles

@@ -1,0 +1,145 @@
+"""TOML access with key paths: a `Table` knows its path (``listeners[1].upstream``), rejects
+unknown keys (suggesting the closest known one) and reads typed values, raising ConfigError
+with the path of the offending key."""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from typing import Any
+
+from ..errors import ConfigError
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+MISSING = object()
+
+
+def key_path(path: str, key: str) -> str:
+    part = key if NAME_RE.match(key) and "." not in key else json.dumps(key)
+    return f"{path}.{part}" if path else part
+
+
+def describe(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string",
+             list: "array", dict: "table"}
+    kind = kinds.get(type(value), type(value).__name__)
+    if isinstance(value, (dict, list)):
+        return kind
+    text = json.dumps(value) if isinstance(value, (str, bool, int, float)) else repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}"
+
+
+def quoted(allowed) -> str:
+    return ", ".join(f'"{a}"' for a in allowed)
+
+
+class Table:
+    """One TOML table with its key path; rejects unknown keys on construction."""
+
+    def __init__(self, data: Any, path: str, allowed: tuple[str, ...], what: str = "a table"):
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected {what}, got {describe(data)}")
+        for k in data:
+            if k not in allowed:
+                hint = difflib.get_close_matches(k, allowed, n=1)
+                extra = f'; did you mean "{hint[0]}"?' if hint else \
+                    f" (known keys: {', '.join(allowed)})"
+                raise ConfigError(key_path(path, k), f'unknown key "{k}"{extra}')
+        self.data = data
+        self.path = path
+
+    def p(self, key: str) -> str:
+        return key_path(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = MISSING) -> Any:
+        if key not in self.data:
+            if default is MISSING:
+                raise ConfigError(self.p(key), "is required")
+            return default
+        return self.data[key]
+
+    def str(self, key: str, default: Any = MISSING, *, choices=None,
+            empty_ok: bool = False) -> Any:
+        if key not in self.data:
+            return self.raw(key, default)
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise ConfigError(self.p(key), f"expected a string, got {describe(value)}")
+        if choices is not None and value not in choices:
+            raise ConfigError(self.p(key),
+                              f'must be one of {quoted(choices)} (got "{value}")')
+        if not value and not empty_ok:
+            raise ConfigError(self.p(key), "must not be empty")
+        return value
+
+    def choice(self, key: str, kind, default: Any = MISSING, *, choices=None) -> Any:
+        """A word among *choices* (by default every member of the enum *kind*, in its order)
+        as the member of *kind*; *default* when the key is absent (None stays None)."""
+        value = self.str(key, default, choices=tuple(kind) if choices is None else choices)
+        return None if value is None else kind(value)
+
+    def bool(self, key: str, default: Any = MISSING) -> Any:
+        if key not in self.data:
+            return self.raw(key, default)
+        value = self.data[key]
+        if not isinstance(value, bool):
+            raise ConfigError(self.p(key), f"expected true or false, got {describe(value)}")
+        return value
+
+    def int(self, key: str, default: Any = MISSING, *, minimum: int | None = None,
+            maximum: int | None = None) -> Any:
+        if key not in self.data:
+            return self.raw(key, default)
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.p(key), f"expected an integer, got {describe(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self.p(key), f"must be at least {minimum} (got {value})")
+        if maximum is not None and value > maximum:
+            raise ConfigError(self.p(key), f"must be at most {maximum} (got {value})")
+        return value
+
+    def seconds(self, key: str, default: Any = MISSING, *, zero_ok: bool = False) -> Any:
+        if key not in self.data:
+            return self.raw(key, default)
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ConfigError(self.p(key),
+                              f"expected a number of seconds, got {describe(value)}")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(self.p(key), f"must be a positive number of seconds (got {value})")
+        return float(value)
+
+    def str_list(self, key: str, default: Any = MISSING) -> Any:
+        if key not in self.data:
+            return self.raw(key, default)
+        value = self.data[key]
+        if not isinstance(value, list):
+            raise ConfigError(self.p(key), f"expected an array of strings, got {describe(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self.p(key)}[{i}]",
+                                  f"expected a string, got {describe(item)}")
+        return value
+
+    def table(self, key: str, allowed: tuple[str, ...]) -> Table | None:
+        if key not in self.data:
+            return None
+        return Table(self.data[key], self.p(key), allowed)
+
+    def tables(self, key: str, allowed: tuple[str, ...]) -> list[Table]:
+        if key not in self.data:
+            return []
+        value = self.data[key]
+        if not isinstance(value, list):
+            raise ConfigError(self.p(key),
+                              f"expected an array of tables ([[{self.p(key)}]]), "
+                              f"got {describe(value)}")
+        return [Table(item, f"{self.p(key)}[{i}]", allowed) for i, item in enumerate(value)]
