@@ -523,7 +523,7 @@ def test_example_file_parses():
     assert by["inbound"].port == 25 and len(by["inbound"].rules) == 7
     assert config.alert_recipients == ("postmaster@example.com",)
     assert len(by["inbound"].client_rules) == 3
-    assert by["submission"].auth == "passthrough" and by["submission"].host == "::"
+    assert by["submission"].auth == "required" and by["submission"].host == "::"
     assert by["smtps"].tls == "implicit" and by["smtps"].client_tls == "required"
     assert by["imap"].protocol == "imap" and by["imaps"].port == 993
     assert {"partners", "clientcerts", "legacy"} <= set(config.profiles)
@@ -609,3 +609,38 @@ def test_parse_does_not_modify_its_input():
     before = copy.deepcopy(data)
     parse_config(data)
     assert data == before
+
+
+# --- AUTH (SPEC §4.6) -------------------------------------------------------------------------
+
+def _auth(**listener):
+    d = base()
+    d["listeners"][0].update(listener)
+    return d
+
+
+@pytest.mark.parametrize("listener,path,words", [
+    (dict(auth="required", client_tls="none"), "listeners[0].auth", "needs TLS"),
+    (dict(auth="passthrough"), "listeners[0].upstream.tls", '"required" or "verify"'),
+    (dict(auth="required", upstream={"address": "10.0.0.5:587", "tls": "allowed"}),
+     "listeners[0].upstream.tls", "plaintext_auth"),
+    (dict(auth="required", auth_mechanisms=["PLAIN", "GSSAPI"],
+          upstream={"address": "10.0.0.5:587", "tls": "required"}),
+     "listeners[0].auth_mechanisms[1]", "cannot be relayed"),
+    (dict(auth="sometimes"), "listeners[0].auth", "passthrough"),
+])
+def test_auth_configuration_errors(listener, path, words):
+    err = error_of(_auth(**listener))
+    assert err.path == path and words in str(err)
+
+
+def test_auth_over_plaintext_upstream_needs_plaintext_auth_and_warns():
+    cfg = parse_config(_auth(auth="required", upstream={
+        "address": "127.0.0.1:587", "tls": "none", "plaintext_auth": True}))
+    assert cfg.listeners[0].auth == "required" and cfg.listeners[0].upstream.plaintext_auth
+    assert any("plaintext_auth" in w for w in cfg.warnings)
+    ok = parse_config(_auth(auth="passthrough", auth_mechanisms=["SCRAM-SHA-256"],
+                            upstream={"address": "10.0.0.5:587", "tls": "verify",
+                                      "server_name": "mx.internal.test"}))
+    assert ok.listeners[0].auth_mechanisms == ("SCRAM-SHA-256",)
+    assert not any("plaintext_auth" in w for w in ok.warnings)

@@ -51,6 +51,7 @@ class Upstream:
     pool_size: int = 16
     pool_idle: float = 5.0            # seconds an idle pooled connection is kept
     pool_max_reuse: int = 100         # client sessions one connection serves at most
+    plaintext_auth: bool = False      # AUTH may cross a plaintext upstream leg (§4.6)
 
     def __post_init__(self):
         _as_levels(self, tls=UpstreamLevel)

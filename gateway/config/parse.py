@@ -49,11 +49,14 @@ _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "cert
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
 _UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
-                  "pool_size", "pool_idle", "pool_max_reuse")
+                  "pool_size", "pool_idle", "pool_max_reuse", "plaintext_auth")
 _CLIENT_RULE_KEYS = ("match", "client_tls", "cipher_strength")
 _RULE_KEYS = ("enabled", "sender", "recipient", "sender_encryption", "recipient_encryption")
 
 _SASL_RE = re.compile(r"[A-Z0-9_-]{1,20}\Z")
+# mechanisms relayed line by line: no security layer or channel binding (SPEC §4.6)
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "XOAUTH2",
+                   "OAUTHBEARER")
 _ADDRESS_RE = re.compile(r"[^\s@<>]{1,64}@[A-Za-z0-9_.-]{1,253}\Z")
 
 
@@ -140,9 +143,11 @@ def _parse_upstream(t: Table, certificates, profiles) -> Upstream:
     pool_size = t.int("pool_size", 16, minimum=0, maximum=10000)
     pool_idle = t.seconds("pool_idle", 5.0)
     pool_max_reuse = t.int("pool_max_reuse", 100, minimum=1)
+    plaintext_auth = t.bool("plaintext_auth", False)
     return Upstream(host=host, port=port, mode=mode, tls=level, server_name=server_name,
                     profile=profile, certificate=certificate, pool_size=pool_size,
-                    pool_idle=pool_idle, pool_max_reuse=pool_max_reuse)
+                    pool_idle=pool_idle, pool_max_reuse=pool_max_reuse,
+                    plaintext_auth=plaintext_auth)
 
 
 def _parse_listener(t: Table, index: int, certificates, profiles,
@@ -186,17 +191,24 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
             warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
 
     auth = t.str("auth", "off", choices=AUTH_MODES)
-    if auth == "passthrough" and not level.offers_tls:
-        raise ConfigError(t.p("auth"), 'auth = "passthrough" needs TLS; this listener\'s '
+    if auth != "off" and not level.offers_tls:
+        raise ConfigError(t.p("auth"), f'auth = "{auth}" needs TLS; this listener\'s '
                                        'client_tls is "none"')
+    if auth != "off" and protocol != "smtp":
+        raise ConfigError(t.p("auth"), "applies to SMTP listeners only (IMAP relays its "
+                                       "LOGIN/AUTHENTICATE already)")
     mechanisms = t.str_list("auth_mechanisms", ["PLAIN", "LOGIN"])
     mechs = []
     for i, mech in enumerate(mechanisms):
         if not _SASL_RE.match(mech.upper()):
             raise ConfigError(f"{t.p('auth_mechanisms')}[{i}]",
                               f'"{mech}" is not a SASL mechanism name')
+        if mech.upper() not in AUTH_MECHANISMS:
+            raise ConfigError(f"{t.p('auth_mechanisms')}[{i}]",
+                              f'"{mech}" cannot be relayed (it needs a security layer or '
+                              f'channel binding); use {quoted(AUTH_MECHANISMS)}')
         mechs.append(mech.upper())
-    if auth == "passthrough" and not mechs:
+    if auth != "off" and not mechs:
         raise ConfigError(t.p("auth_mechanisms"), "must name at least one mechanism")
 
     proxy_protocol = t.bool("proxy_protocol", False)
@@ -215,6 +227,15 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     if not t.has("upstream"):
         raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")
     upstream = _parse_upstream(t.table("upstream", _UPSTREAM_KEYS), certificates, profiles)
+    if auth != "off" and not upstream.tls.requires_tls:
+        # credentials cross only a TLS leg, unless the operator says the link is safe
+        if not upstream.plaintext_auth:
+            raise ConfigError(f"{t.p('upstream')}.tls",
+                              f'auth = "{auth}" sends credentials upstream: tls must be '
+                              f'"required" or "verify" (or set upstream.plaintext_auth = true '
+                              f'for a link protected otherwise), not "{upstream.tls}"')
+        warnings.append(f"{t.path}: upstream.plaintext_auth = true: AUTH credentials may "
+                        f"cross the upstream link in plaintext")
 
     client_rules = []
     for i, rt in enumerate(t.tables("client_rules", _CLIENT_RULE_KEYS)):
