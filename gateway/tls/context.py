@@ -37,10 +37,9 @@ _SESSION_ID_CONTEXT = b"mail-tls-gateway"
 class VerifyState:
     """What the verify callback saw on one connection (attached as the connection's app data)."""
 
-    __slots__ = ("called", "errors")
+    __slots__ = ("errors",)
 
     def __init__(self) -> None:
-        self.called = False
         self.errors: list[tuple[int, int, str]] = []     # (depth, X509 error code, text)
 
     @property
@@ -62,10 +61,8 @@ def verify_error_string(code: int) -> str:
 def _record_verify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
     """Verify callback: never fails the handshake, records the outcome instead."""
     state = conn.get_app_data()
-    if isinstance(state, VerifyState):
-        state.called = True
-        if not ok:
-            state.errors.append((depth, errno, verify_error_string(errno)))
+    if isinstance(state, VerifyState) and not ok:
+        state.errors.append((depth, errno, verify_error_string(errno)))
     return True
 
 

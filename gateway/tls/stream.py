@@ -188,10 +188,6 @@ class TLSStream(trio.abc.Stream):
             raise RuntimeError("the TLS handshake has not completed")
         return self._info
 
-    @property
-    def handshake_complete(self) -> bool:
-        return self._info is not None
-
     def offer_session(self, session) -> None:
         """Client side, before the handshake: ask to resume *session* (from session())."""
         self._conn.set_session(session)
