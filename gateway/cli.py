@@ -29,18 +29,19 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def native_backend() -> str:
-    """"native" or "python": which core `gateway.native` uses (python if it cannot load)."""
+def backends() -> tuple[str, str]:
+    """What the line scanner and the rule matcher use, "native" or "python" each (python
+    where the compiled core cannot load); see gateway/backend.py."""
     try:
-        from . import native
-        backend = getattr(native, "BACKEND", "python")
+        from . import backend
+        return backend.SCANNER, backend.MATCHER
     except Exception:
-        return "python"
-    return backend if isinstance(backend, str) and backend else "python"
+        return "python", "python"
 
 
 def version_line() -> str:
-    return f"gateway {__version__} (native core: {native_backend()})"
+    scanner, matcher = backends()
+    return f"gateway {__version__} (scanner: {scanner}, matcher: {matcher})"
 
 
 def _error(message: str) -> None:

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .clock import per_second
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("logfmt", "json")
 _LEADING = ("conn", "listener", "client")      # bound fields that always come first
@@ -40,7 +42,9 @@ def new_conn_id() -> str:
 _PLAIN_OK = re.compile(r'[ ="\\]')     # a printable ASCII value with one of these is quoted
 
 
-_ts_second = [-1, ""]                  # the last whole second formatted, and its text
+# strftime once per second, not once per event
+_second_text = per_second(lambda seconds: time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                        time.gmtime(seconds)))
 
 
 def timestamp(now: float | None = None) -> str:
@@ -49,11 +53,7 @@ def timestamp(now: float | None = None) -> str:
         now = time.time()
     seconds = int(now)
     millis = int((now - seconds) * 1000)
-    cache = _ts_second
-    if cache[0] != seconds:                # strftime once per second, not once per event
-        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        cache[0] = seconds
-    return f"{cache[1]}.{millis:03d}Z"
+    return f"{_second_text(seconds)}.{millis:03d}Z"
 
 
 # ---------------------------------------------------------------------------------------------

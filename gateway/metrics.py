@@ -22,42 +22,69 @@ import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NamedTuple
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-# Exposed metric names (SPEC §11), as they appear in the exposition.
-METRIC_NAMES = (
-    "gateway_connections_total",
-    "gateway_connections_active",
-    "gateway_connections_rejected_total",
-    "gateway_tls_handshakes_total",
-    "gateway_tls_handshake_seconds",
-    "gateway_policy_rejections_total",
-    "gateway_messages_total",
-    "gateway_message_bytes_total",
-    "gateway_upstream_errors_total",
-    "gateway_tls_alerts_total",
-    "gateway_session_seconds",
-    "gateway_worker_restarts_total",
-    "gateway_demo_certificate",
-    "gateway_build_info",
-    "gateway_auth_total",
-    "gateway_tracking_errors_total",
-)
-
-# Attribute names shared by Metrics and NullMetrics.
-ATTRIBUTES = (
-    "connections_total", "connections_active", "connections_rejected_total",
-    "tls_handshakes_total", "tls_handshake_seconds", "policy_rejections_total",
-    "messages_total", "message_bytes_total", "upstream_errors_total", "tls_alerts_total",
-    "session_seconds", "worker_restarts_total", "demo_certificate", "build_info",
-    "auth_total",
-    "tracking_errors_total",
-)
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (.01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                    900.0, 1800.0, 3600.0)
+
+
+class Spec(NamedTuple):
+    """One metric: the Metrics/NullMetrics attribute, its kind, its name as exposed, help text,
+    labels, and the kind's option (a gauge's multiprocess mode, a histogram's buckets)."""
+
+    attribute: str
+    kind: str                  # "counter", "gauge" or "histogram"
+    name: str                  # as in the exposition (a counter's with its "_total")
+    doc: str
+    labels: tuple[str, ...] = ()
+    option: Any = None
+
+
+# The metrics (SPEC §11): the one table METRIC_NAMES, ATTRIBUTES, Metrics and NullMetrics
+# are made from. A gauge mode "livemax" falls back to "max" on prometheus-client versions
+# without it.
+METRICS = (
+    Spec("connections_total", "counter", "gateway_connections_total",
+         "Accepted connections", ("listener", "protocol")),
+    Spec("connections_active", "gauge", "gateway_connections_active",
+         "Open connections", ("listener",), "livesum"),
+    Spec("connections_rejected_total", "counter", "gateway_connections_rejected_total",
+         "Connections refused before a session", ("listener", "reason")),
+    Spec("tls_handshakes_total", "counter", "gateway_tls_handshakes_total",
+         "TLS handshakes", ("listener", "side", "version", "result")),
+    Spec("tls_handshake_seconds", "histogram", "gateway_tls_handshake_seconds",
+         "TLS handshake duration", ("listener", "side"), HANDSHAKE_BUCKETS),
+    Spec("policy_rejections_total", "counter", "gateway_policy_rejections_total",
+         "Policy refusals", ("listener", "reason")),
+    Spec("messages_total", "counter", "gateway_messages_total",
+         "Messages by result", ("listener", "result")),
+    Spec("message_bytes_total", "counter", "gateway_message_bytes_total",
+         "Message octets accepted", ("listener",)),
+    Spec("upstream_errors_total", "counter", "gateway_upstream_errors_total",
+         "Upstream failures", ("listener", "reason")),
+    Spec("tls_alerts_total", "counter", "gateway_tls_alerts_total",
+         "Required TLS not obtained", ("listener", "reason")),
+    Spec("session_seconds", "histogram", "gateway_session_seconds",
+         "Session duration", ("listener", "protocol"), SESSION_BUCKETS),
+    Spec("worker_restarts_total", "counter", "gateway_worker_restarts_total",
+         "Workers replaced after dying"),
+    Spec("demo_certificate", "gauge", "gateway_demo_certificate",
+         "1 when a generated demo certificate is in use", (), "livemax"),
+    Spec("build_info", "gauge", "gateway_build_info",
+         "Version and native core", ("version", "native"), "max"),
+    Spec("auth_total", "counter", "gateway_auth_total",
+         "AUTH exchanges relayed, by result", ("listener", "mechanism", "result")),
+    Spec("tracking_errors_total", "counter", "gateway_tracking_errors_total",
+         "Tracking records not written (disk full)"),
+)
+
+# Exposed metric names, as they appear in the exposition.
+METRIC_NAMES = tuple(spec.name for spec in METRICS)
+# Attribute names shared by Metrics and NullMetrics.
+ATTRIBUTES = tuple(spec.attribute for spec in METRICS)
 
 
 def prepare_multiprocess_dir(path: str | None = None) -> str:
@@ -91,9 +118,10 @@ def _gauge_mode_max() -> str:
 
 
 class Metrics:
-    """The gateway's metrics. Built once per process; safe to build again after a fork
-    (nothing is registered in the default registry: in multiprocess mode the collector
-    reads the value files, so registration would only risk duplicate-name errors)."""
+    """The gateway's metrics, one attribute per row of METRICS. Built once per process; safe
+    to build again after a fork (nothing is registered in the default registry: in
+    multiprocess mode the collector reads the value files, so registration would only risk
+    duplicate-name errors)."""
 
     def __init__(self):
         from prometheus_client import Counter, Gauge, Histogram
@@ -101,51 +129,21 @@ class Metrics:
         import gateway
         from . import native
 
-        def counter(name, doc, labels=()):
-            # prometheus-client appends "_total" to counter names in the exposition.
-            return Counter(name, doc, labels, registry=None)
-
-        self.connections_total = counter(
-            "gateway_connections", "Accepted connections", ("listener", "protocol"))
-        self.connections_active = Gauge(
-            "gateway_connections_active", "Open connections", ("listener",),
-            multiprocess_mode="livesum", registry=None)
-        self.connections_rejected_total = counter(
-            "gateway_connections_rejected", "Connections refused before a session",
-            ("listener", "reason"))
-        self.tls_handshakes_total = counter(
-            "gateway_tls_handshakes", "TLS handshakes", ("listener", "side", "version", "result"))
-        self.tls_handshake_seconds = Histogram(
-            "gateway_tls_handshake_seconds", "TLS handshake duration", ("listener", "side"),
-            buckets=HANDSHAKE_BUCKETS, registry=None)
-        self.policy_rejections_total = counter(
-            "gateway_policy_rejections", "Policy refusals", ("listener", "reason"))
-        self.messages_total = counter(
-            "gateway_messages", "Messages by result", ("listener", "result"))
-        self.message_bytes_total = counter(
-            "gateway_message_bytes", "Message octets accepted", ("listener",))
-        self.upstream_errors_total = counter(
-            "gateway_upstream_errors", "Upstream failures", ("listener", "reason"))
-        self.tls_alerts_total = counter(
-            "gateway_tls_alerts", "Required TLS not obtained", ("listener", "reason"))
-        self.auth_total = counter(
-            "gateway_auth", "AUTH exchanges relayed, by result", ("listener", "mechanism",
-                                                                 "result"))
-        self.session_seconds = Histogram(
-            "gateway_session_seconds", "Session duration", ("listener", "protocol"),
-            buckets=SESSION_BUCKETS, registry=None)
-        self.worker_restarts_total = counter(
-            "gateway_worker_restarts", "Workers replaced after dying")
-        self.demo_certificate = Gauge(
-            "gateway_demo_certificate", "1 when a generated demo certificate is in use",
-            multiprocess_mode=_gauge_mode_max(), registry=None)
-        self.build_info = Gauge(
-            "gateway_build_info", "Version and native core", ("version", "native"),
-            multiprocess_mode="max", registry=None)
+        for spec in METRICS:
+            if spec.kind == "counter":
+                # prometheus-client appends "_total" to counter names in the exposition.
+                metric = Counter(spec.name.removesuffix("_total"), spec.doc, spec.labels,
+                                 registry=None)
+            elif spec.kind == "gauge":
+                mode = _gauge_mode_max() if spec.option == "livemax" else spec.option
+                metric = Gauge(spec.name, spec.doc, spec.labels, multiprocess_mode=mode,
+                               registry=None)
+            else:
+                metric = Histogram(spec.name, spec.doc, spec.labels, buckets=spec.option,
+                                   registry=None)
+            setattr(self, spec.attribute, metric)
         self.build_info.labels(gateway.__version__,
                                "yes" if native.BACKEND == "native" else "no").set(1)
-        self.tracking_errors_total = counter(
-            "gateway_tracking_errors", "Tracking records not written (disk full)")
 
 
 class _Null:

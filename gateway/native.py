@@ -1,8 +1,8 @@
 """The line scanner facade: the compiled cffi core or its pure-Python twin (SPEC §10).
 
-GATEWAY_PURE_PYTHON=1 forces the twin (`gateway.pyscan`) and the compiled module is not even
-imported. Otherwise the compiled `gateway._native` is used; if it cannot be imported,
-GATEWAY_REQUIRE_NATIVE=1 turns that into an ImportError (CI), else the twin is used.
+Which one is gateway/backend.py's choice (GATEWAY_PURE_PYTHON=1 forces the twin,
+`gateway.pyscan`; GATEWAY_REQUIRE_NATIVE=1 makes a compiled core that cannot be loaded an
+ImportError here instead of a fallback).
 
 Exports BACKEND ("native" or "python"), the flags BARE_CR/BARE_LF/NUL and scan_line,
 find_literal, DataScanner with the semantics documented in gateway/pyscan.py.
@@ -14,22 +14,13 @@ the twin) and pass the caller's buffer with ffi.from_buffer, without copying it.
 """
 from __future__ import annotations
 
-import os
-
-from . import pyscan
+from . import backend, pyscan
 from .pyscan import BARE_CR, BARE_LF, NUL, _check_start
 
 __all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "scan_line", "find_literal", "DataScanner",
            "native_backend"]
 
-_ffi = _lib = None
-if os.environ.get("GATEWAY_PURE_PYTHON") != "1":
-    try:
-        from ._native import ffi as _ffi, lib as _lib
-    except ImportError as exc:
-        if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
-            raise ImportError("GATEWAY_REQUIRE_NATIVE=1 but the native core gateway._native "
-                              f"cannot be imported: {exc}") from exc
+_ffi, _lib = backend.core("scanner")
 
 _FLAG_BITS = 3          # GW_FLAG_BITS: gw_scan_line returns (end << 3) | flags
 _KEEP_OUT = 1 << 18     # a scanner keeps an output buffer up to this size between feeds

@@ -1,9 +1,9 @@
 """The rule matcher facade: the compiled cffi core or its pure-Python twin (SPEC §4.3, §10).
 
-Same environment rules as gateway/native.py: GATEWAY_PURE_PYTHON=1 forces the twin
-(`gateway.pymatch`) and the compiled module is not even imported. Otherwise the compiled
-`gateway._native` is used; if it cannot be imported (or is an older build without the
-matcher), GATEWAY_REQUIRE_NATIVE=1 turns that into an ImportError, else the twin is used.
+Which one is gateway/backend.py's choice, by the same rules as the line scanner's
+(GATEWAY_PURE_PYTHON=1 forces the twin, `gateway.pymatch`; a compiled core that cannot be
+loaded, or an older build without the matcher, is an ImportError here under
+GATEWAY_REQUIRE_NATIVE=1, else the twin is used).
 
 Exports BACKEND ("native" or "python") and DomainRuleMatcher, DomainPatternMatcher,
 NetworkMatcher with the semantics documented in gateway/pymatch.py:
@@ -20,24 +20,12 @@ hold the two side by side. The compiled matchers free their C tables when collec
 """
 from __future__ import annotations
 
-import os
-
-from . import pymatch
+from . import backend, pymatch
 
 __all__ = ["BACKEND", "DomainRuleMatcher", "DomainPatternMatcher", "NetworkMatcher",
            "native_backend", "python_backend"]
 
-_ffi = _lib = None
-if os.environ.get("GATEWAY_PURE_PYTHON") != "1":
-    try:
-        from ._native import ffi as _ffi, lib as _lib
-        if not hasattr(_lib, "gw_rm_new"):
-            raise ImportError("gateway._native was built without the rule matcher (rebuild it)")
-    except ImportError as exc:
-        _ffi = _lib = None
-        if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
-            raise ImportError("GATEWAY_REQUIRE_NATIVE=1 but the native rule matcher in "
-                              f"gateway._native cannot be imported: {exc}") from exc
+_ffi, _lib = backend.core("matcher")
 
 
 def _enc(text) -> bytes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,22 @@ def gateway(*args: str, cwd: Path = Path(NEUTRAL_CWD)) -> subprocess.CompletedPr
                           text=True, timeout=60, cwd=cwd, env=env)
 
 
-def test_version_mentions_the_native_core():
+def test_version_names_the_backend_of_the_scanner_and_of_the_matcher():
     result = gateway("--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("gateway 0.1.0 (native core: ")
-    assert result.stdout.strip().split("native core: ")[1] in ("native)", "python)")
+    line = result.stdout.strip()
+    assert re.fullmatch(r"gateway 0\.1\.0 \(scanner: (native|python), matcher: (native|python)\)",
+                        line), line
     if os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1":
-        assert "native core: native" in result.stdout
+        assert line.endswith("(scanner: native, matcher: native)")
+
+
+def test_version_says_python_for_both_when_forced():
+    env = {**gateway_subprocess_env(), "GATEWAY_PURE_PYTHON": "1"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True,
+                            text=True, timeout=60, cwd=NEUTRAL_CWD, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "gateway 0.1.0 (scanner: python, matcher: python)\n"
 
 
 def test_check_example_file():

@@ -206,6 +206,31 @@ def test_every_spec_name_is_exposed():
     assert not any("_total_total" in n for n in names)
 
 
+def test_the_exposition_follows_the_table():
+    out = run_script("""
+        M.prepare_multiprocess_dir()
+        m = M.Metrics()
+        for spec in M.METRICS:
+            metric = getattr(m, spec.attribute)
+            if spec.labels:
+                metric = metric.labels(*["x"] * len(spec.labels))
+            getattr(metric, {"counter": "inc", "gauge": "set",
+                             "histogram": "observe"}[spec.kind])(1)
+        body, _ = M.render()
+        help_lines = [line for line in body.decode().splitlines() if line.startswith("# HELP")]
+        print(json.dumps({"families": families(body.decode()), "help": help_lines}))
+    """)
+    fams = out["families"]
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 16
+    for spec in M.METRICS:
+        family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
+        assert fams[family]["type"] == spec.kind, spec
+        for _name, labels, _value in fams[family]["samples"]:
+            assert set(labels) - {"le"} == set(spec.labels), (spec, labels)
+        assert any(line.startswith(f"# HELP {spec.name} {spec.doc}")
+                   for line in out["help"]), spec
+
+
 def test_healthz_and_404():
     out = run_script("""
         M.prepare_multiprocess_dir()

@@ -18,21 +18,16 @@ _PROFILE_KEYS = ("clone", "min_version", "max_version", "cipher_strength", "ciph
 
 def _check_openssl(path: str, key: str, value: str) -> None:
     """Reject cipher strings, TLS 1.3 suites and group lists OpenSSL cannot apply."""
-    try:
-        from OpenSSL import SSL
-        from OpenSSL._util import lib
-    except Exception:  # pragma: no cover - pyOpenSSL is a dependency
-        return
-    ctx = SSL.Context(SSL.TLS_METHOD)
+    from OpenSSL import SSL
+
+    from ..tls._ossl import groups_list_ok
     try:
         if key == "ciphers":
-            ctx.set_cipher_list(value.encode())
+            SSL.Context(SSL.TLS_METHOD).set_cipher_list(value.encode())
         elif key == "ciphersuites":
-            ctx.set_tls13_ciphersuites(value.encode())
-        elif key == "groups":
-            setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
-            if setter is not None and setter(ctx._context, value.encode()) != 1:
-                raise ValueError("unknown group")
+            SSL.Context(SSL.TLS_METHOD).set_tls13_ciphersuites(value.encode())
+        elif key == "groups" and not groups_list_ok(value):
+            raise ValueError("unknown group")
     except Exception:
         raise ConfigError(key_path(path, key),
                           f'OpenSSL cannot apply {key} = "{value}"') from None

@@ -22,12 +22,8 @@ from ..proto import imap_server as S
 from ..proto import replies as R
 from .imap_upstream import IMAPUpstreamLeg
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import UpstreamFailure
+from .upstream import FAILURE_KINDS, UpstreamFailure
 
-_FAILURE_KINDS = {                    # metric label of each upstream failure (as SMTP's)
-    R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
-    R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
-    R.UPSTREAM_LOST: "lost"}
 _SHUTDOWN = object()
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TLSError)
 
@@ -214,7 +210,7 @@ class IMAPSession:
         return leg
 
     async def _leg_failed(self, failure: UpstreamFailure, user: str) -> None:
-        kind = _FAILURE_KINDS.get(failure.reply, "other")
+        kind = FAILURE_KINDS.get(failure.reply, "other")
         self.log.event("upstream_error", level="warning", reason=failure.reason,
                        code="NO [UNAVAILABLE]")
         self.metrics.upstream_errors_total.labels(self.name, kind).inc()

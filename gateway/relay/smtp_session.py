@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..clock import per_second
 from ..errors import TLSError
 from ..proto import replies as R
 from ..policy.levels import ClientLevel
@@ -25,12 +26,8 @@ from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import UpstreamFailure, UpstreamLeg
+from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
 
-_FAILURE_KINDS = {                    # metric label of each upstream failure reply
-    R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
-    R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
-    R.UPSTREAM_LOST: "lost"}
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
 
 
@@ -380,7 +377,7 @@ class SMTPSession:
             raise
 
     async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
-        kind = _FAILURE_KINDS.get(failure.reply, "other")
+        kind = FAILURE_KINDS.get(failure.reply, "other")
         self.log.event("upstream_error", level="warning", reason=failure.reason,
                        code=failure.reply[0])
         self.metrics.upstream_errors_total.labels(self.name, kind).inc()
@@ -610,24 +607,16 @@ class SMTPSession:
             esmtp += "S"
         msg_id = f"{self.conn_id}.{self.messages + 1}"
         for_part = f"\n\tfor <{self.txn.rcpts[0]}>" if len(self.txn.rcpts) == 1 else ""
-        date = _rfc5322_now()
+        date = _received_date(int(time.time()))
         lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {msg_id}"
                      f"{for_part}; {date}")
         text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
         return text.encode("utf-8", "surrogateescape")
 
 
-_date_cache = [-1, ""]
-
-
-def _rfc5322_now() -> str:
-    """The Received header's date (RFC 5322, UTC), formatted once per second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[1] = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
-        _date_cache[0] = now
-    return _date_cache[1]
+# The Received header's date (RFC 5322, UTC), formatted once per second.
+_received_date = per_second(lambda second: email.utils.format_datetime(
+    datetime.datetime.fromtimestamp(second, datetime.timezone.utc)))
 
 
 _MAX_REPLY_LINE = 512       # the reply line bound outside a SASL exchange (SPEC §4.5)

@@ -20,6 +20,13 @@ from .tls_legs import (HandshakeFailed, remember_upstream_session, resumed_info,
 
 
 
+# metric label (gateway_upstream_errors_total, gateway_tls_alerts_total) of each failure reply
+FAILURE_KINDS = {
+    R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
+    R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
+    R.UPSTREAM_LOST: "lost"}
+
+
 class UpstreamFailure(Exception):
     """The upstream leg could not be had or was lost.
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
+from . import _ossl
+from ._ossl import verify_error_string
 from .certs import load_pem_bytes, load_pem_files
 from .profiles import Profile, validate_profile
 
@@ -37,10 +37,9 @@ _SESSION_ID_CONTEXT = b"mail-tls-gateway"
 class VerifyState:
     """What the verify callback saw on one connection (attached as the connection's app data)."""
 
-    __slots__ = ("called", "errors")
+    __slots__ = ("errors",)
 
     def __init__(self) -> None:
-        self.called = False
         self.errors: list[tuple[int, int, str]] = []     # (depth, X509 error code, text)
 
     @property
@@ -51,21 +50,11 @@ class VerifyState:
         return text if depth == 0 else f"{text} (certificate at depth {depth})"
 
 
-def verify_error_string(code: int) -> str:
-    """OpenSSL's text for an X509_V_ERR_* code."""
-    try:
-        return _ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
-    except Exception:  # pragma: no cover - binding missing
-        return f"certificate verify error {code}"
-
-
 def _record_verify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
     """Verify callback: never fails the handshake, records the outcome instead."""
     state = conn.get_app_data()
-    if isinstance(state, VerifyState):
-        state.called = True
-        if not ok:
-            state.errors.append((depth, errno, verify_error_string(errno)))
+    if isinstance(state, VerifyState) and not ok:
+        state.errors.append((depth, errno, verify_error_string(errno)))
     return True
 
 
@@ -90,8 +79,7 @@ def _base_context(profile: Profile, *, server: bool) -> SSL.Context:
     if not profile.session_resumption:
         options |= SSL.OP_NO_TICKET
     ctx.set_options(options)
-    if hasattr(_lib, "SSL_MODE_RELEASE_BUFFERS"):
-        ctx.set_mode(_lib.SSL_MODE_RELEASE_BUFFERS)     # idle connections hold less memory
+    _ossl.release_buffers(ctx)                      # idle connections hold less memory
 
     try:
         ctx.set_cipher_list(profile.ciphers.encode("ascii"))
@@ -126,9 +114,7 @@ def apply_groups(ctx: SSL.Context, groups: str, *, profile_name: str = "?") -> N
         encoded = None
     if not encoded or b"\0" in encoded:
         raise ValueError(f'profile {profile_name}: OpenSSL cannot apply groups = "{groups}"')
-    result = _lib.SSL_CTX_set1_curves_list(ctx._context, encoded)
-    if result != 1:
-        _lib.ERR_clear_error()        # leave no stale error for the next OpenSSL call
+    if not _ossl.set_groups_list(ctx, encoded):
         raise ValueError(f'profile {profile_name}: OpenSSL cannot apply groups = "{groups}" '
                          f"(unknown or unsupported group name in the list)")
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import trio
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from ..errors import TLSError
-from .context import VerifyState, verify_error_string
+from ._ossl import connection_handles, session_reused, verify_error_string, verify_result
+from ._ossl import mem_bio_pending as _bio_pending
+from ._ossl import ssl_pending as _ssl_pending
+from .context import VerifyState
 
 # Plaintext read per SSL_read when the caller gives no max_bytes (one TLS record holds 16 KiB).
 DEFAULT_RECEIVE_SIZE = 65536
@@ -38,13 +39,6 @@ _BIO_READ_SIZE = 262144
 # caller asks for more than 64 KiB of plaintext (a message body, not commands).
 _TRANSPORT_READ = 65536
 _TRANSPORT_READ_BULK = 16 * 16413
-_MEM_DATA = _ffi.new("char **")     # BIO_get_mem_data's out-parameter (its value is unused)
-
-
-def _bio_pending(bio) -> int:
-    """Bytes waiting in a memory BIO: asking first spares pyOpenSSL raising WantReadError
-    (an exception object and an error-queue walk) every time a BIO turns out empty."""
-    return _lib.BIO_get_mem_data(bio, _MEM_DATA)
 
 
 @dataclass(frozen=True)
@@ -152,6 +146,8 @@ class TLSStream(trio.abc.Stream):
         self.unclean_eof = False
 
         self._conn = SSL.Connection(context, None)
+        # the raw SSL* and memory BIOs, for the per-record checks (see gateway.tls._ossl)
+        self._ssl, self._into_bio, self._from_bio = connection_handles(self._conn)
         self._verify_state = VerifyState()
         self._conn.set_app_data(self._verify_state)
         if server_side:
@@ -187,10 +183,6 @@ class TLSStream(trio.abc.Stream):
         if self._info is None:
             raise RuntimeError("the TLS handshake has not completed")
         return self._info
-
-    @property
-    def handshake_complete(self) -> bool:
-        return self._info is not None
 
     def offer_session(self, session) -> None:
         """Client side, before the handshake: ask to resume *session* (from session())."""
@@ -369,7 +361,7 @@ class TLSStream(trio.abc.Stream):
         total = len(data)
         conn = self._conn
         while total < max_bytes:
-            if not _lib.SSL_pending(conn._ssl) and _bio_pending(conn._into_ssl) <= 0:
+            if not _ssl_pending(self._ssl) and _bio_pending(self._into_bio) <= 0:
                 break                  # nothing more read in yet
             try:
                 more = conn.recv(max_bytes - total)
@@ -386,7 +378,7 @@ class TLSStream(trio.abc.Stream):
         parts = []
         conn = self._conn
         while True:
-            pending = _bio_pending(conn._from_ssl)
+            pending = _bio_pending(self._from_bio)
             if pending <= 0:
                 break
             try:
@@ -448,8 +440,8 @@ class TLSStream(trio.abc.Stream):
             finished = False
             result = None
             try:
-                if (is_recv and not self._transport_eof and not _lib.SSL_pending(conn._ssl)
-                        and _bio_pending(conn._into_ssl) <= 0):
+                if (is_recv and not self._transport_eof and not _ssl_pending(self._ssl)
+                        and _bio_pending(self._into_bio) <= 0):
                     want_read = True       # what SSL_read would say, without asking it
                 else:
                     result = fn(*args)
@@ -525,7 +517,7 @@ class TLSStream(trio.abc.Stream):
             else:
                 error = self._verify_state.first_error
                 if error is None:
-                    code = _lib.SSL_get_verify_result(conn._ssl)
+                    code = verify_result(self._ssl)
                     if code != 0:
                         error = verify_error_string(code)
                 if error is None and self.verify_hostname:
@@ -541,7 +533,7 @@ class TLSStream(trio.abc.Stream):
             peer_cert_present=cert is not None,
             verified=verified,
             verify_error=error,
-            resumed=bool(_lib.SSL_session_reused(conn._ssl)),
+            resumed=bool(session_reused(self._ssl)),
         )
 
     def _check_name(self) -> str | None:
