@@ -2,6 +2,7 @@
 and against real rspamd and OpenDKIM (private instances, tests/milters.py)."""
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -11,8 +12,9 @@ from gateway.proto import milter as M
 from gateway.proto.milter import Action
 from gateway.relay.milter_client import MilterClient, MilterError
 
-from milters import (ACCEPT, CONTINUE, PROGRESS, REJECT, TEMPFAIL, FilterPeer, addheader,
-                     chgfrom, cstrings, delrcpt, insheader, replycode, scripted_milter)
+from milters import (ACCEPT, CONTINUE, GTUBE, PROGRESS, REJECT, TEMPFAIL, FilterPeer,
+                     OpenDKIMInstance, RspamdInstance, addheader, chgfrom, cstrings, delrcpt,
+                     insheader, make_message, replycode, scripted_milter, split_message)
 from peers import free_port
 
 FAST = dict(connect_timeout=2, command_timeout=0.3, content_timeout=0.3)
@@ -20,7 +22,7 @@ FAST = dict(connect_timeout=2, command_timeout=0.3, content_timeout=0.3)
 
 async def _eof(peer: FilterPeer) -> None:
     """Read until the client hangs up (QUIT then EOF)."""
-    while (packet := await peer.recv()) is not None:
+    while await peer.recv() is not None:
         pass
 
 
@@ -279,3 +281,118 @@ async def test_cancelled_by_the_caller_mid_stage_leaves_the_client_unusable():
                 assert scope.cancelled_caught
                 with pytest.raises(MilterError, match="interrupted"):
                     await client.rcpt(["<b@y>"])
+
+
+# --- real milters --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rspamd():
+    """One private rspamd for the whole run: it needs ~15 s to compile its regexps."""
+    with RspamdInstance() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def opendkim():
+    with OpenDKIMInstance(domain="example.com") as instance:
+        yield instance
+
+
+REAL = dict(connect_timeout=5, command_timeout=10, content_timeout=20)
+
+
+async def _deliver(client: MilterClient, message: bytes, *, sender="<alice@example.com>",
+                   recipient="<bob@example.net>") -> M.Verdict:
+    """Every stage for one message, as the session will drive them; the end verdict."""
+    macros = {"j": "gw.example.net", "{daemon_name}": "smtp", "v": "mail-tls-gateway"}
+    for verdict in (
+            await client.connect("client.example.com", "127.0.0.1", 40000, macros=macros),
+            await client.helo("client.example.com"),
+            await client.mail([sender], macros={"i": "TEST1", "{mail_addr}": sender[1:-1]}),
+            await client.rcpt([recipient], macros={"{rcpt_addr}": recipient[1:-1]}),
+            await client.data()):
+        assert verdict.action is Action.CONTINUE, verdict
+    headers, body = split_message(message)
+    for name, value in headers:
+        await client.header(name, value)
+    await client.eoh()
+    await client.body(body)
+    return await client.eom(macros={"i": "TEST1"})
+
+
+@pytest.mark.peers
+async def test_rspamd_refuses_gtube_with_its_own_reply(rspamd):
+    message = make_message(subject="test", body=b"Hello\r\n" + GTUBE + b"\r\n")
+    with trio.fail_after(60):
+        async with MilterClient(rspamd.address, name="rspamd", **REAL) as client:
+            verdict = await _deliver(client, message)
+    assert verdict.action is Action.REPLYCODE
+    assert verdict.reply == (554, "5.7.1 Gtube pattern")
+
+
+@pytest.mark.peers
+async def test_rspamd_forces_no_reply_flags_and_adds_its_header_to_clean_mail(rspamd):
+    # Offer no "no reply" flag at all: rspamd sets them anyway, and a client that then
+    # waited for the replies it was told not to expect would hang here.
+    offer = M.OFFERED_PROTOCOL & ~M.P_NOREPLY_MASK
+    with trio.fail_after(60):
+        async with MilterClient(rspamd.address, name="rspamd", protocol=offer,
+                                **REAL) as client:
+            assert client.negotiated.protocol & M.P_NOREPLY_MASK & ~offer
+            verdict = await _deliver(client, make_message())
+    assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
+    added = [m for m in verdict.modifications
+             if isinstance(m, M.AddHeader) and m.name == "X-Spamd-Result"]
+    assert len(added) == 1, verdict.modifications
+    assert added[0].value.startswith(" default: False [")
+
+
+def _dkim():
+    try:
+        import dkim
+    except ImportError:
+        msg = "dkimpy not installed (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return dkim
+
+
+def _apply_header_changes(message: bytes, mods) -> bytes:
+    """The header additions a signing milter asks for, applied the way the session will."""
+    head, _, body = message.partition(b"\r\n\r\n")
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    for mod in mods:
+        field = f"{mod.name}:{mod.value}".encode()
+        if isinstance(mod, M.InsertHeader):
+            fields.insert(mod.index, field)
+        elif isinstance(mod, M.AddHeader):
+            fields.append(field)
+        else:
+            raise AssertionError(f"unexpected change {mod!r}")
+    return b"\r\n".join(fields) + b"\r\n\r\n" + body
+
+
+@pytest.mark.peers
+async def test_opendkim_signs_mail_from_its_domain_and_the_signature_verifies(opendkim):
+    dkim = _dkim()
+    body = b"".join(b"line %d of a message long enough for two body packets\r\n" % i
+                    for i in range(2000))
+    message = make_message(sender=f"alice@{opendkim.domain}", body=body)
+    with trio.fail_after(60):
+        async with MilterClient(opendkim.address, name="opendkim", **REAL) as client:
+            assert client.negotiated.protocol & M.P_HDR_LEADSPC
+            verdict = await _deliver(client, message, sender=f"<alice@{opendkim.domain}>")
+    assert verdict.action in (Action.ACCEPT, Action.CONTINUE), verdict
+    [sig] = [m for m in verdict.modifications if m.name == "DKIM-Signature"]
+    assert isinstance(sig, (M.InsertHeader, M.AddHeader))
+    assert f"d={opendkim.domain};" in sig.value and f"s={opendkim.selector};" in sig.value
+    signed = _apply_header_changes(message, verdict.modifications)
+    assert dkim.verify(signed, dnsfunc=opendkim.dnsfunc)
+    tampered = signed.replace(b"line 7 of", b"line 8 of")
+    assert not dkim.verify(tampered, dnsfunc=opendkim.dnsfunc)
