@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real third-party peers the test suite talks to (tests/peers.py), on a fresh
 # Debian 12, as root, non-interactively:
-#   postfix, dovecot-imapd, swaks (+ libnet-ssleay-perl for its --tls), haproxy, openssl.
+#   postfix, dovecot-imapd, swaks (+ libnet-ssleay-perl for its --tls), haproxy, openssl,
+#   and the milters rspamd and opendkim (+ opendkim-tools for opendkim-genkey).
 # The tests run private instances on ephemeral loopback ports with their own config
 # directories, so the system services these packages ship are kept stopped and disabled.
 # Works with or without systemd (containers).
@@ -13,9 +14,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-SERVICES=(postfix dovecot haproxy nginx)
+SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server)
 # build tools for the venv and the native core, then the real peers the tests talk to
-PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail)
+PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
+          rspamd opendkim opendkim-tools)
 
 # Keep maintainer scripts from starting daemons while installing (invoke-rc.d honours
 # policy-rc.d; exit 101 = "action forbidden").  Only if nobody else installed one.
@@ -65,7 +67,7 @@ fi
 
 # Sanity check: every tool the peers need is there.
 missing=
-for tool in postfix postconf swaks openssl haproxy dovecot; do
+for tool in postfix postconf swaks openssl haproxy dovecot rspamd opendkim opendkim-genkey; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
         echo "install-peers.sh: $tool missing after install" >&2
         missing=1
@@ -79,5 +81,12 @@ if ! id postfix >/dev/null 2>&1 || ! getent group postdrop >/dev/null 2>&1; then
     echo "install-peers.sh: postfix user/postdrop group missing" >&2
     missing=1
 fi
+# the private milter instances drop to the users the packages create (tests/milters.py)
+for user in _rspamd opendkim; do
+    if ! id "$user" >/dev/null 2>&1; then
+        echo "install-peers.sh: user $user missing" >&2
+        missing=1
+    fi
+done
 [ -z "$missing" ]
 echo "install-peers.sh: peers installed: $(postconf -d -h mail_version 2>/dev/null | sed 's/^/postfix /')"
