@@ -36,7 +36,7 @@ import trio
 from ..errors import GatewayError
 from ..proto import milter as M
 from ..proto.milter import Negotiated, Verdict
-from ..sockstream import open_tcp
+from ..net.sockstream import open_tcp
 
 __all__ = ["MilterClient", "MilterError"]
 
