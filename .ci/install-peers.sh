@@ -2,6 +2,9 @@
 # Install the real third-party peers the test suite talks to (tests/peers.py), on a fresh
 # Debian 12, as root, non-interactively:
 #   postfix, dovecot-imapd, swaks (+ libnet-ssleay-perl for its --tls), haproxy, openssl.
+# dovecot-core alone serves the AUTH tests' SASL (tests/dovecot.py DovecotAuth: `protocols =
+# none`, the auth service on a loopback inet_listener); it comes with dovecot-imapd and is
+# named below so that it stays if the IMAP package goes.
 # The tests run private instances on ephemeral loopback ports with their own config
 # directories, so the system services these packages ship are kept stopped and disabled.
 # Works with or without systemd (containers).
@@ -15,7 +18,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 SERVICES=(postfix dovecot haproxy nginx)
 # build tools for the venv and the native core, then the real peers the tests talk to
-PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail)
+PACKAGES=(python3-venv python3-dev gcc postfix dovecot-core dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail)
 
 # Keep maintainer scripts from starting daemons while installing (invoke-rc.d honours
 # policy-rc.d; exit 101 = "action forbidden").  Only if nobody else installed one.
