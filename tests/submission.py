@@ -14,12 +14,13 @@
 Three private peers (tests/peers.py, tests/dovecot.py), in one 0755 directory:
 - `dovecot`: `dovecot.DovecotAuth`, Dovecot's auth service alone on a loopback TCP port, a
   passwd-file with `users` (default one user, alice, whose password needs care in every
-  encoding: a space, `+`, `/`, `=`), mechanisms PLAIN and LOGIN, no failure delay.
+  encoding: a space, `+`, `/`, `=`), mechanisms PLAIN and LOGIN, no auth penalty.
 - `postfix`: `PostfixInstance.submission`: `smtpd_sasl_type = dovecot`, `smtpd_sasl_path =
   inet:127.0.0.1:<auth port>`, `smtpd_tls_auth_only = yes` (EHLO offers `AUTH PLAIN LOGIN`
   only after STARTTLS), `smtpd_relay_restrictions = permit_sasl_authenticated,
   reject_unauth_destination`, certificate from the tests' trustme CA (`cert`, e.g. the
-  `upstream_cert` fixture). Its answers: `235 2.7.0 Authentication successful`, a wrong
+  `upstream_cert` fixture). Its answers: AUTH before STARTTLS `503 5.5.1 Error:
+  authentication not enabled`, `235 2.7.0 Authentication successful`, a wrong
   password `535 5.7.8 Error: authentication failed: ...`, an unauthenticated RCPT to the
   remote domain `554 5.7.1 <rcpt>: Relay access denied`. The Received header of an
   authenticated message carries `(Authenticated sender: alice)`.
@@ -34,7 +35,17 @@ loop):
 - `sasl_logins()`: `(method, username)` for every message Postfix accepted from an
   authenticated session, from its log (`sasl_method=PLAIN, sasl_username=alice`);
   `auth_failures()`: the number of failed AUTHs Postfix logged (`SASL LOGIN authentication
-  failed`); `log_text()`: the three logs, one after the other.
+  failed`); `relay_denials()`: the number of RCPTs Postfix refused with `554 5.7.1 ... Relay
+  access denied`; `sessions()`: one dict per ended SMTP connection, from Postfix's
+  `disconnect from` line, e.g. `{"client": "unknown[127.0.0.1]", "ehlo": "2", "starttls":
+  "1", "auth": "1", "mail": "2", "rcpt": "2", "data": "2", "quit": "1", "commands": "10"}`
+  (a count, or `ok/total` when some failed: `"auth": "0/2"`), oldest first: how many
+  transactions went over one authenticated connection; `log_text()`: the three logs, one
+  after the other.
+- XCLIENT is allowed from 127.0.0.0/8 (`smtpd_authorized_xclient_hosts`, for
+  `forward_client`): after `XCLIENT ADDR=...` Postfix greets again, wants a new EHLO, keeps the
+  TLS of the connection, and logs the forwarded address as the client
+  (`client=unknown[192.0.2.7], sasl_method=PLAIN, ...`).
 - `smtp()`: an `smtplib.SMTP` connected to `port`, after EHLO and STARTTLS verified against
   the CA (for direct checks; use it in a `with`).
 Timing: a wrong password is answered after about 0.5 s (Dovecot's failure queue), and
@@ -45,7 +56,8 @@ makes one attempt.
 The `submission_upstream` fixture (module scope; import it into a test module to use it)
 starts one set for the module. Tests sharing it must not count on message totals from
 before them: take `len(sub.remote_messages())` first and wait for that plus one.
-Start-up is about a second; `stop()` stops all three. Needs root and postfix + dovecot
+The three start side by side, in 1-3 s (`postfix check` takes most of it); `stop()` stops
+all three. Needs root and postfix + dovecot
 (a missing binary skips, or fails under CI, as in peers.py).
 """
 from __future__ import annotations
@@ -67,6 +79,8 @@ __all__ = ["SubmissionUpstream", "submission_upstream", "SASL_LOGIN_RE"]
 #: Postfix's log of a message from an authenticated session; group 1 method, 2 username.
 SASL_LOGIN_RE = re.compile(r"client=\S+, sasl_method=(\S+?), sasl_username=(\S+)")
 _AUTH_FAILED_RE = re.compile(r"SASL \S+ authentication failed")
+_RELAY_DENIED_RE = re.compile(r"NOQUEUE: reject: RCPT from \S+: 554 5\.7\.1 .*Relay access denied")
+_DISCONNECT_RE = re.compile(r"disconnect from (\S+) (.*)$", re.M)
 
 
 class SubmissionUpstream(PeerProcess):
@@ -95,7 +109,8 @@ class SubmissionUpstream(PeerProcess):
             self.dir / "postfix", self.port, cert=cert.cert, key=cert.key,
             sasl_path=self.dovecot.sasl_path, relay_host="127.0.0.1",
             relay_port=self.remote_port, domains=(self.local_domain,),
-            hostname=self.server_name, extra=postfix_extra)
+            hostname=self.server_name,
+            extra={"smtpd_authorized_xclient_hosts": "127.0.0.0/8", **(postfix_extra or {})})
         self.log_path = self.postfix.log_path
         self.console_path = self.postfix.console_path
 
@@ -153,6 +168,17 @@ class SubmissionUpstream(PeerProcess):
 
     def auth_failures(self) -> int:
         return len(_AUTH_FAILED_RE.findall(self.postfix.log_text()))
+
+    def relay_denials(self) -> int:
+        return len(_RELAY_DENIED_RE.findall(self.postfix.log_text()))
+
+    def sessions(self) -> list[dict[str, str]]:
+        out = []
+        for client, counts in _DISCONNECT_RE.findall(self.postfix.log_text()):
+            d = {"client": client}
+            d.update(kv.split("=", 1) for kv in counts.split() if "=" in kv)
+            out.append(d)
+        return out
 
     def client_context(self) -> ssl.SSLContext:
         """Verifies the submission server's certificate (name 127.0.0.1 or upstream.test)."""

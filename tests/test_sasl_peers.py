@@ -24,9 +24,9 @@ def test_auth_offered_only_after_starttls(submission_upstream):
     with smtplib.SMTP(sub.host, sub.port, timeout=20) as s:
         s.ehlo("client.test")
         assert not s.has_extn("auth") and s.has_extn("starttls")
-        code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(
+        code, text = s.docmd("AUTH", "PLAIN " + base64.b64encode(
             f"\0{sub.user}\0{sub.password}".encode()).decode())
-        assert code == 503                                  # "authentication not enabled"
+        assert (code, text) == (503, b"5.5.1 Error: authentication not enabled")
     with sub.smtp() as s:
         assert s.has_extn("auth")
         assert s.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
@@ -80,6 +80,7 @@ def test_wrong_password_gets_535(submission_upstream):
 
 def test_unauthenticated_session_may_not_relay(submission_upstream):
     sub = submission_upstream
+    denials = sub.relay_denials()
     with sub.smtp() as s:
         s.mail("mallory@client.test")
         code, text = s.rcpt(f"bob@{sub.remote_domain}")
@@ -87,6 +88,7 @@ def test_unauthenticated_session_may_not_relay(submission_upstream):
         assert text.endswith(b"Relay access denied")
         code, _ = s.rcpt(f"carol@{sub.local_domain}")     # its own domain: accepted
         assert code == 250
+    assert sub.relay_denials() == denials + 1
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
@@ -112,3 +114,38 @@ def test_swaks_wrong_password(submission_upstream):
                      timeout=60)
     assert proc.returncode != 0
     assert "<~* 535 5.7.8 Error: authentication failed" in proc.stdout
+
+
+def test_xclient_then_auth(submission_upstream):
+    """What the gateway with forward_client does: XCLIENT after STARTTLS, then AUTH."""
+    sub = submission_upstream
+    before = len(sub.remote_messages())
+    rcpt = f"erin@{sub.remote_domain}"
+    with sub.smtp() as s:
+        assert s.has_extn("xclient")
+        code, _ = s.docmd("XCLIENT", "ADDR=192.0.2.7 NAME=[UNAVAILABLE]")
+        assert code == 220
+        s.ehlo("client.test")
+        assert s.has_extn("auth")                       # still TLS after XCLIENT
+        s.login(sub.user, sub.password)
+        s.sendmail("alice@client.test", [rcpt], _message("alice@client.test", rcpt, "xclient"))
+    sub.wait_remote(before + 1)
+    sub.postfix.wait_for_log(
+        rf"client=unknown\[192\.0\.2\.7\], sasl_method=PLAIN, sasl_username={sub.user}")
+
+
+def test_sessions_show_transactions_per_authenticated_connection(submission_upstream):
+    sub = submission_upstream
+    before = len(sub.remote_messages())
+    rcpt = f"frank@{sub.remote_domain}"
+    with sub.smtp() as s:
+        for _ in range(3):                  # NOOP x3 marks this connection's log line
+            assert s.noop()[0] == 250
+        s.login(sub.user, sub.password)
+        for tag in ("first", "second"):
+            s.sendmail("alice@client.test", [rcpt], _message("alice@client.test", rcpt, tag))
+    sub.wait_remote(before + 2)
+    sub.postfix.wait_for_log(r"disconnect from .* noop=3 ")
+    mine = [d for d in sub.sessions() if d.get("noop") == "3"]
+    assert len(mine) == 1
+    assert (mine[0]["auth"], mine[0]["mail"], mine[0]["data"]) == ("1", "2", "2")
