@@ -3,6 +3,9 @@
 # Debian 12, as root, non-interactively:
 #   postfix, dovecot-imapd, swaks (+ libnet-ssleay-perl for its --tls), haproxy, openssl,
 #   and the milters rspamd and opendkim (+ opendkim-tools for opendkim-genkey).
+# dovecot-core alone serves the AUTH tests' SASL (tests/dovecot.py DovecotAuth: `protocols =
+# none`, the auth service on a loopback inet_listener); it comes with dovecot-imapd and is
+# named below so that it stays if the IMAP package goes.
 # The tests run private instances on ephemeral loopback ports with their own config
 # directories, so the system services these packages ship are kept stopped and disabled.
 # Works with or without systemd (containers).
@@ -16,7 +19,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server)
 # build tools for the venv and the native core, then the real peers the tests talk to
-PACKAGES=(python3-venv python3-dev gcc postfix dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
+PACKAGES=(python3-venv python3-dev gcc postfix dovecot-core dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
           rspamd opendkim opendkim-tools)
 
 # Keep maintainer scripts from starting daemons while installing (invoke-rc.d honours

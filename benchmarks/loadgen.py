@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/loadgen.py --port 2525 [--starttls] [--size 10240]
         [--concurrency 16] [--processes 2] [--duration 5 | --sessions 1000]
+        [--auth-user U --auth-password P]
 
-One session: connect, 220, EHLO, [STARTTLS, TLS 1.3 handshake, EHLO,] MAIL, RCPT, DATA, the
-message, QUIT, close. Every session is a new TCP connection and a full handshake (no TLS
+One session: connect, 220, EHLO, [STARTTLS, TLS 1.3 handshake, EHLO,] [AUTH PLAIN with the
+initial response, 235,] MAIL, RCPT, DATA, the message, QUIT, close. Every session is a new TCP connection and a full handshake (no TLS
 session resumption). `concurrency` sessions are in flight at any time (closed loop: each
 client thread starts its next session when the previous one ends), spread over `processes`
 processes so that the client side is not limited by one interpreter. The run stops at the
@@ -16,6 +17,7 @@ Only 127.0.0.1 is ever contacted. Every wait has a timeout.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import multiprocessing as mp
 import socket
@@ -75,11 +77,18 @@ def expect(reader: Reader, code: bytes, what: str) -> None:
         raise SessionError(f"{what}: {line[:120].decode('latin-1').strip()}")
 
 
+def auth_plain_line(user: str, password: str) -> bytes:
+    """`AUTH PLAIN` with its initial response (RFC 4616: no authzid)."""
+    return b"AUTH PLAIN " + base64.b64encode(
+        b"\0" + user.encode() + b"\0" + password.encode()) + b"\r\n"
+
+
 def smtp_session(port: int, message: bytes, ctx: ssl.SSLContext | None,
-                 host: str = "127.0.0.1", session: ssl.SSLSession | None = None):
-    """One whole session; with *session* the TLS handshake offers to resume it. Returns (the
-    TLS session to resume next time, whether this one was resumed); (None, False) without
-    TLS."""
+                 host: str = "127.0.0.1", session: ssl.SSLSession | None = None,
+                 auth_line: bytes | None = None):
+    """One whole session; with *session* the TLS handshake offers to resume it; with
+    *auth_line* (`auth_plain_line()`) it authenticates before MAIL. Returns (the TLS session to
+    resume next time, whether this one was resumed); (None, False) without TLS."""
     new_session, reused = None, False
     sock = socket.create_connection((host, port), timeout=SESSION_TIMEOUT)
     try:
@@ -97,6 +106,9 @@ def smtp_session(port: int, message: bytes, ctx: ssl.SSLContext | None,
             expect(r, b"250", "EHLO after TLS")
             new_session = sock.session         # TLS 1.3 tickets have arrived by now
             reused = sock.session_reused
+        if auth_line is not None:
+            sock.sendall(auth_line)
+            expect(r, b"235", "AUTH PLAIN")
         sock.sendall(b"MAIL FROM:<bench@client.bench>\r\n")
         expect(r, b"250", "MAIL")
         sock.sendall(b"RCPT TO:<rcpt@sink.bench>\r\n")
@@ -119,6 +131,7 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
     """One load-generator process: `threads` closed-loop clients."""
     message = make_message(args["size"])
     ctx = client_context() if args["starttls"] else None
+    auth_line = auth_plain_line(*args["auth"]) if args["auth"] else None
     deadline = start_at + args["duration"]
     budget = [args["sessions_per_process"]]
     lock = threading.Lock()
@@ -140,7 +153,8 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
         while time.time() < deadline and take():
             t0 = time.perf_counter()
             try:
-                got, reused = smtp_session(args["port"], message, ctx, session=session)
+                got, reused = smtp_session(args["port"], message, ctx, session=session,
+                                           auth_line=auth_line)
                 if args["resume"]:
                     session = got
                 if reused:
@@ -172,8 +186,9 @@ def _process_main(args: dict, threads: int, start_at: float, out) -> None:
 
 def run_load(port: int, *, starttls: bool, size: int = 10240, concurrency: int = 16,
              processes: int = 2, duration: float = 5.0, sessions: int | None = None,
-             resume: bool = False) -> dict:
-    """Run the closed loop; returns sessions, errors, wall seconds, sessions/s, latencies."""
+             resume: bool = False, auth: tuple[str, str] | None = None) -> dict:
+    """Run the closed loop; returns sessions, errors, wall seconds, sessions/s, latencies.
+    *auth* = (user, password): AUTH PLAIN in every session."""
     processes = max(1, min(processes, concurrency))
     per = [concurrency // processes + (1 if i < concurrency % processes else 0)
            for i in range(processes)]
@@ -187,7 +202,7 @@ def run_load(port: int, *, starttls: bool, size: int = 10240, concurrency: int =
     procs = []
     for i in range(processes):
         args = {"port": port, "starttls": starttls, "size": size, "duration": duration,
-                "resume": resume,
+                "resume": resume, "auth": auth,
                 "sessions_per_process": per_proc_sessions[i] if per_proc_sessions else None}
         p = ctx.Process(target=_process_main, args=(args, per[i], start_at, out), daemon=True)
         p.start()
@@ -234,10 +249,16 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, help="stop after this many sessions")
     ap.add_argument("--resume", action="store_true",
                     help="each client offers its previous TLS session (as MTAs do)")
+    ap.add_argument("--auth-user", help="AUTH PLAIN as this user (with --auth-password)")
+    ap.add_argument("--auth-password")
     a = ap.parse_args()
+    if (a.auth_user is None) != (a.auth_password is None):
+        ap.error("--auth-user and --auth-password go together")
+    auth = (a.auth_user, a.auth_password) if a.auth_user is not None else None
     print(json.dumps(run_load(a.port, starttls=a.starttls, size=a.size,
                               concurrency=a.concurrency, processes=a.processes,
-                              duration=a.duration, sessions=a.sessions, resume=a.resume),
+                              duration=a.duration, sessions=a.sessions, resume=a.resume,
+                              auth=auth),
                      indent=1))
 
 

@@ -327,12 +327,20 @@ def gateway_toml(*, workers: int, cert: Path, key: Path, listeners: list[dict],
         lines += ["[[listeners]]"]
         for k, v in lst.items():
             if k != "upstream":
-                lines.append(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}")
+                lines.append(f"{k} = {_toml_value(v)}")
         lines += ["", "[listeners.upstream]"]
         for k, v in lst["upstream"].items():
-            lines.append(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}")
+            lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
     return "\n".join(lines).replace("'", '"')
+
+
+def _toml_value(v) -> str:
+    """A TOML value for the simple values the benchmark configs use (the caller turns the
+    quotes of repr() into TOML's)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, (str, list)) else str(v)
 
 
 class Gateway(Proc):
@@ -424,34 +432,112 @@ class Nginx(Proc):
 
     def start(self, workdir: Path, cert: Path, key: Path, upstream_port: int,
               workers: int = 1) -> "Nginx":
+        exe, module = self._paths()
+        d = workdir / "nginx"
+        self.port_tls, self.port_plain, auth_port = free_port(), free_port(), free_port()
+        self._launch(exe, d, NGINX_CONF.format(
+            module=module, workers=workers, dir=d, auth_port=auth_port,
+            upstream_port=upstream_port, cert=cert, key=key, port_tls=self.port_tls,
+            port_plain=self.port_plain), [self.port_tls, self.port_plain])
+        return self
+
+    @staticmethod
+    def _paths() -> tuple[str, str]:
         exe = which("nginx")
         module = "/usr/lib/nginx/modules/ngx_mail_module.so"
         if exe is None or not os.path.exists(module):
             raise ServerError("nginx with the mail module not installed "
                               "(apt-get install nginx libnginx-mod-mail)")
-        d = workdir / "nginx"
+        return exe, module
+
+    def _launch(self, exe: str, d: Path, conf_text: str, ports: list[int]) -> None:
         (d / "tmp").mkdir(parents=True, exist_ok=True)
-        self.port_tls, self.port_plain, auth_port = free_port(), free_port(), free_port()
         conf = d / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(module=module, workers=workers, dir=d,
-                                          auth_port=auth_port, upstream_port=upstream_port,
-                                          cert=cert, key=key, port_tls=self.port_tls,
-                                          port_plain=self.port_plain))
+        conf.write_text(conf_text)
         t = subprocess.run([exe, "-t", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                            capture_output=True, text=True, timeout=30)
         if t.returncode != 0:
             raise ServerError(f"nginx -t: {t.stderr.strip()}")
         self.popen([exe, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                    d / "console.log", nofile=65536)
-        self.ready(lambda: wait_smtp(self.port_tls, alive=self.alive),
-                   lambda: wait_smtp(self.port_plain, alive=self.alive))
-        self.port = self.port_tls
+        self.ready(*(lambda p=p: wait_smtp(p, alive=self.alive) for p in ports))
+        self.port = ports[0]
+
+
+NGINX_SUBMISSION_CONF = """\
+load_module {module};
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 20000; }}
+
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    server {{
+        listen 127.0.0.1:{auth_port};
+        location = /auth {{
+            add_header Auth-Status OK;
+            add_header Auth-Server 127.0.0.1;
+            add_header Auth-Port {upstream_port};
+            return 204;
+        }}
+    }}
+}}
+
+mail {{
+    server_name gw.bench;
+    auth_http 127.0.0.1:{auth_port}/auth;
+    proxy_pass_error_message on;
+    smtp_capabilities "SIZE 52428800" 8BITMIME PIPELINING ENHANCEDSTATUSCODES;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    server {{
+        listen 127.0.0.1:{port};
+        protocol smtp;
+        smtp_auth plain login;
+        starttls only;
+        xclient off;
+        proxy_smtp_auth on;
+    }}
+}}
+"""
+
+
+class NginxSubmission(Nginx):
+    """nginx mail proxy as a submission front: STARTTLS required, `smtp_auth plain login`;
+    the auth_http stub (an http server block of the same nginx) says OK to every login and
+    names the backend; `proxy_smtp_auth on` (nginx >= 1.19.4) repeats the client's AUTH PLAIN
+    to the backend, which decides (Postfix with Dovecot SASL: the password is checked there,
+    as behind the gateway). nginx's mail module has no TLS to the backend, so the backend
+    port is plaintext with AUTH allowed."""
+
+    name = "nginx (submission)"
+
+    def start(self, workdir: Path, cert: Path, key: Path, upstream_port: int,
+              workers: int = 1) -> "NginxSubmission":
+        exe, module = self._paths()
+        d = workdir / "nginx-submission"
+        port, auth_port = free_port(), free_port()
+        self._launch(exe, d, NGINX_SUBMISSION_CONF.format(
+            module=module, workers=workers, dir=d, auth_port=auth_port,
+            upstream_port=upstream_port, cert=cert, key=key, port=port), [port])
         return self
 
 
 POSTFIX_MASTER_CF = """\
 {tls_listen} inet  n       -       n       -       -       smtpd
-{plain_listen} inet  n       -       n       -       -       smtpd -o smtpd_tls_security_level=none
+{plain_listen} inet  n       -       n       -       -       smtpd -o smtpd_tls_security_level=none{plain_opts}
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -479,12 +565,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class Postfix(Proc):
     """A private Postfix relaying everything to [127.0.0.1]:relay_port at once (smtpd →
     cleanup → qmgr → smtp; no content filter, no delays, no DNS). STARTTLS offered on one
-    port, no TLS on the other; `upstream_tls` sets smtp_tls_security_level."""
+    port, no TLS on the other; `upstream_tls` sets smtp_tls_security_level; `extra` adds to
+    (or overrides) main.cf, `plain_opts` to the plaintext port's master.cf line (`-o k=v ...`).
+    """
 
     name = "postfix"
 
     def start(self, workdir: Path, cert: Path, key: Path, relay_port: int,
-              upstream_tls: str = "none", tag: str = "postfix") -> "Postfix":
+              upstream_tls: str = "none", tag: str = "postfix",
+              extra: dict | None = None, plain_opts: str = "") -> "Postfix":
         exe = which("postfix")
         if exe is None or os.geteuid() != 0:
             raise ServerError("postfix missing or not root")
@@ -526,9 +615,11 @@ class Postfix(Proc):
             "default_destination_concurrency_limit": "50",
             "message_size_limit": "52428800",
         }
+        settings.update(extra or {})
         (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         (etc / "master.cf").write_text(POSTFIX_MASTER_CF.format(
-            tls_listen=f"127.0.0.1:{self.port_tls}", plain_listen=f"127.0.0.1:{self.port_plain}"))
+            tls_listen=f"127.0.0.1:{self.port_tls}", plain_listen=f"127.0.0.1:{self.port_plain}",
+            plain_opts=f" {plain_opts}" if plain_opts else ""))
         past = time.time() - 60
         for f in ("main.cf", "master.cf"):
             os.utime(etc / f, (past, past))
@@ -578,3 +669,93 @@ class Postfix(Proc):
                 except OSError:
                     pass
         super().stop()
+
+
+def submission_settings(sasl_path: str) -> dict[str, str]:
+    """main.cf for `Postfix` as a submission server: SASL through Dovecot at `sasl_path`,
+    AUTH only after STARTTLS (the plaintext port overrides that for nginx's backend leg:
+    `SUBMISSION_PLAIN_OPTS`), only authenticated clients may relay."""
+    return {"smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": sasl_path, "smtpd_tls_auth_only": "yes",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject"}
+
+
+SUBMISSION_PLAIN_OPTS = "-o smtpd_tls_auth_only=no"
+
+
+DOVECOT_AUTH_CONF = """\
+# benchmark: Dovecot as Postfix's SASL server only
+instance_name = gwbench-auth-{port}
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot.log
+protocols = none
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = 1
+first_valid_gid = 1
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {dir}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home=/nonexistent
+}}
+service auth {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+"""
+
+
+class DovecotAuth(Proc):
+    """Dovecot's auth service alone on a loopback port (Postfix's `smtpd_sasl_type =
+    dovecot`, `smtpd_sasl_path = inet:127.0.0.1:PORT`), users from a passwd-file (plaintext
+    passwords), no auth cache (Dovecot's default)."""
+
+    name = "dovecot auth"
+
+    def start(self, workdir: Path, users: dict[str, str]) -> "DovecotAuth":
+        exe = which("dovecot")
+        if exe is None or os.geteuid() != 0:
+            raise ServerError("dovecot missing (apt-get install dovecot-core) or not root")
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        d = (workdir / "dovecot-auth").resolve()
+        for sub in ("", "run", "state"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(d / sub, 0o755)
+        (d / "passwd").write_text("".join(f"{u}:{p}::::::\n" for u, p in users.items()))
+        os.chmod(d / "passwd", 0o644)
+        self.port = free_port()
+        conf = d / "dovecot.conf"
+        conf.write_text(DOVECOT_AUTH_CONF.format(port=self.port, dir=d, uid=nobody.pw_uid,
+                                                 gid=nobody.pw_gid))
+        self.popen([exe, "-c", str(conf), "-F"], d / "console.log")
+        self.ready(lambda: _wait_port(self.port, alive=self.alive))
+        return self
+
+    @property
+    def sasl_path(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+
+def _wait_port(port: int, timeout: float = 30.0, alive=None) -> None:
+    """Bounded wait until 127.0.0.1:port accepts a connection."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise ServerError(f"server on port {port} exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ServerError(f"port {port} not ready after {timeout}s ({exc!r})") from None
+        time.sleep(0.05)

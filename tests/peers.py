@@ -40,7 +40,15 @@ domains=("example.test",), ...)``
     ``Anonymous``/``Untrusted``.  For ``tls_level="secure"`` use ``relay_host="localhost"``:
     the secure level matches the nexthop name and does not accept the 127.0.0.1 IP SAN
     (mail stays deferred); ``verify`` works with 127.0.0.1.
-Both constructors take ``hostname=`` (myhostname) and ``extra={param: value}`` for any other
+``PostfixInstance.submission(dir, port, *, cert, key, sasl_path, relay_host, relay_port,
+domains=("example.test",), ...)``
+    ``upstream()`` plus SASL: ``smtpd_sasl_type = dovecot`` at ``sasl_path`` (a
+    ``dovecot.DovecotAuth``'s ``sasl_path``), AUTH offered only after STARTTLS
+    (``smtpd_tls_auth_only``), ``permit_sasl_authenticated, reject_unauth_destination``, an
+    ``(Authenticated sender: USER)`` comment in the Received header, and mail for other
+    domains relayed to ``[relay_host]:relay_port``.  ``tests/submission.py`` puts the pieces
+    together (``SubmissionUpstream``).
+All constructors take ``hostname=`` (myhostname) and ``extra={param: value}`` for any other
 main.cf settings (e.g. ``smtp_tls_mandatory_protocols``, ``smtp_tls_wrappermode``).
 Use an instance as a context manager: ``__enter__`` writes the configuration, runs
 ``postfix check``, starts ``postfix -c DIR start-fg`` in its own process group and waits
@@ -464,6 +472,33 @@ class PostfixInstance(PeerProcess):
             s["smtp_tls_servername"] = servername
         s.update(extra or {})
         return cls(d, port, role="sender", settings=s)
+
+    @classmethod
+    def submission(cls, directory: os.PathLike | str, port: int, *,
+                   cert: os.PathLike | str, key: os.PathLike | str,
+                   sasl_path: str, relay_host: str, relay_port: int,
+                   domains: Iterable[str] = ("example.test",),
+                   hostname: str = "submission.test",
+                   extra: Mapping[str, str] | None = None) -> "PostfixInstance":
+        """A submission server: ``upstream()`` (Maildirs for ``domains``, STARTTLS) plus SASL
+        AUTH through Dovecot at ``sasl_path`` (``inet:127.0.0.1:PORT``, see
+        ``dovecot.DovecotAuth``), offered only after STARTTLS; authenticated clients may
+        relay anywhere, and mail for other domains goes to ``[relay_host]:relay_port``."""
+        pf = cls.upstream(directory, port, cert=cert, key=key, domains=domains,
+                          hostname=hostname)
+        pf.role = "submission"
+        pf.settings.update({
+            "smtpd_sasl_auth_enable": "yes",
+            "smtpd_sasl_type": "dovecot",
+            "smtpd_sasl_path": sasl_path,
+            "smtpd_tls_auth_only": "yes",
+            "smtpd_sasl_authenticated_header": "yes",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+            "relayhost": f"[{relay_host}]:{int(relay_port)}",
+            "smtp_tls_security_level": "none",
+        })
+        pf.settings.update(extra or {})
+        return pf
 
     # ------------------------------------------------------------------ configuration
 
