@@ -257,6 +257,10 @@ class SMTPSession:
         verdict = await self.policy.mail(self.facts, event.address, event.params)
         if verdict.refused:
             self._refuse_by(verdict)
+            # a refusal at MAIL FROM is tracked too (§7)
+            code, text = verdict.reply
+            self._track(Transaction(event), "tempfail" if code // 100 == 4 else "rejected",
+                        f"{code} {_text(text)}", 0, [])
             return
         if self.leg is not None:
             await self.leg.reset()
@@ -306,6 +310,7 @@ class SMTPSession:
                     self.core.respond(*relayed(mail))
                     return
             else:
+                self._note_dsn(event.params, leg)
                 reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [event.address])
@@ -327,6 +332,7 @@ class SMTPSession:
         reused = self._leg_from_pool
         self._leg_from_pool = False
         mail = txn.mail
+        self._note_dsn({**mail.params, **rcpt.params}, leg)
         if "AUTH" in mail.params and not self._leg_bound:
             # RFC 4954 §5: the submitter is not vouched for on an unauthenticated session
             mail = S.Mail(mail.address, {**mail.params, "AUTH": "<>"})
@@ -342,6 +348,14 @@ class SMTPSession:
         self.log.event("upstream_reuse_failed", level="debug")
         self.leg = leg = await self._open_leg(level, pooled=False)
         return await leg.start_transaction(mail, rcpt)
+
+    def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
+        """DSN parameters towards an upstream without DSN are dropped (it would refuse them)
+        and logged: a queue-less gateway cannot send the notices itself (§4.1)."""
+        if "DSN" not in leg.extensions:
+            dropped = [k for k in _DSN_PARAMS if k in params]
+            if dropped:
+                self.log.event("dsn_dropped", params=",".join(dropped))
 
     async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
         pool = self.rt.state.pool
@@ -651,6 +665,7 @@ class _AuthExchange:
         self.user = raw.decode("utf-8", "replace")[:256] or None
 
 
+_DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals counted as policy
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)

@@ -153,6 +153,10 @@ class UpstreamLegBase:
         """Once the upstream's capabilities are known: STARTTLS as the level asks, then the
         `verify` gate (§3.2). A subclass provides `_starttls()` and `_goodbye()` (QUIT or
         LOGOUT before giving up)."""
+        if self.settings.mode == "starttls" and offered:
+            # recorded at every level: a leg opened at `none` never asked, but a later
+            # `preferred` recipient must not ride it in the clear when TLS was there (§4.3)
+            self.tls_offered = True
         if self.settings.mode == "starttls" and self.level != "none" and try_tls:
             if offered:
                 self.tls_offered = True
@@ -305,7 +309,8 @@ class UpstreamLeg(UpstreamLegBase):
     async def finish_data(self) -> Reply:
         self.client.end_message()
         await self._send(self.client.data_to_send())
-        return await self._read_reply(timeout=self.settings.data_done_timeout)
+        return await self._read_reply(timeout=self.settings.data_done_timeout,
+                                      phase="data_done")
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -315,8 +320,12 @@ class UpstreamLeg(UpstreamLegBase):
             raise UpstreamFailure(R.UPSTREAM_LOST, f"send: {exc!r}")
 
     async def _read_reply(self, timeout: float | None = None, phase: str = "reply") -> Reply:
+        """The next reply within *timeout*. A greeting or reply that does not come in time is
+        `451 4.4.1` (the upstream times out); the final reply to a message that does not, or
+        a connection lost, is `451 4.4.2` (§4.5)."""
         timeout = self.settings.reply_timeout if timeout is None else timeout
         lost = R.UPSTREAM_UNAVAILABLE if phase == "greeting" else R.UPSTREAM_LOST
+        late = R.UPSTREAM_LOST if phase == "data_done" else R.UPSTREAM_UNAVAILABLE
         try:
             reply = self.client.next_reply()     # already read (pipelined replies): no wait
             if reply is not None:
@@ -332,7 +341,7 @@ class UpstreamLeg(UpstreamLegBase):
             raise trio.TooSlowError     # only reached when the deadline cancelled the scope
         except trio.TooSlowError:
             self.closed = True
-            raise UpstreamFailure(lost, f"{phase} timeout")
+            raise UpstreamFailure(late, f"{phase} timeout")
         except ProtocolError as exc:
             self.closed = True
             raise UpstreamFailure(lost if phase == "greeting" else R.UPSTREAM_LOST, str(exc))
