@@ -42,7 +42,9 @@ class UpstreamFailure(Exception):
 
 @dataclass
 class UpstreamSettings:
-    """What a leg needs to know, fixed per listener at start-up."""
+    """What a leg needs to know: one per listener in each worker (runtime.build_runtimes
+    builds it from the configuration the worker started with); only `last_tls_session`
+    changes, as legs open."""
     host: str
     port: int
     mode: str                      # starttls | implicit
