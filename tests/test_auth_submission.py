@@ -17,7 +17,7 @@ from submission import submission_upstream  # noqa: F401  (module-scoped fixture
 pytestmark = pytest.mark.peers
 
 
-def _config(sub, server_cert, *, pool=True):
+def _config(sub, server_cert, *, pool=True, **gateway):
     upstream = {"server_name": sub.server_name, "profile": "testca",
                 "pool_size": 16 if pool else 0}
     listeners = [
@@ -26,17 +26,19 @@ def _config(sub, server_cert, *, pool=True):
                       upstream=dict(upstream)),
         listener_dict("smtps", upstream_port=sub.port, tls="implicit", cert="main",
                       client_tls="required", upstream_tls="verify", auth="required",
-                      upstream=dict(upstream)),
+                      forward_client=True, upstream=dict(upstream)),
     ]
-    data = config_dict(listeners, server_cert=server_cert, ca_file=sub.ca_file)
+    data = config_dict(listeners, server_cert=server_cert, ca_file=sub.ca_file, **gateway)
     return data
 
 
 async def test_swaks_and_smtplib_submit_through_both_listeners(submission_upstream,
-                                                                server_cert):
+                                                                server_cert, tmp_path):
     sub = submission_upstream
     before = len(sub.remote_messages())
-    async with running_gateway(_config(sub, server_cert)) as (gw, logs):
+    tracking = tmp_path / "tracking.jsonl"
+    async with running_gateway(_config(sub, server_cert, tracking_log=str(tracking))) \
+            as (gw, logs):
         starttls_port = gw.addresses["submission"][1]
         implicit_port = gw.addresses["smtps"][1]
         ctx = client_context(server_cert.ca)
@@ -66,8 +68,13 @@ async def test_swaks_and_smtplib_submit_through_both_listeners(submission_upstre
         ("PLAIN", "alice", "success")]
     secrets = (sub.password, base64.b64encode(sub.password.encode()).decode(),
                base64.b64encode(f"\0{sub.user}\0{sub.password}".encode()).decode())
-    for line in map(json.dumps, logs.events):
+    records = tracking.read_text().splitlines()
+    assert len(records) == 3
+    assert [json.loads(r)["auth_user"] for r in records] == ["alice"] * 3
+    for line in [*map(json.dumps, logs.events), *records]:
         assert not any(secret in line for secret in secrets)
+    # forward_client on the implicit listener: XCLIENT went before AUTH on that connection
+    assert any("xclient" in s and s.get("auth") == "1" for s in sub.sessions())
 
 
 async def test_postfix_refusals_are_relayed(submission_upstream, server_cert):
