@@ -203,3 +203,36 @@ async def test_refusal_at_mail_from_is_tracked(tmp_path, server_cert):
     assert records[0]["mail_from"] == "alice@secure.example" and records[0]["recipients"] == []
     assert records[0]["upstream_leg"] is None
     assert sink.messages == []
+
+
+async def test_pregreet_holds_the_greeting_and_refuses_early_talkers():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, pregreet_wait=1)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(20):
+                # a bot that talks at once: 220- ... then 554, closed
+                bot = await trio.open_tcp_stream("127.0.0.1", port)
+                await bot.send_all(b"EHLO bot\r\n")
+                got = b""
+                while chunk := await bot.receive_some(4096):
+                    got += chunk
+                await bot.aclose()
+                # a client that waits for the final line is served
+                start = trio.current_time()
+                reply = await in_thread(lambda: smtp_send(port))
+                waited = trio.current_time() - start
+    assert got == b"220-mx.test ESMTP\r\n554 5.5.0 SMTP protocol synchronization error\r\n"
+    assert reply[0] == 250 and waited >= 1
+    assert logs.of("reject", reason="pregreet")
+    assert len(sink.messages) == 1
+
+
+def test_pregreet_wait_on_an_implicit_listener_is_a_configuration_error():
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+    import pytest
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_dict([listener_dict(upstream_port=25, tls="implicit",
+                                                pregreet_wait=3)]))
+    assert err.value.path == "listeners[0].pregreet_wait"

@@ -107,6 +107,7 @@ class Listener:
     max_recipients: int = 1000
     received_header: bool = True
     forward_client: bool = False
+    pregreet_wait: float = 0.0        # seconds between "220-" and the final "220 " (§4.1)
     smtputf8: bool = True
     dsn: bool = False
     auth: str = "off"

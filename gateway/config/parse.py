@@ -46,7 +46,8 @@ _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "cert
                   "profile", "max_connections", "backlog", "esmtp", "max_message_size",
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
-                  "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules")
+                  "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules",
+                  "pregreet_wait")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
 _UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
                   "pool_size", "pool_idle", "pool_max_reuse", "plaintext_auth")
@@ -249,6 +250,11 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     for rt in rule_tables:
         rules.append(_parse_rule(rt, upstream))
 
+    pregreet_wait = t.seconds("pregreet_wait", 0.0, zero_ok=True)
+    if pregreet_wait and (protocol != "smtp" or mode == "implicit"):
+        raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
+                                                'plaintext (tls = "starttls" or "off")')
+
     if certificate is None and (mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
                         "will be generated (insecure)")
@@ -268,7 +274,7 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         smtputf8=t.bool("smtputf8", True),
         dsn=t.bool("dsn", False),
         auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
-        client_rules=tuple(client_rules), rules=tuple(rules),
+        client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
     )
 
 

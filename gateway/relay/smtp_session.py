@@ -104,6 +104,8 @@ class SMTPSession:
                 if not await self._handshake():
                     return
                 self.core.tls_established()
+            if self.listener.pregreet_wait and not await self._pregreet():
+                return
             self.core.greeting()
             await self._flush()
             # one scope for every wait on the client (see _receive), not one per read
@@ -194,6 +196,29 @@ class SMTPSession:
                 state.idle_scopes.discard(scope)
         self.bytes_in += len(data)
         return data
+
+    async def _pregreet(self) -> bool:
+        """`220-` first, then wait `pregreet_wait` seconds: a client that talks before the
+        final `220 ` is a bot that does not wait for the server (Postfix postscreen's
+        pregreet test): 554 and close (§4.1). False when the session ends here."""
+        self.core.pregreeting()
+        await self._flush()
+        early = b""
+        with trio.move_on_after(self.listener.pregreet_wait):
+            try:
+                early = await self.stream.receive_some(4096)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            if not early:
+                return False                # gone before the greeting
+        if not early:
+            return True
+        self.bytes_in += len(early)
+        self.log.event("reject", code=554, reason="pregreet", bytes=len(early))
+        self.metrics.connections_rejected_total.labels(self.name, "pregreet").inc()
+        self.core.respond(*R.SYNC_ERROR, close=True)
+        await self._flush(last=True)
+        return False
 
     async def _receive_ended(self) -> None:
         """The receive scope fired: the drain of an idle session, or a timeout."""
