@@ -236,3 +236,78 @@ def test_pregreet_wait_on_an_implicit_listener_is_a_configuration_error():
         parse_config(config_dict([listener_dict(upstream_port=25, tls="implicit",
                                                 pregreet_wait=3)]))
     assert err.value.path == "listeners[0].pregreet_wait"
+
+
+async def _read_until_closed(stream) -> bytes:
+    """What the gateway sent before closing (a reset, when our unread trickle was still in
+    its receive buffer, ends the read too)."""
+    got = b""
+    try:
+        while chunk := await stream.receive_some(4096):
+            got += chunk
+    except trio.BrokenResourceError:
+        pass
+    return got
+
+
+async def test_a_trickled_command_line_gets_command_seconds_from_its_first_byte():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port,
+                                          timeouts={"command": 1.5})])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(20):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                assert (await stream.receive_some(4096)).startswith(b"220 ")
+                start = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    async def trickle():
+                        # one byte every 0.4 s: each read is well inside `command`, the line
+                        # as a whole is not
+                        for byte in b"EHLO a-very-slow-client.example":
+                            try:
+                                await stream.send_all(bytes([byte]))
+                            except trio.BrokenResourceError:
+                                return
+                            await trio.sleep(0.4)
+                    nursery.start_soon(trickle)
+                    got = await _read_until_closed(stream)
+                    nursery.cancel_scope.cancel()
+                took = trio.current_time() - start
+    # the 421 is sent; a reset for our unread bytes may beat it to the reader
+    assert got in (b"421 4.4.2 Timeout exceeded\r\n", b"")
+    assert logs.of("reject", code=421, reason="timeout")
+    assert 1.4 < took < 4
+
+
+async def test_a_data_trickle_below_the_floor_rate_is_cut_before_the_dot():
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port,
+                                          timeouts={"data": 1, "data_min_rate": 1000})])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(20):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.receive_some(4096)
+                for line in (b"EHLO c\r\n", b"MAIL FROM:<a@b.test>\r\n",
+                             b"RCPT TO:<c@d.test>\r\n", b"DATA\r\n"):
+                    await stream.send_all(line)
+                    assert (await stream.receive_some(4096))[:1] in (b"2", b"3")
+                start = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    async def trickle():
+                        # 20 bytes every 0.2 s = 100 bytes/s, each read well inside `data`
+                        for _ in range(100):
+                            try:
+                                await stream.send_all(b"x" * 18 + b"\r\n")
+                            except trio.BrokenResourceError:
+                                return
+                            await trio.sleep(0.2)
+                    nursery.start_soon(trickle)
+                    got = await _read_until_closed(stream)
+                    nursery.cancel_scope.cancel()
+                took = trio.current_time() - start
+    assert got in (b"421 4.4.2 Timeout exceeded\r\n", b"")
+    assert logs.of("reject", code=421, reason="timeout")
+    assert 0.9 < took < 4
+    assert sink.messages == []

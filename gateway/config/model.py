@@ -29,6 +29,7 @@ class Timeouts:
     upstream_data_done: float = 540
     imap_login: float = 60
     imap_idle: float = 1800
+    data_min_rate: float = 1024       # bytes/s DATA keeps up after `data` seconds (0 = off)
 
 
 @dataclass(frozen=True)

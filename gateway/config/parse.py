@@ -222,8 +222,10 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     timeouts_t = t.table("timeouts", _TIMEOUT_KEYS)
     timeouts = Timeouts()
     if timeouts_t is not None:
-        timeouts = Timeouts(**{k: timeouts_t.seconds(k, getattr(timeouts, k))
-                               for k in _TIMEOUT_KEYS})
+        timeouts = Timeouts(**{
+            k: (timeouts_t.int(k, 1024, minimum=0) if k == "data_min_rate"
+                else timeouts_t.seconds(k, getattr(timeouts, k)))
+            for k in _TIMEOUT_KEYS})
 
     if not t.has("upstream"):
         raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")

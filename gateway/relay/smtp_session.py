@@ -80,6 +80,10 @@ class SMTPSession:
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
+        self._line_start: float | None = None   # when the partial command line began
+        self._data_start = 0.0                  # DATA: when the 354 went out,
+        self._data_blocked = 0.0                # the time spent blocked writing upstream,
+        self._data_received = 0                 # and the client's bytes since
         self.core = S.SMTPServer(
             hostname=rt.hostname,
             esmtp=self.listener.esmtp,
@@ -169,22 +173,42 @@ class SMTPSession:
         watchdog: a scope deadline, infinite when not waiting), and while the session is
         idle the drain may cancel it. Either ends `_loop()`; `_receive_ended()` answers."""
         t = self.listener.timeouts
-        timeout = t.data if self.core.in_data else t.command
+        core = self.core
         state = self.rt.state
-        idle = not self.core.in_transaction and not self.core.in_data
+        in_data = core.in_data
+        idle = not core.in_transaction and not in_data
         if idle and state.draining:
             return _SHUTDOWN
+        now = trio.current_time()
+        if in_data:
+            deadline = now + t.data
+            if t.data_min_rate:
+                # after a grace of `data` seconds DATA keeps up data_min_rate bytes a second,
+                # not counting the time spent blocked on the upstream (§9)
+                floor = (self._data_start + self._data_blocked + t.data
+                         + self._data_received / t.data_min_rate)
+                if floor < deadline:
+                    deadline = floor
+        elif core.buffered:
+            # a command line must be complete within `command` seconds of its first byte:
+            # a client trickling a byte at a time does not extend it (§9)
+            if self._line_start is None:
+                self._line_start = now
+            deadline = self._line_start + t.command
+        else:
+            self._line_start = None
+            deadline = now + t.command
         scope = self._rx_scope
         self._rx_idle = idle
         watchdog = state.watchdog
         if watchdog.running:                # the worker's timer (gateway.relay.watchdog)
-            watchdog.watch(scope, trio.current_time() + timeout)
+            watchdog.watch(scope, deadline)
         else:
-            scope.deadline = trio.current_time() + timeout
+            scope.deadline = deadline
         if idle:
             state.idle_scopes.add(scope)
         try:
-            data = await self.stream.receive_some(_DATA_READ if self.core.in_data else 65536)
+            data = await self.stream.receive_some(_DATA_READ if in_data else 65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             data = b""
         finally:
@@ -195,6 +219,8 @@ class SMTPSession:
             if idle:
                 state.idle_scopes.discard(scope)
         self.bytes_in += len(data)
+        if in_data:
+            self._data_received += len(data)
         return data
 
     async def _pregreet(self) -> bool:
@@ -536,6 +562,9 @@ class SMTPSession:
         try:
             reply = await leg.command("DATA")
             if reply.code == 354:
+                self._data_start = trio.current_time()
+                self._data_blocked = 0.0
+                self._data_received = 0
                 self._leg_broken = False
                 self._msg_bytes = 0
                 self.core.respond(*relayed(reply))
@@ -559,8 +588,10 @@ class SMTPSession:
             await self._send_held()
 
     async def _send_held(self) -> None:
+        start = trio.current_time()
         try:
             await self.leg.send_data()
+            self._data_blocked += trio.current_time() - start
         except UpstreamFailure as failure:
             self._leg_broken = True
             await self._leg_failed(failure, self.txn.rcpts)
