@@ -23,6 +23,7 @@ class WorkerState:
     def __init__(self, counts=None, row: int = 0, metrics=None):
         self.draining = False
         self.idle_scopes: set[trio.CancelScope] = set()
+        self.drain_hooks: set = set()            # called once when the drain begins
         self.counts = counts if counts is not None else ConnectionCounts(1, 1)
         self.row = row
         self.metrics = metrics if metrics is not None else NullMetrics()
@@ -42,10 +43,13 @@ class WorkerState:
             self.no_sessions = trio.Event()
 
     def drain(self) -> None:
-        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
+        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle;
+        relayed IMAP sessions say BYE at their next response boundary (`drain_hooks`)."""
         self.draining = True
         for scope in list(self.idle_scopes):
             scope.cancel()
+        for hook in list(self.drain_hooks):
+            hook()
 
 
 @dataclass
