@@ -79,6 +79,14 @@ METRICS = (
          "AUTH exchanges relayed, by result", ("listener", "mechanism", "result")),
     Spec("tracking_errors_total", "counter", "gateway_tracking_errors_total",
          "Tracking records not written (disk full)"),
+    # set by each worker at start: a worker's values go with it, so after a reload only the
+    # certificates the new generation loaded remain
+    Spec("certificate_expiry", "gauge", "gateway_certificate_expiry_timestamp_seconds",
+         "notAfter of each loaded certificate", ("certificate", "key_type"), "livemax"),
+    # the newest across workers, dead ones included (`/status`: the upstream's last result)
+    Spec("upstream_last_result", "gauge", "gateway_upstream_last_result_timestamp_seconds",
+         "When a connection to the upstream was last opened (ok) or failed, by result",
+         ("listener", "result"), "max"),
 )
 
 # Exposed metric names, as they appear in the exposition.

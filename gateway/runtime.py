@@ -2,6 +2,7 @@
 mailer, the TLS contexts from listener_tls) and the state all sessions of the process share."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -12,7 +13,7 @@ from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
 from .relay.pool import UpstreamPool
-from .relay.upstream import UpstreamSettings
+from .relay.upstream import TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
 from .policy.stages import StagePolicy
 
@@ -77,6 +78,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     runtimes = []
     state = state if state is not None else WorkerState(
         ConnectionCounts(1, len(config.listeners)))
+    start_metrics(state.metrics, config, tls_list)
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
@@ -89,7 +91,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
             pool_size=up.pool_size if listener.protocol == "smtp" else 0,
             pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
-            tls_resumption=config.profiles[up.profile].session_resumption)
+            tls_resumption=config.profiles[up.profile].session_resumption,
+            on_result=upstream_result_recorder(state.metrics, listener.name))
         smtp = listener.protocol == "smtp"
         alerts = None
         if smtp and config.alert_recipients:
@@ -103,3 +106,27 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
             alerts=alerts))
     return runtimes, demo_used
+
+
+def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -> None:
+    """What a worker exports from its start (SPEC §11): every counter an alert rule reads, at
+    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), and
+    the notAfter of every certificate it loaded."""
+    for listener in config.listeners:
+        for reason in TLS_ALERT_REASONS:
+            metrics.tls_alerts_total.labels(listener.name, reason)
+    seen = set()
+    for ltls in tls_list:
+        for cert in ltls.certificates:
+            if (cert.name, cert.key_type) not in seen:
+                seen.add((cert.name, cert.key_type))
+                metrics.certificate_expiry.labels(cert.name, cert.key_type).set(cert.not_after)
+
+
+def upstream_result_recorder(metrics, listener: str):
+    """`UpstreamSettings.on_result`: the time of each result of opening a leg, by result."""
+    gauge = metrics.upstream_last_result
+
+    def record(result: str) -> None:
+        gauge.labels(listener, result).set(time.time())
+    return record

@@ -1,0 +1,129 @@
+"""Operator metrics from a real `gateway run` (SPEC §11): certificate expiry per loaded
+pair, the alert rules' counters at 0 from the start, the upstream's last result."""
+from __future__ import annotations
+
+import smtplib
+import time
+
+import trio
+from cryptography import x509
+
+from gwprocess import GatewayProcess, samples_of, scrape
+from harness import in_thread, running_sink
+from peers import free_port
+
+EXPIRY = "gateway_certificate_expiry_timestamp_seconds"
+
+
+def write_config(path, *, port, imap_port, sink_port, metrics_port, server_cert, workers=2):
+    path.write_text(f"""
+[gateway]
+hostname = "mx.test"
+workers = {workers}
+metrics = "127.0.0.1:{metrics_port}"
+shutdown_grace = 5
+
+[certificates.main]
+cert = "{server_cert.cert}"
+key = "{server_cert.key}"
+
+[[listeners]]
+name = "mx"
+protocol = "smtp"
+bind = "127.0.0.1:{port}"
+certificate = "main"
+
+[listeners.upstream]
+address = "127.0.0.1:{sink_port}"
+tls = "required"
+
+[[listeners]]
+name = "imaps"
+protocol = "imap"
+bind = "127.0.0.1:{imap_port}"
+tls = "implicit"
+
+[listeners.upstream]
+address = "127.0.0.1:{free_port()}"
+tls = "none"
+""")
+
+
+def not_after(path) -> float:
+    leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    return leaf.not_valid_after_utc.timestamp()
+
+
+async def test_expiry_zero_counters_and_upstream_result_from_the_endpoint(tmp_path,
+                                                                        server_cert):
+    port, imap_port, metrics_port = free_port(), free_port(), free_port()
+    async with running_sink() as sink:             # no STARTTLS: `required` cannot be had
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, imap_port=imap_port, sink_port=sink.port,
+                     metrics_port=metrics_port, server_cert=server_cert)
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=4))
+                started = await in_thread(scrape, metrics_port)
+
+                def refused():
+                    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                        s.ehlo("client.test")
+                        s.mail("alice@client.test")
+                        return s.rcpt("bob@example.test")
+                before = time.time()
+                reply = await in_thread(refused)
+                after = await in_thread(scrape, metrics_port)
+        finally:
+            assert gw.stop() == 0
+    # one series per loaded pair: the configured certificate and the generated demo one
+    assert samples_of(started, EXPIRY, certificate="main", key_type="ecdsa") == \
+        [not_after(server_cert.cert)]
+    [demo] = samples_of(started, EXPIRY, certificate="demo", key_type="ecdsa")
+    assert abs(demo - (time.time() + 365 * 86400)) < 3 * 3600
+    assert len(samples_of(started, EXPIRY)) == 2
+    # every listener x reason the alert rule reads, at 0 before anything happened
+    for listener in ("mx", "imaps"):
+        for reason in ("tls_not_offered", "tls_failed", "not_trusted"):
+            assert samples_of(started, "gateway_tls_alerts_total", listener=listener,
+                              reason=reason) == [0], (listener, reason)
+    assert samples_of(started, "gateway_worker_restarts_total") == [0]
+    assert not samples_of(started, "gateway_upstream_last_result_timestamp_seconds")
+    # the first failure is an increase from 0 (what `increase()` sees), and the upstream's
+    # last result says when
+    assert reply == (451, b"4.7.5 TLS is required, but was not offered by host")
+    assert samples_of(after, "gateway_tls_alerts_total", listener="mx",
+                      reason="tls_not_offered") == [1]
+    [when] = samples_of(after, "gateway_upstream_last_result_timestamp_seconds",
+                        listener="mx", result="tls_failure")
+    assert before - 1 <= when <= time.time() + 1
+    assert not samples_of(after, "gateway_upstream_last_result_timestamp_seconds",
+                          result="ok")
+
+
+async def test_opening_a_leg_reports_ok_unreachable_and_tls_failure():
+    from gateway.relay.upstream import UpstreamFailure, UpstreamLeg, UpstreamSettings
+    from gateway.tls.context import client_context
+    from gateway.tls.profiles import PREDEFINED
+
+    results = []
+
+    def settings(port):
+        return UpstreamSettings(
+            host="127.0.0.1", port=port, mode="starttls", server_name=None,
+            helo_name="mx.test", tls_context=client_context(PREDEFINED["default"]),
+            connect_timeout=5, reply_timeout=5, data_done_timeout=5,
+            on_result=results.append)
+    async with running_sink() as sink:                 # no STARTTLS
+        with trio.fail_after(30):
+            leg = await UpstreamLeg.open(settings(sink.port), "preferred")
+            await leg.quit()
+            for port, level in ((sink.port, "required"), (free_port(), "none")):
+                try:
+                    await UpstreamLeg.open(settings(port), level)
+                except UpstreamFailure:
+                    pass
+                else:
+                    raise AssertionError(f"{level} to {port} opened")
+    assert results == ["ok", "tls_failure", "unreachable"]
