@@ -13,7 +13,7 @@ from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
 from .relay.pool import UpstreamPool
-from .relay.upstream import TLS_ALERT_REASONS, UpstreamSettings
+from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
 from .policy.stages import StagePolicy
 
@@ -115,6 +115,8 @@ def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -
     for listener in config.listeners:
         for reason in TLS_ALERT_REASONS:
             metrics.tls_alerts_total.labels(listener.name, reason)
+        for reason in FAILURE_KINDS.values():
+            metrics.upstream_errors_total.labels(listener.name, reason)
     seen = set()
     for ltls in tls_list:
         for cert in ltls.certificates:

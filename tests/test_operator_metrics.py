@@ -88,6 +88,9 @@ async def test_expiry_zero_counters_and_upstream_result_from_the_endpoint(tmp_pa
         for reason in ("tls_not_offered", "tls_failed", "not_trusted"):
             assert samples_of(started, "gateway_tls_alerts_total", listener=listener,
                               reason=reason) == [0], (listener, reason)
+        for reason in ("unavailable", "lost"):          # read by the upstream-errors rule
+            assert samples_of(started, "gateway_upstream_errors_total", listener=listener,
+                              reason=reason) == [0], (listener, reason)
     assert samples_of(started, "gateway_worker_restarts_total") == [0]
     assert not samples_of(started, "gateway_upstream_last_result_timestamp_seconds")
     # the first failure is an increase from 0 (what `increase()` sees), and the upstream's
