@@ -7,6 +7,7 @@
     gateway certs demo DIR [--hostname H]
     gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--json] [FILE...]
     gateway policy -c FILE --listener NAME --client IP [FACTS] --rcpt ADDR... [--json]
+    gateway status [--url URL | -c FILE] [--json]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
 usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
@@ -311,6 +312,35 @@ def cmd_policy(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# status
+
+
+def cmd_status(args) -> int:
+    """The running gateway's `/status` as tables (or its JSON): 0, or 1 when unreachable."""
+    import json
+
+    from . import status
+    url = args.url
+    if url is None and args.config:
+        from .config import load_config
+        try:
+            metrics = load_config(args.config).metrics
+        except ConfigError as exc:
+            return _config_error(exc)
+        if not metrics:
+            _error(f"{args.config}: gateway.metrics is off: no status endpoint")
+            return EXIT_CONFIG
+        url = status.url_for(metrics)
+    try:
+        data = status.fetch(url or status.DEFAULT_URL)
+    except status.StatusError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    print(json.dumps(data, indent=2) if args.json else status.format_table(data))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # parser
 
 
@@ -422,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RCPT TO, in order (repeatable)")
     p.add_argument("--json", action="store_true", help="the answer as JSON")
     p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser(
+        "status", help="the running gateway's listeners, workers and certificates",
+        description="Read /status from the metrics endpoint: per listener the open "
+                    "connections, sessions and messages of the last minute and the upstream's "
+                    "last result; the workers; the certificates and their expiry.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", metavar="URL",
+                       help="the metrics endpoint (default http://127.0.0.1:9108)")
+    where.add_argument("-c", "--config", metavar="FILE", help="use its gateway.metrics")
+    p.add_argument("--json", action="store_true", help="the JSON as served")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("certs", help="certificate helpers")
     certs = p.add_subparsers(dest="certs_command", metavar="ACTION")

@@ -12,6 +12,7 @@ from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
+from .recent import NullRecent, RecentCounts
 from .relay.pool import UpstreamPool
 from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
@@ -32,6 +33,7 @@ class WorkerState:
         self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
         self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
         self.no_sessions = trio.Event()
+        self.recent = NullRecent()               # sessions/messages of the last minute
 
     def session_started(self) -> None:
         self.sessions += 1
@@ -79,6 +81,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     state = state if state is not None else WorkerState(
         ConnectionCounts(1, len(config.listeners)))
     start_metrics(state.metrics, config, tls_list)
+    if not isinstance(state.metrics, NullMetrics) and isinstance(state.recent, NullRecent):
+        state.recent = RecentCounts.for_process([lst.name for lst in config.listeners])
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,

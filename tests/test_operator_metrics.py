@@ -2,6 +2,7 @@
 pair, the alert rules' counters at 0 from the start, the upstream's last result."""
 from __future__ import annotations
 
+import json
 import smtplib
 import time
 
@@ -130,3 +131,120 @@ async def test_opening_a_leg_reports_ok_unreachable_and_tls_failure():
                 else:
                     raise AssertionError(f"{level} to {port} opened")
     assert results == ["ok", "tls_failure", "unreachable"]
+
+
+def write_status_config(path, *, port, sink_port, metrics_port, server_cert):
+    path.write_text(f"""
+[gateway]
+hostname = "mx.test"
+workers = 2
+metrics = "127.0.0.1:{metrics_port}"
+shutdown_grace = 5
+
+[certificates.main]
+cert = "{server_cert.cert}"
+key = "{server_cert.key}"
+
+[[listeners]]
+name = "mx"
+protocol = "smtp"
+bind = "127.0.0.1:{port}"
+certificate = "main"
+
+[listeners.upstream]
+address = "127.0.0.1:{sink_port}"
+tls = "none"
+
+[[listeners]]
+name = "quiet"
+protocol = "smtp"
+bind = "127.0.0.1:{free_port()}"
+client_tls = "none"
+
+[listeners.upstream]
+address = "127.0.0.1:{sink_port}"
+tls = "none"
+""")
+
+
+async def test_status_and_gateway_status_while_sessions_are_open(tmp_path, server_cert,
+                                                                 capsys):
+    from gateway.cli import main
+    from gwprocess import status_json
+
+    port, metrics_port = free_port(), free_port()
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_status_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                            server_cert=server_cert)
+        gw = GatewayProcess(cfg)
+        held = []
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=4))
+                idle = await in_thread(status_json, metrics_port)
+
+                def open_sessions():
+                    for _ in range(2):
+                        s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+                        held.append(s)
+                        s.ehlo("client.test")
+                    return held[0].sendmail("alice@client.test", ["bob@example.test"],
+                                            b"Subject: status\r\n\r\nhello\r\n")
+                sent = time.time()
+                assert await in_thread(open_sessions) == {}
+                busy = await in_thread(status_json, metrics_port)
+                url = f"http://127.0.0.1:{metrics_port}"
+                capsys.readouterr()
+                code_url = await in_thread(main, ["status", "--url", url])
+                table = capsys.readouterr().out
+                code_cfg = await in_thread(main, ["status", "-c", str(cfg), "--json"])
+                as_json = capsys.readouterr().out
+        finally:
+            for s in held:
+                s.close()
+            assert gw.stop() == 0
+    code_down = main(["status", "--url", url])
+    assert "error: " in capsys.readouterr().err
+    # before any session: every listener, nothing counted; certificates and no worker rows
+    assert [lst["name"] for lst in idle["listeners"]] == ["mx", "quiet"]
+    assert all(lst["active_connections"] == 0 and lst["sessions_last_minute"] == 0
+               and lst["upstream_last_result"] is None for lst in idle["listeners"])
+    assert idle["workers"] == []
+    [cert] = idle["certificates"]
+    assert (cert["name"], cert["key_type"]) == ("main", "ecdsa")
+    assert cert["not_after"] == not_after(server_cert.cert)
+    assert idle["demo_certificate"] is False
+    # two sessions open (on either worker), one message relayed: summed across workers
+    mx, quiet = busy["listeners"]
+    assert (mx["active_connections"], mx["sessions_last_minute"],
+            mx["messages_last_minute"]) == (2, 2, 1)
+    assert mx["upstream_last_result"]["result"] == "ok"
+    assert sent - 1 <= mx["upstream_last_result"]["at"] <= time.time() + 1
+    assert (quiet["active_connections"], quiet["sessions_last_minute"]) == (0, 0)
+    # the command: the same, as a table and as JSON
+    assert code_url == 0 and code_cfg == 0 and code_down == 1
+    row = next(line for line in table.splitlines() if line.startswith("mx "))
+    assert row.split()[:5] == ["mx", "2", "2", "1", "ok"]
+    assert "workers: not reported by the supervisor" in table
+    assert "main" in table and "ecdsa" in table and "days" in table
+    assert json.loads(as_json)["listeners"][0]["name"] == "mx"
+
+
+def test_recent_counts_sum_processes_within_the_minute(tmp_path):
+    from gateway.recent import SUBDIR, RecentCounts, read_recent
+
+    (tmp_path / SUBDIR).mkdir()
+    a = RecentCounts(str(tmp_path / SUBDIR / "1.bin"), ["in", "out"])
+    b = RecentCounts(str(tmp_path / SUBDIR / "2.bin"), ["in", "out"])
+    for _ in range(3):
+        a.session(0)
+    b.session(0)
+    b.message(0)
+    b.session(1)
+    (tmp_path / SUBDIR / "3.bin").write_bytes(b"GW")       # a file being created: skipped
+    now = time.time()
+    assert read_recent(str(tmp_path), now) == {"in": {"sessions": 4, "messages": 1},
+                                               "out": {"sessions": 1, "messages": 0}}
+    assert read_recent(str(tmp_path), now + 61) == {"in": {"sessions": 0, "messages": 0},
+                                                    "out": {"sessions": 0, "messages": 0}}
