@@ -248,3 +248,49 @@ def test_recent_counts_sum_processes_within_the_minute(tmp_path):
                                                "out": {"sessions": 1, "messages": 0}}
     assert read_recent(str(tmp_path), now + 61) == {"in": {"sessions": 0, "messages": 0},
                                                     "out": {"sessions": 0, "messages": 0}}
+
+
+async def test_expiry_follows_the_certificate_a_reload_loads(tmp_path, ca):
+    """After SIGHUP with a renewed certificate (an RSA one now) only the new pair is
+    exported once the old workers are gone; a reload that fails keeps the running one."""
+    import datetime
+    import signal
+
+    def issue(days, key_type):
+        leaf = ca.issue_cert("localhost", key_type=key_type, not_after=(
+            datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)))
+        leaf.private_key_pem.write_to_path(str(tmp_path / "gw.key"))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "gw.crt"))
+        return not_after(tmp_path / "gw.crt")
+
+    import trustme
+    port, imap_port, metrics_port = free_port(), free_port(), free_port()
+    first = issue(10, trustme.KeyType.ECDSA)
+    files = type("Files", (), {"cert": tmp_path / "gw.crt", "key": tmp_path / "gw.key"})
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, imap_port=imap_port, sink_port=sink.port,
+                     metrics_port=metrics_port, server_cert=files)
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(90):
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=4))
+                before = await in_thread(scrape, metrics_port)
+                second = issue(90, trustme.KeyType.RSA)
+                gw.proc.send_signal(signal.SIGHUP)
+                await in_thread(lambda: gw.wait_for(r"event=reloaded"))
+                # the new generation serves, the old one is gone
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=8))
+                await in_thread(lambda: gw.wait_for(r"event=worker_exit", count=2))
+                after = await in_thread(scrape, metrics_port)
+                (tmp_path / "gw.key").write_text("not a key\n")     # a broken reload
+                gw.proc.send_signal(signal.SIGHUP)
+                await in_thread(lambda: gw.wait_for(r"event=reload_failed"))
+                broken = await in_thread(scrape, metrics_port)
+        finally:
+            assert gw.stop() == 0
+    assert samples_of(before, EXPIRY, certificate="main") == [first]
+    assert samples_of(before, EXPIRY, certificate="main", key_type="ecdsa") == [first]
+    assert samples_of(after, EXPIRY, certificate="main", key_type="rsa") == [second]
+    assert not samples_of(after, EXPIRY, certificate="main", key_type="ecdsa")
+    assert samples_of(broken, EXPIRY, certificate="main") == [second]
