@@ -2,6 +2,7 @@
 mailer, the TLS contexts from listener_tls) and the state all sessions of the process share."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -11,8 +12,9 @@ from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
+from .recent import NullRecent, RecentCounts
 from .relay.pool import UpstreamPool
-from .relay.upstream import UpstreamSettings
+from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
 from .policy.stages import StagePolicy
 
@@ -32,6 +34,7 @@ class WorkerState:
         self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
         self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
         self.no_sessions = trio.Event()
+        self.recent = NullRecent()               # sessions/messages of the last minute
 
     def session_started(self) -> None:
         self.sessions += 1
@@ -81,6 +84,9 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     runtimes = []
     state = state if state is not None else WorkerState(
         ConnectionCounts(1, len(config.listeners)))
+    start_metrics(state.metrics, config, tls_list)
+    if not isinstance(state.metrics, NullMetrics) and isinstance(state.recent, NullRecent):
+        state.recent = RecentCounts.for_process([lst.name for lst in config.listeners])
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
@@ -93,7 +99,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
             pool_size=up.pool_size if listener.protocol == "smtp" else 0,
             pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
-            tls_resumption=config.profiles[up.profile].session_resumption)
+            tls_resumption=config.profiles[up.profile].session_resumption,
+            on_result=upstream_result_recorder(state.metrics, listener.name))
         smtp = listener.protocol == "smtp"
         alerts = None
         if smtp and config.alert_recipients:
@@ -107,3 +114,29 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
             alerts=alerts))
     return runtimes, demo_used
+
+
+def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -> None:
+    """What a worker exports from its start (SPEC §11): every counter an alert rule reads, at
+    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), and
+    the notAfter of every certificate it loaded."""
+    for listener in config.listeners:
+        for reason in TLS_ALERT_REASONS:
+            metrics.tls_alerts_total.labels(listener.name, reason)
+        for reason in FAILURE_KINDS.values():
+            metrics.upstream_errors_total.labels(listener.name, reason)
+    seen = set()
+    for ltls in tls_list:
+        for cert in ltls.certificates:
+            if (cert.name, cert.key_type) not in seen:
+                seen.add((cert.name, cert.key_type))
+                metrics.certificate_expiry.labels(cert.name, cert.key_type).set(cert.not_after)
+
+
+def upstream_result_recorder(metrics, listener: str):
+    """`UpstreamSettings.on_result`: the time of each result of opening a leg, by result."""
+    gauge = metrics.upstream_last_result
+
+    def record(result: str) -> None:
+        gauge.labels(listener, result).set(time.time())
+    return record

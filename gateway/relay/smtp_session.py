@@ -620,6 +620,7 @@ class SMTPSession:
         code = reply[0]
         result = "accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4 else "rejected"
         self.metrics.messages_total.labels(self.name, result).inc()
+        self.rt.state.recent.message(self.rt.index)        # /status: the last minute
         if result == "accepted":
             self.messages += 1
             self.metrics.message_bytes_total.labels(self.name).inc(event.size)

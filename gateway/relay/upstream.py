@@ -25,6 +25,12 @@ FAILURE_KINDS = {
     R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
     R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
     R.UPSTREAM_LOST: "lost"}
+# the reasons of gateway_tls_alerts_total: the failures to get TLS a level required (SPEC §8)
+TLS_ALERT_REASONS = ("tls_not_offered", "tls_failed", "not_trusted")
+# what opening a leg came to, for the upstream's last result (`/status`, SPEC §11): "ok", or
+UPSTREAM_RESULTS = ("ok", "unreachable", "tls_failure")
+_RESULT_OF_KIND = {"tls_not_offered": "tls_failure", "tls_failed": "tls_failure",
+                   "not_trusted": "tls_failure"}
 
 
 class UpstreamFailure(Exception):
@@ -61,6 +67,8 @@ class UpstreamSettings:
     tls_resumption: bool = True    # the upstream profile's session_resumption
     # this worker's last TLS session to the upstream and whether it was verified (tls_legs)
     last_tls_session: tuple | None = field(default=None, compare=False, repr=False)
+    # called with each opening's result (one of UPSTREAM_RESULTS); None: not recorded
+    on_result: object = field(default=None, compare=False, repr=False)
 
 
 class TLSFallback(Exception):
@@ -96,6 +104,20 @@ class UpstreamLegBase:
     @classmethod
     async def open(cls, settings: UpstreamSettings, level: str, *, on_tls_error=None,
                    **kwargs):
+        """A leg at *level*, or UpstreamFailure; the result goes to `settings.on_result`."""
+        try:
+            leg = await cls._open_leg(settings, level, on_tls_error, kwargs)
+        except UpstreamFailure as failure:
+            if settings.on_result is not None:
+                kind = FAILURE_KINDS.get(failure.reply, "unavailable")
+                settings.on_result(_RESULT_OF_KIND.get(kind, "unreachable"))
+            raise
+        if settings.on_result is not None:
+            settings.on_result("ok")
+        return leg
+
+    @classmethod
+    async def _open_leg(cls, settings: UpstreamSettings, level: str, on_tls_error, kwargs):
         leg = cls(settings, level)
         try:
             await leg._open(try_tls=True, **kwargs)
