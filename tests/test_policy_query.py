@@ -174,6 +174,9 @@ OFFERED = [
     Case("127.0.0.1", False, "a@x.partner.test", ["p@any.test", "q@legacy.test"]),
     Case("10.1.2.3", True, "", ["bob@secure.test", "carol@a.b.wild.test"],
          cipher="ECDHE-ECDSA-AES128-GCM-SHA256"),
+    # a leg opened at none to an upstream that offers STARTTLS can't carry a preferred
+    # recipient (no silent downgrade, SPEC §4.3)
+    Case("127.0.0.1", True, "alice@client.test", ["dave@legacy.test", "zed@other.test"]),
 ]
 ABSENT = [
     Case("127.0.0.1", True, "alice@client.test", ["zed@off.test", "bob@secure.test"]),
