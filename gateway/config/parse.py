@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..tls.grades import narrow
 from ..tls.profiles import PREDEFINED, Profile
 from .model import Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts, Upstream
 from .profiles import parse_profiles
@@ -306,6 +307,12 @@ def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protoco
     if level is ClientLevel.VERIFY and not _has_ca(profile):
         raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
                                              f'ca_path; profile "{profile_name}" has neither')
+    if strength is not None and by_network:
+        try:                                # the grade narrows the profile's list (§3.3)
+            narrow(profile.ciphers, strength)
+        except ValueError as exc:
+            raise ConfigError(t.p("cipher_strength"),
+                              f'profile "{profile_name}": {exc}') from None
     return ClientRule(match=match, client_tls=level, cipher_strength=strength)
 
 

@@ -98,7 +98,10 @@ def parse_profiles(top: Table) -> dict[str, Profile]:
             overrides["verify_depth"] = t.int("verify_depth", minimum=0, maximum=100)
         if t.has("session_resumption"):
             overrides["session_resumption"] = t.bool("session_resumption")
-        profile = clone(base, name, **overrides)
+        try:
+            profile = clone(base, name, **overrides)
+        except ValueError as exc:          # a grade that leaves no suite of the cloned list
+            raise ConfigError(t.p("cipher_strength"), str(exc)) from None
         lo, hi = (TLS_VERSIONS.index(profile.min_version),
                   TLS_VERSIONS.index(profile.max_version))
         if lo > hi:
