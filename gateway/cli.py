@@ -8,8 +8,8 @@
     gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--json] [FILE...]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
-usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
-traceback. The launch (supervisor, server), sink and certificate modules are imported only by
+usage error. Errors are one line each on stderr (``error: <key path>: <message>``; every
+error of a configuration file at once), never a traceback. The launch (supervisor, server), sink and certificate modules are imported only by
 the subcommand that needs them.
 """
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _error(message: str) -> None:
 
 
 def _config_error(exc: ConfigError) -> int:
-    _error(f"{exc.path}: {exc.message}" if exc.path else exc.message)
+    for err in getattr(exc, "errors", None) or [exc]:      # ConfigErrors: one line each
+        _error(f"{err.path}: {err.message}" if err.path else err.message)
     return EXIT_CONFIG
 
 
@@ -136,7 +137,10 @@ def cmd_check(args) -> int:
     if listing:
         print(listing)
     if not args.syntax_only:
-        problems = check_files(config)
+        file_warnings: list[str] = []
+        problems = check_files(config, file_warnings)
+        for warning in file_warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if problems:
             for problem in problems:
                 _error(problem)

@@ -2,15 +2,30 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from .model import GatewayConfig
 from .table import key_path
 
 
-def check_files(config: GatewayConfig) -> list[str]:
+def check_files(config: GatewayConfig, warnings: list[str] | None = None) -> list[str]:
     """Checks `gateway check` makes beyond syntax: certificate/key/CA files readable, the key
-    matching its certificate, `user`/`group` existing. Returns the problems found."""
+    matching its certificate, `user`/`group` existing. Returns the problems found; findings
+    that do not stop the gateway (a private key readable by group or others) are appended to
+    *warnings* when it is given."""
     problems: list[str] = []
+    warnings = warnings if warnings is not None else []
+
+    def private(path_key: str, filename: str) -> None:
+        try:
+            mode = os.stat(filename).st_mode
+        except OSError:
+            return                         # reported by readable()
+        if mode & 0o044:
+            who = " and ".join(w for w, bit in (("group", 0o040), ("others", 0o004))
+                               if mode & bit)
+            warnings.append(f"{path_key}: the private key {filename} is readable by {who} "
+                            f"(mode {stat.S_IMODE(mode):04o}; chmod 600 it)")
 
     def readable(path_key: str, filename: str) -> bool:
         try:
@@ -28,6 +43,7 @@ def check_files(config: GatewayConfig) -> list[str]:
         base = key_path("certificates", name)
         ok = readable(f"{base}.cert", cert.cert)
         ok = readable(f"{base}.key", cert.key) and ok
+        private(f"{base}.key", cert.key)
         if ok:
             try:
                 from OpenSSL import SSL
