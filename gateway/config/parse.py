@@ -43,9 +43,9 @@ _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
                  "alert_interval")
-_CERT_KEYS = ("cert", "key")
+_CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
-                  "profile", "max_connections", "backlog", "esmtp", "max_message_size",
+                  "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules")
@@ -100,7 +100,9 @@ def _parse_gateway(t: Table | None) -> dict:
     return out
 
 
-def _parse_certificates(top: Table) -> dict[str, Certificate]:
+def _parse_certificates(top: Table, errors: Collector) -> dict[str, Certificate]:
+    """Every entry; one in error is recorded in *errors* and stands as a placeholder, so the
+    listeners naming it are checked without a second error."""
     if not top.has("certificates"):
         return {}
     section = top.data["certificates"]
@@ -108,19 +110,23 @@ def _parse_certificates(top: Table) -> dict[str, Certificate]:
         raise ConfigError("certificates", f"expected a table of certificates "
                                           f"([certificates.NAME]), got {describe(section)}")
     result = {}
-    errors = Collector()
     for name, value in section.items():
         cert = errors.attempt(_parse_certificate, name, value)
-        # an entry in error still answers to its name: no "unknown certificate" follows
         result[name] = cert or Certificate(name=name, cert="", key="")
-    errors.raise_all()
     return result
 
 
 def _parse_certificate(name: str, value: Any) -> Certificate:
     t = Table(value, key_path("certificates", name), _CERT_KEYS,
               what="a table with cert and key")
-    return Certificate(name=name, cert=t.str("cert"), key=t.str("key"))
+    cert, key = t.str("cert"), t.str("key")
+    rsa_cert, rsa_key = t.str("rsa_cert", None), t.str("rsa_key", None)
+    if (rsa_cert is None) != (rsa_key is None):
+        missing = "rsa_key" if rsa_key is None else "rsa_cert"
+        raise ConfigError(t.p(missing), "is required with "
+                                        + ("rsa_cert" if missing == "rsa_key" else "rsa_key")
+                                        + " (the RSA pair beside the ECDSA cert/key)")
+    return Certificate(name=name, cert=cert, key=key, rsa_cert=rsa_cert, rsa_key=rsa_key)
 
 
 def _ref(t: Table, key: str, known: dict, what: str, default: Any) -> Any:
@@ -195,6 +201,7 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     host, port = parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True)
     mode = t.str("tls", "starttls", choices=LISTENER_TLS)
     certificate = _ref(t, "certificate", certificates, "certificate", None)
+    several = _certificate_list(t, certificates)
     profile_name = _ref(t, "profile", profiles, "TLS profile", "default")
     profile = profiles[profile_name]
 
@@ -286,13 +293,15 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         raise ConfigError(t.p("rules"), "encryption rules apply to SMTP listeners only")
     rules = [errors.attempt(_parse_rule, rt, upstream) for rt in rule_tables]
 
-    if certificate is None and (mode == "implicit" or (mode == "starttls" and level.offers_tls)):
+    if certificate is None and not several and (
+            mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
                         "will be generated (insecure)")
 
     listener = errors.attempt(lambda: Listener(
         name=name, protocol=protocol, host=host, port=port, upstream=upstream, type=ltype,
-        tls=mode, client_tls=level, certificate=certificate, profile=profile_name,
+        tls=mode, client_tls=level, certificate=certificate, certificates=several,
+        profile=profile_name,
         max_connections=t.int("max_connections", 1000, minimum=1),
         backlog=t.int("backlog", 50, minimum=1),
         esmtp=esmtp,
@@ -309,6 +318,26 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     ))
     errors.raise_all()
     return listener
+
+
+def _certificate_list(t: Table, certificates) -> tuple[str, ...]:
+    """`certificates = ["main", "org", ...]`: several, chosen by the client's SNI (§3.4)."""
+    if not t.has("certificates"):
+        return ()
+    if t.has("certificate"):
+        raise ConfigError(t.p("certificates"), "set either certificate or certificates, "
+                                               "not both")
+    names = t.str_list("certificates")
+    if not names:
+        raise ConfigError(t.p("certificates"), "must name at least one certificate")
+    for i, name in enumerate(names):
+        if name not in certificates:
+            listing = quoted(sorted(certificates)) if certificates else "none defined"
+            raise ConfigError(f"{t.p('certificates')}[{i}]",
+                              f'unknown certificate "{name}" (known: {listing})')
+        if name in names[:i]:
+            raise ConfigError(f"{t.p('certificates')}[{i}]", f'"{name}" is listed twice')
+    return tuple(names)
 
 
 def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,
@@ -386,7 +415,7 @@ def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
     errors = Collector()
     top = Table(data, "", _TOP_KEYS)
     gateway = errors.attempt(lambda: _parse_gateway(top.table("gateway", _GATEWAY_KEYS)))
-    certificates = errors.attempt(_parse_certificates, top)
+    certificates = errors.attempt(_parse_certificates, top, errors)
     if certificates is None:              # the section is not a table of tables
         certificates = {}
     profiles = errors.attempt(parse_profiles, top, errors)
