@@ -35,6 +35,16 @@ long long gw_data_feed(gw_data_t *st, const unsigned char *in, size_t inlen,
  * when N has more than 18 digits; else 2*N + plus. */
 long long gw_find_literal(const unsigned char *line, size_t len);
 
+/* The server name (SNI host_name) of the TLS ClientHello at the start of buf (TLS records as
+ * a client sends them, the ClientHello possibly spread over several). Returns its length
+ * (1..cap, copied to name), GW_SNI_MORE when buf ends before the name could be read, or
+ * GW_SNI_NONE: no host name (or one longer than cap), or not a ClientHello, or one longer
+ * than GW_SNI_MAX_HELLO. It reads no further than the name. */
+#define GW_SNI_MORE (-1)
+#define GW_SNI_NONE (-2)
+#define GW_SNI_MAX_HELLO 65536
+int gw_tls_server_name(const unsigned char *buf, size_t len, unsigned char *name, size_t cap);
+
 /* Rule matcher (_native/match.c; semantics: gateway/pymatch.py). Opaque compiled tables,
  * freed by gw_rm_free / gw_nm_free. */
 typedef struct gw_rm gw_rm_t;

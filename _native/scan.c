@@ -193,3 +193,145 @@ long long gw_find_literal(const unsigned char *line, size_t len)
         v = v * 10 + (line[d] - '0');
     return 2 * v + plus;
 }
+
+/* --- the server name (SNI) of a TLS ClientHello -------------------------------------------
+ * A reader over the handshake bytes of consecutive TLS handshake records, which it reads only
+ * as far as it needs: a record header is looked at when the first byte after the previous
+ * record is wanted. `left` counts what remains of the ClientHello message. */
+typedef struct {
+    const unsigned char *buf;
+    size_t len;
+    size_t pos;                    /* next byte to read */
+    size_t end;                    /* end of the current record's payload */
+    size_t left;                   /* bytes left in the ClientHello body */
+} hello_reader;
+
+/* Make r->pos point at a readable byte: 0, GW_SNI_MORE or GW_SNI_NONE. */
+static int hr_ready(hello_reader *r)
+{
+    if (r->pos >= r->end) {                     /* the next record's header */
+        size_t h = r->end;
+        size_t reclen;
+        if (r->len < 5 || h > r->len - 5)
+            return GW_SNI_MORE;
+        if (r->buf[h] != 22 || r->buf[h + 1] != 3)
+            return GW_SNI_NONE;                 /* not a handshake record */
+        reclen = ((size_t)r->buf[h + 3] << 8) | r->buf[h + 4];
+        if (reclen == 0 || reclen > 16384)
+            return GW_SNI_NONE;
+        r->pos = h + 5;
+        r->end = r->pos + reclen;
+    }
+    if (r->pos >= r->len)
+        return GW_SNI_MORE;
+    return 0;
+}
+
+/* Read n <= 3 bytes of the body as a big-endian number. */
+static int hr_num(hello_reader *r, size_t n, size_t *out)
+{
+    size_t v = 0;
+    int rc;
+    if (r->left < n)
+        return GW_SNI_NONE;
+    while (n-- > 0) {
+        if ((rc = hr_ready(r)) != 0)
+            return rc;
+        v = (v << 8) | r->buf[r->pos++];
+        r->left--;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Skip n bytes of the body (copying them to out when out is not NULL). */
+static int hr_skip(hello_reader *r, size_t n, unsigned char *out)
+{
+    int rc;
+    if (r->left < n)
+        return GW_SNI_NONE;
+    while (n > 0) {
+        size_t avail;
+        if ((rc = hr_ready(r)) != 0)
+            return rc;
+        avail = (r->end < r->len ? r->end : r->len) - r->pos;
+        if (avail > n)
+            avail = n;
+        if (out != NULL) {
+            memcpy(out, r->buf + r->pos, avail);
+            out += avail;
+        }
+        r->pos += avail;
+        r->left -= avail;
+        n -= avail;
+    }
+    return 0;
+}
+
+#define TRY(call) do { int rc_ = (call); if (rc_ != 0) return rc_; } while (0)
+
+int gw_tls_server_name(const unsigned char *buf, size_t len, unsigned char *name, size_t cap)
+{
+    hello_reader r = { buf, len, 0, 0, 4 };
+    size_t v, n, ext_left, list_left;
+
+    TRY(hr_num(&r, 1, &v));                     /* handshake type: ClientHello */
+    if (v != 1)
+        return GW_SNI_NONE;
+    TRY(hr_num(&r, 3, &v));
+    if (v > GW_SNI_MAX_HELLO)
+        return GW_SNI_NONE;
+    r.left = v;
+    TRY(hr_skip(&r, 2 + 32, NULL));             /* legacy_version, random */
+    TRY(hr_num(&r, 1, &n));                     /* legacy_session_id */
+    if (n > 32)
+        return GW_SNI_NONE;
+    TRY(hr_skip(&r, n, NULL));
+    TRY(hr_num(&r, 2, &n));                     /* cipher_suites */
+    TRY(hr_skip(&r, n, NULL));
+    TRY(hr_num(&r, 1, &n));                     /* legacy_compression_methods */
+    TRY(hr_skip(&r, n, NULL));
+    if (r.left == 0)
+        return GW_SNI_NONE;                     /* no extensions at all */
+    TRY(hr_num(&r, 2, &ext_left));
+    if (ext_left > r.left)
+        return GW_SNI_NONE;
+    while (ext_left >= 4) {
+        size_t type, elen;
+        TRY(hr_num(&r, 2, &type));
+        TRY(hr_num(&r, 2, &elen));
+        ext_left -= 4;
+        if (elen > ext_left)
+            return GW_SNI_NONE;
+        ext_left -= elen;
+        if (type != 0) {
+            TRY(hr_skip(&r, elen, NULL));
+            continue;
+        }
+        if (elen < 2)                           /* server_name: a ServerNameList */
+            return GW_SNI_NONE;
+        TRY(hr_num(&r, 2, &list_left));
+        if (list_left > elen - 2)
+            return GW_SNI_NONE;
+        while (list_left >= 3) {
+            size_t kind, nlen;
+            TRY(hr_num(&r, 1, &kind));
+            TRY(hr_num(&r, 2, &nlen));
+            list_left -= 3;
+            if (nlen > list_left)
+                return GW_SNI_NONE;
+            list_left -= nlen;
+            if (kind == 0) {                    /* host_name */
+                if (nlen == 0 || nlen > cap)
+                    return GW_SNI_NONE;
+                TRY(hr_skip(&r, nlen, name));
+                return (int)nlen;
+            }
+            TRY(hr_skip(&r, nlen, NULL));
+        }
+        return GW_SNI_NONE;
+    }
+    return GW_SNI_NONE;
+}
+
+#undef TRY

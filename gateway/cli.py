@@ -10,8 +10,8 @@
     gateway status [--url URL | -c FILE] [--json]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
-usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
-traceback. The launch (supervisor, server), sink and certificate modules are imported only by
+usage error. Errors are one line each on stderr (``error: <key path>: <message>``; every
+error of a configuration file at once), never a traceback. The launch (supervisor, server), sink and certificate modules are imported only by
 the subcommand that needs them.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _error(message: str) -> None:
 
 
 def _config_error(exc: ConfigError) -> int:
-    _error(f"{exc.path}: {exc.message}" if exc.path else exc.message)
+    for err in getattr(exc, "errors", None) or [exc]:      # ConfigErrors: one line each
+        _error(f"{err.path}: {err.message}" if err.path else err.message)
     return EXIT_CONFIG
 
 
@@ -108,6 +109,46 @@ def rules_listing(config) -> str:
     return "\n".join(out)
 
 
+def certificate_listing(config, *, read_files: bool = True) -> str:
+    """Each listener's certificate entries with the names they answer to (SPEC §3.4): their
+    key types and subjectAltName DNS names when *read_files* (an entry whose files cannot be
+    read shows none; check_files reports why)."""
+    from .tls.certs import dns_names, key_type, load_pairs
+
+    described: dict[str, tuple[str, ...]] = {}
+
+    def describe(name: str) -> tuple[str, ...]:
+        if name not in described:
+            cert = config.certificates[name]
+            row: tuple[str, ...] = (name,)
+            if read_files:
+                try:
+                    pairs = load_pairs(f"certificates.{name}", cert.cert, cert.key,
+                                       cert.rsa_cert, cert.rsa_key)
+                except ValueError:
+                    row = (name, "?", "(cannot be read)")
+                else:
+                    names: list[str] = []
+                    for chain, _key in pairs:
+                        names += [n for n in dns_names(chain[0]) if n not in names]
+                    row = (name, "+".join(key_type(k) for _c, k in pairs),
+                           ", ".join(names) or "(no DNS names)")
+            described[name] = row
+        return described[name]
+
+    out = []
+    for lst in config.listeners:
+        names = lst.certificate_names
+        if not names:
+            continue
+        if lst.certificates:
+            out.append(f"{lst.name}: certificates by SNI (no SNI or no match: {names[0]})")
+        else:
+            out.append(f"{lst.name}: certificate")
+        out.append(_table([describe(n) for n in names], indent="  "))
+    return "\n".join(out)
+
+
 def shadowed_warnings(config) -> list[str]:
     from .rules import shadowed_rules
 
@@ -137,8 +178,14 @@ def cmd_check(args) -> int:
     listing = rules_listing(config)
     if listing:
         print(listing)
+    listing = certificate_listing(config, read_files=not args.syntax_only)
+    if listing:
+        print(listing)
     if not args.syntax_only:
-        problems = check_files(config)
+        file_warnings: list[str] = []
+        problems = check_files(config, file_warnings)
+        for warning in file_warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if problems:
             for problem in problems:
                 _error(problem)

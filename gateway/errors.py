@@ -24,3 +24,15 @@ class TLSError(GatewayError):
 
 class ProtocolError(GatewayError):
     """A peer broke the protocol (bad reply, response injection, oversized reply)."""
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors found in one pass; `errors` holds each (a ConfigError).
+
+    It is a ConfigError whose message lists them all; a single error is raised as itself
+    (see gateway.config.table.raise_all)."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        listing = "; ".join(str(e) for e in self.errors)
+        super().__init__("", f"{len(self.errors)} configuration errors: {listing}")

@@ -6,16 +6,17 @@ tests/test_layering.py checks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from .config import GatewayConfig, Listener
+from .config import Certificate, GatewayConfig, Listener
 from .tls import context as tls_context
-from .tls.certs import demo_certificate
+from .tls.certs import demo_certificate, dns_names, load_pairs
 from .tls.profiles import clone as clone_profile
+from .tls.sni import SNISelector
 
 
 def _needs_server_tls(listener: Listener) -> bool:
@@ -28,10 +29,13 @@ def _needs_server_tls(listener: Listener) -> bool:
 @dataclass
 class ListenerTLS:
     """A listener's TLS contexts: the client leg's (and its cipher-strength variants) and
-    the upstream leg's."""
+    the upstream leg's. With several certificates (SPEC §3.4) the client leg's contexts are
+    those of the first entry, and `sni` holds the selector for each (None: no cipher-strength
+    variant; else the strength); empty with one certificate."""
     server_ctx: object | None
     strength_ctx: dict
     client_ctx: object
+    sni: dict = field(default_factory=dict)
     certificates: tuple = ()      # LoadedCertificate of each pair loaded for this listener
 
 
@@ -56,9 +60,29 @@ def loaded_certificate(name: str, pem: bytes) -> LoadedCertificate:
     return LoadedCertificate(name, key_type, leaf.not_valid_after_utc.timestamp())
 
 
-def _loaded_file(name: str, path: str) -> LoadedCertificate:
-    with open(path, "rb") as f:
-        return loaded_certificate(name, f.read())
+def _loaded_pairs(cert: Certificate) -> list[LoadedCertificate]:
+    """Every pair of a `[certificates.X]` entry (ECDSA and its RSA pair) as loaded."""
+    out = []
+    for chain_path, _key_path in cert.pairs():
+        with open(chain_path, "rb") as f:
+            out.append(loaded_certificate(cert.name, f.read()))
+    return out
+
+
+def certificate_entry(cert: Certificate) -> tuple[list[tuple[str, str]], list[str]]:
+    """A `[certificates.X]` entry read and checked (SPEC §3.4): its (cert path, key path)
+    pairs and the DNS names it answers to (the union of its pairs' subjectAltNames).
+    ValueError naming the entry when a file cannot be used or a key has the wrong type."""
+    label = f"certificates.{cert.name}"
+    try:
+        loaded = load_pairs(label, cert.cert, cert.key, cert.rsa_cert, cert.rsa_key)
+    except ValueError as exc:
+        text = str(exc)
+        raise ValueError(text if text.startswith(label) else f"{label}: {text}") from None
+    names: list[str] = []
+    for chain, _key in loaded:
+        names += [n for n in dns_names(chain[0]) if n not in names]
+    return cert.pairs(), names
 
 
 def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
@@ -74,11 +98,14 @@ def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
         profile = config.profiles[listener.profile]
         server_ctx = None
         strength_ctx = {}
+        sni = {}
         loaded = []
         if _needs_server_tls(listener):
             verify_clients = listener.client_tls == "verify" or any(
                 r.client_tls == "verify" for r in listener.client_rules)
-            if listener.certificate is None:
+            entries = [certificate_entry(config.certificates[name])
+                       for name in listener.certificate_names]
+            if not entries:
                 if demo_pems is None:
                     demo_pems = demo_certificate(config.hostname)
                     log.event("demo_certificate", level="warning",
@@ -86,27 +113,42 @@ def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
                                       "certificate: insecure, configure a certificate")
                 make = partial(tls_context.server_context, cert_pem=demo_pems[0],
                                key_pem=demo_pems[1], request_client_cert=verify_clients)
-                pair = partial(loaded_certificate, "demo", demo_pems[0])
+                server_ctx = make(profile)
+                loaded.append(loaded_certificate("demo", demo_pems[0]))
             else:
-                cert = config.certificates[listener.certificate]
-                make = partial(tls_context.server_context, cert_path=cert.cert,
-                               key_path=cert.key, request_client_cert=verify_clients)
-                pair = partial(_loaded_file, cert.name, cert.cert)
-            server_ctx = make(profile)
-            loaded.append(pair())           # read once OpenSSL took the pair
+                make = partial(_server_contexts, entries, request_client_cert=verify_clients)
+                server_ctx, sni[None] = make(profile)
+                for name in listener.certificate_names:    # read once OpenSSL took them
+                    loaded += _loaded_pairs(config.certificates[name])
             for strength in {r.cipher_strength for r in listener.client_rules
                              if r.is_network and r.cipher_strength}:
-                strength_ctx[strength] = make(clone_profile(
-                    profile, f"{profile.name}+{strength}", cipher_strength=strength))
+                narrowed = clone_profile(profile, f"{profile.name}+{strength}",
+                                         cipher_strength=strength)
+                if entries:
+                    strength_ctx[strength], sni[strength] = make(narrowed)
+                else:
+                    strength_ctx[strength] = make(narrowed)
         up = listener.upstream
         up_cert = config.certificates.get(up.certificate) if up.certificate else None
         verify_upstream = up.tls == "verify" or any(
             r.recipient_encryption == "verify" for r in listener.rules)
         client_ctx = tls_context.client_context(
             config.profiles[up.profile], verify=verify_upstream,
-            cert_path=up_cert.cert if up_cert else None,
-            key_path=up_cert.key if up_cert else None)
+            pairs=certificate_entry(up_cert)[0] if up_cert else None)
         if up_cert is not None:           # the upstream leg's client certificate
-            loaded.append(_loaded_file(up_cert.name, up_cert.cert))
-        out.append(ListenerTLS(server_ctx, strength_ctx, client_ctx, tuple(loaded)))
+            loaded += _loaded_pairs(up_cert)
+        out.append(ListenerTLS(server_ctx, strength_ctx, client_ctx,
+                               {k: v for k, v in sni.items() if v is not None},
+                               tuple(loaded)))
     return out, demo_pems is not None
+
+
+def _server_contexts(entries, profile, *, request_client_cert: bool):
+    """The server context of each certificate entry for *profile*: (the first one's, an
+    SNISelector over all of them, or None when there is only one)."""
+    contexts = [(tls_context.server_context(profile, pairs=pairs,
+                                            request_client_cert=request_client_cert), names)
+                for pairs, names in entries]
+    if len(contexts) == 1:
+        return contexts[0][0], None
+    return contexts[0][0], SNISelector(contexts)

@@ -5,7 +5,8 @@ Which one is gateway/backend.py's choice (GATEWAY_PURE_PYTHON=1 forces the twin,
 ImportError here instead of a fallback).
 
 Exports BACKEND ("native" or "python"), the flags BARE_CR/BARE_LF/NUL and scan_line,
-find_literal, DataScanner with the semantics documented in gateway/pyscan.py.
+find_literal, DataScanner, and server_name (the SNI of a ClientHello, with SNI_MORE/SNI_NONE)
+with the semantics documented in gateway/pyscan.py.
 `native_backend` is the compiled implementation under those same names (None when it is not
 loaded), so tests and benchmarks can hold the two side by side.
 
@@ -14,11 +15,13 @@ the twin) and pass the caller's buffer with ffi.from_buffer, without copying it.
 """
 from __future__ import annotations
 
-from . import backend, pyscan
-from .pyscan import BARE_CR, BARE_LF, NUL, _check_start
+import operator
 
-__all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "scan_line", "find_literal", "DataScanner",
-           "native_backend"]
+from . import backend, pyscan
+from .pyscan import BARE_CR, BARE_LF, NUL, SNI_MORE, SNI_NAME_CAP, SNI_NONE, _check_start
+
+__all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "SNI_MORE", "SNI_NONE", "scan_line",
+           "find_literal", "server_name", "DataScanner", "native_backend"]
 
 _ffi, _lib = backend.core("scanner")
 
@@ -47,6 +50,19 @@ def _native_find_literal(line) -> tuple[int, bool]:
     if r == -1:
         return -1, False
     return -2, r == -3
+
+
+def _native_server_name(buf, cap: int = SNI_NAME_CAP) -> tuple[int, bytes]:
+    src = _from_buffer(buf)
+    if cap.__class__ is not int or cap < 0:
+        cap = operator.index(cap)
+        if cap < 0:
+            raise ValueError("cap must be >= 0")
+    name = _ffi.new("unsigned char[]", cap or 1)
+    r = _lib.gw_tls_server_name(src, len(src), name, cap)
+    if r < 0:
+        return r, b""
+    return r, _ffi.buffer(name, r)[:]
 
 
 class _NativeDataScanner:
@@ -97,6 +113,8 @@ class _NativeBackend:
     BARE_CR, BARE_LF, NUL = BARE_CR, BARE_LF, NUL
     scan_line = staticmethod(_native_scan_line)
     find_literal = staticmethod(_native_find_literal)
+    server_name = staticmethod(_native_server_name)
+    SNI_MORE, SNI_NONE = SNI_MORE, SNI_NONE
     DataScanner = _NativeDataScanner
 
 
@@ -108,10 +126,14 @@ if _lib is not None:
     BACKEND = "native"
     scan_line = _native_scan_line
     find_literal = _native_find_literal
+    # a build older than the SNI scanner lacks it: its twin then (rebuild to get it)
+    server_name = _native_server_name if hasattr(_lib, "gw_tls_server_name") \
+        else pyscan.server_name
     DataScanner = _NativeDataScanner
 else:
     native_backend = None
     BACKEND = "python"
     scan_line = pyscan.scan_line
     find_literal = pyscan.find_literal
+    server_name = pyscan.server_name
     DataScanner = pyscan.DataScanner

@@ -10,6 +10,9 @@ Buffers may be bytes, bytearray or any C-contiguous buffer (memoryview...), read
   upstream framing out (see the class).
 - find_literal(line) -> (N, plus) for an IMAP line (no CRLF) ending in {N} or {N+};
   (-2, plus) if N has more than 18 digits; (-1, False) if there is none.
+- server_name(buf, cap=255) -> (n, name): the SNI host name of the TLS ClientHello at the
+  start of *buf* (n = len(name) >= 1), or (SNI_MORE, b"") when *buf* ends before it could be
+  read, or (SNI_NONE, b"") when there is none (see the function).
 """
 from __future__ import annotations
 
@@ -20,7 +23,13 @@ BARE_CR = 1
 BARE_LF = 2
 NUL = 4
 
-__all__ = ["BARE_CR", "BARE_LF", "NUL", "scan_line", "find_literal", "DataScanner"]
+SNI_MORE = -1
+SNI_NONE = -2
+SNI_MAX_HELLO = 65536
+SNI_NAME_CAP = 255
+
+__all__ = ["BARE_CR", "BARE_LF", "NUL", "SNI_MORE", "SNI_NONE", "scan_line", "find_literal",
+           "server_name", "DataScanner"]
 
 # DataScanner input states (the same numbers as in scan.c)
 _LS, _DOT, _DOTCR, _MID, _CR = 0, 1, 2, 3, 4
@@ -179,3 +188,129 @@ class DataScanner:
             self.done = True
             self.size -= 3                     # ".\r\n"; the CRLF before it is content
         return bytes(out), i
+
+
+class _NeedMore(Exception):
+    pass
+
+
+class _NoName(Exception):
+    pass
+
+
+class _HelloReader:
+    """The handshake bytes of consecutive TLS handshake records, read only as far as needed:
+    a record header is looked at when the first byte after the previous record is wanted
+    (as in scan.c). `left` counts what remains of the ClientHello message."""
+
+    __slots__ = ("buf", "pos", "end", "left")
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+        self.end = 0
+        self.left = 4                    # the handshake header
+
+    def _ready(self) -> None:
+        buf = self.buf
+        if self.pos >= self.end:
+            h = self.end
+            if h + 5 > len(buf):
+                raise _NeedMore
+            if buf[h] != 22 or buf[h + 1] != 3:
+                raise _NoName            # not a handshake record
+            reclen = (buf[h + 3] << 8) | buf[h + 4]
+            if reclen == 0 or reclen > 16384:
+                raise _NoName
+            self.pos = h + 5
+            self.end = self.pos + reclen
+        if self.pos >= len(buf):
+            raise _NeedMore
+
+    def take(self, n: int) -> bytes:
+        if self.left < n:
+            raise _NoName
+        parts = []
+        while n > 0:
+            self._ready()
+            stop = min(self.end, len(self.buf), self.pos + n)
+            parts.append(self.buf[self.pos:stop])
+            got = stop - self.pos
+            self.pos = stop
+            self.left -= got
+            n -= got
+        return b"".join(parts)
+
+    def num(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+
+def _server_name(r: _HelloReader, cap: int) -> bytes:
+    if r.num(1) != 1:                    # handshake type: ClientHello
+        raise _NoName
+    length = r.num(3)
+    if length > SNI_MAX_HELLO:
+        raise _NoName
+    r.left = length
+    r.take(2 + 32)                       # legacy_version, random
+    n = r.num(1)                         # legacy_session_id
+    if n > 32:
+        raise _NoName
+    r.take(n)
+    r.take(r.num(2))                     # cipher_suites
+    r.take(r.num(1))                     # legacy_compression_methods
+    if r.left == 0:
+        raise _NoName                    # no extensions at all
+    ext_left = r.num(2)
+    if ext_left > r.left:
+        raise _NoName
+    while ext_left >= 4:
+        kind = r.num(2)
+        elen = r.num(2)
+        ext_left -= 4
+        if elen > ext_left:
+            raise _NoName
+        ext_left -= elen
+        if kind != 0:
+            r.take(elen)
+            continue
+        if elen < 2:                     # server_name: a ServerNameList
+            raise _NoName
+        list_left = r.num(2)
+        if list_left > elen - 2:
+            raise _NoName
+        while list_left >= 3:
+            name_type = r.num(1)
+            nlen = r.num(2)
+            list_left -= 3
+            if nlen > list_left:
+                raise _NoName
+            list_left -= nlen
+            if name_type == 0:           # host_name
+                if nlen == 0 or nlen > cap:
+                    raise _NoName
+                return r.take(nlen)
+            r.take(nlen)
+        raise _NoName
+    raise _NoName
+
+
+def server_name(buf, cap: int = SNI_NAME_CAP) -> tuple[int, bytes]:
+    """The SNI host name of the TLS ClientHello at the start of *buf* (TLS records as a client
+    sends them; the ClientHello may be spread over several).
+
+    (len(name), name) once the name has been read; (SNI_MORE, b"") when *buf* ends before it
+    could be; (SNI_NONE, b"") when there is none: no server_name extension or no host_name
+    in it, a name longer than *cap*, a ClientHello longer than SNI_MAX_HELLO, or not a
+    ClientHello at all (OpenSSL then says what is wrong). Nothing after the name is read."""
+    buf = _as_bytes(buf)
+    cap = operator.index(cap)
+    if cap < 0:
+        raise ValueError("cap must be >= 0")
+    try:
+        name = _server_name(_HelloReader(buf), cap)
+    except _NeedMore:
+        return SNI_MORE, b""
+    except _NoName:
+        return SNI_NONE, b""
+    return len(name), bytes(name)

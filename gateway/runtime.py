@@ -67,12 +67,21 @@ class ListenerRuntime:
     stages: StagePolicy | None = None            # each stage's decision (policy/)
     strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
     alerts: object = None                        # AlertMailer when alert e-mail is configured
+    sni: dict = field(default_factory=dict)      # cipher_strength|None → SNISelector (§3.4)
 
     def server_ctx_for(self, strength: str | None):
         """The client-leg context, or its variant for a client rule's cipher strength."""
         if strength is None:
             return self.server_ctx
         return self.strength_ctx.get(strength, self.server_ctx)
+
+    def sni_for(self, strength: str | None):
+        """The SNI selector of a listener with several certificates (as server_ctx_for), or
+        None: then nothing is read ahead of the handshake."""
+        sni = self.sni
+        if not sni:
+            return None
+        return sni.get(strength) or sni.get(None)
 
 
 def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
@@ -112,7 +121,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
         runtimes.append(ListenerRuntime(
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
             index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
-            alerts=alerts))
+            alerts=alerts, sni=ltls.sni))
     return runtimes, demo_used
 
 

@@ -110,7 +110,7 @@ def test_cipher_strength_mapping_still_answers_to_words():
     assert CIPHER_STRENGTH["medium"] == CipherGrade.MEDIUM.openssl
     assert list(CIPHER_STRENGTH) == ["medium", "high"]
     profile = clone(PREDEFINED["default"], "p", cipher_strength=CipherGrade.MEDIUM)
-    assert profile.ciphers == "HIGH:MEDIUM:!aNULL:!eNULL"
+    assert profile.ciphers == PREDEFINED["default"].ciphers     # a grade only narrows (§3.3)
 
 
 # ---------------------------------------------------------------------------------------------

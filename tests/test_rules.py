@@ -226,12 +226,17 @@ def test_network_rule_cipher_strength_gets_its_own_server_context():
     from gateway.logs import EventLog
     from gateway.rules import cipher_names
     from gateway.runtime import build_runtimes
-    data = config_dict([listener_dict(upstream_port=25, profile="compatible", client_rules=[
+    # an operator list with a MEDIUM suite (CCM8) among HIGH ones
+    data = config_dict([listener_dict(upstream_port=25, profile="ccm", client_rules=[
         {"match": "192.0.2.0/24", "cipher_strength": "high"}])])
-    (rt,), _ = build_runtimes(parse_config(data), EventLog(stream=open("/dev/null", "w")))
+    data["tls_profiles"] = {"ccm": {"clone": "default", "ciphers":
+                                    "ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256"}}
+    with open("/dev/null", "w") as devnull:
+        (rt,), _ = build_runtimes(parse_config(data), EventLog(stream=devnull))
     strict = rt.server_ctx_for("high")
     assert strict is not rt.server_ctx and rt.server_ctx_for(None) is rt.server_ctx
     offered = set(SSL.Connection(strict, None).get_cipher_list())
     tls12 = {c for c in offered if not c.startswith("TLS_")}
-    assert tls12 and tls12 <= cipher_names("high")
-    assert set(SSL.Connection(rt.server_ctx, None).get_cipher_list()) != offered
+    assert tls12 == {"ECDHE-ECDSA-AES128-GCM-SHA256"} and tls12 <= cipher_names("high")
+    base = set(SSL.Connection(rt.server_ctx, None).get_cipher_list())
+    assert "ECDHE-ECDSA-AES128-CCM8" in base and offered < base

@@ -2,7 +2,7 @@
 
 Every error raises gateway.errors.ConfigError naming the key path, for example
 ``listeners[1].rules[3].recipient`` or ``tls_profiles.partners.min_version`` (indices are
-0-based). `parse_config` takes the already-decoded TOML (a dict) so tests and tools can build a
+0-based); several errors in one file raise ConfigErrors (a ConfigError) listing them all. `parse_config` takes the already-decoded TOML (a dict) so tests and tools can build a
 configuration without a file; `load_config` reads one. Non-fatal findings (e.g. ``esmtp = false``
 on an ``optional`` listener) are returned in ``GatewayConfig.warnings``.
 
@@ -11,7 +11,7 @@ The package: `model` (the dataclasses), `table` (TOML tables with key paths, unk
 ``[tls_profiles]`` section and its OpenSSL probe), `parse` (the other sections and the entry
 points), `files` (`check_files`, what `gateway check` verifies on disk).
 """
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigErrors
 from .files import check_files
 from .model import (Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts,
                     Upstream)
@@ -24,7 +24,7 @@ from .values import (MAX_PATTERN_LENGTH, format_hostport, parse_domain_pattern,
 
 __all__ = [
     "AUTH_MODES", "BARE_NEWLINE", "CIPHER_STRENGTHS", "CLIENT_LEVELS", "Certificate",
-    "ClientRule", "ConfigError", "GatewayConfig", "LISTENER_TLS", "LISTENER_TYPES",
+    "ClientRule", "ConfigError", "ConfigErrors", "GatewayConfig", "LISTENER_TLS", "LISTENER_TYPES",
     "LOG_FORMATS", "Listener", "MAX_PATTERN_LENGTH", "PROTOCOLS", "RECIPIENT_ENCRYPTION",
     "Rule", "SENDER_ENCRYPTION", "Timeouts", "UPSTREAM_LEVELS", "UPSTREAM_MODES", "Upstream",
     "check_files", "demo_config", "format_hostport", "load_config", "parse_config",

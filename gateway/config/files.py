@@ -2,15 +2,31 @@
 from __future__ import annotations
 
 import os
+import stat
 
+from ..tls.certs import load_pairs
 from .model import GatewayConfig
 from .table import key_path
 
 
-def check_files(config: GatewayConfig) -> list[str]:
+def check_files(config: GatewayConfig, warnings: list[str] | None = None) -> list[str]:
     """Checks `gateway check` makes beyond syntax: certificate/key/CA files readable, the key
-    matching its certificate, `user`/`group` existing. Returns the problems found."""
+    matching its certificate, `user`/`group` existing. Returns the problems found; findings
+    that do not stop the gateway (a private key readable by group or others) are appended to
+    *warnings* when it is given."""
     problems: list[str] = []
+    warnings = warnings if warnings is not None else []
+
+    def private(path_key: str, filename: str) -> None:
+        try:
+            mode = os.stat(filename).st_mode
+        except OSError:
+            return                         # reported by readable()
+        if mode & 0o044:
+            who = " and ".join(w for w, bit in (("group", 0o040), ("others", 0o004))
+                               if mode & bit)
+            warnings.append(f"{path_key}: the private key {filename} is readable by {who} "
+                            f"(mode {stat.S_IMODE(mode):04o}; chmod 600 it)")
 
     def readable(path_key: str, filename: str) -> bool:
         try:
@@ -26,14 +42,28 @@ def check_files(config: GatewayConfig) -> list[str]:
 
     for name, cert in config.certificates.items():
         base = key_path("certificates", name)
-        ok = readable(f"{base}.cert", cert.cert)
-        ok = readable(f"{base}.key", cert.key) and ok
-        if ok:
+        files = [("cert", cert.cert), ("key", cert.key)]
+        if cert.rsa_cert is not None and cert.rsa_key is not None:
+            files += [("rsa_cert", cert.rsa_cert), ("rsa_key", cert.rsa_key)]
+        ok = True
+        for key, filename in files:
+            ok = readable(f"{base}.{key}", filename) and ok
+            if key.endswith("key"):
+                private(f"{base}.{key}", filename)
+        if not ok:
+            continue
+        try:                              # key types of the pairs (§3.4), each key its cert
+            load_pairs(base, cert.cert, cert.key, cert.rsa_cert, cert.rsa_key)
+        except ValueError as exc:
+            text = str(exc)
+            problems.append(text if text.startswith(base) else f"{base}: {text}")
+            continue
+        for cert_file, key_file in cert.pairs():
             try:
                 from OpenSSL import SSL
                 ctx = SSL.Context(SSL.TLS_METHOD)
-                ctx.use_certificate_chain_file(cert.cert)
-                ctx.use_privatekey_file(cert.key)
+                ctx.use_certificate_chain_file(cert_file)
+                ctx.use_privatekey_file(key_file)
                 ctx.check_privatekey()
             except ImportError:  # pragma: no cover
                 pass

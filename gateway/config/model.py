@@ -37,6 +37,15 @@ class Certificate:
     name: str
     cert: str            # path of the chain PEM
     key: str             # path of the key PEM
+    rsa_cert: str | None = None   # an RSA pair beside an ECDSA cert/key (SPEC §3.4)
+    rsa_key: str | None = None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(chain PEM path, key PEM path) of each pair, the cert/key one first."""
+        out = [(self.cert, self.key)]
+        if self.rsa_cert is not None and self.rsa_key is not None:
+            out.append((self.rsa_cert, self.rsa_key))
+        return out
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Listener:
     tls: str = "starttls"             # starttls | implicit | off
     client_tls: ClientLevel = ClientLevel.OPTIONAL   # the default depends on tls (§2)
     certificate: str | None = None    # None → demo certificate when TLS is needed
+    certificates: tuple[str, ...] = ()   # several, chosen by SNI (§3.4); instead of certificate
     profile: str = "default"
     max_connections: int = 1000
     backlog: int = 50
@@ -119,6 +129,14 @@ class Listener:
 
     def __post_init__(self):
         _as_levels(self, client_tls=ClientLevel)
+
+    @property
+    def certificate_names(self) -> tuple[str, ...]:
+        """The certificate entries the listener serves, the one for no SNI first; () for the
+        demonstration certificate."""
+        if self.certificates:
+            return self.certificates
+        return (self.certificate,) if self.certificate is not None else ()
 
 
 @dataclass(frozen=True)

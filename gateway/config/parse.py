@@ -2,6 +2,7 @@
 `parse_config`, `load_config` and `demo_config`."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -12,10 +13,11 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..tls.grades import narrow
 from ..tls.profiles import PREDEFINED, Profile
 from .model import Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts, Upstream
 from .profiles import parse_profiles
-from .table import NAME_RE, Table, describe, key_path, quoted
+from .table import NAME_RE, Collector, Table, describe, key_path, quoted
 from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_domain_pattern,
                      parse_hostport, parse_network)
 
@@ -41,9 +43,9 @@ _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
                  "alert_interval")
-_CERT_KEYS = ("cert", "key")
+_CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
-                  "profile", "max_connections", "backlog", "esmtp", "max_message_size",
+                  "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules",
@@ -99,7 +101,9 @@ def _parse_gateway(t: Table | None) -> dict:
     return out
 
 
-def _parse_certificates(top: Table) -> dict[str, Certificate]:
+def _parse_certificates(top: Table, errors: Collector) -> dict[str, Certificate]:
+    """Every entry; one in error is recorded in *errors* and stands as a placeholder, so the
+    listeners naming it are checked without a second error."""
     if not top.has("certificates"):
         return {}
     section = top.data["certificates"]
@@ -108,10 +112,22 @@ def _parse_certificates(top: Table) -> dict[str, Certificate]:
                                           f"([certificates.NAME]), got {describe(section)}")
     result = {}
     for name, value in section.items():
-        t = Table(value, key_path("certificates", name), _CERT_KEYS,
-                  what="a table with cert and key")
-        result[name] = Certificate(name=name, cert=t.str("cert"), key=t.str("key"))
+        cert = errors.attempt(_parse_certificate, name, value)
+        result[name] = cert or Certificate(name=name, cert="", key="")
     return result
+
+
+def _parse_certificate(name: str, value: Any) -> Certificate:
+    t = Table(value, key_path("certificates", name), _CERT_KEYS,
+              what="a table with cert and key")
+    cert, key = t.str("cert"), t.str("key")
+    rsa_cert, rsa_key = t.str("rsa_cert", None), t.str("rsa_key", None)
+    if (rsa_cert is None) != (rsa_key is None):
+        missing = "rsa_key" if rsa_key is None else "rsa_cert"
+        raise ConfigError(t.p(missing), "is required with "
+                                        + ("rsa_cert" if missing == "rsa_key" else "rsa_key")
+                                        + " (the RSA pair beside the ECDSA cert/key)")
+    return Certificate(name=name, cert=cert, key=key, rsa_cert=rsa_cert, rsa_key=rsa_key)
 
 
 def _ref(t: Table, key: str, known: dict, what: str, default: Any) -> Any:
@@ -120,6 +136,30 @@ def _ref(t: Table, key: str, known: dict, what: str, default: Any) -> Any:
         listing = quoted(sorted(known)) if known else "none defined"
         raise ConfigError(t.p(key), f'unknown {what} "{name}" (known: {listing})')
     return name
+
+
+def _same_host(bind_host: str, upstream_host: str) -> bool:
+    """Does a connection to *upstream_host* reach a socket bound to *bind_host* (on the same
+    port)? The same address; on a wildcard bind, any address of this machine we can tell
+    without DNS (loopback, "localhost", the wildcard); on a loopback bind, "localhost" and the
+    wildcard (a connection to 0.0.0.0 goes to the loopback)."""
+    def kind(host: str) -> str | None:
+        if host.lower().rstrip(".") == "localhost":
+            return "localhost"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return "any" if ip.is_unspecified else "loopback" if ip.is_loopback else None
+
+    if bind_host.lower() == upstream_host.lower():
+        return True
+    bind, up = kind(bind_host), kind(upstream_host)
+    if bind == "any":
+        return up is not None
+    if bind == "loopback":
+        return up in ("any", "localhost")
+    return False
 
 
 def _has_ca(profile: Profile) -> bool:
@@ -162,6 +202,7 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     host, port = parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True)
     mode = t.str("tls", "starttls", choices=LISTENER_TLS)
     certificate = _ref(t, "certificate", certificates, "certificate", None)
+    several = _certificate_list(t, certificates)
     profile_name = _ref(t, "profile", profiles, "TLS profile", "default")
     profile = profiles[profile_name]
 
@@ -230,6 +271,11 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     if not t.has("upstream"):
         raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")
     upstream = _parse_upstream(t.table("upstream", _UPSTREAM_KEYS), certificates, profiles)
+    if port and upstream.port == port and _same_host(host, upstream.host):
+        raise ConfigError(f"{t.p('upstream')}.address",
+                          f"{format_hostport(upstream.host, upstream.port)} is this listener's "
+                          f"own bind address {format_hostport(host, port)} (the gateway would "
+                          "relay to itself)")
     if auth != "off" and not upstream.tls.requires_tls:
         # credentials cross only a TLS leg, unless the operator says the link is safe
         if not upstream.plaintext_auth:
@@ -240,30 +286,27 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         warnings.append(f"{t.path}: upstream.plaintext_auth = true: AUTH credentials may "
                         f"cross the upstream link in plaintext")
 
-    client_rules = []
-    for i, rt in enumerate(t.tables("client_rules", _CLIENT_RULE_KEYS)):
-        client_rules.append(_parse_client_rule(rt, mode, level, protocol, profile,
-                                               profile_name))
+    errors = Collector()                  # the rules are checked independently
+    client_rules = [errors.attempt(_parse_client_rule, rt, mode, level, protocol, profile,
+                                   profile_name)
+                    for rt in t.tables("client_rules", _CLIENT_RULE_KEYS, errors)]
 
-    rule_tables = t.tables("rules", _RULE_KEYS)
-    if rule_tables and protocol != "smtp":
+    rule_tables = t.tables("rules", _RULE_KEYS, errors)
+    if t.data.get("rules") and protocol != "smtp":
         raise ConfigError(t.p("rules"), "encryption rules apply to SMTP listeners only")
-    rules = []
-    for rt in rule_tables:
-        rules.append(_parse_rule(rt, upstream))
+    rules = [errors.attempt(_parse_rule, rt, upstream) for rt in rule_tables]
 
-    pregreet_wait = t.seconds("pregreet_wait", 0.0, zero_ok=True)
-    if pregreet_wait and (protocol != "smtp" or mode == "implicit"):
-        raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
-                                                'plaintext (tls = "starttls" or "off")')
+    pregreet_wait = errors.attempt(_pregreet_wait, t, protocol, mode) or 0.0
 
-    if certificate is None and (mode == "implicit" or (mode == "starttls" and level.offers_tls)):
+    if certificate is None and not several and (
+            mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
                         "will be generated (insecure)")
 
-    return Listener(
+    listener = errors.attempt(lambda: Listener(
         name=name, protocol=protocol, host=host, port=port, upstream=upstream, type=ltype,
-        tls=mode, client_tls=level, certificate=certificate, profile=profile_name,
+        tls=mode, client_tls=level, certificate=certificate, certificates=several,
+        profile=profile_name,
         max_connections=t.int("max_connections", 1000, minimum=1),
         backlog=t.int("backlog", 50, minimum=1),
         esmtp=esmtp,
@@ -277,7 +320,38 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         dsn=t.bool("dsn", False),
         auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
         client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
-    )
+    ))
+    errors.raise_all()
+    return listener
+
+
+def _certificate_list(t: Table, certificates) -> tuple[str, ...]:
+    """`certificates = ["main", "org", ...]`: several, chosen by the client's SNI (§3.4)."""
+    if not t.has("certificates"):
+        return ()
+    if t.has("certificate"):
+        raise ConfigError(t.p("certificates"), "set either certificate or certificates, "
+                                               "not both")
+    names = t.str_list("certificates")
+    if not names:
+        raise ConfigError(t.p("certificates"), "must name at least one certificate")
+    for i, name in enumerate(names):
+        if name not in certificates:
+            listing = quoted(sorted(certificates)) if certificates else "none defined"
+            raise ConfigError(f"{t.p('certificates')}[{i}]",
+                              f'unknown certificate "{name}" (known: {listing})')
+        if name in names[:i]:
+            raise ConfigError(f"{t.p('certificates')}[{i}]", f'"{name}" is listed twice')
+    return tuple(names)
+
+
+def _pregreet_wait(t: Table, protocol: str, mode: str) -> float:
+    """`pregreet_wait` (§4.1): only where the greeting is plaintext SMTP."""
+    wait = t.seconds("pregreet_wait", 0.0, zero_ok=True)
+    if wait and (protocol != "smtp" or mode == "implicit"):
+        raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
+                                                'plaintext (tls = "starttls" or "off")')
+    return wait
 
 
 def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,
@@ -314,6 +388,12 @@ def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protoco
     if level is ClientLevel.VERIFY and not _has_ca(profile):
         raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
                                              f'ca_path; profile "{profile_name}" has neither')
+    if strength is not None and by_network:
+        try:                                # the grade narrows the profile's list (§3.3)
+            narrow(profile.ciphers, strength)
+        except ValueError as exc:
+            raise ConfigError(t.p("cipher_strength"),
+                              f'profile "{profile_name}": {exc}') from None
     return ClientRule(match=match, client_tls=level, cipher_strength=strength)
 
 
@@ -343,35 +423,54 @@ def _parse_rule(t: Table, upstream: Upstream) -> Rule:
 
 
 def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
-    """Validate decoded TOML and build the configuration. Raises ConfigError."""
+    """Validate decoded TOML and build the configuration. Raises ConfigError: the error, or
+    ConfigErrors listing every error found when there are several (the sections, each
+    profile, certificate, listener and rule are checked independently)."""
+    errors = Collector()
     top = Table(data, "", _TOP_KEYS)
-    gateway = _parse_gateway(top.table("gateway", _GATEWAY_KEYS))
-    certificates = _parse_certificates(top)
-    profiles = parse_profiles(top)
+    gateway = errors.attempt(lambda: _parse_gateway(top.table("gateway", _GATEWAY_KEYS)))
+    certificates = errors.attempt(_parse_certificates, top, errors)
+    if certificates is None:              # the section is not a table of tables
+        certificates = {}
+    profiles = errors.attempt(parse_profiles, top, errors)
+    if profiles is None:
+        profiles = dict(PREDEFINED)
     warnings: list[str] = []
 
-    listener_tables = top.tables("listeners", _LISTENER_KEYS)
-    if not listener_tables:
-        raise ConfigError("listeners", "at least one listener is required ([[listeners]])")
-    listeners: list[Listener] = []
+    listener_tables = errors.attempt(top.tables, "listeners", _LISTENER_KEYS, errors) or []
+    if top.data.get("listeners", []) == []:
+        errors.attempt(_no_listener)
+    listeners: list[tuple[int, Listener]] = []
     names: dict[str, int] = {}
     binds: dict[tuple[str, int], int] = {}
-    for i, t in enumerate(listener_tables):
-        listener = _parse_listener(t, i, certificates, profiles, warnings)
+    for t in listener_tables:
+        i = t.index                       # its place in the file (a table in error is skipped)
+        listener = errors.attempt(_parse_listener, t, i, certificates, profiles, warnings)
+        if listener is None:
+            continue
         if listener.name in names:
-            raise ConfigError(t.p("name"), f'duplicate listener name "{listener.name}" '
-                                           f"(also listeners[{names[listener.name]}])")
-        names[listener.name] = i
+            errors.errors.append(ConfigError(
+                t.p("name"), f'duplicate listener name "{listener.name}" '
+                             f"(also listeners[{names[listener.name]}])"))
+        names.setdefault(listener.name, i)
         addr = (listener.host, listener.port)
         if listener.port and addr in binds:
-            other = listeners[binds[addr]].name
-            raise ConfigError(t.p("bind"), f"{format_hostport(*addr)} is already bound by "
-                                           f'listeners[{binds[addr]}] ("{other}")')
-        binds[addr] = i
-        listeners.append(listener)
+            other = next(lst.name for j, lst in listeners if j == binds[addr])
+            errors.errors.append(ConfigError(
+                t.p("bind"), f"{format_hostport(*addr)} is already bound by "
+                             f'listeners[{binds[addr]}] ("{other}")'))
+        binds.setdefault(addr, i)
+        listeners.append((i, listener))
+    errors.raise_all()
+    if gateway is None:                   # pragma: no cover - its error was raised above
+        raise AssertionError("unreachable")
 
-    return GatewayConfig(listeners=tuple(listeners), certificates=certificates,
+    return GatewayConfig(listeners=tuple(lst for _, lst in listeners), certificates=certificates,
                          profiles=profiles, warnings=tuple(warnings), source=source, **gateway)
+
+
+def _no_listener() -> None:
+    raise ConfigError("listeners", "at least one listener is required ([[listeners]])")
 
 
 def load_config(path: str | os.PathLike) -> GatewayConfig:

@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..policy.levels import CipherGrade
 from ..tls.profiles import PREDEFINED, TLS_VERSIONS, Profile, clone
-from .table import Table, describe, key_path, quoted
+from .table import Collector, Table, describe, key_path, quoted
 
 CIPHER_STRENGTHS = tuple(CipherGrade)
 
@@ -33,7 +33,29 @@ def _check_openssl(path: str, key: str, value: str) -> None:
                           f'OpenSSL cannot apply {key} = "{value}"') from None
 
 
-def parse_profiles(top: Table) -> dict[str, Profile]:
+class _Broken(Exception):
+    """A profile clones one in error (whose error is already recorded)."""
+
+
+def _profile_table(name: str, value: Any) -> Table:
+    path = key_path("tls_profiles", name)
+    if name in PREDEFINED:
+        raise ConfigError(path, f'the predefined profile "{name}" is read-only; clone it: '
+                                f'[tls_profiles.my_{name}] with clone = "{name}"')
+    t = Table(value, path, _PROFILE_KEYS)
+    if not t.has("clone"):
+        raise ConfigError(path, 'a profile must start with clone = "<name>" '
+                                f"(predefined: {quoted(PREDEFINED)})")
+    if next(iter(t.data)) != "clone":
+        raise ConfigError(t.p("clone"), f'must be the first key of [{path}]')
+    t.str("clone")
+    return t
+
+
+def parse_profiles(top: Table, errors: Collector | None = None) -> dict[str, Profile]:
+    """The predefined profiles and the operator's. With *errors*, each profile in error is
+    recorded there (a profile cloning it is not checked) and stands in the result as a
+    placeholder, so that the listeners naming it are checked without a second error."""
     profiles = dict(PREDEFINED)
     if not top.has("tls_profiles"):
         return profiles
@@ -41,26 +63,24 @@ def parse_profiles(top: Table) -> dict[str, Profile]:
     if not isinstance(section, dict):
         raise ConfigError("tls_profiles", f"expected a table of profiles "
                                           f"([tls_profiles.NAME]), got {describe(section)}")
+    own = errors is None
+    errors = errors if errors is not None else Collector()
     tables: dict[str, Table] = {}
+    broken: set[str] = set()
     for name, value in section.items():
-        path = key_path("tls_profiles", name)
-        if name in PREDEFINED:
-            raise ConfigError(path, f'the predefined profile "{name}" is read-only; clone it: '
-                                    f'[tls_profiles.my_{name}] with clone = "{name}"')
-        t = Table(value, path, _PROFILE_KEYS)
-        if not t.has("clone"):
-            raise ConfigError(path, 'a profile must start with clone = "<name>" '
-                                    f"(predefined: {quoted(PREDEFINED)})")
-        if next(iter(t.data)) != "clone":
-            raise ConfigError(t.p("clone"), f'must be the first key of [{path}]')
-        t.str("clone")
-        tables[name] = t
+        t = errors.attempt(_profile_table, name, value)
+        if t is None:
+            broken.add(name)
+        else:
+            tables[name] = t
 
     resolving: list[str] = []
 
     def resolve(name: str) -> Profile:
         if name in profiles:
             return profiles[name]
+        if name in broken:
+            raise _Broken()
         t = tables[name]
         base_name = t.data["clone"]
         if base_name not in profiles and base_name not in tables:
@@ -98,7 +118,10 @@ def parse_profiles(top: Table) -> dict[str, Profile]:
             overrides["verify_depth"] = t.int("verify_depth", minimum=0, maximum=100)
         if t.has("session_resumption"):
             overrides["session_resumption"] = t.bool("session_resumption")
-        profile = clone(base, name, **overrides)
+        try:
+            profile = clone(base, name, **overrides)
+        except ValueError as exc:          # a grade that leaves no suite of the cloned list
+            raise ConfigError(t.p("cipher_strength"), str(exc)) from None
         lo, hi = (TLS_VERSIONS.index(profile.min_version),
                   TLS_VERSIONS.index(profile.max_version))
         if lo > hi:
@@ -109,5 +132,20 @@ def parse_profiles(top: Table) -> dict[str, Profile]:
         return profile
 
     for name in tables:
-        resolve(name)
+        if name in profiles or name in broken:
+            continue
+        try:
+            resolve(name)
+        except (ConfigError, _Broken) as exc:
+            if isinstance(exc, ConfigError):
+                errors.errors.append(exc)
+            broken.update(resolving)       # they clone the profile in error
+            broken.add(name)
+            resolving.clear()
+    for name in broken:
+        if name not in profiles and name not in PREDEFINED:
+            # never used to build a context: the configuration is refused with its error
+            profiles[name] = Profile(name=name, ca_file="<profile in error>")
+    if own:
+        errors.raise_all()
     return profiles

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigErrors
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 MISSING = object()
@@ -36,20 +36,59 @@ def quoted(allowed) -> str:
     return ", ".join(f'"{a}"' for a in allowed)
 
 
+def raise_all(errors: list[ConfigError]) -> None:
+    """Raise what *errors* holds: nothing, the one error itself, or ConfigErrors listing
+    every error once (ConfigErrors inside are flattened), in the order found."""
+    flat: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
+    for err in errors:
+        for one in (err.errors if isinstance(err, ConfigErrors) else [err]):
+            if (one.path, one.message) not in seen:
+                seen.add((one.path, one.message))
+                flat.append(one)
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise ConfigErrors(flat)
+
+
+class Collector:
+    """Gathers the ConfigErrors of independent parts (sections, listeners, rules) so that a
+    file's errors are reported at once rather than the first only."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def attempt(self, fn, *args, **kwargs) -> Any:
+        """fn(*args, **kwargs), or None after recording its ConfigError."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return None
+
+    def raise_all(self) -> None:
+        raise_all(self.errors)
+
+
 class Table:
-    """One TOML table with its key path; rejects unknown keys on construction."""
+    """One TOML table with its key path; rejects unknown keys on construction (every one of
+    them, in one error)."""
 
     def __init__(self, data: Any, path: str, allowed: tuple[str, ...], what: str = "a table"):
         if not isinstance(data, dict):
             raise ConfigError(path, f"expected {what}, got {describe(data)}")
+        unknown = []
         for k in data:
             if k not in allowed:
                 hint = difflib.get_close_matches(k, allowed, n=1)
                 extra = f'; did you mean "{hint[0]}"?' if hint else \
                     f" (known keys: {', '.join(allowed)})"
-                raise ConfigError(key_path(path, k), f'unknown key "{k}"{extra}')
+                unknown.append(ConfigError(key_path(path, k), f'unknown key "{k}"{extra}'))
+        raise_all(unknown)
         self.data = data
         self.path = path
+        self.index: int | None = None       # its place in an array of tables (tables())
 
     def p(self, key: str) -> str:
         return key_path(self.path, key)
@@ -134,7 +173,10 @@ class Table:
             return None
         return Table(self.data[key], self.p(key), allowed)
 
-    def tables(self, key: str, allowed: tuple[str, ...]) -> list[Table]:
+    def tables(self, key: str, allowed: tuple[str, ...],
+               errors: Collector | None = None) -> list[Table]:
+        """The array of tables *key*; with *errors*, a table that cannot be built (unknown
+        keys) is recorded there and left out, so the others are still checked."""
         if key not in self.data:
             return []
         value = self.data[key]
@@ -142,4 +184,14 @@ class Table:
             raise ConfigError(self.p(key),
                               f"expected an array of tables ([[{self.p(key)}]]), "
                               f"got {describe(value)}")
-        return [Table(item, f"{self.p(key)}[{i}]", allowed) for i, item in enumerate(value)]
+        out = []
+        for i, item in enumerate(value):
+            if errors is None:
+                table = Table(item, f"{self.p(key)}[{i}]", allowed)
+            else:
+                table = errors.attempt(Table, item, f"{self.p(key)}[{i}]", allowed)
+                if table is None:
+                    continue
+            table.index = i
+            out.append(table)
+        return out

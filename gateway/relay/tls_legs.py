@@ -1,7 +1,8 @@
 """The TLS handshakes of both legs, shared by the SMTP and IMAP sessions (SPEC §3, §7).
 
 `accept_client_tls` runs the gateway's server-side handshake on a client stream with the
-listener's context (or a client rule's cipher-strength variant), logs the `tls` or
+listener's context (or a client rule's cipher-strength variant; with several certificates,
+the one for the client's SNI), logs the `tls` or
 `tls_error` event and counts it. `upstream_handshake` runs the client-side handshake to the
 upstream with the settings' context, SNI and (at `verify`) the name check.
 """
@@ -30,7 +31,8 @@ def _reason(exc: Exception) -> str:
 async def accept_client_tls(rt, stream, strength: str | None, log) -> TLSStream | None:
     """The client leg's handshake; the TLS stream, or None after logging the failure."""
     name, metrics = rt.listener.name, rt.state.metrics
-    tls = TLSStream(stream, rt.server_ctx_for(strength), server_side=True)
+    tls = TLSStream(stream, rt.server_ctx_for(strength), server_side=True,
+                    sni=rt.sni_for(strength))
     start = trio.current_time()
     try:
         with trio.fail_after(rt.listener.timeouts.tls_handshake):
@@ -44,7 +46,7 @@ async def accept_client_tls(rt, stream, strength: str | None, log) -> TLSStream 
     metrics.tls_handshake_seconds.labels(name, "client").observe(trio.current_time() - start)
     log.event("tls", side="client", version=info.version, cipher=info.cipher, bits=info.bits,
               verified=info.verified, peer=info.peer_subject,
-              resumed=True if info.resumed else None)
+              resumed=True if info.resumed else None, sni=tls.client_server_name)
     return tls
 
 

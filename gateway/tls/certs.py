@@ -149,3 +149,45 @@ def load_pem_files(cert_path, key_path) -> tuple[list[x509.Certificate], object]
     return load_pem_bytes(contents[0], contents[1],
                           cert_source=f"certificate file {os.fspath(cert_path)}",
                           key_source=f"key file {os.fspath(key_path)}")
+
+
+def key_type(key) -> str:
+    """"ECDSA", "RSA", "Ed25519" or "Ed448" for a private key of _SUPPORTED_KEYS."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ECDSA"
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RSA"
+    return "Ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "Ed448"
+
+
+def load_pairs(label: str, cert_path, key_path, rsa_cert=None, rsa_key=None
+               ) -> list[tuple[list[x509.Certificate], object]]:
+    """A certificate entry's pairs (SPEC §3.4): the cert/key pair and, if given, the RSA pair
+    beside it, each (chain leaf first, key), loaded and checked. *label* names the entry in
+    the messages (``certificates.main``).
+
+    ValueError when a file cannot be used (see load_pem_files), and when an RSA pair is given
+    for a cert/key pair that is not ECDSA, or the rsa_ pair is not RSA."""
+    pairs = [load_pem_files(cert_path, key_path)]
+    if rsa_cert is None and rsa_key is None:
+        return pairs
+    main = key_type(pairs[0][1])
+    if main != "ECDSA":
+        raise ValueError(f"{label}.rsa_cert: an RSA pair goes beside an ECDSA cert/key pair, "
+                         f"but key file {os.fspath(key_path)} is an {main} key (put the RSA "
+                         f"pair under cert/key alone)")
+    pairs.append(load_pem_files(rsa_cert, rsa_key))
+    second = key_type(pairs[1][1])
+    if second != "RSA":
+        raise ValueError(f"{label}.rsa_key: key file {os.fspath(rsa_key)} is an {second} key; "
+                         f"rsa_cert/rsa_key take an RSA pair")
+    return pairs
+
+
+def dns_names(cert: x509.Certificate) -> list[str]:
+    """The subjectAltName DNS names of *cert*, lower-cased, without a trailing dot."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [name.lower().rstrip(".") for name in san.get_values_for_type(x509.DNSName)]

@@ -120,11 +120,28 @@ def apply_groups(ctx: SSL.Context, groups: str, *, profile_name: str = "?") -> N
 
 
 def _use_certificate(ctx: SSL.Context, chain, key) -> None:
+    """A certificate from memory (the demonstration one): its chain, if any, is context-wide."""
     ctx.use_certificate(chain[0])
     for extra in chain[1:]:
         ctx.add_extra_chain_cert(extra)
     ctx.use_privatekey(key)
     ctx.check_privatekey()
+
+
+def _use_pairs(ctx: SSL.Context, pairs, what: str) -> None:
+    """Certificate/key pairs from files, each with its own chain (SPEC §3.4): OpenSSL keeps one
+    certificate per key type and `use_certificate_chain_file` attaches the file's chain to the
+    certificate just set, so an ECDSA and an RSA pair each carry theirs (no context-wide extra
+    chain). OpenSSL then serves the ECDSA pair to clients that support it, RSA to the rest."""
+    for cert_path, key_path in pairs:
+        _chain, key = load_pem_files(cert_path, key_path)      # readable messages first
+        try:
+            ctx.use_certificate_chain_file(os.fsencode(cert_path))
+            ctx.use_privatekey(key)
+            ctx.check_privatekey()
+        except SSL.Error as exc:
+            raise ValueError(f"OpenSSL cannot use the {what} {os.fspath(cert_path)} and key "
+                             f"{os.fspath(key_path)} ({_openssl_reason(exc)})") from None
 
 
 def _load_verify_locations(ctx: SSL.Context, profile: Profile) -> None:
@@ -139,10 +156,12 @@ def _load_verify_locations(ctx: SSL.Context, profile: Profile) -> None:
 
 
 def server_context(profile: Profile, cert_path=None, key_path=None, *, cert_pem: bytes | None = None,
-                   key_pem: bytes | None = None, request_client_cert: bool = False) -> SSL.Context:
+                   key_pem: bytes | None = None, pairs=None,
+                   request_client_cert: bool = False) -> SSL.Context:
     """A context for the client leg, where the gateway is the TLS server.
 
-    The certificate comes from files (*cert_path* chain PEM, *key_path*) or from memory
+    The certificate comes from files (*cert_path* chain PEM, *key_path*; or *pairs*, a list of
+    (chain PEM path, key PEM path) of different key types, e.g. ECDSA and RSA) or from memory
     (*cert_pem*, *key_pem*, e.g. the demo certificate). With *request_client_cert* (client
     level `verify`) a certificate is requested but not required, and checked against the
     profile's ``ca_file``/``ca_path`` (one of them is mandatory).
@@ -151,18 +170,22 @@ def server_context(profile: Profile, cert_path=None, key_path=None, *, cert_pem:
     if cert_path is not None or key_path is not None:
         if cert_path is None or key_path is None:
             raise ValueError("a server certificate needs both a certificate and a key file")
-        if cert_pem is not None or key_pem is not None:
+        if cert_pem is not None or key_pem is not None or pairs is not None:
             raise ValueError("give the server certificate as files or as PEM data, not both")
-        chain, key = load_pem_files(cert_path, key_path)
+        pairs = [(cert_path, key_path)]
+    if pairs is not None:
+        if not pairs:
+            raise ValueError("a server context needs a certificate and its key")
+        _use_pairs(ctx, pairs, "server certificate")
     elif cert_pem is not None and key_pem is not None:
         chain, key = load_pem_bytes(cert_pem, key_pem)
+        try:
+            _use_certificate(ctx, chain, key)
+        except SSL.Error as exc:
+            raise ValueError(f"OpenSSL cannot use the server certificate and key "
+                             f"({_openssl_reason(exc)})") from None
     else:
         raise ValueError("a server context needs a certificate and its key")
-    try:
-        _use_certificate(ctx, chain, key)
-    except SSL.Error as exc:
-        raise ValueError(f"OpenSSL cannot use the server certificate and key "
-                         f"({_openssl_reason(exc)})") from None
 
     if request_client_cert:
         if not profile.ca_file and not profile.ca_path:
@@ -182,24 +205,22 @@ def server_context(profile: Profile, cert_path=None, key_path=None, *, cert_pem:
 
 
 def client_context(profile: Profile, *, verify: bool = False, cert_path=None,
-                   key_path=None) -> SSL.Context:
+                   key_path=None, pairs=None) -> SSL.Context:
     """A context for the upstream leg, where the gateway is the TLS client.
 
     With *verify* the server's chain is checked against the profile's ``ca_file``/``ca_path``
     or, when it names neither, the system's default CA store; the name check is the stream's
     (``verify_hostname``). An optional client certificate (*cert_path*, *key_path*) is
-    presented when the server asks for one.
+    presented when the server asks for one (*pairs*: several of different key types, OpenSSL
+    presents the one the server's signature algorithms allow).
     """
     ctx = _base_context(profile, server=False)
     if cert_path is not None or key_path is not None:
         if cert_path is None or key_path is None:
             raise ValueError("a client certificate needs both a certificate and a key file")
-        chain, key = load_pem_files(cert_path, key_path)
-        try:
-            _use_certificate(ctx, chain, key)
-        except SSL.Error as exc:
-            raise ValueError(f"OpenSSL cannot use the client certificate and key "
-                             f"({_openssl_reason(exc)})") from None
+        pairs = [(cert_path, key_path)]
+    if pairs:
+        _use_pairs(ctx, pairs, "client certificate")
     if verify:
         if profile.ca_file or profile.ca_path:
             _load_verify_locations(ctx, profile)

@@ -42,7 +42,7 @@ class Profile:
     min_version: str = "TLSv1.2"
     max_version: str = "TLSv1.3"
     ciphers: str = MOZILLA_INTERMEDIATE      # the OpenSSL cipher string actually used (TLS ≤ 1.2)
-    cipher_strength: CipherGrade | None = None   # when set by the operator
+    cipher_strength: CipherGrade | None = None   # when set by the operator (ciphers narrowed)
     ciphersuites: str = TLS13_SUITES         # TLS 1.3 suites
     groups: str = DEFAULT_GROUPS
     ca_file: str | None = None
@@ -64,10 +64,14 @@ PREDEFINED: dict[str, Profile] = {
 def clone(base: Profile, name: str, **overrides) -> Profile:
     """A new operator profile from *base* with *overrides* (already validated values).
 
-    `cipher_strength` given without `ciphers` replaces the cipher string with its grade.
+    `cipher_strength` given without `ciphers` narrows the TLS ≤ 1.2 list of *base* to the
+    suites of that grade (gateway.tls.grades; it never adds a suite). ValueError when the
+    grade leaves no suite.
     """
-    if "cipher_strength" in overrides and "ciphers" not in overrides:
-        overrides["ciphers"] = CIPHER_STRENGTH[overrides["cipher_strength"]]
+    grade = overrides.get("cipher_strength")
+    if grade is not None and "ciphers" not in overrides:
+        from .grades import narrow
+        overrides["ciphers"] = narrow(base.ciphers, grade)
     return dataclasses.replace(base, name=name, predefined=False, **overrides)
 
 

@@ -14,6 +14,12 @@ them reads from the transport, the other waits for that read and retries (`_recv
 Verification never fails the handshake (see gateway.tls.context): after do_handshake(),
 `info.verified` tells whether the peer's chain (and, on the client side with
 `verify_hostname`, its name) checked out.
+
+A server with several certificates (SPEC §3.4) passes `sni`, a callable from the client's
+server name (or None) to a context: the handshake then first reads the ClientHello as far as
+its server name (gateway.native.server_name, the native scanner) and builds the connection
+with the chosen context, so OpenSSL runs no servername callback (§3.3). Without `sni` nothing
+is read ahead.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import trio
 from OpenSSL import SSL
 
 from ..errors import TLSError
+from ..native import SNI_MORE
+from ..native import server_name as _scan_server_name
 from ._ossl import connection_handles, session_reused, verify_error_string, verify_result
 from ._ossl import mem_bio_pending as _bio_pending
 from ._ossl import ssl_pending as _ssl_pending
@@ -39,6 +47,8 @@ _BIO_READ_SIZE = 262144
 # caller asks for more than 64 KiB of plaintext (a message body, not commands).
 _TRANSPORT_READ = 65536
 _TRANSPORT_READ_BULK = 16 * 16413
+# ClientHello bytes read ahead for SNI at most (the scanner gives up on a longer ClientHello)
+_SNI_PEEK_LIMIT = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -124,8 +134,10 @@ class TLSStream(trio.abc.Stream):
     """A TLS connection over *transport_stream* using the pyOpenSSL *context*.
 
     ``server_hostname`` (client side) sets SNI unless it is an IP literal, and is the name
-    checked with *verify_hostname*. The handshake runs on the first send/receive or on
-    do_handshake(); `info` is available after it.
+    checked with *verify_hostname*. *sni* (server side): the client's server name → the
+    context to use (*context* is then a placeholder, replaced before the handshake). The
+    handshake runs on the first send/receive or on do_handshake(); `info` is available after
+    it.
     """
 
     # A peer that does not read must not hold aclose() forever.
@@ -133,29 +145,21 @@ class TLSStream(trio.abc.Stream):
 
     def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, *,
                  server_side: bool, server_hostname: str | None = None,
-                 verify_hostname: bool = False):
+                 verify_hostname: bool = False, sni=None):
         if verify_hostname and not server_hostname:
             raise ValueError("verify_hostname needs a server_hostname")
         if verify_hostname and server_side:
             raise ValueError("verify_hostname is for the client side")
+        if sni is not None and not server_side:
+            raise ValueError("sni is for the server side")
         self.transport_stream = transport_stream
-        self.context = context
         self.server_side = server_side
         self.server_hostname = server_hostname
         self.verify_hostname = verify_hostname
         self.unclean_eof = False
-
-        self._conn = SSL.Connection(context, None)
-        # the raw SSL* and memory BIOs, for the per-record checks (see gateway.tls._ossl)
-        self._ssl, self._into_bio, self._from_bio = connection_handles(self._conn)
-        self._verify_state = VerifyState()
-        self._conn.set_app_data(self._verify_state)
-        if server_side:
-            self._conn.set_accept_state()
-        else:
-            self._conn.set_connect_state()
-            if server_hostname and not _is_ip_literal(server_hostname):
-                self._conn.set_tlsext_host_name(_sni_bytes(server_hostname))
+        self.client_server_name: str | None = None     # server side with sni: what it sent
+        self._sni = sni
+        self._connect(context)
 
         self._state = _State.OK
         self._info: TLSInfo | None = None
@@ -175,6 +179,50 @@ class TLSStream(trio.abc.Stream):
         self._transport_read = _TRANSPORT_READ
         self._send_guard = _Exclusive("another task is already sending on this TLS stream")
         self._recv_guard = _Exclusive("another task is already receiving on this TLS stream")
+
+    def _connect(self, context: SSL.Context) -> None:
+        """Make the OpenSSL connection (again, for another context, before the handshake)."""
+        self.context = context
+        self._conn = SSL.Connection(context, None)
+        # the raw SSL* and memory BIOs, for the per-record checks (see gateway.tls._ossl)
+        self._ssl, self._into_bio, self._from_bio = connection_handles(self._conn)
+        self._verify_state = VerifyState()
+        self._conn.set_app_data(self._verify_state)
+        if self.server_side:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+            if self.server_hostname and not _is_ip_literal(self.server_hostname):
+                self._conn.set_tlsext_host_name(_sni_bytes(self.server_hostname))
+
+    async def _choose_context(self) -> None:
+        """Read the ClientHello as far as its server name, pick the context for it, and hand
+        what was read to the connection built with that context."""
+        received = bytearray()
+        status, name = SNI_MORE, b""
+        async with self._recv_lock:
+            while status == SNI_MORE and len(received) <= _SNI_PEEK_LIMIT:
+                data = await self.transport_stream.receive_some(_TRANSPORT_READ)
+                if not data:
+                    self._transport_eof = True
+                    break
+                received += data
+                status, name = _scan_server_name(received)
+            self._recv_count += 1
+        server_name = None
+        if status > 0:
+            try:
+                server_name = name.decode("ascii")
+            except UnicodeDecodeError:
+                server_name = None           # not a DNS name: no certificate matches it
+        self.client_server_name = server_name
+        context = self._sni(server_name)
+        if context is not self.context:
+            self._connect(context)
+        if received:
+            self._conn.bio_write(bytes(received))
+        if self._transport_eof:
+            self._conn.bio_shutdown()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -225,6 +273,8 @@ class TLSStream(trio.abc.Stream):
         self._handshake_started = True
         try:
             try:
+                if self._sni is not None:
+                    await self._choose_context()
                 await self._retry(self._conn.do_handshake, is_handshake=True)
             except _PeerEOF:
                 raise TLSError("connection closed during handshake") from None
