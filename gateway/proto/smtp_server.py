@@ -317,56 +317,52 @@ class SMTPServer:
                 return DataChunk(out)
         return None
 
+    _TOO_LONG = object()       # _next_line(): a line over the limit was dropped whole
+
+    def _next_line(self, limit: int):
+        """The next line without its ending, with its scan flags: (line, flags); or
+        (_TOO_LONG, 0) once a line over *limit* octets has been dropped whole (however it
+        arrived); or (event, 0) with NEED_DATA / ConnectionClosed; or (None, 0) to go on."""
+        buf = self._buf
+        if self._discarding:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                buf.clear()
+                return (ConnectionClosed() if self._eof else NEED_DATA), 0
+            del buf[: nl + 1]
+            self._discarding = False
+            return self._TOO_LONG, 0
+        end, flags = native.scan_line(buf)
+        if end < 0:
+            if len(buf) > limit + 1:
+                self._discarding = True
+                buf.clear()
+                return None, 0
+            return (ConnectionClosed() if self._eof else NEED_DATA), 0
+        line = bytes(buf[:end])
+        del buf[:end]
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if len(line) > limit:
+            return self._TOO_LONG, 0
+        return line, flags
+
     def _sasl_event(self):
         """One SASL response line (up to MAX_SASL_LINE octets; a longer one is dropped
         whole and reported, so the session can cancel the exchange upstream)."""
-        buf = self._buf
-        if self._discarding:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                buf.clear()
-                return ConnectionClosed() if self._eof else NEED_DATA
-            del buf[: nl + 1]
-            self._discarding = False
+        line, _ = self._next_line(MAX_SASL_LINE)
+        if line is self._TOO_LONG:
             return AuthResponse("", too_long=True)
-        end, flags = native.scan_line(buf)
-        if end < 0:
-            if len(buf) > MAX_SASL_LINE + 1:
-                self._discarding = True
-                buf.clear()
-                return None
-            return ConnectionClosed() if self._eof else NEED_DATA
-        line = bytes(buf[:end])
-        del buf[:end]
-        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        if len(line) > MAX_SASL_LINE:
-            return AuthResponse("", too_long=True)
+        if line.__class__ is not bytes:
+            return line                                 # NEED_DATA, closed, or go on
         return AuthResponse(line.decode("ascii", "replace").strip(" "))
 
     def _command_event(self):
-        buf = self._buf
-        if self._discarding:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                buf.clear()
-                return ConnectionClosed() if self._eof else NEED_DATA
-            del buf[: nl + 1]
-            self._discarding = False
+        line, flags = self._next_line(self.max_line)
+        if line is self._TOO_LONG:
             self._reply(R.LINE_TOO_LONG)
             return None
-        end, flags = native.scan_line(buf)
-        if end < 0:
-            if len(buf) > self.max_line + 1:
-                self._discarding = True
-                buf.clear()
-                return None
-            return ConnectionClosed() if self._eof else NEED_DATA
-        line = bytes(buf[:end])
-        del buf[:end]
-        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        if len(line) > self.max_line:
-            self._reply(R.LINE_TOO_LONG)
-            return None
+        if line.__class__ is not bytes:
+            return line                                 # NEED_DATA, closed, or go on
         if flags & native.NUL:
             self._reply(R.NUL_IN_COMMAND)
             return None
