@@ -79,6 +79,8 @@ METRICS = (
          "AUTH exchanges relayed, by result", ("listener", "mechanism", "result")),
     Spec("tracking_errors_total", "counter", "gateway_tracking_errors_total",
          "Tracking records not written (disk full)"),
+    Spec("milter_results_total", "counter", "gateway_milter_results_total",
+         "Milter verdicts and failures, by result", ("listener", "milter", "result")),
 )
 
 # Exposed metric names, as they appear in the exposition.

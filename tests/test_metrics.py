@@ -189,6 +189,7 @@ def test_every_spec_name_is_exposed():
         m.worker_restarts_total.inc()
         m.demo_certificate.set(1)
         m.auth_total.labels("l", "PLAIN", "success").inc()
+        m.milter_results_total.labels("l", "rspamd", "reject").inc()
         body, _ = M.render()
         names = set()
         for line in body.decode().splitlines():
@@ -221,7 +222,7 @@ def test_the_exposition_follows_the_table():
         print(json.dumps({"families": families(body.decode()), "help": help_lines}))
     """)
     fams = out["families"]
-    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 16
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 17
     for spec in M.METRICS:
         family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
         assert fams[family]["type"] == spec.kind, spec
