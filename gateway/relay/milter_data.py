@@ -117,18 +117,18 @@ async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
     unstuff = Unstuffer()
 
     async def take(text: bytes) -> None:
-        if state.aborted is not None or state.spool is not None:
-            return
+        if state.aborted is not None or state.spool is not None or state.stop is not None \
+                or txn.discard is not None:
+            return                       # refused already: nothing more is held or sent
         try:
             held.feed(text)
         except SpoolError as exc:
             state.spool = exc
             s.log.event("spool_error", level="error", reason=str(exc))
             return
-        if state.stop is None:
-            verdict = await policy.body(facts, text)
-            if verdict.action in (Action.REFUSE, Action.DISCARD):
-                state.stop = verdict
+        verdict = await policy.body(facts, text)
+        if verdict.action in (Action.REFUSE, Action.DISCARD):
+            state.stop = verdict
 
     if s.listener.received_header:
         await take(s._received_header())

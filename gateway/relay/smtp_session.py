@@ -616,11 +616,11 @@ class SMTPSession:
             txn.last_refusal = None
 
     def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+        self._tracked += 1               # ids count transactions (a milter's macro i too)
         tracking = self.rt.state.tracking
         if tracking is None:
             return
         leg = self.leg
-        self._tracked += 1
         tracking.write(TrackingRecord(
             id=f"{self.conn_id}.{self._tracked}", time=now_rfc3339(), listener=self.name,
             client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
