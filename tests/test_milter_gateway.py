@@ -590,3 +590,78 @@ async def test_opendkim_listed_after_rspamd_signs_the_final_message(tmp_path, rs
     assert dkim.verify(msg.data, dnsfunc=opendkim.dnsfunc)
     assert not dkim.verify(msg.data.replace(b"line 7 of", b"line 8 of"),
                            dnsfunc=opendkim.dnsfunc)
+
+
+# --- a worker killed mid-message ------------------------------------------------------------
+
+async def test_a_worker_killed_mid_message_leaves_no_spool_file(tmp_path):
+    """`gateway run` with one worker; the milter holds the message at its end while the
+    worker has it in the spool (an open file without a name); kill -9 the worker: nothing is
+    left in spool_dir."""
+    import signal
+    from test_supervisor import GatewayProcess
+    from peers import free_port
+
+    at_eom = trio.Event()
+
+    async def hold(peer):
+        at_eom.set()
+        return await _until_eof(peer)
+
+    script = Script(on={b"E": hold})
+    spool = tmp_path / "spool"
+    port = free_port()
+    body = b"Subject: big\r\n\r\n" + b"".join(b"line %06d\r\n" % i for i in range(20000))
+    async with running_sink() as sink, scripted_milter(script) as address:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"""
+[gateway]
+hostname = "mx.test"
+workers = 1
+metrics = ""
+spool_dir = "{spool}"
+milter_memory = 4096
+
+[[listeners]]
+name = "mx"
+bind = "127.0.0.1:{port}"
+tls = "off"
+client_tls = "none"
+
+[listeners.upstream]
+address = "127.0.0.1:{sink.port}"
+tls = "none"
+
+[[listeners.milters]]
+name = "holder"
+address = "{address}"
+content_timeout = 60
+""")
+        gw = GatewayProcess(config)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening"))
+                [worker] = gw.worker_pids()
+                outcome = []
+
+                def client():
+                    try:
+                        outcome.append(_send(port, body=body))
+                    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                        outcome.append(type(exc).__name__)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(in_thread, client)
+                    await at_eom.wait()
+                    fds = [os.readlink(f"/proc/{worker}/fd/{fd}")
+                           for fd in os.listdir(f"/proc/{worker}/fd")]
+                    held = [t for t in fds if t.startswith(str(spool))]
+                    assert held and all(t.endswith("(deleted)") for t in held), fds
+                    assert os.listdir(spool) == []
+                    os.kill(worker, signal.SIGKILL)
+                assert outcome == ["SMTPServerDisconnected"], outcome   # never a 250
+                await in_thread(lambda: gw.wait_for(r"event=worker_exit"))
+        finally:
+            await in_thread(gw.stop)
+    assert os.listdir(spool) == []
+    assert sink.messages == []
