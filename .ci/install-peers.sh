@@ -6,6 +6,9 @@
 # dovecot-core alone serves the AUTH tests' SASL (tests/dovecot.py DovecotAuth: `protocols =
 # none`, the auth service on a loopback inet_listener); it comes with dovecot-imapd and is
 # named below so that it stays if the IMAP package goes.
+# promtool (tests/test_prometheus_rules.py checks deploy/prometheus/alerts.yml) comes with
+# Debian's prometheus package, installed without its recommends (node exporter and friends):
+# 9 packages instead of 31. Its prometheus service is kept stopped and disabled like the rest.
 # The tests run private instances on ephemeral loopback ports with their own config
 # directories, so the system services these packages ship are kept stopped and disabled.
 # Works with or without systemd (containers).
@@ -17,10 +20,12 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server)
+SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server prometheus)
 # build tools for the venv and the native core, then the real peers the tests talk to
 PACKAGES=(python3-venv python3-dev gcc postfix dovecot-core dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
           rspamd opendkim opendkim-tools)
+# only what is needed of these (see above)
+NO_RECOMMENDS=(prometheus)
 
 # Keep maintainer scripts from starting daemons while installing (invoke-rc.d honours
 # policy-rc.d; exit 101 = "action forbidden").  Only if nobody else installed one.
@@ -41,6 +46,7 @@ trap cleanup EXIT
 apt-get update
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 apt-get install -y "${PACKAGES[@]}"
+apt-get install -y --no-install-recommends "${NO_RECOMMENDS[@]}"
 
 # Stop and disable whatever the packages started or enabled.
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
@@ -70,7 +76,7 @@ fi
 
 # Sanity check: every tool the peers need is there.
 missing=
-for tool in postfix postconf swaks openssl haproxy dovecot rspamd opendkim opendkim-genkey; do
+for tool in postfix postconf swaks openssl haproxy dovecot rspamd opendkim opendkim-genkey promtool; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
         echo "install-peers.sh: $tool missing after install" >&2
         missing=1

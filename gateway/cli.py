@@ -6,6 +6,8 @@
     gateway sink [--listen HOST:PORT] [--starttls] [--cert F --key F] [--maildir DIR]
     gateway certs demo DIR [--hostname H]
     gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--json] [FILE...]
+    gateway policy -c FILE --listener NAME --client IP [FACTS] --rcpt ADDR... [--json]
+    gateway status [--url URL | -c FILE] [--json]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
 usage error. Errors are one line on stderr (``error: <key path>: <message>``), never a
@@ -280,6 +282,65 @@ def cmd_track(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# policy
+
+
+def cmd_policy(args) -> int:
+    """What the policy in FILE would do with the session the flags describe (SPEC §12): exit
+    0 when every recipient would be accepted, 1 otherwise, 2 for a question that cannot be
+    asked."""
+    import json
+
+    from .config import load_config
+    from .policy import query
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    sender = "" if args.sender in (None, "<>") else args.sender.strip("<>")
+    question = query.Question(
+        listener=args.listener, client=args.client, tls=args.tls,
+        client_cert=args.client_cert, cipher=args.cipher, auth_user=args.auth,
+        upstream_tls=args.upstream_tls, sender=sender, rcpts=list(args.rcpt))
+    try:
+        answer = query.ask(config, question)
+    except query.QueryError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    print(json.dumps(answer, indent=2) if args.json else query.format_text(answer))
+    return EXIT_OK if answer["accepted"] else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+def cmd_status(args) -> int:
+    """The running gateway's `/status` as tables (or its JSON): 0, or 1 when unreachable."""
+    import json
+
+    from . import status
+    url = args.url
+    if url is None and args.config:
+        from .config import load_config
+        try:
+            metrics = load_config(args.config).metrics
+        except ConfigError as exc:
+            return _config_error(exc)
+        if not metrics:
+            _error(f"{args.config}: gateway.metrics is off: no status endpoint")
+            return EXIT_CONFIG
+        url = status.url_for(metrics)
+    try:
+        data = status.fetch(url or status.DEFAULT_URL)
+    except status.StatusError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    print(json.dumps(data, indent=2) if args.json else status.format_table(data))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # parser
 
 
@@ -361,6 +422,48 @@ def build_parser() -> argparse.ArgumentParser:
         leg.add_argument(f"--no-{flag}", dest=dest, action="store_const", const=False, help=no)
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
+        "policy", help="what the policy would do with a session, without sending mail",
+        description="Run a listener's policy stages (client rules, MAIL FROM, encryption "
+                    "rules per RCPT TO, the upstream leg the first recipient opens) over the "
+                    "facts given, as a session would; milters are not consulted. Exit 0 when "
+                    "every recipient would be accepted, 1 otherwise.")
+    p.add_argument("-c", "--config", required=True, metavar="FILE",
+                   help="the configuration to ask (the one a reload would load)")
+    p.add_argument("--listener", required=True, metavar="NAME")
+    p.add_argument("--client", required=True, metavar="IP", help="the client's address")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls", dest="tls", action="store_const", const=True, default=True,
+                     help="the client uses TLS (default; TLS 1.3 unless --cipher says)")
+    tls.add_argument("--no-tls", dest="tls", action="store_const", const=False,
+                     help="the client stays in plaintext")
+    p.add_argument("--client-cert", choices=("verified", "unverified", "none"), default="none",
+                   help="the client's certificate (default none)")
+    p.add_argument("--cipher", metavar="NAME",
+                   help="the negotiated suite, OpenSSL name (a TLS 1.2 one means TLS 1.2)")
+    p.add_argument("--auth", metavar="USER", help="the client authenticated (AUTH) as USER")
+    p.add_argument("--upstream-tls", choices=("offered", "absent", "failed"),
+                   default="offered",
+                   help="the upstream's STARTTLS: offered (and verified), absent, or failed "
+                        "(default offered)")
+    p.add_argument("--sender", metavar="ADDR", help="MAIL FROM (default <>)")
+    p.add_argument("--rcpt", required=True, action="extend", nargs="+", metavar="ADDR",
+                   help="RCPT TO, in order (repeatable)")
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser(
+        "status", help="the running gateway's listeners, workers and certificates",
+        description="Read /status from the metrics endpoint: per listener the open "
+                    "connections, sessions and messages of the last minute and the upstream's "
+                    "last result; the workers; the certificates and their expiry.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", metavar="URL",
+                       help="the metrics endpoint (default http://127.0.0.1:9108)")
+    where.add_argument("-c", "--config", metavar="FILE", help="use its gateway.metrics")
+    p.add_argument("--json", action="store_true", help="the JSON as served")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("certs", help="certificate helpers")
     certs = p.add_subparsers(dest="certs_command", metavar="ACTION")

@@ -6,7 +6,8 @@ endpoint with a fresh registry per scrape (`MetricsServer`), and marks reaped wo
 (`mark_process_dead`). A scrape reads the value files as MultiProcessCollector does; a file being
 created, removed or left unreadable by a killed worker is skipped, never a failed scrape
 (`_TolerantCollector`). Without metrics, `NullMetrics` offers the same
-attributes as no-ops, so call sites never check.
+attributes as no-ops, so call sites never check. `/status` (`status()`) answers JSON from the
+same files and the workers' last-minute counts (gateway.recent).
 
 prometheus_client is imported lazily (inside functions) so that importing this module never
 fixes the value class too early.
@@ -81,6 +82,14 @@ METRICS = (
          "Tracking records not written (disk full)"),
     Spec("milter_results_total", "counter", "gateway_milter_results_total",
          "Milter verdicts and failures, by result", ("listener", "milter", "result")),
+    # set by each worker at start: a worker's values go with it, so after a reload only the
+    # certificates the new generation loaded remain
+    Spec("certificate_expiry", "gauge", "gateway_certificate_expiry_timestamp_seconds",
+         "notAfter of each loaded certificate", ("certificate", "key_type"), "livemax"),
+    # the newest across workers, dead ones included (`/status`: the upstream's last result)
+    Spec("upstream_last_result", "gauge", "gateway_upstream_last_result_timestamp_seconds",
+         "When a connection to the upstream was last opened (ok) or failed, by result",
+         ("listener", "result"), "max"),
 )
 
 # Exposed metric names, as they appear in the exposition.
@@ -264,6 +273,81 @@ def render() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def _samples(path: str) -> dict[str, list[tuple[dict, float]]]:
+    """Every sample of every process's value files, merged: {sample name: [(labels, value)]}."""
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for family in _TolerantCollector(path).collect():
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def _utc(ts: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def status(workers=None, now: float | None = None) -> dict:
+    """`/status` (SPEC §11), summed across workers: per listener the open connections, the
+    sessions and messages of the last minute and the upstream's last result; the certificates
+    loaded, with their expiry; the workers (*workers*: the supervisor's callable returning
+    rows of pid, generation and heartbeat age; empty when it gives none); the last reload,
+    once the supervisor exports it."""
+    import time
+
+    from .recent import read_recent
+    path = os.environ.get(ENV)
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"{ENV} is not set or not a directory")
+    now = time.time() if now is None else now
+    samples = _samples(path)
+    recent = read_recent(path, now)
+
+    def by_listener(name: str) -> dict[str, list[tuple[dict, float]]]:
+        rows: dict[str, list[tuple[dict, float]]] = {}
+        for labels, value in samples.get(name, ()):
+            rows.setdefault(labels.get("listener", ""), []).append((labels, value))
+        return rows
+    active = by_listener("gateway_connections_active")
+    upstream = by_listener("gateway_upstream_last_result_timestamp_seconds")
+    names = list(recent)
+    for source in (by_listener("gateway_tls_alerts_total"), active, upstream):
+        names += [n for n in source if n and n not in names]
+    listeners = []
+    for name in names:
+        results = {labels["result"]: value for labels, value in upstream.get(name, ())}
+        last = None
+        if results:
+            result, at = max(results.items(), key=lambda item: item[1])
+            last = {"result": result, "at": at, "at_utc": _utc(at),
+                    "age_seconds": round(now - at, 1)}
+        counts = recent.get(name, {"sessions": 0, "messages": 0})
+        listeners.append({
+            "name": name,
+            "active_connections": int(sum(v for _, v in active.get(name, ()))),
+            "sessions_last_minute": counts["sessions"],
+            "messages_last_minute": counts["messages"],
+            "upstream_last_result": last})
+    certificates = sorted(
+        ({"name": labels["certificate"], "key_type": labels["key_type"], "not_after": value,
+          "not_after_utc": _utc(value), "expires_in_days": round((value - now) / 86400, 1)}
+         for labels, value in samples.get("gateway_certificate_expiry_timestamp_seconds", ())),
+        key=lambda c: (c["not_after"], c["name"], c["key_type"]))
+    out = {"time": _utc(now), "listeners": listeners, "certificates": certificates,
+           "demo_certificate": any(v == 1 for _, v in samples.get("gateway_demo_certificate",
+                                                                  ())),
+           "workers": list(workers()) if workers is not None else []}
+    # the supervisor's reload gauges (SPEC §11), when it exports them
+    reload_ok = samples.get("gateway_config_last_reload_successful")
+    if reload_ok:
+        out["last_reload_successful"] = bool(max(v for _, v in reload_ok))
+        at = samples.get("gateway_config_last_reload_success_timestamp_seconds")
+        if at:
+            out["last_reload_success_utc"] = _utc(max(v for _, v in at))
+    return out
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "gateway-metrics"
     protocol_version = "HTTP/1.0"
@@ -275,6 +359,13 @@ class _Handler(BaseHTTPRequestHandler):
                 body, ctype = render()
                 code = 200
             except Exception as exc:                    # a scrape must not kill the thread
+                body, ctype, code = (f"error: {exc!r}\n".encode(), "text/plain", 500)
+        elif path == "/status":
+            import json
+            try:
+                body = (json.dumps(status(self.server.workers), indent=2) + "\n").encode()
+                ctype, code = "application/json", 200
+            except Exception as exc:                    # a request must not kill the thread
                 body, ctype, code = (f"error: {exc!r}\n".encode(), "text/plain", 500)
         elif path == "/healthz":
             healthy = self.server.healthy
@@ -302,6 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     healthy = None
+    workers = None
 
     def handle_error(self, request, client_address):    # no tracebacks on stderr
         pass
@@ -312,12 +404,17 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """`/metrics` and `/healthz` for the supervisor, served from a daemon thread."""
+    """`/metrics`, `/healthz` and `/status` for the supervisor, served from a daemon thread.
 
-    def __init__(self, host: str, port: int, healthy=None):
+    *healthy*: a callable, true while every worker slot is served. *workers*: a callable
+    returning `/status`'s worker rows (dicts: pid, generation, heartbeat_age_seconds) — the
+    supervisor's to give; without it the list is empty."""
+
+    def __init__(self, host: str, port: int, healthy=None, workers=None):
         self.host = host or "127.0.0.1"
         self.port = port
         self.healthy = healthy
+        self.workers = workers
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -325,6 +422,7 @@ class MetricsServer:
         cls = _Server6 if ":" in self.host else _Server
         httpd = cls((self.host, self.port), _Handler)
         httpd.healthy = self.healthy
+        httpd.workers = self.workers
         self._httpd = httpd
         self.port = httpd.server_address[1]
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},

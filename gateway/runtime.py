@@ -2,6 +2,7 @@
 mailer, the TLS contexts from listener_tls) and the state all sessions of the process share."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -11,10 +12,11 @@ from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
+from .recent import NullRecent, RecentCounts
 from .relay.milter_hook import milter_factories
 from .relay.pool import UpstreamPool
 from .relay.spool import prepare_spool_dir
-from .relay.upstream import UpstreamSettings
+from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
 from .policy.stages import StagePolicy
 
@@ -25,6 +27,7 @@ class WorkerState:
     def __init__(self, counts=None, row: int = 0, metrics=None):
         self.draining = False
         self.idle_scopes: set[trio.CancelScope] = set()
+        self.drain_hooks: set = set()            # called once when the drain begins
         self.counts = counts if counts is not None else ConnectionCounts(1, 1)
         self.row = row
         self.metrics = metrics if metrics is not None else NullMetrics()
@@ -33,6 +36,7 @@ class WorkerState:
         self.pool = UpstreamPool()               # idle SMTP upstream legs (§4.4)
         self.watchdog = ReceiveWatchdog()        # SMTP client-read timeouts
         self.no_sessions = trio.Event()
+        self.recent = NullRecent()               # sessions/messages of the last minute
 
     def session_started(self) -> None:
         self.sessions += 1
@@ -44,10 +48,13 @@ class WorkerState:
             self.no_sessions = trio.Event()
 
     def drain(self) -> None:
-        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle."""
+        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle;
+        relayed IMAP sessions say BYE at their next response boundary (`drain_hooks`)."""
         self.draining = True
         for scope in list(self.idle_scopes):
             scope.cancel()
+        for hook in list(self.drain_hooks):
+            hook()
 
 
 @dataclass
@@ -80,6 +87,9 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     runtimes = []
     state = state if state is not None else WorkerState(
         ConnectionCounts(1, len(config.listeners)))
+    start_metrics(state.metrics, config, tls_list)
+    if not isinstance(state.metrics, NullMetrics) and isinstance(state.recent, NullRecent):
+        state.recent = RecentCounts.for_process([lst.name for lst in config.listeners])
     if any(listener.milters for listener in config.listeners):
         # still privileged here (a worker drops privileges after this): 0700, the workers'
         prepare_spool_dir(config.spool_dir, config.user, config.group)
@@ -95,7 +105,8 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
             pool_size=up.pool_size if listener.protocol == "smtp" else 0,
             pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
-            tls_resumption=config.profiles[up.profile].session_resumption)
+            tls_resumption=config.profiles[up.profile].session_resumption,
+            on_result=upstream_result_recorder(state.metrics, listener.name))
         smtp = listener.protocol == "smtp"
         alerts = None
         if smtp and config.alert_recipients:
@@ -110,3 +121,29 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             strength_ctx=strength_ctx, alerts=alerts,
             milter_spool=(config.spool_dir, config.milter_memory)))
     return runtimes, demo_used
+
+
+def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -> None:
+    """What a worker exports from its start (SPEC §11): every counter an alert rule reads, at
+    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), and
+    the notAfter of every certificate it loaded."""
+    for listener in config.listeners:
+        for reason in TLS_ALERT_REASONS:
+            metrics.tls_alerts_total.labels(listener.name, reason)
+        for reason in FAILURE_KINDS.values():
+            metrics.upstream_errors_total.labels(listener.name, reason)
+    seen = set()
+    for ltls in tls_list:
+        for cert in ltls.certificates:
+            if (cert.name, cert.key_type) not in seen:
+                seen.add((cert.name, cert.key_type))
+                metrics.certificate_expiry.labels(cert.name, cert.key_type).set(cert.not_after)
+
+
+def upstream_result_recorder(metrics, listener: str):
+    """`UpstreamSettings.on_result`: the time of each result of opening a leg, by result."""
+    gauge = metrics.upstream_last_result
+
+    def record(result: str) -> None:
+        gauge.labels(listener, result).set(time.time())
+    return record

@@ -88,6 +88,7 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     state.session_started()
     m, name = state.metrics, rt.listener.name
     m.connections_total.labels(name, rt.listener.protocol).inc()
+    state.recent.session(rt.index)
     m.connections_active.labels(name).inc()
     try:
         if counts.total(rt.index) > rt.listener.max_connections:

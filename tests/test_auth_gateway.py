@@ -154,3 +154,28 @@ async def test_auth_required_listener_and_auth_parameter(server_cert, upstream_c
                 refused = await in_thread(session)
     assert refused == (530, b"5.7.0 Authentication required")
     assert "AUTH=alice" in sink.messages[0].mail_params.split()
+
+
+async def test_at_verify_the_certificate_is_checked_before_credentials_go_upstream(
+        server_cert, upstream_cert):
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={USER: PASSWORD}) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, cert="main",
+                                          client_tls="verify", profile="testca",
+                                          upstream_tls="required", auth="passthrough")],
+                           server_cert=server_cert, ca_file=server_cert.ca)
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            ctx = client_context(server_cert.ca)
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.starttls(context=ctx)             # no client certificate
+                    s.ehlo("client.test")
+                    return s.docmd("AUTH PLAIN " + base64.b64encode(
+                        f"\0{USER}\0{PASSWORD}".encode()).decode())
+
+            with trio.fail_after(30):
+                reply = await in_thread(session)
+    assert reply == (421, b"4.7.1 Unverified client certificate")
+    assert not any(line.upper().startswith(b"AUTH") for s in sink.sessions for line in s)

@@ -266,3 +266,84 @@ def test_respond_before_next_event_is_enforced():
     assert isinstance(core.next_event(), S.Mail)
     with pytest.raises(RuntimeError):
         core.next_event()
+
+
+# --- AUTH (SPEC §4.6): the offer, the refusals, the SASL line mode ---------------------------
+
+def _auth_core(**kw):
+    kw.setdefault("auth_mechanisms", ("PLAIN", "LOGIN"))
+    return make(**kw)
+
+
+def _ehlo(core) -> bytes:
+    core.receive_data(b"EHLO c\r\n")
+    assert isinstance(core.next_event(), S.Hello)
+    return core.data_to_send()
+
+
+def _answer(core, code, text):
+    core.respond(code, text)
+    return core.data_to_send()
+
+
+def test_auth_is_offered_only_on_tls_and_refused_before_it():
+    core = _auth_core(require_tls=True)
+    assert b"AUTH" not in _ehlo(core)
+    core.receive_data(b"AUTH PLAIN AGFsaWNlAHB3\r\n")
+    assert core.next_event() is S.NEED_DATA          # nothing for the session: no upstream
+    assert core.data_to_send() == (b"538 5.7.11 Encryption required for requested "
+                                   b"authentication mechanism\r\n")
+    core.tls_established()
+    assert b"250-AUTH PLAIN LOGIN\r\n" in _ehlo(core)
+
+
+def test_auth_off_is_not_implemented_whatever_the_tls():
+    core = make(tls_active=True)
+    _ehlo(core)
+    core.receive_data(b"AUTH PLAIN\r\n")
+    assert core.next_event() is S.NEED_DATA
+    assert core.data_to_send() == b"502 5.5.1 Command not implemented\r\n"
+
+
+def test_auth_exchange_in_line_mode_then_authenticated():
+    core = _auth_core(tls_active=True)
+    _ehlo(core)
+    core.receive_data(b"AUTH login\r\n")
+    assert core.next_event() == S.Auth("LOGIN", None)
+    assert _answer(core, 334, "VXNlcm5hbWU6") == b"334 VXNlcm5hbWU6\r\n"
+    # the next line is a response, not a command, even when it looks like one
+    core.receive_data(b"QUIT\r\n")
+    assert core.next_event() == S.AuthResponse("QUIT")
+    _answer(core, 334, "UGFzc3dvcmQ6")
+    core.receive_data(b"cHc=\r\n")
+    assert core.next_event() == S.AuthResponse("cHc=")
+    _answer(core, 235, "2.7.0 Authentication successful")
+    assert core.authenticated
+    core.receive_data(b"AUTH PLAIN\r\nMAIL FROM:<a@b> AUTH=a@b\r\n")
+    assert core.next_event() == S.Mail("a@b", {"AUTH": "a@b"})
+    assert core.data_to_send() == b"503 5.5.1 Error: already authenticated\r\n"
+
+
+def test_auth_refusals_during_a_transaction_and_for_an_unlisted_mechanism():
+    core = _auth_core(tls_active=True)
+    d = Driver(core)
+    d.feed(b"EHLO c\r\n")
+    out = d.feed(b"AUTH GSSAPI\r\nMAIL FROM:<a@b>\r\nAUTH PLAIN\r\n")
+    assert out == (b"504 5.5.4 Unrecognized authentication type\r\n250 2.1.0 Ok\r\n"
+                   b"503 5.5.1 Error: MAIL transaction in progress\r\n")
+
+
+def test_sasl_response_over_12288_octets_is_reported_not_executed():
+    core = _auth_core(tls_active=True)
+    _ehlo(core)
+    core.receive_data(b"AUTH PLAIN\r\n")
+    assert core.next_event() == S.Auth("PLAIN", None)
+    _answer(core, 334, "")
+    long = b"A" * 20000
+    for i in range(0, len(long), 1000):          # however it arrives
+        core.receive_data(long[i:i + 1000])
+        assert core.next_event() is S.NEED_DATA
+    core.receive_data(b"\r\nRSET\r\n")
+    assert core.next_event() == S.AuthResponse("", too_long=True)
+    _answer(core, 500, "5.5.6 Authentication Exchange line is too long")
+    assert isinstance(core.next_event(), S.Reset)       # back in command mode

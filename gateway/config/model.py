@@ -29,6 +29,7 @@ class Timeouts:
     upstream_data_done: float = 540
     imap_login: float = 60
     imap_idle: float = 1800
+    data_min_rate: float = 1024       # bytes/s DATA keeps up after `data` seconds (0 = off)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Listener:
     max_recipients: int = 1000
     received_header: bool = True
     forward_client: bool = False
+    pregreet_wait: float = 0.0        # seconds between "220-" and the final "220 " (§4.1)
     smtputf8: bool = True
     dsn: bool = False
     auth: str = "off"

@@ -48,7 +48,7 @@ _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "cert
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules",
-                  "milters")
+                  "pregreet_wait", "milters")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
 _UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
                   "pool_size", "pool_idle", "pool_max_reuse", "plaintext_auth")
@@ -231,8 +231,10 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     timeouts_t = t.table("timeouts", _TIMEOUT_KEYS)
     timeouts = Timeouts()
     if timeouts_t is not None:
-        timeouts = Timeouts(**{k: timeouts_t.seconds(k, getattr(timeouts, k))
-                               for k in _TIMEOUT_KEYS})
+        timeouts = Timeouts(**{
+            k: (timeouts_t.int(k, 1024, minimum=0) if k == "data_min_rate"
+                else timeouts_t.seconds(k, getattr(timeouts, k)))
+            for k in _TIMEOUT_KEYS})
 
     if not t.has("upstream"):
         raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")
@@ -258,6 +260,11 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     rules = []
     for rt in rule_tables:
         rules.append(_parse_rule(rt, upstream))
+
+    pregreet_wait = t.seconds("pregreet_wait", 0.0, zero_ok=True)
+    if pregreet_wait and (protocol != "smtp" or mode == "implicit"):
+        raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
+                                                'plaintext (tls = "starttls" or "off")')
 
     milter_tables = t.tables("milters", _MILTER_KEYS)
     if milter_tables and protocol != "smtp":
@@ -290,7 +297,8 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         smtputf8=t.bool("smtputf8", True),
         dsn=t.bool("dsn", False),
         auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
-        client_rules=tuple(client_rules), rules=tuple(rules), milters=tuple(milters),
+        client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
+        milters=tuple(milters),
     )
 
 

@@ -181,6 +181,11 @@ class SMTPServer:
     def greeting(self) -> None:
         self._send(220, f"{self.hostname} ESMTP")
 
+    def pregreeting(self) -> None:
+        """The first line of a greeting held back (`pregreet_wait`, §4.1): `220-host ESMTP`;
+        `greeting()` sends the final line."""
+        self._out.append(f"220-{self.hostname} ESMTP\r\n".encode("utf-8", "surrogateescape"))
+
     def receive_data(self, data: bytes) -> None:
         if data:
             self._buf += data

@@ -8,8 +8,10 @@ both directions are relayed unparsed (IDLE, COMPRESS and every extension pass th
 either side closes or nothing moved for `imap_idle` seconds (then `* BYE Autologout`).
 
 Draining (SPEC §9): a session still before login gets `* BYE Server shutting down`; a relayed
-session cannot take an injected BYE at an unknown point of the upstream's output, so it runs
-on until `shutdown_grace` ends it (closing both legs; IMAP clients reconnect).
+session gets `* BYE [UNAVAILABLE] Server shutting down` at the next point where the
+server→client stream is between responses (`proto.imap_boundary`; never inside a line or a
+literal, never once COMPRESS may be on), else it runs on until `shutdown_grace` closes it
+without a word. The same holds for a worker a reload retires (after its grace).
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ from ..errors import TLSError
 from ..policy.levels import ClientLevel
 from ..policy.stages import Facts
 from ..proto import imap_server as S
+from ..proto.imap_boundary import ResponseBoundary
 from ..proto import replies as R
 from .imap_upstream import IMAPUpstreamLeg
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import FAILURE_KINDS, UpstreamFailure
 
 _SHUTDOWN = object()
+BYE_UNAVAILABLE = b"* BYE [UNAVAILABLE] Server shutting down\r\n"   # a relayed session cut (§9)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, TLSError)
 
 
@@ -224,36 +228,81 @@ class IMAPSession:
     # --- after login ------------------------------------------------------------------------
 
     async def _relay(self) -> None:
+        """Both directions unparsed until either side closes or imap_idle passes. A drain
+        (shutdown, or a reload retiring this worker) ends the session with `* BYE
+        [UNAVAILABLE]` when the server→client stream is between responses (SPEC §9)."""
         leg = self.leg
         idle = self.listener.timeouts.imap_idle
         to_upstream = self.core.take_trailing()
         to_client = leg.client.take_leftover()
         ended = False
+        boundary = ResponseBoundary()
+        boundary.client_sent(to_upstream)
+        sending = False                      # a chunk to the client is being written
+        draining = False
+        state = self.rt.state
 
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
             scope.deadline = trio.current_time() + idle
 
+            def on_drain() -> None:
+                nonlocal draining
+                draining = True
+                if not sending and boundary.at_boundary:
+                    scope.cancel()
+
             async def pump(src, dst, first: bytes, inbound: bool) -> None:
-                nonlocal ended
+                nonlocal ended, sending
                 try:
                     if first:
+                        sending = not inbound
                         await dst.send_all(first)
+                        sending = False
+                        if not inbound:
+                            boundary.feed(first)
                         self._count(inbound, len(first))
                     while True:
                         data = await src.receive_some(65536)
                         if not data:
                             break
                         scope.deadline = trio.current_time() + idle
-                        await dst.send_all(data)
+                        if inbound:
+                            boundary.client_sent(data)
+                            await dst.send_all(data)
+                        else:
+                            sending = True
+                            await dst.send_all(data)
+                            sending = False
+                            boundary.feed(data)
+                            if draining and boundary.at_boundary:
+                                scope.cancel()
+                                return
                         self._count(inbound, len(data))
                 except _BROKEN + (OSError,):
                     pass
                 ended = True
                 scope.cancel()
 
-            nursery.start_soon(pump, self.stream, leg.stream, to_upstream, True)
-            nursery.start_soon(pump, leg.stream, self.stream, to_client, False)
+            state.drain_hooks.add(on_drain)
+            if state.draining:
+                on_drain()
+            try:
+                nursery.start_soon(pump, self.stream, leg.stream, to_upstream, True)
+                nursery.start_soon(pump, leg.stream, self.stream, to_client, False)
+            except BaseException:
+                state.drain_hooks.discard(on_drain)
+                raise
+        state.drain_hooks.discard(on_drain)
+        if draining and not ended:
+            if boundary.at_boundary and not sending:
+                self.log.event("reject", code="BYE", reason="shutting down")
+                with trio.move_on_after(2):
+                    try:
+                        await self.stream.send_all(BYE_UNAVAILABLE)
+                    except _BROKEN:
+                        pass
+            return
         if not ended:                         # imap_idle passed without a byte either way
             self.log.event("reject", code="BYE", reason="idle timeout")
             with trio.move_on_after(2):

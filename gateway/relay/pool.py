@@ -2,12 +2,14 @@
 
 Like Postfix's connection cache: when a client session ends with its upstream leg between
 transactions, the leg waits here instead of being closed, and a later session of the same
-worker whose transaction needs the same upstream (address, server_name, TLS context, mode) at
-the same level takes it instead of connecting, reading a greeting, saying EHLO and doing a TLS
-handshake again.
+worker and listener whose transaction needs that listener's upstream at the same level takes
+it instead of connecting, reading a greeting, saying EHLO and doing a TLS handshake again. The
+key is the listener's `UpstreamSettings` object (one per listener per worker) and the level,
+so two listeners never share a leg even when their upstream addresses are equal.
 
 - A leg is kept only when it is clean: open, no transaction in progress, nothing buffered, not
-  tied to one client (XCLIENT), and used fewer than `pool_max_reuse` times.
+  tied to one client (XCLIENT; an authenticated leg never comes here, the session quits it),
+  and used fewer than `pool_max_reuse` times.
 - At most `pool_size` idle legs per upstream and level; one more is closed with QUIT.
 - A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
 - A leg is handed out only if its socket shows nothing readable: an upstream that closed it
@@ -34,6 +36,7 @@ class UpstreamPool:
 
     @staticmethod
     def key(settings, level: str) -> tuple:
+        """The listener's upstream settings (by identity) and the leg's level."""
         return (id(settings), level)
 
     @staticmethod

@@ -85,6 +85,10 @@ class SMTPSession:
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
+        self._line_start: float | None = None   # when the partial command line began
+        self._data_start = 0.0                  # DATA: when the 354 went out,
+        self._data_blocked = 0.0                # the time spent blocked writing upstream,
+        self._data_received = 0                 # and the client's bytes since
         self.core = S.SMTPServer(
             hostname=rt.hostname,
             esmtp=self.listener.esmtp,
@@ -109,6 +113,8 @@ class SMTPSession:
                 if not await self._handshake():
                     return
                 self.core.tls_established()
+            if self.listener.pregreet_wait and not await self._pregreet():
+                return
             if self._hooks:
                 # a refusal here answers every MAIL of the session (the hooks keep it)
                 await self.policy.connect(self.facts)
@@ -178,22 +184,42 @@ class SMTPSession:
         watchdog: a scope deadline, infinite when not waiting), and while the session is
         idle the drain may cancel it. Either ends `_loop()`; `_receive_ended()` answers."""
         t = self.listener.timeouts
-        timeout = t.data if self.core.in_data else t.command
+        core = self.core
         state = self.rt.state
-        idle = not self.core.in_transaction and not self.core.in_data
+        in_data = core.in_data
+        idle = not core.in_transaction and not in_data
         if idle and state.draining:
             return _SHUTDOWN
+        now = trio.current_time()
+        if in_data:
+            deadline = now + t.data
+            if t.data_min_rate:
+                # after a grace of `data` seconds DATA keeps up data_min_rate bytes a second,
+                # not counting the time spent blocked on the upstream (§9)
+                floor = (self._data_start + self._data_blocked + t.data
+                         + self._data_received / t.data_min_rate)
+                if floor < deadline:
+                    deadline = floor
+        elif core.buffered:
+            # a command line must be complete within `command` seconds of its first byte:
+            # a client trickling a byte at a time does not extend it (§9)
+            if self._line_start is None:
+                self._line_start = now
+            deadline = self._line_start + t.command
+        else:
+            self._line_start = None
+            deadline = now + t.command
         scope = self._rx_scope
         self._rx_idle = idle
         watchdog = state.watchdog
         if watchdog.running:                # the worker's timer (gateway.relay.watchdog)
-            watchdog.watch(scope, trio.current_time() + timeout)
+            watchdog.watch(scope, deadline)
         else:
-            scope.deadline = trio.current_time() + timeout
+            scope.deadline = deadline
         if idle:
             state.idle_scopes.add(scope)
         try:
-            data = await self.stream.receive_some(_DATA_READ if self.core.in_data else 65536)
+            data = await self.stream.receive_some(_DATA_READ if in_data else 65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError):
             data = b""
         finally:
@@ -204,7 +230,32 @@ class SMTPSession:
             if idle:
                 state.idle_scopes.discard(scope)
         self.bytes_in += len(data)
+        if in_data:
+            self._data_received += len(data)
         return data
+
+    async def _pregreet(self) -> bool:
+        """`220-` first, then wait `pregreet_wait` seconds: a client that talks before the
+        final `220 ` is a bot that does not wait for the server (Postfix postscreen's
+        pregreet test): 554 and close (§4.1). False when the session ends here."""
+        self.core.pregreeting()
+        await self._flush()
+        early = b""
+        with trio.move_on_after(self.listener.pregreet_wait):
+            try:
+                early = await self.stream.receive_some(4096)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            if not early:
+                return False                # gone before the greeting
+        if not early:
+            return True
+        self.bytes_in += len(early)
+        self.log.event("reject", code=554, reason="pregreet", bytes=len(early))
+        self.metrics.connections_rejected_total.labels(self.name, "pregreet").inc()
+        self.core.respond(*R.SYNC_ERROR, close=True)
+        await self._flush(last=True)
+        return False
 
     async def _receive_ended(self) -> None:
         """The receive scope fired: the drain of an idle session, or a timeout."""
@@ -276,6 +327,10 @@ class SMTPSession:
         verdict = await self.policy.mail(self.facts, event.address, event.params)
         if verdict.refused:
             self._refuse_by(verdict)
+            # a refusal at MAIL FROM is tracked too (§7)
+            code, text = verdict.reply
+            self._track(Transaction(event), "tempfail" if code // 100 == 4 else "rejected",
+                        f"{code} {_text(text)}", 0, [])
             return
         if self.leg is not None:
             await self.leg.reset()
@@ -329,6 +384,7 @@ class SMTPSession:
                     self.core.respond(*relayed(mail))
                     return
             else:
+                self._note_dsn(event.params, leg)
                 reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [event.address])
@@ -352,6 +408,7 @@ class SMTPSession:
         reused = self._leg_from_pool
         self._leg_from_pool = False
         mail = txn.mail
+        self._note_dsn({**mail.params, **rcpt.params}, leg)
         if "AUTH" in mail.params and not self._leg_bound:
             # RFC 4954 §5: the submitter is not vouched for on an unauthenticated session
             mail = S.Mail(mail.address, {**mail.params, "AUTH": "<>"})
@@ -367,6 +424,14 @@ class SMTPSession:
         self.log.event("upstream_reuse_failed", level="debug")
         self.leg = leg = await self._open_leg(level, pooled=False)
         return await leg.start_transaction(mail, rcpt)
+
+    def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
+        """DSN parameters towards an upstream without DSN are dropped (it would refuse them)
+        and logged: a queue-less gateway cannot send the notices itself (§4.1)."""
+        if "DSN" not in leg.extensions:
+            dropped = [k for k in _DSN_PARAMS if k in params]
+            if dropped:
+                self.log.event("dsn_dropped", params=",".join(dropped))
 
     async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
         pool = self.rt.state.pool
@@ -526,6 +591,9 @@ class SMTPSession:
         try:
             reply = await leg.command("DATA")
             if reply.code == 354:
+                self._data_start = trio.current_time()
+                self._data_blocked = 0.0
+                self._data_received = 0
                 self._leg_broken = False
                 self._msg_bytes = 0
                 self.core.respond(*relayed(reply))
@@ -549,8 +617,10 @@ class SMTPSession:
             await self._send_held()
 
     async def _send_held(self) -> None:
+        start = trio.current_time()
         try:
             await self.leg.send_data()
+            self._data_blocked += trio.current_time() - start
         except UpstreamFailure as failure:
             self._leg_broken = True
             await self._leg_failed(failure, self.txn.rcpts)
@@ -587,6 +657,7 @@ class SMTPSession:
             result = ("accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4
                       else "rejected")
         self.metrics.messages_total.labels(self.name, result).inc()
+        self.rt.state.recent.message(self.rt.index)        # /status: the last minute
         if result == "accepted":
             self.messages += 1
             self.metrics.message_bytes_total.labels(self.name).inc(size)
@@ -695,6 +766,7 @@ class _AuthExchange:
         self.user = raw.decode("utf-8", "replace")[:256] or None
 
 
+_DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals counted as policy
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)

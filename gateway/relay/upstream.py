@@ -25,6 +25,12 @@ FAILURE_KINDS = {
     R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
     R.UPSTREAM_TLS_FAILED: "tls_failed", R.UPSTREAM_NOT_TRUSTED: "not_trusted",
     R.UPSTREAM_LOST: "lost"}
+# the reasons of gateway_tls_alerts_total: the failures to get TLS a level required (SPEC §8)
+TLS_ALERT_REASONS = ("tls_not_offered", "tls_failed", "not_trusted")
+# what opening a leg came to, for the upstream's last result (`/status`, SPEC §11): "ok", or
+UPSTREAM_RESULTS = ("ok", "unreachable", "tls_failure")
+_RESULT_OF_KIND = {"tls_not_offered": "tls_failure", "tls_failed": "tls_failure",
+                   "not_trusted": "tls_failure"}
 
 
 class UpstreamFailure(Exception):
@@ -42,7 +48,9 @@ class UpstreamFailure(Exception):
 
 @dataclass
 class UpstreamSettings:
-    """What a leg needs to know, fixed per listener at start-up."""
+    """What a leg needs to know: one per listener in each worker (runtime.build_runtimes
+    builds it from the configuration the worker started with); only `last_tls_session`
+    changes, as legs open."""
     host: str
     port: int
     mode: str                      # starttls | implicit
@@ -59,6 +67,8 @@ class UpstreamSettings:
     tls_resumption: bool = True    # the upstream profile's session_resumption
     # this worker's last TLS session to the upstream and whether it was verified (tls_legs)
     last_tls_session: tuple | None = field(default=None, compare=False, repr=False)
+    # called with each opening's result (one of UPSTREAM_RESULTS); None: not recorded
+    on_result: object = field(default=None, compare=False, repr=False)
 
 
 class TLSFallback(Exception):
@@ -94,6 +104,20 @@ class UpstreamLegBase:
     @classmethod
     async def open(cls, settings: UpstreamSettings, level: str, *, on_tls_error=None,
                    **kwargs):
+        """A leg at *level*, or UpstreamFailure; the result goes to `settings.on_result`."""
+        try:
+            leg = await cls._open_leg(settings, level, on_tls_error, kwargs)
+        except UpstreamFailure as failure:
+            if settings.on_result is not None:
+                kind = FAILURE_KINDS.get(failure.reply, "unavailable")
+                settings.on_result(_RESULT_OF_KIND.get(kind, "unreachable"))
+            raise
+        if settings.on_result is not None:
+            settings.on_result("ok")
+        return leg
+
+    @classmethod
+    async def _open_leg(cls, settings: UpstreamSettings, level: str, on_tls_error, kwargs):
         leg = cls(settings, level)
         try:
             await leg._open(try_tls=True, **kwargs)
@@ -153,6 +177,10 @@ class UpstreamLegBase:
         """Once the upstream's capabilities are known: STARTTLS as the level asks, then the
         `verify` gate (§3.2). A subclass provides `_starttls()` and `_goodbye()` (QUIT or
         LOGOUT before giving up)."""
+        if self.settings.mode == "starttls" and offered:
+            # recorded at every level: a leg opened at `none` never asked, but a later
+            # `preferred` recipient must not ride it in the clear when TLS was there (§4.3)
+            self.tls_offered = True
         if self.settings.mode == "starttls" and self.level != "none" and try_tls:
             if offered:
                 self.tls_offered = True
@@ -305,7 +333,8 @@ class UpstreamLeg(UpstreamLegBase):
     async def finish_data(self) -> Reply:
         self.client.end_message()
         await self._send(self.client.data_to_send())
-        return await self._read_reply(timeout=self.settings.data_done_timeout)
+        return await self._read_reply(timeout=self.settings.data_done_timeout,
+                                      phase="data_done")
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -315,8 +344,12 @@ class UpstreamLeg(UpstreamLegBase):
             raise UpstreamFailure(R.UPSTREAM_LOST, f"send: {exc!r}")
 
     async def _read_reply(self, timeout: float | None = None, phase: str = "reply") -> Reply:
+        """The next reply within *timeout*. A greeting or reply that does not come in time is
+        `451 4.4.1` (the upstream times out); the final reply to a message that does not, or
+        a connection lost, is `451 4.4.2` (§4.5)."""
         timeout = self.settings.reply_timeout if timeout is None else timeout
         lost = R.UPSTREAM_UNAVAILABLE if phase == "greeting" else R.UPSTREAM_LOST
+        late = R.UPSTREAM_LOST if phase == "data_done" else R.UPSTREAM_UNAVAILABLE
         try:
             reply = self.client.next_reply()     # already read (pipelined replies): no wait
             if reply is not None:
@@ -332,7 +365,7 @@ class UpstreamLeg(UpstreamLegBase):
             raise trio.TooSlowError     # only reached when the deadline cancelled the scope
         except trio.TooSlowError:
             self.closed = True
-            raise UpstreamFailure(lost, f"{phase} timeout")
+            raise UpstreamFailure(late, f"{phase} timeout")
         except ProtocolError as exc:
             self.closed = True
             raise UpstreamFailure(lost if phase == "greeting" else R.UPSTREAM_LOST, str(exc))

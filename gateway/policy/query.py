@@ -1,0 +1,364 @@
+"""`gateway policy`: what a listener's policy would do with one session, without mail (SPEC §12).
+
+The operator gives the facts of the handshakes and of the upstream (`Question`); `ask()` runs
+the listener's own `StagePolicy` stages over them, as a session does — the client rule at
+connect, MAIL FROM, each RCPT TO against the upstream leg the first accepted recipient opens
+— with `run_now()` (no event loop). Milters are not consulted (`StagePolicy` is built without
+hooks), and the upstream's own replies are not known: an accepted recipient is "accepted at
+level X", for the upstream to answer.
+
+What the command cannot take from the policy it takes from the session's order of checks:
+before TLS at `required`/`verify` the server core answers MAIL `530 5.7.0 Must issue a
+STARTTLS command first`; a transaction whose leg failed answers every later RCPT with that
+failure; more than `max_recipients` gets `452 4.5.3 Too many recipients`.
+
+The hypothetical upstream leg (`--upstream-tls`): `offered` — STARTTLS offered, the handshake
+succeeds and the certificate verifies (a TLS leg that satisfies every level); `absent` — no
+STARTTLS (plaintext; `451 4.7.5 ... not offered` where the level requires TLS); `failed` —
+offered, then refused or failed (`preferred` falls back to plaintext; `451 4.7.5 TLS handshake
+with upstream failed` where TLS is required). A leg opened at `none` records whether TLS was
+offered, as SPEC §4.3 says (a later `preferred` recipient then needs a new transaction).
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ..proto import replies as R
+from ..rules import cipher_meets, domain_of
+from .levels import ClientLevel, UpstreamLevel
+from .stages import Facts, StagePolicy, resolve, run_now
+
+UPSTREAM_FACTS = ("offered", "absent", "failed")
+CLIENT_CERTS = ("verified", "unverified", "none")
+DEFAULT_CIPHER = "TLS_AES_256_GCM_SHA384"          # TLS 1.3's, when --cipher is not given
+
+
+class QueryError(Exception):
+    """The question cannot be asked of this configuration (unknown listener, IMAP, ...)."""
+
+
+@dataclass
+class Question:
+    listener: str
+    client: str
+    tls: bool = True
+    client_cert: str = "none"          # verified | unverified | none
+    cipher: str | None = None          # the negotiated suite (OpenSSL name); TLS 1.3 default
+    auth_user: str | None = None       # the session authenticated as this user (AUTH)
+    upstream_tls: str = "offered"      # offered | absent | failed
+    sender: str = ""                   # "" = the null sender <>
+    rcpts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """The client leg's TLS as the stages read it (the shape of tls.stream.TLSInfo)."""
+    version: str
+    cipher: str
+    verified: bool
+
+
+@dataclass
+class Leg:
+    """A hypothetical upstream leg: what `UpstreamLevel.satisfied_by` reads."""
+    level: str
+    tls: ClientTLS | None
+    tls_offered: bool
+    tls_failed: bool
+    closed: bool = False
+    in_transaction: bool = False
+
+    def describe(self) -> str:
+        if self.tls is not None:
+            return "TLS, certificate verified"
+        if self.tls_failed:
+            return "plaintext (STARTTLS failed)"
+        return "plaintext (STARTTLS offered, not used)" if self.tls_offered \
+            else "plaintext (no STARTTLS)"
+
+
+def _reply(reply) -> str:
+    code, text = reply
+    return f"{code} {text if isinstance(text, str) else ' / '.join(text)}"
+
+
+def open_leg(level: str, upstream_tls: str, mode: str) -> tuple[Leg | None, tuple | None]:
+    """(the leg a recipient at *level* opens, None) or (None, the failure reply)."""
+    level = UpstreamLevel(level)
+    tls = ClientTLS("TLSv1.3", DEFAULT_CIPHER, True)
+    if mode == "implicit":                      # TLS from the first byte, whatever the level
+        if upstream_tls == "offered":
+            return Leg(level, tls, True, False), None
+        return None, R.UPSTREAM_TLS_FAILED
+    if level is UpstreamLevel.NONE:             # never asks, but knows what was offered
+        return Leg(level, None, upstream_tls != "absent", False), None
+    if upstream_tls == "offered":
+        return Leg(level, tls, True, False), None
+    if upstream_tls == "absent":
+        if level.requires_tls:
+            return None, R.UPSTREAM_TLS_NOT_OFFERED
+        return Leg(level, None, False, False), None
+    if level.requires_tls:
+        return None, R.UPSTREAM_TLS_FAILED
+    return Leg(level, None, True, True), None   # preferred: once more in plaintext
+
+
+def _pattern_matches(pattern: str, domain: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return domain == pattern
+
+
+def rule_text(rule) -> str:
+    return (f"{rule.sender} -> {rule.recipient}: sender {rule.sender_encryption}, "
+            f"recipient {rule.recipient_encryption}")
+
+
+def _client_rule(listener, rule) -> dict | None:
+    if rule is None:
+        return None
+    index = next(i for i, r in enumerate(listener.client_rules) if r is rule)
+    return {"index": index, "match": rule.match,
+            "client_tls": str(rule.client_tls) if rule.client_tls else None,
+            "cipher_strength": str(rule.cipher_strength) if rule.cipher_strength else None}
+
+
+def _listener(config, name: str):
+    for listener in config.listeners:
+        if listener.name == name:
+            if listener.protocol != "smtp":
+                raise QueryError(f"listener {name!r} is {listener.protocol}: gateway policy "
+                                 "answers for SMTP listeners")
+            return listener
+    names = ", ".join(repr(lst.name) for lst in config.listeners)
+    raise QueryError(f"no listener {name!r} (listeners: {names})")
+
+
+def ask(config, q: Question) -> dict:
+    """The answer to *q* under *config*: a JSON-ready dict (see format_text for its parts)."""
+    listener = _listener(config, q.listener)
+    try:
+        ipaddress.ip_address(q.client)
+    except ValueError:
+        raise QueryError(f"--client: not an IP address: {q.client!r}") from None
+    if q.upstream_tls not in UPSTREAM_FACTS:
+        raise QueryError(f"--upstream-tls: one of {', '.join(UPSTREAM_FACTS)}")
+    if q.client_cert not in CLIENT_CERTS:
+        raise QueryError(f"--client-cert: one of {', '.join(CLIENT_CERTS)}")
+    policy = StagePolicy(listener)             # no hooks: milters are not consulted
+    facts = Facts(listener.name, q.client)
+    notes: list[str] = []
+    answer: dict = {"listener": listener.name, "client": q.client, "connect": None,
+                    "tls": None, "auth": None, "mail": None, "upstream_tls": q.upstream_tls,
+                    "recipients": [], "accepted": False, "notes": notes,
+                    "milters": f"not consulted ({len(getattr(listener, 'milters', ()))} "
+                               "configured)"}
+
+    # connect: the client rule by network sets the level and the cipher grade
+    policy.client_level(facts)
+    level = ClientLevel(facts.client_level)
+    offers = listener.tls == "starttls" and level.offers_tls and listener.esmtp
+    answer["connect"] = {
+        "client_rule": _client_rule(listener, policy.client_rules.for_client(q.client)),
+        "client_level": str(level),
+        "cipher_strength": str(facts.cipher_strength) if facts.cipher_strength else None,
+        "starttls_offered": offers}
+    recipients: list[dict] = answer["recipients"]
+
+    def unanswered(why: str) -> dict:
+        for rcpt in q.rcpts:
+            recipients.append({"address": rcpt, "rule": None, "upstream_level": None,
+                               "reply": why, "accepted": False})
+        answer["accepted"] = False
+        return answer
+
+    # the client leg's TLS
+    use_tls = q.tls
+    if listener.tls == "implicit" and not use_tls:
+        notes.append("an implicit-TLS listener: every session is TLS")
+        use_tls = True
+    elif listener.tls != "implicit" and use_tls and not offers:
+        why = ("the listener has tls = off" if listener.tls == "off" else
+               "esmtp = false: no EHLO, no STARTTLS" if not listener.esmtp else
+               f"client level {level}: STARTTLS is not offered")
+        notes.append(f"{why}; the session is plaintext")
+        use_tls = False
+    tls = None
+    if use_tls:
+        cipher = q.cipher or DEFAULT_CIPHER
+        requested = listener.client_tls == "verify" or any(
+            r.client_tls == "verify" for r in listener.client_rules)
+        if q.client_cert != "none" and not requested:
+            notes.append("this listener requests no client certificate: none is verified")
+        tls = ClientTLS("TLSv1.3" if cipher.startswith("TLS_") else "TLSv1.2", cipher,
+                        q.client_cert == "verified" and requested)
+        answer["tls"] = {"version": tls.version, "cipher": tls.cipher,
+                         "client_cert": q.client_cert, "verified": tls.verified}
+        if not cipher_meets(tls, facts.cipher_strength):
+            answer["tls"]["handshake"] = (f"fails: {cipher} is not of cipher grade "
+                                          f"{facts.cipher_strength}")
+            answer["mail"] = None
+            return unanswered("not reached (the TLS handshake fails)")
+    else:
+        answer["tls"] = None
+    facts.tls = tls
+
+    # AUTH (SPEC §4.6): its leg opens at once at upstream.tls and carries the transactions
+    leg = None
+    if q.auth_user is not None:
+        auth = {"user": q.auth_user}
+        answer["auth"] = auth
+        upstream_level = resolve(listener.upstream.tls, tls is not None)
+        if listener.auth == "off":
+            auth["reply"] = _reply(R.NOT_IMPLEMENTED)
+        elif tls is None:
+            auth["reply"] = _reply(R.AUTH_NEEDS_TLS)
+        else:
+            verdict = policy.auth_rules(facts)
+            if verdict.refused:
+                auth["reply"] = _reply(verdict.reply)
+                answer["mail"] = None
+                return unanswered("not reached (the connection was closed)")
+            leg, failure = open_leg(upstream_level, q.upstream_tls, listener.upstream.mode)
+            if failure is not None:
+                auth["reply"] = _reply(failure)
+            else:
+                auth["reply"] = "relayed to the upstream (its answer decides)"
+                auth["upstream_level"] = str(upstream_level)
+                auth["leg"] = leg.describe()
+                facts.auth_user = q.auth_user
+        if facts.auth_user is None:
+            notes.append("AUTH did not succeed: the session goes on unauthenticated")
+
+    # MAIL FROM
+    sender_rule = policy.client_rules.for_sender(q.sender)
+    mail = {"sender": q.sender or "<>", "sender_rule": _client_rule(listener, sender_rule)}
+    answer["mail"] = mail
+    if level.requires_tls and tls is None:
+        verdict_reply, close = R.MUST_STARTTLS, False      # the server core, before the policy
+    else:
+        verdict = run_now(policy.mail(facts, q.sender, {}))
+        verdict_reply = verdict.reply if verdict.refused else R.MAIL_OK
+        close = verdict.close
+    mail["reply"] = _reply(verdict_reply)
+    if verdict_reply is not R.MAIL_OK:
+        return unanswered("not reached (the connection was closed)" if close
+                          else "503 5.5.1 Error: need MAIL command")
+    facts.sender = q.sender
+
+    # RCPT TO, each against the leg the first accepted recipient opened
+    failure = None
+    accepted = 0
+    for rcpt in q.rcpts:
+        entry: dict = {"address": rcpt, "rule": None, "upstream_level": None,
+                       "accepted": False}
+        recipients.append(entry)
+        if facts.auth_user is None and policy.encryption is not None:
+            decision = policy.encryption.decide(q.sender, rcpt)
+            if decision.rule is None:
+                entry["rule"] = {"index": None, "text": "default: sender optional, recipient "
+                                 f"{listener.upstream.tls} (upstream.tls)"}
+            else:
+                entry["rule"] = {"index": decision.rule,
+                                 "text": rule_text(listener.rules[decision.rule])}
+            skipped = [i for i, r in enumerate(listener.rules)
+                       if not r.enabled and (decision.rule is None or i < decision.rule)
+                       and _pattern_matches(r.sender, domain_of(q.sender))
+                       and _pattern_matches(r.recipient, domain_of(rcpt))]
+            if skipped:
+                entry["disabled_rules_matching"] = skipped
+            entry["upstream_level"] = str(resolve(decision.recipient_encryption,
+                                                  tls is not None))
+        elif facts.auth_user is not None:
+            entry["rule"] = {"index": None, "text": "authenticated: the encryption rules do "
+                             "not apply (the submission upstream applies its own policy)"}
+        if accepted >= listener.max_recipients:
+            entry["reply"] = _reply(R.TOO_MANY_RECIPIENTS)
+            continue
+        if failure is not None:                 # the transaction's leg failed: every RCPT
+            entry["reply"] = _reply(failure)
+            continue
+        verdict = run_now(policy.rcpt(facts, rcpt, {}, leg))
+        if verdict.refused:
+            entry["reply"] = _reply(verdict.reply)
+            continue
+        rcpt_level = verdict.level if verdict.level is not None else leg.level
+        entry["upstream_level"] = str(rcpt_level)
+        if verdict.new_leg:
+            leg = None
+        if leg is None:
+            leg, failure = open_leg(rcpt_level, q.upstream_tls, listener.upstream.mode)
+            if failure is not None:
+                entry["reply"] = _reply(failure)
+                continue
+            entry["leg"] = f"opens the upstream leg at {rcpt_level}: {leg.describe()}"
+        leg.in_transaction = True
+        accepted += 1
+        entry["accepted"] = True
+        entry["reply"] = f"accepted at level {rcpt_level}"
+    answer["accepted"] = bool(q.rcpts) and accepted == len(q.rcpts)
+    return answer
+
+
+def _rule_of(rule: dict | None) -> str:
+    if rule is None:
+        return "none"
+    text = f"#{rule['index']} {rule['match']}"
+    parts = [f"client_tls {rule['client_tls']}" if rule["client_tls"] else "",
+             f"cipher_strength {rule['cipher_strength']}" if rule["cipher_strength"] else ""]
+    parts = [p for p in parts if p]
+    return text + (f" ({', '.join(parts)})" if parts else "")
+
+
+def format_text(answer: dict) -> str:
+    """The answer as the command prints it."""
+    out = []
+    c = answer["connect"]
+    out.append(f"listener   {answer['listener']}, client {answer['client']}")
+    out.append(f"connect    client rule: {_rule_of(c['client_rule'])}")
+    grade = c["cipher_strength"] or "the profile's"
+    out.append(f"           client level {c['client_level']}, cipher grade {grade}, STARTTLS "
+               f"{'offered' if c['starttls_offered'] else 'not offered'}")
+    tls = answer["tls"]
+    if tls is None:
+        out.append("TLS        none (plaintext session)")
+    else:
+        line = (f"TLS        {tls['version']} {tls['cipher']}, client certificate "
+                f"{tls['client_cert']}")
+        if tls.get("handshake"):
+            line += f"; handshake {tls['handshake']}"
+        out.append(line)
+    auth = answer.get("auth")
+    if auth is not None:
+        line = f"AUTH       {auth['user']}: {auth['reply']}"
+        if auth.get("leg"):
+            line += f"; leg at {auth['upstream_level']}: {auth['leg']}"
+        out.append(line)
+    mail = answer.get("mail")
+    if mail is not None:
+        out.append(f"MAIL FROM  <{mail['sender'].strip('<>')}>  sender rule: "
+                   f"{_rule_of(mail['sender_rule'])}  ->  {mail['reply']}")
+    out.append(f"upstream   --upstream-tls {answer['upstream_tls']}")
+    rows = [("RCPT TO", "RULE", "UPSTREAM", "REPLY")]
+    for r in answer["recipients"]:
+        rule = r["rule"]
+        text = "-" if rule is None else (
+            rule["text"] if rule["index"] is None else f"#{rule['index']} {rule['text']}")
+        if r.get("disabled_rules_matching"):
+            text += " (disabled, matching: " + ", ".join(
+                f"#{i}" for i in r["disabled_rules_matching"]) + ")"
+        reply = r["reply"] + (f" ({r['leg']})" if r.get("leg") else "")
+        rows.append((r["address"], text, r["upstream_level"] or "-", reply))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        out.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths))
+                   + "  " + row[3])
+    out.append(f"milters    {answer['milters']}")
+    for note in answer["notes"]:
+        out.append(f"note       {note}")
+    n = sum(1 for r in answer["recipients"] if r["accepted"])
+    out.append(f"result     {n} of {len(answer['recipients'])} recipients would be accepted")
+    return "\n".join(out)
