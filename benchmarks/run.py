@@ -16,6 +16,9 @@ sessions; for Postfix "after" is taken once its queue is empty, i.e. every messa
   7  submission with AUTH: STARTTLS, AUTH PLAIN, 10 KB, QUIT; the gateway relaying AUTH, nginx
      (smtp_auth plain + proxy_smtp_auth) and Postfix submission itself, all three in front of
      the same Postfix + Dovecot SASL
+  8  milters (SPEC 4.7), scenario 1's sessions: the gateway without a milter and with an
+     accept-all milter (benchmarks/milter_stub.py: the gateway's own cost of the protocol),
+     and the gateway + rspamd against Postfix (smtpd_milters) + the same rspamd
   micro  the native scanner micro-benchmarks (benchmarks/bench_scanner.py)
 
 The results table (markdown) is printed and written to --output (default
@@ -367,6 +370,76 @@ class Suite:
             return None, f"the gateway does not relay AUTH yet ({why})"
         gw.p_auth_tls, gw.p_auth_plain = ports
         return gw, None
+
+    # -- 8 ---------------------------------------------------------------------------------
+
+    def milters(self):
+        """Scenario 8: scenario 1's sessions (STARTTLS, 10 KB) through milters. The gateway
+        (1 worker) without a milter, with the accept-all stub (every stage answered: the
+        protocol's whole cost) and with rspamd; Postfix with the same rspamd in
+        smtpd_milters. CPU per session of the front and of the milter process side by side."""
+        plain, _ = self.sinks()
+        title = ("8. Milters: STARTTLS, 10 KB, 1 worker; the milter's own CPU beside the "
+                 "front's")
+        stub = self.try_start("milter stub", lambda: self.keep(S.MilterStub().start(self.work)))
+        rs = self.try_start("rspamd", lambda: self.keep(S.Rspamd().start(self.work)))
+        ports = {"nomilter": S.free_port()}
+        common = {"protocol": "smtp", "type": "public", "certificate": "bench",
+                  "max_connections": 10000, "backlog": 1024, "tls": "starttls",
+                  "client_tls": "optional",
+                  "upstream": {"address": f"127.0.0.1:{plain.port}", "tls": "none"}}
+        listeners = [dict(name="nomilter", bind=f"127.0.0.1:{ports['nomilter']}", **common)]
+        for name, milter in (("stub", stub), ("rspamd", rs)):
+            if milter is not None:
+                ports[name] = S.free_port()
+                listeners.append(dict(name=name, bind=f"127.0.0.1:{ports[name]}", **common,
+                                      milters=[{"name": name, "address": milter.address}]))
+        spool = self.work / "gateway-spool"
+        toml = S.gateway_toml(workers=1, cert=self.cert, key=self.key, listeners=listeners,
+                              metrics_port=S.free_port(), gateway={"spool_dir": str(spool)})
+        gw = self.try_start("gateway with milters", lambda: self.keep(S.Gateway().start(
+            self.work, toml, list(ports.values()), tag="gateway-milters")))
+        pf = rs and self.try_start("postfix with rspamd", lambda: self.keep(S.Postfix().start(
+            self.work, self.cert, self.key, plain.port, "none", tag="postfix-milter",
+            extra={"smtpd_milters": rs.address, "milter_default_action": "tempfail",
+                   "milter_protocol": "6"})))
+        if gw is None:
+            self.section(title, ["not available: " + (self.notes[-1] if self.notes else "?")])
+            return
+        na = lambda name, why: {"name": name, "res": None, "why": why}     # noqa: E731
+        rows = [{"name": "gateway (1 worker), no milter",
+                 "res": self.load(gw, ports["nomilter"], True)}]
+        rows.append({"name": "gateway (1 worker), accept-all milter",
+                     "res": self.load(gw, ports["stub"], True, also={"milter": [stub]})}
+                    if stub else na("gateway, accept-all milter", "the stub did not start"))
+        rows.append({"name": "gateway (1 worker) + rspamd",
+                     "res": self.load(gw, ports["rspamd"], True, also={"milter": [rs]})}
+                    if rs else na("gateway + rspamd", "rspamd did not start"))
+        rows.append({"name": "postfix relay + rspamd (smtpd_milters; queue, then smtp)",
+                     "res": self.load(pf, pf.port_tls, True, drain=postfix_drain(pf),
+                                      also={"milter": [rs]})}
+                    if pf else na("postfix + rspamd", "postfix or rspamd did not start"))
+        out = session_table(rows)
+        out += ["", "| front | front CPU ms/session | milter CPU ms/session | front + milter | "
+                "front's cost over no milter |", "|---|---|---|---|---|"]
+        base = rows[0]["res"]["cpu_ms"]
+        for r in rows:
+            res = r["res"]
+            if res is None or not res["cpu_ms"]:
+                continue
+            front, mil = res["cpu_ms"], res.get("milter_cpu_ms")
+            own = f"+{front - base:.2f} ms ({front / base:.2f}x)" \
+                if r["name"].startswith("gateway") and base else "—"
+            out.append(f"| {r['name']} | {fmt(front, 2)} | "
+                       f"{fmt(mil, 2) if mil is not None else '—'} | "
+                       f"{fmt(front + (mil or 0), 2)} | {own} |")
+        left = sorted(os.listdir(spool)) if spool.exists() else []
+        out += ["", f"Spool directory after the run: {len(left)} entries."]
+        self.section(title, out)
+        self.summary["s8"] = rows
+        for srv in (gw, pf, rs, stub):
+            if srv is not None:
+                srv.stop()
 
     # -- 4 ---------------------------------------------------------------------------------
 
@@ -790,7 +863,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                     help="scenario 6 goes up to this many workers (default: CPUs)")
-    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,micro")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,micro")
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 6; "
                     "quick 1)")
     ap.add_argument("--concurrency", type=int, default=32, help="sessions in flight")
@@ -839,6 +912,8 @@ def main() -> int:
             suite.imap()
         if "7" in which:
             suite.auth_submission()
+        if "8" in which:
+            suite.milters()
     except Exception:       # noqa: BLE001 - report what ran
         suite.notes.append("run aborted: " + traceback.format_exc(limit=3).replace("\n", " "))
         traceback.print_exc()

@@ -318,19 +318,25 @@ class TlsSink(Proc):
 
 
 def gateway_toml(*, workers: int, cert: Path, key: Path, listeners: list[dict],
-                 metrics_port: int | None) -> str:
+                 metrics_port: int | None, gateway: dict | None = None) -> str:
+    """`gateway`: more [gateway] keys; a listener's "milters" (a list of tables) become its
+    [[listeners.milters]]."""
     lines = ["[gateway]", 'hostname = "gw.bench"', f"workers = {workers}",
              f'metrics = "127.0.0.1:{metrics_port}"' if metrics_port else 'metrics = ""',
-             'log_format = "logfmt"', "shutdown_grace = 2", "",
-             "[certificates.bench]", f'cert = "{cert}"', f'key = "{key}"', ""]
+             'log_format = "logfmt"', "shutdown_grace = 2"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (gateway or {}).items()]
+    lines += ["", "[certificates.bench]", f'cert = "{cert}"', f'key = "{key}"', ""]
     for lst in listeners:
         lines += ["[[listeners]]"]
         for k, v in lst.items():
-            if k != "upstream":
+            if k not in ("upstream", "milters"):
                 lines.append(f"{k} = {_toml_value(v)}")
         lines += ["", "[listeners.upstream]"]
         for k, v in lst["upstream"].items():
             lines.append(f"{k} = {_toml_value(v)}")
+        for milter in lst.get("milters", ()):
+            lines += ["", "[[listeners.milters]]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in milter.items()]
         lines.append("")
     return "\n".join(lines).replace("'", '"')
 
@@ -759,3 +765,124 @@ def _wait_port(port: int, timeout: float = 30.0, alive=None) -> None:
             if time.monotonic() >= deadline:
                 raise ServerError(f"port {port} not ready after {timeout}s ({exc!r})") from None
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------- milters
+
+
+class MilterStub(Proc):
+    """benchmarks/milter_stub.py: an accept-all milter answering every stage."""
+
+    name = "milter-stub"
+
+    def start(self, workdir: Path) -> "MilterStub":
+        self.port = free_port()
+        self.address = f"inet:127.0.0.1:{self.port}"
+        self.popen([sys.executable, str(Path(__file__).resolve().parent / "milter_stub.py"),
+                    "--port", str(self.port)], workdir / "milter-stub.log", nofile=65536)
+        self.ready(lambda: wait_port(self.port, alive=self.alive))
+        return self
+
+
+def wait_port(port: int, timeout: float = 30.0, alive=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ServerError(f"server on port {port} exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise ServerError(f"nothing listens on port {port} after {timeout:g} s")
+
+
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+class Rspamd(Proc):
+    """A private rspamd (Debian's) in milter mode: its proxy worker with self_scan on a free
+    port, one normal and one controller worker, no fuzzy storage, `milter_headers` adding
+    X-Spamd-Result. Ready once a GTUBE message is refused through the milter port (it
+    compiles its regexps first: 10-20 s)."""
+
+    name = "rspamd"
+
+    def start(self, workdir: Path, timeout: float = 120) -> "Rspamd":
+        exe = which("rspamd")
+        if exe is None or os.geteuid() != 0:
+            raise ServerError("rspamd missing or not root")
+        import pwd
+        ids = pwd.getpwnam("_rspamd")
+        d = (workdir / "rspamd").resolve()
+        for sub in ("", "conf", "conf/override.d", "run", "db", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(d / sub, 0o755)
+            if sub in ("run", "db", "log"):
+                os.chown(d / sub, ids.pw_uid, ids.pw_gid)
+        self.port = free_port()
+        self.address = f"inet:127.0.0.1:{self.port}"
+        files = {
+            "worker-proxy.inc": f'bind_socket = "127.0.0.1:{self.port}";\nmilter = yes;\n'
+                                'timeout = 120s;\nupstream "local" {\n  default = yes;\n'
+                                '  self_scan = yes;\n}\ncount = 1;\n',
+            "worker-normal.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = 1;\n',
+            "worker-controller.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = 1;\n',
+            "worker-fuzzy.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = -1;\n',
+            "milter_headers.conf": 'use = ["x-spamd-result"];\nskip_local = false;\n',
+        }
+        for name, text in files.items():
+            (d / "conf" / "override.d" / name).write_text(text)
+            os.chmod(d / "conf" / "override.d" / name, 0o644)
+        self.popen([exe, "-f", "-u", "_rspamd", "-g", "_rspamd", "-c", "/etc/rspamd/rspamd.conf",
+                    "--var", f"LOCAL_CONFDIR={d}/conf", "--var", f"RUNDIR={d}/run",
+                    "--var", f"DBDIR={d}/db", "--var", f"LOGDIR={d}/log"],
+                   d / "console.log", cwd=d, nofile=65536)
+        self.ready(lambda: wait_port(self.port, timeout, alive=self.alive),
+                   lambda: self._wait_gtube(time.monotonic() + timeout))
+        return self
+
+    def _wait_gtube(self, deadline: float) -> None:
+        last = None
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ServerError("rspamd exited")
+            try:
+                if milter_probe(self.port, b"Subject: t\r\n\r\n" + GTUBE + b"\r\n") \
+                        == "replycode":
+                    return
+            except (OSError, ValueError) as exc:
+                last = exc
+            time.sleep(0.3)
+        raise ServerError(f"rspamd did not refuse GTUBE in time ({last!r})")
+
+
+def milter_probe(port: int, message: bytes, timeout: float = 10) -> str:
+    """One conversation through every stage over a blocking socket (gateway's milter codec);
+    the end-of-message action."""
+    from gateway.proto.milter import NEED_DATA, MilterConnection, Progress
+    conn = MilterConnection()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        def run(out: bytes):
+            sock.sendall(out)
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif not isinstance(ev, Progress):
+                    return ev
+        run(conn.negotiate())
+        run(conn.connect("localhost", "127.0.0.1", 40000))
+        run(conn.helo("probe.bench"))
+        run(conn.mail(["<a@bench>"]))
+        run(conn.rcpt(["<b@bench>"]))
+        run(conn.data())
+        head, _, body = message.partition(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            name, _, value = line.decode().partition(":")
+            run(conn.header(name, value))
+        run(conn.eoh())
+        run(conn.body(body))
+        verdict = run(conn.eom())
+        sock.sendall(conn.quit())
+    return verdict.action.value

@@ -80,6 +80,8 @@ METRICS = (
          "AUTH exchanges relayed, by result", ("listener", "mechanism", "result")),
     Spec("tracking_errors_total", "counter", "gateway_tracking_errors_total",
          "Tracking records not written (disk full)"),
+    Spec("milter_results_total", "counter", "gateway_milter_results_total",
+         "Milter verdicts and failures, by result", ("listener", "milter", "result")),
     # set by each worker at start: a worker's values go with it, so after a reload only the
     # certificates the new generation loaded remain
     Spec("certificate_expiry", "gauge", "gateway_certificate_expiry_timestamp_seconds",

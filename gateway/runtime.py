@@ -13,7 +13,9 @@ from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
 from .metrics import NullMetrics
 from .recent import NullRecent, RecentCounts
+from .relay.milter_hook import milter_factories
 from .relay.pool import UpstreamPool
+from .relay.spool import prepare_spool_dir
 from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
 from .relay.watchdog import ReceiveWatchdog
 from .policy.stages import StagePolicy
@@ -68,6 +70,7 @@ class ListenerRuntime:
     strength_ctx: dict = field(default_factory=dict)   # cipher_strength → server context
     alerts: object = None                        # AlertMailer when alert e-mail is configured
     sni: dict = field(default_factory=dict)      # cipher_strength|None → SNISelector (§3.4)
+    milter_spool: tuple = ("", 0)                # (spool_dir, milter_memory) with milters
 
     def server_ctx_for(self, strength: str | None):
         """The client-leg context, or its variant for a client rule's cipher strength."""
@@ -96,6 +99,9 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     start_metrics(state.metrics, config, tls_list)
     if not isinstance(state.metrics, NullMetrics) and isinstance(state.recent, NullRecent):
         state.recent = RecentCounts.for_process([lst.name for lst in config.listeners])
+    if any(listener.milters for listener in config.listeners):
+        # still privileged here (a worker drops privileges after this): 0700, the workers'
+        prepare_spool_dir(config.spool_dir, config.user, config.group)
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
@@ -120,8 +126,9 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
                 interval=config.alert_interval)
         runtimes.append(ListenerRuntime(
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
-            index, state, stages=StagePolicy(listener), strength_ctx=strength_ctx,
-            alerts=alerts, sni=ltls.sni))
+            index, state, stages=StagePolicy(listener, session_hooks=milter_factories(listener)),
+            strength_ctx=strength_ctx, alerts=alerts, sni=ltls.sni,
+            milter_spool=(config.spool_dir, config.milter_memory)))
     return runtimes, demo_used
 
 

@@ -281,6 +281,30 @@ ERRORS = [
     ("timeouts-not-table", L(0, timeouts=30), "listeners[0].timeouts", "table"),
     ("shutdown-grace-negative", G(shutdown_grace=-1), "gateway.shutdown_grace", "positive"),
     ("hostname-bad", G(hostname="mx example"), "gateway.hostname", "host name"),
+    # milters (SPEC 4.7)
+    ("milter-address", L(0, milters=[{"name": "rs", "address": "tcp:1.2.3.4:5"}]),
+     "listeners[0].milters[0].address", "inet:HOST:PORT or unix:/path"),
+    ("milter-address-port", L(0, milters=[{"name": "rs", "address": "inet:127.0.0.1:0"}]),
+     "listeners[0].milters[0].address", "port must be between"),
+    ("milter-unix-relative", L(0, milters=[{"name": "rs", "address": "unix:run/x.sock"}]),
+     "listeners[0].milters[0].address", "unix:/path"),
+    ("milter-name-missing", L(0, milters=[{"address": "unix:/run/x.sock"}]),
+     "listeners[0].milters[0].name", "is required"),
+    ("milter-duplicate", L(0, milters=[{"name": "a", "address": "unix:/x"},
+                                        {"name": "a", "address": "unix:/y"}]),
+     "listeners[0].milters[1].name", "duplicate milter name"),
+    ("milter-default-action", L(0, milters=[{"name": "a", "address": "unix:/x",
+                                              "default_action": "pass"}]),
+     "listeners[0].milters[0].default_action", '"tempfail", "accept", "reject"'),
+    ("milter-timeout", L(0, milters=[{"name": "a", "address": "unix:/x",
+                                       "content_timeout": -1}]),
+     "listeners[0].milters[0].content_timeout", ""),
+    ("milter-unknown", L(0, milters=[{"name": "a", "address": "unix:/x", "port": 1}]),
+     "listeners[0].milters[0].port", "unknown key"),
+    ("milter-on-imap", L(1, milters=[{"name": "a", "address": "unix:/x"}]),
+     "listeners[1].milters", "SMTP listeners only"),
+    ("spool-dir-relative", G(spool_dir="spool"), "gateway.spool_dir", "absolute path"),
+    ("milter-memory-negative", G(milter_memory=-1), "gateway.milter_memory", ""),
 ]
 
 
@@ -527,6 +551,9 @@ def test_example_file_parses():
     assert by["submission"].auth == "required" and by["submission"].host == "::"
     assert by["smtps"].tls == "implicit" and by["smtps"].client_tls == "required"
     assert by["imap"].protocol == "imap" and by["imaps"].port == 993
+    assert [m.name for m in by["inbound"].milters] == ["rspamd", "opendkim"]
+    assert by["inbound"].milters[1].default_action == "accept"
+    assert config.spool_dir == "/var/lib/gateway/spool" and config.milter_memory == 1048576
     assert {"partners", "clientcerts", "legacy"} <= set(config.profiles)
     assert config.source and config.source.endswith("gateway.example.toml")
 
@@ -535,7 +562,8 @@ def test_example_file_mentions_every_key():
     text = EXAMPLE.read_text()
     from gateway import config as c
     for key in (c._GATEWAY_KEYS + c._CERT_KEYS + c._PROFILE_KEYS + c._LISTENER_KEYS
-                + c._TIMEOUT_KEYS + c._UPSTREAM_KEYS + c._CLIENT_RULE_KEYS + c._RULE_KEYS):
+                + c._TIMEOUT_KEYS + c._UPSTREAM_KEYS + c._CLIENT_RULE_KEYS + c._RULE_KEYS
+                + c._MILTER_KEYS):
         assert f"{key} =" in text or f"[listeners.{key}]" in text \
             or f"[[listeners.{key}]]" in text, key
 

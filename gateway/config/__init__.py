@@ -13,7 +13,7 @@ points), `files` (`check_files`, what `gateway check` verifies on disk).
 """
 from ..errors import ConfigError, ConfigErrors
 from .files import check_files
-from .model import (Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts,
+from .model import (Certificate, ClientRule, GatewayConfig, Listener, Milter, Rule, Timeouts,
                     Upstream)
 from .parse import (AUTH_MODES, BARE_NEWLINE, CLIENT_LEVELS, LISTENER_TLS, LISTENER_TYPES,
                     LOG_FORMATS, PROTOCOLS, RECIPIENT_ENCRYPTION, SENDER_ENCRYPTION,
@@ -24,8 +24,9 @@ from .values import (MAX_PATTERN_LENGTH, format_hostport, parse_domain_pattern,
 
 __all__ = [
     "AUTH_MODES", "BARE_NEWLINE", "CIPHER_STRENGTHS", "CLIENT_LEVELS", "Certificate",
-    "ClientRule", "ConfigError", "ConfigErrors", "GatewayConfig", "LISTENER_TLS", "LISTENER_TYPES",
-    "LOG_FORMATS", "Listener", "MAX_PATTERN_LENGTH", "PROTOCOLS", "RECIPIENT_ENCRYPTION",
+    "ClientRule", "ConfigError", "ConfigErrors", "GatewayConfig", "LISTENER_TLS",
+    "LISTENER_TYPES", "LOG_FORMATS", "Listener", "MAX_PATTERN_LENGTH", "Milter", "PROTOCOLS",
+    "RECIPIENT_ENCRYPTION",
     "Rule", "SENDER_ENCRYPTION", "Timeouts", "UPSTREAM_LEVELS", "UPSTREAM_MODES", "Upstream",
     "check_files", "demo_config", "format_hostport", "load_config", "parse_config",
     "parse_domain_pattern", "parse_hostport", "parse_network",
@@ -34,5 +35,5 @@ __all__ = [
 # The known keys of each table, reachable here as before (a test checks that the example file
 # names every one of them).
 from .parse import (_CERT_KEYS, _CLIENT_RULE_KEYS, _GATEWAY_KEYS,  # noqa: E402,F401
-                    _LISTENER_KEYS, _RULE_KEYS, _TIMEOUT_KEYS, _TOP_KEYS, _UPSTREAM_KEYS)
+                    _LISTENER_KEYS, _MILTER_KEYS, _RULE_KEYS, _TIMEOUT_KEYS, _TOP_KEYS, _UPSTREAM_KEYS)
 from .profiles import _PROFILE_KEYS  # noqa: E402,F401

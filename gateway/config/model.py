@@ -96,6 +96,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Milter:
+    """One content filter of a listener (SPEC §4.7), spoken to over the milter protocol."""
+    name: str
+    address: str                      # inet:HOST:PORT | unix:/path
+    default_action: str = "tempfail"  # tempfail | accept | reject: when it fails
+    connect_timeout: float = 30
+    command_timeout: float = 30
+    content_timeout: float = 300
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     protocol: str                     # smtp | imap
@@ -126,6 +137,7 @@ class Listener:
     timeouts: Timeouts = field(default_factory=Timeouts)
     client_rules: tuple[ClientRule, ...] = ()
     rules: tuple[Rule, ...] = ()
+    milters: tuple[Milter, ...] = ()  # content filters, in order (SMTP only, §4.7)
 
     def __post_init__(self):
         _as_levels(self, client_tls=ClientLevel)
@@ -153,6 +165,8 @@ class GatewayConfig:
     alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
     alert_sender: str | None = None          # default postmaster@<hostname>
     alert_interval: float = 3600             # at most one e-mail per domain and reason
+    spool_dir: str = "/var/lib/gateway/spool"   # messages held for milters beyond memory
+    milter_memory: int = 1048576             # octets of one message held in memory (§4.7)
     certificates: dict[str, Certificate] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)   # predefined + operator
     warnings: tuple[str, ...] = ()        # non-fatal findings, for `gateway check` and the log

@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..tls.grades import narrow
 from ..tls.profiles import PREDEFINED, Profile
-from .model import Certificate, ClientRule, GatewayConfig, Listener, Rule, Timeouts, Upstream
+from .model import (Certificate, ClientRule, GatewayConfig, Listener, Milter, Rule, Timeouts,
+                    Upstream)
 from .profiles import parse_profiles
 from .table import NAME_RE, Collector, Table, describe, key_path, quoted
 from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_domain_pattern,
@@ -42,19 +43,22 @@ LOG_FORMATS = ("logfmt", "json")
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
-                 "alert_interval")
+                 "alert_interval", "spool_dir", "milter_memory")
 _CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
                   "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules",
-                  "pregreet_wait")
+                  "pregreet_wait", "milters")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
 _UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
                   "pool_size", "pool_idle", "pool_max_reuse", "plaintext_auth")
 _CLIENT_RULE_KEYS = ("match", "client_tls", "cipher_strength")
 _RULE_KEYS = ("enabled", "sender", "recipient", "sender_encryption", "recipient_encryption")
+_MILTER_KEYS = ("name", "address", "default_action", "connect_timeout", "command_timeout",
+                "content_timeout")
+MILTER_DEFAULT_ACTIONS = ("tempfail", "accept", "reject")
 
 _SASL_RE = re.compile(r"[A-Z0-9_-]{1,20}\Z")
 # mechanisms relayed line by line: no security layer or channel binding (SPEC §4.6)
@@ -98,6 +102,11 @@ def _parse_gateway(t: Table | None) -> dict:
         raise ConfigError(t.p("alert_sender"), f'"{sender}" is not an e-mail address')
     out["alert_sender"] = sender
     out["alert_interval"] = t.seconds("alert_interval", 3600.0)
+    spool_dir = t.str("spool_dir", "/var/lib/gateway/spool")
+    if not spool_dir.startswith("/"):
+        raise ConfigError(t.p("spool_dir"), f'"{spool_dir}" must be an absolute path')
+    out["spool_dir"] = spool_dir
+    out["milter_memory"] = t.int("milter_memory", 1048576, minimum=0)
     return out
 
 
@@ -298,6 +307,8 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
 
     pregreet_wait = errors.attempt(_pregreet_wait, t, protocol, mode) or 0.0
 
+    milters = errors.attempt(_parse_milters, t, protocol) or ()
+
     if certificate is None and not several and (
             mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
@@ -320,9 +331,26 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         dsn=t.bool("dsn", False),
         auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
         client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
+        milters=tuple(milters),
     ))
     errors.raise_all()
     return listener
+
+
+def _parse_milters(t: Table, protocol: str) -> tuple[Milter, ...]:
+    """`[[listeners.milters]]` in order (§4.7): SMTP only, names unique."""
+    milter_tables = t.tables("milters", _MILTER_KEYS)
+    if milter_tables and protocol != "smtp":
+        raise ConfigError(t.p("milters"), "milters apply to SMTP listeners only")
+    milters: list[Milter] = []
+    for mt in milter_tables:
+        milter = _parse_milter(mt)
+        for j, other in enumerate(milters):
+            if other.name == milter.name:
+                raise ConfigError(mt.p("name"), f'duplicate milter name "{milter.name}" '
+                                                f"(also {t.p('milters')}[{j}])")
+        milters.append(milter)
+    return tuple(milters)
 
 
 def _certificate_list(t: Table, certificates) -> tuple[str, ...]:
@@ -352,6 +380,26 @@ def _pregreet_wait(t: Table, protocol: str, mode: str) -> float:
         raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
                                                 'plaintext (tls = "starttls" or "off")')
     return wait
+
+
+def _parse_milter(t: Table) -> Milter:
+    name = t.str("name")
+    if not NAME_RE.match(name):
+        raise ConfigError(t.p("name"), f'"{name}" may contain only letters, digits, '
+                                       '".", "_" and "-"')
+    address = t.str("address")
+    kind, sep, rest = address.partition(":")
+    if kind == "inet" and sep:
+        parse_hostport(rest, t.p("address"))
+    elif kind != "unix" or not sep or not rest.startswith("/"):
+        raise ConfigError(t.p("address"), f'"{address}" is not a milter address '
+                                          '(inet:HOST:PORT or unix:/path)')
+    return Milter(
+        name=name, address=address,
+        default_action=t.str("default_action", "tempfail", choices=MILTER_DEFAULT_ACTIONS),
+        connect_timeout=t.seconds("connect_timeout", 30.0),
+        command_timeout=t.seconds("command_timeout", 30.0),
+        content_timeout=t.seconds("content_timeout", 300.0))
 
 
 def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,

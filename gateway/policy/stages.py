@@ -12,11 +12,24 @@ trip); the rules never wait, and with no hook joined a stage costs one coroutine
 needs the message body says so (`wants_body`); `eom()` answers may discard, quarantine or
 carry edits. Metric labels come from the verdict (`Verdict.label`), not from reply text.
 
+Hooks that hold state per client session (a milter's connection) join through factories:
+`StagePolicy(listener, session_hooks=(factory, ...))`, and each session works with
+`policy.for_session(session)`, a copy holding that session's own hooks (without factories
+that is the listener's policy itself: nothing is built, nothing costs more).
+
+The message goes to the body hooks as the session holds it (`body()` with each chunk of the
+message text, headers included): streamed as it arrives to the first body hook and, after it,
+to each hook while every earlier one declared it changes nothing (`may_change`); at the end
+of the message (`eom(facts, message)`) every later hook first gets the message as the earlier
+ones left it (`message.chunks()`, their edits applied with `message.apply()`), as Postfix's
+cleanup applies one milter's changes before the next reads the queue file.
+
 `gateway policy` (the operator's "what would happen") runs these same stages with the facts
 given on its command line (`run_now()`), so its answer is the sessions' own.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -43,6 +56,7 @@ class Verdict:
     new_leg: bool = False        # RCPT: the open leg can't carry it, but may be replaced
     reason: str = ""             # for the log (quarantine reason, hook name, ...)
     edits: tuple = ()            # end of message: the hooks' changes, in order
+    quarantine: tuple = ()       # end of message: "<hook>: <reason>" of each quarantine
 
     @property
     def refused(self) -> bool:
@@ -73,12 +87,16 @@ class Facts:
     auth_user: str | None = None
     sender: str | None = None            # MAIL FROM of the open transaction
     recipients: list[str] = field(default_factory=list)   # accepted so far
+    auth_mechanism: str | None = None    # the SASL mechanism of a successful AUTH
+    queue_id: str | None = None          # the open transaction's tracking id
+    milter_log: list = field(default_factory=list)   # this transaction's milter verdicts
 
 
 class Hook:
     """One joiner of the seam (AUTH, a milter). Every stage goes on unless overridden."""
     name = "hook"
     wants_body = False           # body chunks and end of message go through this hook
+    may_change = False           # its end-of-message edits change what later hooks see
 
     async def connect(self, facts: Facts) -> Verdict:
         return CONTINUE
@@ -116,7 +134,7 @@ def resolve(level, client_tls: bool) -> UpstreamLevel:
 class StagePolicy:
     """One listener's policy: its rules, then its hooks, at each stage."""
 
-    def __init__(self, listener, hooks: tuple[Hook, ...] = ()):
+    def __init__(self, listener, hooks: tuple[Hook, ...] = (), session_hooks: tuple = ()):
         self.listener = listener
         self.client_rules = ClientPolicy(listener)
         self.encryption = EncryptionPolicy(listener) if listener.protocol == "smtp" else None
@@ -124,6 +142,18 @@ class StagePolicy:
         self.auth_required = listener.auth == "required"
         self.hooks = tuple(hooks)
         self.body_hooks = tuple(h for h in self.hooks if h.wants_body)
+        self.session_hooks = tuple(session_hooks)     # factories: session -> Hook
+        self._streaming: tuple[Hook, ...] | None = None   # fixed at DATA for the message
+
+    def for_session(self, session) -> "StagePolicy":
+        """The policy one client session works with: with hook factories, a copy holding
+        the session's own hooks after the listener's; without, this policy itself."""
+        if not self.session_hooks:
+            return self
+        policy = copy.copy(self)
+        policy.hooks = self.hooks + tuple(make(session) for make in self.session_hooks)
+        policy.body_hooks = tuple(h for h in policy.hooks if h.wants_body)
+        return policy
 
     # --- connect ----------------------------------------------------------------------------
 
@@ -180,11 +210,14 @@ class StagePolicy:
         verdict = self.mail_rules(facts, address)
         if verdict.refused:
             return verdict
+        final = CONTINUE
         for hook in self.hooks:
             verdict = await hook.mail(facts, address, params)
             if verdict.refused:
                 return verdict
-        return CONTINUE
+            if verdict.action is Action.DISCARD:
+                final = verdict          # the message will be discarded at its end
+        return final
 
     # --- RCPT TO ----------------------------------------------------------------------------
 
@@ -221,6 +254,9 @@ class StagePolicy:
             answer = await hook.rcpt(facts, address, params)
             if answer.refused:
                 return answer
+            if answer.action is Action.DISCARD:
+                verdict = Verdict(Action.DISCARD, level=verdict.level, rule=verdict.rule,
+                                  new_leg=verdict.new_leg, reason=answer.reason)
         return verdict
 
     def login_level(self, facts: Facts) -> str:
@@ -230,31 +266,67 @@ class StagePolicy:
     # --- the message ------------------------------------------------------------------------
 
     async def data(self, facts: Facts) -> Verdict:
+        final = CONTINUE
         for hook in self.hooks:
             verdict = await hook.data(facts)
             if verdict.refused:
                 return verdict
-        return CONTINUE
+            if verdict.action is Action.DISCARD:
+                final = verdict
+        # which hooks get the message as it arrives is fixed now, for the whole message
+        self._streaming = self.streamed() if self.body_hooks else None
+        return final
+
+    def streamed(self) -> tuple[Hook, ...]:
+        """The body hooks that get the message as it arrives: the first, and each next one
+        while every earlier one changes nothing."""
+        out = []
+        for hook in self.body_hooks:
+            out.append(hook)
+            if hook.may_change:
+                break
+        return tuple(out)
 
     async def body(self, facts: Facts, chunk: bytes) -> Verdict:
-        for hook in self.body_hooks:
+        """A chunk of the message text as it arrives; a refusal or discard ends the
+        message's way through the hooks (the session answers it at the end of data)."""
+        streaming = self._streaming if self._streaming is not None else self.streamed()
+        for hook in streaming:
             verdict = await hook.body(facts, chunk)
-            if verdict.refused:
+            if verdict.action in (Action.REFUSE, Action.DISCARD):
                 return verdict
         return CONTINUE
 
-    async def eom(self, facts: Facts) -> Verdict:
+    async def eom(self, facts: Facts, message=None) -> Verdict:
+        """The end of the message, hook by hook. A hook that was not streamed first gets
+        *message* as the earlier hooks left it (`message.chunks()`); each hook's edits are
+        applied to *message* (`message.apply(edits)`) before the next hook reads it. The
+        answer carries every edit in order (the envelope's for the session to apply) and
+        the quarantine reasons; a refusal or discard ends it at once."""
         edits: list = []
+        quarantine: list = []
         final = CONTINUE
+        streamed = self._streaming if self._streaming is not None else self.streamed()
+        self._streaming = None
         for hook in self.body_hooks:
+            if message is not None and hook not in streamed:
+                for chunk in message.chunks():
+                    verdict = await hook.body(facts, chunk)
+                    if verdict.action in (Action.REFUSE, Action.DISCARD):
+                        return verdict
             verdict = await hook.eom(facts)
-            edits.extend(verdict.edits)
             if verdict.action in (Action.REFUSE, Action.DISCARD):
                 return verdict
+            if verdict.edits:
+                edits.extend(verdict.edits)
+                if message is not None:
+                    message.apply(verdict.edits)
             if verdict.action is Action.QUARANTINE:
                 final = verdict
-        if edits:
-            return Verdict(final.action, final.reply, reason=final.reason, edits=tuple(edits))
+                quarantine.extend(verdict.quarantine or (verdict.reason,))
+        if edits or quarantine:
+            return Verdict(final.action, final.reply, reason=final.reason, edits=tuple(edits),
+                           quarantine=tuple(quarantine))
         return final
 
     async def abort(self, facts: Facts) -> None:

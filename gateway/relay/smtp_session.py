@@ -21,10 +21,11 @@ from ..clock import per_second
 from ..errors import TLSError
 from ..proto import replies as R
 from ..policy.levels import ClientLevel
-from ..policy.stages import Facts, Verdict, resolve
+from ..policy.stages import Action, Facts, Verdict, resolve
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
+from . import milter_data
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
 
@@ -46,6 +47,8 @@ class Transaction:
     last_refusal: tuple[int, str] | None = None
     upstream_leg: str | None = None            # "tls" / "plain": the leg MAIL went over
     upstream_tls: str | None = None            # that leg's "version cipher"
+    discard: str | None = None                 # a milter discards the message at its end
+    rcpt_params: dict = field(default_factory=dict)   # accepted RCPTs' parameters (milters)
 
 
 class SMTPSession:
@@ -56,8 +59,10 @@ class SMTPSession:
         self.client_addr = client_addr
         self.log = log
         self.conn_id = conn_id
-        self.policy = rt.stages                 # every stage is decided there (policy/)
         self.facts = facts = Facts(self.listener.name, client_addr[0], client_addr[1])
+        # every stage is decided there (policy/); with milters, this session's own copy
+        self.policy = rt.stages.for_session(self)
+        self._hooks = bool(self.policy.hooks)
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.policy.client_level(facts, log)
         self.client_level = level = ClientLevel(facts.client_level)
@@ -110,6 +115,9 @@ class SMTPSession:
                 self.core.tls_established()
             if self.listener.pregreet_wait and not await self._pregreet():
                 return
+            if self._hooks:
+                # a refusal here answers every MAIL of the session (the hooks keep it)
+                await self.policy.connect(self.facts)
             self.core.greeting()
             await self._flush()
             # one scope for every wait on the client (see _receive), not one per read
@@ -122,6 +130,9 @@ class SMTPSession:
         finally:
             self._track_unsent()
             with trio.CancelScope(shield=True):
+                if self._hooks:
+                    with trio.move_on_after(5):
+                        await self.policy.close(self.facts)
                 if self.leg is not None:
                     with trio.move_on_after(2):
                         await self._release_leg(end_transaction=True)
@@ -293,18 +304,26 @@ class SMTPSession:
     async def _on_Hello(self, event) -> None:
         self.facts.helo = event.name
         await self._end_transaction()
+        if self._hooks:
+            await self.policy.helo(self.facts)
 
     async def _on_Reset(self, event) -> None:
         await self._end_transaction()
 
     async def _end_transaction(self) -> None:
         self._track_unsent()
+        if self._hooks and self.txn is not None:
+            await self.policy.abort(self.facts)
         self.txn = None
         self.facts.sender = None
         if self.leg is not None:
             await self.leg.reset()
 
     async def _on_Mail(self, event: S.Mail) -> None:
+        if self._hooks:
+            self._track_unsent()
+            self.facts.milter_log = []
+            self.facts.queue_id = f"{self.conn_id}.{self._tracked + 1}"
         verdict = await self.policy.mail(self.facts, event.address, event.params)
         if verdict.refused:
             self._refuse_by(verdict)
@@ -317,6 +336,8 @@ class SMTPSession:
             await self.leg.reset()
         self._track_unsent()
         self.txn = Transaction(event)
+        if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
+            self.txn.discard = verdict.reason
         self.facts.sender = event.address
         self.core.respond(*R.MAIL_OK)
 
@@ -340,6 +361,8 @@ class SMTPSession:
         if verdict.refused:
             self._refuse_by(verdict)
             return
+        if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
+            txn.discard = verdict.reason
         level = verdict.level if verdict.level is not None else leg.level
         if verdict.new_leg:
             await self._release_leg()
@@ -371,6 +394,8 @@ class SMTPSession:
         if reply.code // 100 == 2:
             txn.rcpts.append(event.address)
             self.facts.recipients = txn.rcpts
+            if self._hooks:
+                txn.rcpt_params[event.address] = event.params
         else:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
@@ -530,6 +555,7 @@ class SMTPSession:
         leg = self.leg
         leg.client.max_line = _MAX_REPLY_LINE
         if reply.code == 235 and answer is None:
+            self.facts.auth_mechanism = self._auth.mechanism
             self._auth_done("success")
             self._leg_bound = True
             self.facts.auth_user = self._auth_user or ""
@@ -555,6 +581,9 @@ class SMTPSession:
     # --- message ----------------------------------------------------------------------------
 
     async def _on_Data(self, event) -> None:
+        if self.policy.body_hooks:
+            await milter_data.transfer(self)      # the gateway's own 354, held (§4.7)
+            return
         leg = self.leg
         if leg is None:
             self._refuse(R.UPSTREAM_LOST)
@@ -617,23 +646,31 @@ class SMTPSession:
             except UpstreamFailure as failure:
                 await self._leg_failed(failure, txn.rcpts)
                 reply = failure.reply
+        await self._message_done(txn, reply, event.size)
+
+    async def _message_done(self, txn: Transaction, reply, size: int,
+                            result: str | None = None) -> None:
+        """The answer to the final dot: counted, logged, tracked, sent; the leg dropped when
+        it broke. *result* overrides the one the reply code gives (`discarded`)."""
         code = reply[0]
-        result = "accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4 else "rejected"
+        if result is None:
+            result = ("accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4
+                      else "rejected")
         self.metrics.messages_total.labels(self.name, result).inc()
         self.rt.state.recent.message(self.rt.index)        # /status: the last minute
         if result == "accepted":
             self.messages += 1
-            self.metrics.message_bytes_total.labels(self.name).inc(event.size)
-        else:
+            self.metrics.message_bytes_total.labels(self.name).inc(size)
+        elif result != "discarded":
             self._rejected(code, reply[1])
         leg = self.leg
         self.log.event(
             "message", result=result, mail_from=txn.mail.address, rcpts=",".join(txn.rcpts),
-            size=event.size, reply=f"{code} {_text(reply[1])}",
+            size=size, reply=f"{code} {_text(reply[1])}",
             client_tls=self.tls.version if self.tls else "none",
             upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
         )
-        self._track(txn, result, f"{code} {_text(reply[1])}", event.size, txn.rcpts)
+        self._track(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
         if leg is not None and (leg.closed or self._leg_broken):
             await leg.close()
             self.leg = None
@@ -650,11 +687,11 @@ class SMTPSession:
             txn.last_refusal = None
 
     def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+        self._tracked += 1               # ids count transactions (a milter's macro i too)
         tracking = self.rt.state.tracking
         if tracking is None:
             return
         leg = self.leg
-        self._tracked += 1
         tracking.write(TrackingRecord(
             id=f"{self.conn_id}.{self._tracked}", time=now_rfc3339(), listener=self.name,
             client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
@@ -665,7 +702,14 @@ class SMTPSession:
                                               if leg is not None and leg.tls is not None
                                               else None),
             upstream_leg=txn.upstream_leg, auth_user=self.facts.auth_user,
-            result=result, reply=reply))
+            result=result, reply=reply, milter=self._milter_record()))
+
+    def _milter_record(self) -> list[dict] | None:
+        """The milters' verdicts for this transaction's record (None without milters)."""
+        if not self._hooks:
+            return None
+        entries, self.facts.milter_log = self.facts.milter_log, []
+        return entries
 
     def _received_header(self) -> bytes:
         ip = self.client_addr[0]

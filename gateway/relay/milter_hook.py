@@ -1,0 +1,248 @@
+"""One milter for one client session, joined to the policy seam (SPEC §4.7).
+
+`milter_factories(listener)` gives the `StagePolicy` one factory per configured milter; each
+client session gets its own `MilterHook` (its own milter connection) from
+`policy.for_session(session)`. The hook drives `MilterClient` stage by stage with the macros
+Postfix sends by default, and turns the milter's answers into the seam's verdicts:
+
+- continue / accept: go on (accept spares the milter the rest, as the client core knows);
+- reject, tempfail, replycode: a refusal with the milter's reply (at RCPT for that recipient,
+  at MAIL, DATA or the end of the message for the transaction; a refusal at connect or HELO
+  answers every later MAIL);
+- discard: the message is dropped at its end (250 2.7.0), never relayed;
+- quarantine (end of message): relayed with `X-Gateway-Quarantine: <milter>: <reason>`;
+- the end of message's changes ride on the verdict (`edits`).
+
+A milter that cannot be reached, times out, closes or breaks the protocol gets its
+`default_action`: `tempfail` (451 4.7.1) or `reject` (550 5.7.1) answers this stage and every
+later one of the session, `accept` goes on without it. Each verdict that decides something
+(and every end of message) is logged as event `milter`, counted in
+`gateway_milter_results_total` and kept for the transaction's tracking record.
+
+The message reaches the hook as text (`body()` chunks: CRLF lines, not dot-stuffed, the
+gateway's Received: first); the hook splits off the header fields itself and sends them one by
+one, then end of headers, then the body.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+
+from .. import __version__
+from ..policy.stages import CONTINUE, Action, Hook, Verdict, refuse
+from ..proto import milter as M
+from ..proto.message import HeaderSplitter, split_field
+from .milter_client import MilterClient, MilterError
+
+MILTER_TEMPFAIL = (451, "4.7.1 Service unavailable - try again later")
+MILTER_REJECT = (550, "5.7.1 Message content rejected")
+MTA_NAME = f"mail-tls-gateway {__version__}"
+
+
+def milter_factories(listener) -> tuple:
+    """One factory per milter of *listener*, each making a session's `MilterHook`."""
+    return tuple(partial(MilterHook, spec) for spec in listener.milters)
+
+
+class MilterHook(Hook):
+    wants_body = True
+
+    def __init__(self, spec, session):
+        self.spec = spec
+        self.name = spec.name
+        self.session = session
+        self.client = MilterClient(spec.address, name=spec.name,
+                                   connect_timeout=spec.connect_timeout,
+                                   command_timeout=spec.command_timeout,
+                                   content_timeout=spec.content_timeout)
+        self.failed: Verdict | None = None      # default_action's refusal after a failure
+        self.off = False                        # default_action accept: left out
+        self._macros: dict[str, str] = {}       # every macro so far (for SETSYMLIST)
+        self._splitter: HeaderSplitter | None = None
+        self._eoh_sent = False
+        self._in_message = False
+        self.added: tuple[str, ...] = ()         # recipients its last end of message added
+
+    @property
+    def may_change(self) -> bool:
+        return not self.off and self.failed is None and self.client.core.may_change
+
+    # --- stages -----------------------------------------------------------------------------
+
+    async def connect(self, facts) -> Verdict:
+        session = self.session
+        macros = {"j": session.rt.hostname, "_": f"unknown [{facts.client_ip}]",
+                  "v": MTA_NAME, "{daemon_name}": session.name,
+                  "{daemon_addr}": session.listener.host,
+                  "{client_addr}": facts.client_ip, "{client_port}": str(facts.client_port),
+                  "{client_name}": "unknown"}
+
+        async def run():
+            await self.client.open()
+            return await self.client.connect(f"[{facts.client_ip}]", facts.client_ip,
+                                             facts.client_port, macros=self._stage(macros))
+        return await self._run("connect", run)
+
+    async def helo(self, facts) -> Verdict:
+        macros = {}
+        tls = facts.tls
+        if tls is not None:
+            macros = {"{tls_version}": tls.version, "{cipher}": tls.cipher,
+                      "{cipher_bits}": str(tls.bits)}
+            if tls.peer_subject:
+                macros["{cert_subject}"] = tls.peer_subject
+        return await self._run("helo", lambda: self.client.helo(
+            facts.helo or "unknown", macros=self._stage(macros)))
+
+    async def mail(self, facts, address: str, params: dict) -> Verdict:
+        self._in_message = True
+        macros = {"i": facts.queue_id or "", "{mail_addr}": address,
+                  "{mail_host}": self.session.rt.upstream.host, "{mail_mailer}": "smtp"}
+        if facts.auth_user is not None:
+            macros.update({"{auth_type}": facts.auth_mechanism or "",
+                           "{auth_authen}": facts.auth_user})
+        args = [f"<{address}>", *_params(params)]
+        return await self._run("mail", lambda: self.client.mail(
+            args, macros=self._stage(macros)))
+
+    async def rcpt(self, facts, address: str, params: dict) -> Verdict:
+        macros = {"{rcpt_addr}": address, "{rcpt_host}": self.session.rt.upstream.host,
+                  "{rcpt_mailer}": "smtp"}
+        args = [f"<{address}>", *_params(params)]
+        return await self._run("rcpt", lambda: self.client.rcpt(
+            args, macros=self._stage(macros)))
+
+    async def data(self, facts) -> Verdict:
+        self._splitter = HeaderSplitter()
+        self._eoh_sent = False
+        return await self._run("data", lambda: self.client.data(
+            macros=self._stage({"i": facts.queue_id or ""})))
+
+    async def body(self, facts, chunk: bytes) -> Verdict:
+        if self.failed is not None or self.off:
+            return self.failed or CONTINUE
+        fields, body = self._splitter.feed(chunk)
+        return await self._content(facts, fields, body)
+
+    async def eom(self, facts) -> Verdict:
+        if self.failed is not None or self.off:
+            return self.failed or CONTINUE
+        splitter = self._splitter
+        if splitter is not None:
+            fields, body = splitter.finish()
+            verdict = await self._content(facts, fields, body)
+            if verdict.action is not Action.CONTINUE:
+                return verdict
+        self._splitter = None
+        self._in_message = False
+        return await self._run("eom", lambda: self.client.eom(
+            macros=self._stage({"i": facts.queue_id or ""})))
+
+    async def abort(self, facts) -> None:
+        self._splitter = None
+        if not self._in_message or self.failed is not None or self.off:
+            return
+        self._in_message = False
+        try:
+            await self.client.abort()
+        except MilterError as exc:
+            self._failure("abort", exc.result, exc.reason)
+
+    async def close(self, facts) -> None:
+        await self.client.quit()
+
+    # --- internals --------------------------------------------------------------------------
+
+    async def _content(self, facts, fields: list[bytes], body: bytes) -> Verdict:
+        """Header fields, then end of headers once the block ended, then body bytes."""
+        client = self.client
+        for raw in fields:
+            name, value = split_field(raw)
+            verdict = await self._run("header", lambda: client.header(name, value))
+            if verdict.action is not Action.CONTINUE:
+                return verdict
+        if not self._eoh_sent and self._splitter is not None and self._splitter.eoh:
+            self._eoh_sent = True
+            verdict = await self._run("eoh", lambda: client.eoh(
+                macros=self._stage({"i": facts.queue_id or ""})))
+            if verdict.action is not Action.CONTINUE:
+                return verdict
+        if body:
+            return await self._run("body", lambda: client.body(body))
+        return CONTINUE
+
+    def _stage(self, macros: dict[str, str]) -> dict[str, str]:
+        """The macros to offer at a stage: the stage's own, or, when the milter chose its
+        lists (SETSYMLIST), every one known so far (the client picks what it asked for)."""
+        self._macros.update(macros)
+        negotiated = self.client.negotiated
+        if negotiated is not None and negotiated.symlists:
+            return dict(self._macros)
+        return macros
+
+    async def _run(self, stage: str, call) -> Verdict:
+        if self.failed is not None:
+            return self.failed
+        if self.off:
+            return CONTINUE
+        try:
+            answer = await call()
+        except MilterError as exc:
+            return self._failure(stage if exc.stage in ("open", "negotiate") else exc.stage,
+                                 exc.result, exc.reason)
+        except trio.Cancelled:
+            # the session's deadline (the one after the final dot) or its end: the
+            # conversation is out of step now and the milter is not asked again
+            self._failure(stage, "timeout", "cut short by the session's deadline")
+            raise
+        return self._verdict(stage, answer)
+
+    def _verdict(self, stage: str, answer: M.Verdict) -> Verdict:
+        action = answer.action
+        if answer.replied and (action is not M.Action.CONTINUE or stage == "eom"):
+            self._record(stage, action.value, answer)
+        if stage == "eom":
+            self.added = tuple(m.address.strip().strip("<>") for m in answer.modifications
+                               if isinstance(m, M.AddRecipient))
+        if action in (M.Action.CONTINUE, M.Action.ACCEPT):
+            return Verdict(edits=answer.modifications) if answer.modifications else CONTINUE
+        if action is M.Action.DISCARD:
+            return Verdict(Action.DISCARD, reason=self.name)
+        if action is M.Action.QUARANTINE:
+            note = f"{self.name}: {answer.reason or 'quarantined'}"
+            return Verdict(Action.QUARANTINE, reason=note, edits=answer.modifications,
+                           quarantine=(note,))
+        return refuse(answer.reply, reason=self.name)
+
+    def _failure(self, stage: str, result: str, reason: str) -> Verdict:
+        self._record(stage, result, reason=reason)
+        action = self.spec.default_action
+        if action == "accept":
+            self.off = True
+            return CONTINUE
+        self.failed = refuse(MILTER_TEMPFAIL if action == "tempfail" else MILTER_REJECT,
+                             reason=self.name)
+        return self.failed
+
+    def _record(self, stage: str, result: str, answer: M.Verdict | None = None,
+                reason: str | None = None) -> None:
+        session = self.session
+        fields = {}
+        if answer is not None and answer.reply is not None:
+            code, text = answer.reply
+            fields["reply"] = f"{code} {text if isinstance(text, str) else ' / '.join(text)}"
+        if answer is not None and answer.reason:
+            fields["reason"] = answer.reason
+        if reason is not None:
+            fields["reason"] = reason
+        level = "warning" if result in ("error", "timeout") else "info"
+        session.log.event("milter", level=level, milter=self.name, stage=stage, result=result,
+                          **fields)
+        session.metrics.milter_results_total.labels(session.name, self.name, result).inc()
+        session.facts.milter_log.append({"milter": self.name, "stage": stage,
+                                         "result": result})
+
+
+def _params(params: dict) -> list[str]:
+    return [f"{k}={v}" if v is not None else k for k, v in params.items()]
