@@ -4,138 +4,21 @@ reload, drain on SIGTERM, and the shared metrics endpoint. The gateway runs as
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
-import smtplib
 import socket
-import subprocess
-import sys
 import threading
-import time
 import types
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread,
-                     raw_starttls, running_sink)
+from harness import client_context, in_thread, raw_starttls, running_sink
 from peers import free_port
-
-
-class GatewayProcess:
-    """`gateway run` in a subprocess, with its log lines collected by a thread."""
-
-    def __init__(self, config_path, *args):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
-            stderr=subprocess.PIPE, text=True, env=gateway_subprocess_env(), cwd=NEUTRAL_CWD)
-        self.lines: list[str] = []
-        self._new = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            self._new.put(line)
-        self._new.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> list[str]:
-        """Block (in a thread) until *count* log lines match *pattern* in total."""
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        while True:
-            found = [ln for ln in self.lines if rx.search(ln)]
-            if len(found) >= count:
-                return found
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {pattern!r} in log:\n" + "".join(self.lines[-40:]))
-            try:
-                if self._new.get(timeout=left) is None and not [
-                        ln for ln in self.lines if rx.search(ln)][count - 1:]:
-                    raise AssertionError("gateway exited:\n" + "".join(self.lines[-40:]))
-            except queue.Empty:
-                pass
-
-    def worker_pids(self) -> list[int]:
-        started = [int(m.group(1)) for ln in self.lines
-                   if (m := re.search(r"event=worker_start .*worker_pid=(\d+)", ln))]
-        exited = {int(m.group(1)) for ln in self.lines
-                  if (m := re.search(r"event=worker_exit .*worker_pid=(\d+)", ln))}
-        return [p for p in started if p not in exited]
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-
-def write_config(path, *, port, sink_port, metrics_port, server_cert, client_tls="optional",
-                 workers=2, grace=10, extra=""):
-    path.write_text(f"""
-[gateway]
-hostname = "mx.test"
-workers = {workers}
-metrics = "127.0.0.1:{metrics_port}"
-shutdown_grace = {grace}
-
-[certificates.main]
-cert = "{server_cert.cert}"
-key = "{server_cert.key}"
-
-[[listeners]]
-name = "mx"
-protocol = "smtp"
-bind = "127.0.0.1:{port}"
-tls = "starttls"
-client_tls = "{client_tls}"
-certificate = "main"
-{extra}
-
-[listeners.upstream]
-address = "127.0.0.1:{sink_port}"
-tls = "none"
-""")
-
-
-def one_session(port: int, ctx, n: int) -> str:
-    """One STARTTLS session; the outcome: ok, tempfail, closed or refused."""
-    try:
-        with smtplib.SMTP("localhost", port, timeout=30) as s:
-            s.starttls(context=ctx)
-            s.ehlo("client.test")
-            s.sendmail("alice@client.test", ["bob@example.test"],
-                       f"Subject: load {n}\r\n\r\nmessage {n}\r\n".encode())
-            return "ok"
-    except ConnectionRefusedError:
-        return "refused"
-    except smtplib.SMTPResponseException as exc:
-        return "tempfail" if 400 <= exc.smtp_code < 500 else f"error {exc.smtp_code}"
-    except (smtplib.SMTPServerDisconnected, ConnectionResetError, BrokenPipeError, OSError):
-        return "closed"
-
-
-def scrape(port: int) -> dict:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    out: dict = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            out[key] = out.get(key, 0) + sample.value
-    return out
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in samples.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+from supervised import (GatewayProcess, one_session, plaintext_mail, scrape, total,
+                        write_config)
 
 
 @pytest.fixture
@@ -221,12 +104,6 @@ async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert,
     assert total(samples, "gateway_build_info") >= 1
     assert health == 200
     assert len(served) >= 1
-
-
-def plaintext_mail(port: int):
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-        s.ehlo("client.test")
-        return s.docmd("MAIL FROM:<alice@client.test>")
 
 
 async def test_sighup_reload_changes_policy_without_refusing(tmp_path, server_cert, ports):
