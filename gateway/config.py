@@ -121,6 +121,7 @@ class GatewayConfig:
     log_format: str = "logfmt"
     tracking_log: str | None = None
     shutdown_grace: float = 30
+    worker_timeout: float = 30            # heartbeat age after which a worker is replaced (§9)
     alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
     alert_sender: str | None = None          # default postmaster@<hostname>
     alert_interval: float = 3600             # at most one e-mail per domain and reason
@@ -154,7 +155,7 @@ _CLIENT_RANK = {level: i for i, level in enumerate(CLIENT_LEVELS)}
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
-                 "alert_interval")
+                 "alert_interval", "worker_timeout")
 _CERT_KEYS = ("cert", "key")
 _PROFILE_KEYS = ("clone", "min_version", "max_version", "cipher_strength", "ciphers",
                  "ciphersuites", "groups", "ca_file", "ca_path", "verify_depth",
@@ -454,6 +455,7 @@ def _parse_gateway(t: _Table | None) -> dict:
     out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
     out["tracking_log"] = t.str("tracking_log", None)
     out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
+    out["worker_timeout"] = t.seconds("worker_timeout", 30.0)
     recipients = t.str_list("alert_recipients", [])
     for i, addr in enumerate(recipients):
         if not _ADDRESS_RE.match(addr):

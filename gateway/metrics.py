@@ -41,6 +41,8 @@ METRIC_NAMES = (
     "gateway_worker_restarts_total",
     "gateway_demo_certificate",
     "gateway_build_info",
+    "gateway_workers_healthy",
+    "gateway_workers_configured",
 )
 
 # Attribute names shared by Metrics and NullMetrics.
@@ -49,6 +51,7 @@ ATTRIBUTES = (
     "tls_handshakes_total", "tls_handshake_seconds", "policy_rejections_total",
     "messages_total", "message_bytes_total", "upstream_errors_total", "tls_alerts_total",
     "session_seconds", "worker_restarts_total", "demo_certificate", "build_info",
+    "workers_healthy", "workers_configured",
 )
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
@@ -135,6 +138,13 @@ class Metrics:
         self.build_info = Gauge(
             "gateway_build_info", "Version and native core", ("version", "native"),
             multiprocess_mode="max", registry=None)
+        # set by the supervisor only (the workers' 0 never wins the max)
+        self.workers_healthy = Gauge(
+            "gateway_workers_healthy", "Worker slots with a live, beating worker",
+            multiprocess_mode=_gauge_mode_max(), registry=None)
+        self.workers_configured = Gauge(
+            "gateway_workers_configured", "Worker slots (gateway.workers)",
+            multiprocess_mode=_gauge_mode_max(), registry=None)
         self.build_info.labels(gateway.__version__,
                                "yes" if native.BACKEND == "native" else "no").set(1)
 
@@ -303,18 +313,28 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """`/metrics` and `/healthz` for the supervisor, served from a daemon thread."""
+    """`/metrics` and `/healthz` for the supervisor, served from a daemon thread.
 
-    def __init__(self, host: str, port: int, healthy=None):
+    *sock*: a socket bound and listening already (the supervisor's, served by its metrics
+    process), else one is bound to host:port."""
+
+    def __init__(self, host: str, port: int, healthy=None, sock: socket.socket | None = None):
         self.host = host or "127.0.0.1"
         self.port = port
         self.healthy = healthy
+        self.sock = sock
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         cls = _Server6 if ":" in self.host else _Server
-        httpd = cls((self.host, self.port), _Handler)
+        if self.sock is None:
+            httpd = cls((self.host, self.port), _Handler)
+        else:
+            httpd = cls((self.host, self.port), _Handler, bind_and_activate=False)
+            httpd.socket.close()
+            httpd.socket = self.sock
+            httpd.server_address = self.sock.getsockname()
         httpd.healthy = self.healthy
         self._httpd = httpd
         self.port = httpd.server_address[1]

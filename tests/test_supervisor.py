@@ -9,7 +9,6 @@ import signal
 import socket
 import threading
 import types
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,7 +16,7 @@ import trio
 
 from harness import client_context, in_thread, raw_starttls, running_sink
 from peers import free_port
-from supervised import (GatewayProcess, one_session, plaintext_mail, scrape, total,
+from supervised import (GatewayProcess, healthz, one_session, plaintext_mail, scrape, total,
                         write_config)
 
 
@@ -87,8 +86,7 @@ async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert,
                         lambda n: one_session(port, ctx, n), range(30))))
                 await in_thread(lambda: gw.wait_for(r"event=conn_close", count=30))
                 samples = await in_thread(scrape, metrics_port)
-                health = await in_thread(lambda: urllib.request.urlopen(
-                    f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).status)
+                health = await in_thread(healthz, metrics_port)
         finally:
             assert gw.stop() == 0
     assert results == ["ok"] * 30
@@ -102,7 +100,7 @@ async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert,
     assert total(samples, "gateway_session_seconds_count", listener="mx") == 30
     assert total(samples, "gateway_message_bytes_total", listener="mx") > 0
     assert total(samples, "gateway_build_info") >= 1
-    assert health == 200
+    assert health == 200, "".join(gw.lines)
     assert len(served) >= 1
 
 
@@ -271,27 +269,30 @@ async def test_tls_sessions_resume_on_any_worker(tmp_path, server_cert, ports):
 async def test_a_worker_that_cannot_start_stops_the_gateway_with_exit_code_1(tmp_path,
                                                                              server_cert,
                                                                              ports):
+    """A failure after serving began is exit 1 (SPEC §9): here the worker cannot open its
+    tracking log, a directory (the supervisor's check only sees that its parent exists)."""
     port, metrics_port = ports
     async with running_sink() as sink:
         cfg = tmp_path / "gw.toml"
         write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
-                     server_cert=server_cert, workers=1)
-        text = cfg.read_text().replace(
-            "[gateway]\n", f'[gateway]\ntracking_log = "{tmp_path}/missing/track.jsonl"\n', 1)
-        cfg.write_text(text)
+                     server_cert=server_cert, workers=1,
+                     gateway_extra=f'tracking_log = "{tmp_path}"')
         gw = GatewayProcess(cfg)
-        with trio.fail_after(60):
-            await in_thread(lambda: gw.wait_for(r"event=fatal .*a worker could not start"))
-            await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
-            code = await in_thread(lambda: gw.proc.wait(30))
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=fatal .*a worker could not start"))
+                await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
+                code = await in_thread(lambda: gw.proc.wait(30))
+        finally:
+            gw.stop()
     assert code == 1                        # it was 0: an init script saw a clean stop
 
 
 async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_reload(
         tmp_path, server_cert, upstream_cert, ports):
-    """The supervisor loads the certificates before forking (server.build_tls): a key that
-    does not belong to its certificate ends the start with exit code 1, and a reload to such
-    a pair keeps the running workers."""
+    """The supervisor checks the certificates before forking: a key that does not belong to
+    its certificate ends the start with exit code 2 (found before serving, SPEC §9) and a
+    line naming the key, and a reload to such a pair keeps the running workers."""
     port, metrics_port = ports
     broken = types.SimpleNamespace(cert=server_cert.cert, key=upstream_cert.key)
     async with running_sink() as sink:
@@ -299,9 +300,13 @@ async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_r
         cfg = tmp_path / "gw.toml"
         write_config(cfg, server_cert=broken, **kw)
         gw = GatewayProcess(cfg)
-        with trio.fail_after(60):
-            await in_thread(lambda: gw.wait_for(r"event=fatal .*TLS: "))
-            assert await in_thread(lambda: gw.proc.wait(30)) == 1
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(
+                    r"event=fatal .*certificates.main: the certificate and key cannot be used"))
+                assert await in_thread(lambda: gw.proc.wait(30)) == 2
+        finally:
+            gw.stop()
         write_config(cfg, server_cert=server_cert, **kw)
         gw = GatewayProcess(cfg)
         try:
