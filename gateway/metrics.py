@@ -80,6 +80,15 @@ METRICS = (
          "AUTH exchanges relayed, by result", ("listener", "mechanism", "result")),
     Spec("tracking_errors_total", "counter", "gateway_tracking_errors_total",
          "Tracking records not written (disk full)"),
+    Spec("workers_healthy", "gauge", "gateway_workers_healthy",
+         "Worker slots with a live, beating worker", (), "livemax"),
+    Spec("workers_configured", "gauge", "gateway_workers_configured",
+         "Worker slots (gateway.workers)", (), "livemax"),
+    Spec("config_last_reload_successful", "gauge", "gateway_config_last_reload_successful",
+         "1 when the last reload (or the start) applied the configuration", (), "livemax"),
+    Spec("config_last_reload_success_timestamp_seconds", "gauge",
+         "gateway_config_last_reload_success_timestamp_seconds",
+         "When the configuration was last applied (start or reload)", (), "livemax"),
     Spec("milter_results_total", "counter", "gateway_milter_results_total",
          "Milter verdicts and failures, by result", ("listener", "milter", "result")),
     # set by each worker at start: a worker's values go with it, so after a reload only the
@@ -408,19 +417,29 @@ class MetricsServer:
 
     *healthy*: a callable, true while every worker slot is served. *workers*: a callable
     returning `/status`'s worker rows (dicts: pid, generation, heartbeat_age_seconds) — the
-    supervisor's to give; without it the list is empty."""
+    supervisor's to give; without it the list is empty. *sock*: a socket bound and listening
+    already (the supervisor's, served by its metrics process), else one is bound to
+    host:port."""
 
-    def __init__(self, host: str, port: int, healthy=None, workers=None):
+    def __init__(self, host: str, port: int, healthy=None, workers=None,
+                 sock: socket.socket | None = None):
         self.host = host or "127.0.0.1"
         self.port = port
         self.healthy = healthy
         self.workers = workers
+        self.sock = sock
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         cls = _Server6 if ":" in self.host else _Server
-        httpd = cls((self.host, self.port), _Handler)
+        if self.sock is None:
+            httpd = cls((self.host, self.port), _Handler)
+        else:
+            httpd = cls((self.host, self.port), _Handler, bind_and_activate=False)
+            httpd.socket.close()
+            httpd.socket = self.sock
+            httpd.server_address = self.sock.getsockname()
         httpd.healthy = self.healthy
         httpd.workers = self.workers
         self._httpd = httpd

@@ -1,26 +1,43 @@
 """The supervisor: owns the listening sockets, forks and replaces workers (SPEC §9).
 
-One SO_REUSEPORT socket per worker slot per listener is bound here and kept for the life of the
-process, so connections queued on a crashed worker's socket wait for its replacement instead of
-being reset, and a reload's new worker accepts on the very socket its predecessor drains from.
+One SO_REUSEPORT socket per worker slot per listener is bound here and kept while serving, so
+connections queued on a crashed worker's socket wait for its replacement instead of being
+reset, and a reload's new worker accepts on the very socket its predecessor drains from.
+Before binding a group it makes sure no other process serves the address (addrcheck.py).
 Signals are blocked and collected with sigtimedwait in the main loop: handlers never run code.
-The metrics endpoint runs in a thread of this process (prometheus multiprocess mode).
+
+The supervisor runs no thread, so a fork never copies a lock some other thread holds: the
+metrics endpoint and the demo sink are processes of their own (sidecars.py). Workers beat a
+heartbeat in shared memory (conncount.py); one silent for `worker_timeout` is killed and
+replaced, and /healthz is 200 only while every slot has a beating worker.
+
+Exit codes (SPEC §9): 0 clean stop; 2 the configuration or environment cannot be used,
+found before serving (one line naming the key or the listener and address); 1 a failure
+after serving began (a worker that cannot start, an unexpected error).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import select
+import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from .config import ConfigError, GatewayConfig, check_files, load_config
-from .conncount import ConnectionCounts
+from .conncount import ROWS_PER_SLOT, ConnectionCounts
 from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
 
+EXIT_START = 2                 # unusable configuration or environment, found before serving
+EXIT_FAILURE = 1
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-RELOAD_FIXED = ("workers", "user", "group")
+HELD = {RETIRE_SIGNAL}        # held in the supervisor so a new worker inherits it held
+RELOAD_FIXED = ("user", "group", "metrics")     # and `workers`, `bind`: a restart is needed
+HELPER_RESTART = 1.0           # seconds before a dead helper process is started again
+STOP_HELPERS = 5.0             # seconds a helper gets to exit on SIGTERM at the end
 
 
 @dataclass
@@ -30,6 +47,15 @@ class WorkerInfo:
     row: int
     started: float
     retiring: bool = False
+    killed: bool = False           # SIGKILLed for a stale heartbeat, not reaped yet
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StartError(Exception):
+    """The start cannot go on: one line naming the key or listener and address (exit 2)."""
 
 
 class Supervisor:
@@ -38,97 +64,204 @@ class Supervisor:
         self.log = log.bind(process="supervisor")
         self.base_log = log
         self.demo = demo
+        self.pid = os.getpid()
         self.n = config.workers or os.cpu_count() or 1
-        self.rows = 2 * self.n                # a reload runs two generations side by side
+        self.rows = ROWS_PER_SLOT * self.n     # reload generations may drain side by side
         self.workers: dict[int, WorkerInfo] = {}
         self.backoff = [0.0] * self.n
         self.respawn_at: dict[int, float] = {}
+        self.helpers: dict[int, str] = {}      # pid -> "metrics" | "demo-sink"
+        self.helper_due: dict[str, float] = {}
         self.stopping = False
+        self.reload_pending = False
+        self.generation = 0             # +1 per applied reload (/status)
         self.exit_code = 0               # 1 once a worker could not start
+        self.file_workers = config.workers
+        self.sockets: list[list] = []
         self.metrics = None
-        self.metrics_server = None
+        self.metrics_sock = None
         self.metrics_dir = None
+        self.counts = None
+        self.healthy_count = -1
 
     # --- start ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        from .net.bind import bind_socket
-        if self.config.metrics:
+        try:
+            try:
+                self._start()
+            except StartError as exc:
+                self.log.event("fatal", level="error", message=str(exc))
+                return EXIT_START
+            return self._loop()
+        except Exception as exc:             # a bug: stop the workers, say so, exit 1
+            self.log.event("fatal", level="error", message=f"supervisor: {exc!r}")
+            self._stop()
+            self._wait_workers(time.monotonic() + self.config.shutdown_grace + 5)
+            return EXIT_FAILURE
+        finally:
+            self._cleanup()
+
+    def _start(self) -> None:
+        config = self.config
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS | HELD)   # before anything to undo
+        problems = check_files(config)       # unknown user, unreadable or mismatched keys
+        if problems:
+            raise StartError("; ".join(problems))
+        if config.source is not None:        # the file's own `workers` (--workers may differ)
+            try:
+                self.file_workers = load_config(config.source).workers
+            except ConfigError:
+                pass
+        if config.metrics:
             from . import metrics as M
             self.metrics_dir = M.prepare_multiprocess_dir()
-            if self.config.user or self.config.group:   # workers write there after dropping
+            if config.user or config.group:   # workers write there after dropping
                 from .worker import resolve_ids
-                uid, gid = resolve_ids(self.config.user, self.config.group)
+                uid, gid = resolve_ids(config.user, config.group)
                 os.chown(self.metrics_dir, uid, gid)
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        self._bind_listeners()
+        if config.metrics:
+            from .sidecars import bind_metrics
+            try:
+                self.metrics_sock = bind_metrics(config.metrics)
+            except OSError as exc:
+                raise StartError(f"gateway.metrics {config.metrics}: "
+                                 f"{exc.strerror or exc}") from None
+        from .listener_tls import build_tls
         try:
-            self.sockets = [[bind_socket(l, reuse_port=True) for l in self.config.listeners]
-                            for _ in range(self.n)]
-        except OSError as exc:
-            self.log.event("fatal", level="error", message=f"bind: {exc}")
-            return 1
-        self.tls = self._build_tls(self.config)
-        if self.tls is None:
-            return 1
-        self.counts = ConnectionCounts(self.rows, len(self.config.listeners))
-        if self.config.metrics:
-            self._start_metrics()
+            self.tls = build_tls(config, self.base_log)
+        except Exception as exc:             # a certificate or key OpenSSL refuses
+            raise StartError(f"TLS: {exc}") from None
+        self.counts = ConnectionCounts(self.rows, len(config.listeners), self.n)
+        self._health_rules()
+        if config.metrics:
+            from . import metrics as M
+            self.metrics = M.Metrics()
+            self.metrics.workers_configured.set(self.n)
+            self.metrics.workers_healthy.set(0)
+            self._reload_metrics(True)          # the configuration it started with
+            self._start_helper("metrics")
+            self.log.event("metrics_listening",
+                           bind=_fmt(*self.metrics_sock.getsockname()[:2]))
         if self.demo:
-            self._start_demo_sink()
-        self.log.event("supervisor_start", workers=self.n, pid=os.getpid())
+            self._start_helper("demo-sink")
+        self.log.event("supervisor_start", workers=self.n, pid=self.pid)
         for slot in range(self.n):
             self._spawn(slot)
+
+    def _bind_listeners(self) -> None:
+        """The SO_REUSEPORT group of every listener, one socket per slot; StartError when an
+        address cannot be bound or another process serves it."""
+        from .addrcheck import ALREADY_SERVED, foreign_listener, probe
+        from .net.bind import bind_socket
+        groups = []
         try:
-            return self._loop()
-        finally:
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
-            for row in self.sockets:
-                for sock in row:
+            for listener in self.config.listeners:
+                where = f"{listener.name} {_fmt(listener.host, listener.port)}"
+                try:
+                    probe(listener.host, listener.port)
+                    group = []
+                    groups.append(group)
+                    for _ in range(self.n):
+                        group.append(bind_socket(listener, reuse_port=True))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise StartError(f"{where}: {ALREADY_SERVED}") from None
+                    raise StartError(f"{where}: {exc.strerror or exc}") from None
+                if foreign_listener(group):
+                    raise StartError(f"{where}: {ALREADY_SERVED}")
+        except BaseException:
+            for group in groups:
+                for sock in group:
                     sock.close()
+            raise
+        self.sockets = [list(row) for row in zip(*groups)] if groups else [
+            [] for _ in range(self.n)]
 
     def _build_tls(self, config: GatewayConfig):
-        """The TLS contexts every worker inherits (listener_tls.build_tls), or None (logged)."""
+        """A reload's TLS contexts (listener_tls.build_tls), or None (logged)."""
         from .listener_tls import build_tls
         try:
             return build_tls(config, self.base_log)
         except Exception as exc:       # a certificate or key OpenSSL refuses
-            self.log.event("fatal" if config is self.config else "reload_failed",
-                           level="error", message=f"TLS: {exc}")
+            self.log.event("reload_failed", level="error", message=f"TLS: {exc}")
             return None
 
-    def _start_metrics(self) -> None:
-        from . import metrics as M
-        host, _, port = self.config.metrics.rpartition(":")
-        self.metrics = M.Metrics()
-        self.metrics_server = M.MetricsServer(host.strip("[]"), int(port),
-                                              healthy=lambda: bool(self.workers))
-        self.metrics_server.start()
-        self.log.event("metrics_listening", bind=f"{host}:{self.metrics_server.port}")
+    # --- helper processes (sidecars.py) -----------------------------------------------------
 
-    def _start_demo_sink(self) -> None:
-        import trio
+    def _listening(self) -> list:
+        return [sock for row in self.sockets for sock in row]
 
-        from .sink import run_demo_sink
-        ready = threading.Event()
+    def _start_helper(self, name: str) -> None:
+        from . import sidecars
+        close = self._listening()
+        if name == "metrics":
+            pid = sidecars.fork_child(
+                name, partial(sidecars.serve_metrics, self.metrics_sock, self.counts),
+                parent_pid=self.pid, close=close, log=self.base_log)
+        else:
+            if self.metrics_sock is not None:
+                close.append(self.metrics_sock)
+            r, w = os.pipe()
+            pid = sidecars.fork_child(
+                name, partial(sidecars.serve_demo_sink, self.config, self.base_log, w),
+                parent_pid=self.pid, close=close, log=self.base_log)
+            os.close(w)
+            try:
+                select.select([r], [], [], 10)      # bound: the sink is up (or gave up)
+            finally:
+                os.close(r)
+        self.helpers[pid] = name
 
-        def thread():
-            async def main():
-                async with trio.open_nursery() as n:
-                    await n.start(run_demo_sink, self.config, self.base_log)
-                    ready.set()
-            trio.run(main)
-        threading.Thread(target=thread, name="demo-sink", daemon=True).start()
-        ready.wait(10)
+    def _stop_helpers(self) -> None:
+        for pid in self.helpers:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_HELPERS
+        while self.helpers and time.monotonic() < deadline:
+            for pid in list(self.helpers):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    del self.helpers[pid]
+            if self.helpers:
+                time.sleep(0.02)
+        for pid in self.helpers:
+            _kill(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.helpers.clear()
+
+    def _cleanup(self) -> None:
+        """On every exit: helpers stopped, sockets closed, the metrics directory removed."""
+        try:
+            self._stop_helpers()
+        finally:
+            for sock in self._listening():
+                sock.close()
+            if self.metrics_sock is not None:
+                self.metrics_sock.close()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None
 
     # --- workers ----------------------------------------------------------------------------
 
-    def _free_row(self) -> int:
+    def _free_row(self) -> int | None:
         used = {w.row for w in self.workers.values()}
-        return next(r for r in range(self.rows) if r not in used)
+        return next((r for r in range(self.rows) if r not in used), None)
 
     def _spawn(self, slot: int) -> None:
         row = self._free_row()
+        if row is None:                # cannot happen (reloads wait for rows); never fail
+            self.log.event("worker_deferred", level="error", slot=slot,
+                           message="no free worker row; trying again in a second")
+            self.respawn_at[slot] = time.monotonic() + 1.0
+            return
         self.counts.clear_row(row)
         pid = os.fork()
         if pid == 0:                                   # the worker
@@ -139,8 +272,10 @@ class Supervisor:
                     if other != slot:
                         for sock in socks:
                             sock.close()
+                if self.metrics_sock is not None:
+                    self.metrics_sock.close()
                 code = run_worker(self.config, self.sockets[slot], self.base_log,
-                                  self.counts, row, slot, self.tls)
+                                  self.counts, row, slot, self.tls, parent_pid=self.pid)
             except BaseException as exc:               # never return into the supervisor
                 try:
                     self.base_log.event("worker_crash", level="error", message=repr(exc))
@@ -149,6 +284,8 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.workers[pid] = WorkerInfo(pid, slot, row, time.monotonic())
+        self.counts.set_worker(row, pid, self.generation)
+        self.counts.set_slot(slot, row)                # the slot's worker from now on
         self.log.event("worker_start", worker_pid=pid, slot=slot)
 
     def _reap(self) -> None:
@@ -159,14 +296,21 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
+            name = self.helpers.pop(pid, None)
+            if name is not None:
+                self.log.event("helper_exit", level="warning", helper=name, pid=pid, code=code)
+                if not self.stopping:
+                    self.helper_due[name] = time.monotonic() + HELPER_RESTART
+                continue
             info = self.workers.pop(pid, None)
             if info is None:
                 continue
+            self._vacate(info)
             self.counts.clear_row(info.row)
             if self.metrics_dir is not None:
                 from . import metrics as M
                 M.mark_process_dead(pid)
-            code = os.waitstatus_to_exitcode(status)
             self.log.event("worker_exit", level="info" if code == 0 else "warning",
                            worker_pid=pid, slot=info.slot, code=code)
             if self.stopping or info.retiring:
@@ -174,7 +318,7 @@ class Supervisor:
             if code == BOOT_ERROR:
                 self.log.event("fatal", level="error",
                                message="a worker could not start; stopping")
-                self.exit_code = 1
+                self.exit_code = EXIT_FAILURE
                 self._stop()
                 continue
             lived = time.monotonic() - info.started
@@ -190,10 +334,60 @@ class Supervisor:
             if when <= now and not self.stopping:
                 del self.respawn_at[slot]
                 self._spawn(slot)
+        for name, when in list(self.helper_due.items()):
+            if when <= now and not self.stopping:
+                del self.helper_due[name]
+                self._start_helper(name)
+
+    def _watch(self) -> None:
+        """Kill workers whose heartbeat is older than worker_timeout; the healthy gauge."""
+        now = time.monotonic()
+        timeout = self.config.worker_timeout
+        for info in self.workers.values():
+            if info.killed:
+                continue
+            last = self.counts.last_beat(info.row)
+            age = now - (last or info.started)
+            if age > timeout:
+                self.log.event("worker_timeout", level="error", worker_pid=info.pid,
+                               slot=info.slot, age=round(age, 1),
+                               message="no heartbeat within worker_timeout; killed")
+                _kill(info.pid, signal.SIGKILL)
+                info.killed = True
+                self._vacate(info)
+        healthy = self.counts.healthy_slots(now)
+        if self.metrics is not None and healthy != self.healthy_count:
+            self.metrics.workers_healthy.set(healthy)
+        self.healthy_count = healthy
+
+    def _vacate(self, info: WorkerInfo) -> None:
+        """*info*'s worker is dead or dying: its slot has no worker until the next spawn."""
+        if self.counts.slot_row(info.slot) == info.row:
+            self.counts.set_slot(info.slot, None)
+
+    def _health_rules(self) -> None:
+        from .worker import beat_interval
+        self.counts.set_health_rules(3 * beat_interval(self.config.worker_timeout),
+                                     stopping=self.stopping)
+
+    def _wait_workers(self, deadline: float) -> None:
+        """After an unexpected error: reap workers until *deadline*, then SIGKILL them."""
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            if self.workers:
+                signal.sigtimedwait({signal.SIGCHLD}, 0.2)
+        for pid in list(self.workers):
+            _kill(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.workers.clear()
 
     # --- signals ----------------------------------------------------------------------------
 
     def _loop(self) -> int:
+        from .worker import beat_interval
         deadline = None
         while True:
             if self.stopping and not self.workers:
@@ -204,7 +398,13 @@ class Supervisor:
             if deadline is not None and time.monotonic() > deadline:
                 for pid in list(self.workers):
                     _kill(pid, signal.SIGKILL)
-            timeout = 0.2 if (self.respawn_at or self.stopping) else 1.0
+            if self.reload_pending and not self.stopping and self._rows_for_reload():
+                self.reload_pending = False
+                self._reload()
+            self._watch()
+            timeout = min(0.5, beat_interval(self.config.worker_timeout) / 2)
+            if self.respawn_at or self.helper_due or self.stopping:
+                timeout = min(timeout, 0.2)
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None:
                 sig = info.si_signo
@@ -217,46 +417,87 @@ class Supervisor:
             self._respawn_due()
 
     def _stop(self) -> None:
+        """Drain: workers get SIGTERM, and the listening sockets are closed here (the workers
+        close theirs as they stop accepting), so new clients are refused and try the next
+        server instead of waiting in a queue nobody accepts from."""
         self.stopping = True
+        if self.counts is not None:
+            self._health_rules()
+        self.reload_pending = False
         self.respawn_at.clear()
+        self.helper_due.clear()
         for pid in list(self.workers):
             _kill(pid, signal.SIGTERM)
+        for sock in self._listening():
+            sock.close()
+
+    def _rows_for_reload(self) -> bool:
+        """Enough free rows to start a new generation beside the draining ones?"""
+        serving = sum(1 for w in self.workers.values() if not w.retiring)
+        return self.rows - len(self.workers) >= serving + len(self.respawn_at)
 
     def _reload(self) -> None:
+        """SIGHUP: re-read, check and apply the configuration (or refuse it, logged); the
+        outcome is exported as gateway_config_last_reload_successful (and its timestamp)."""
+        ok = self._try_reload()
+        if ok is not None:
+            self._reload_metrics(ok)
+
+    def _reload_metrics(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.config_last_reload_successful.set(1 if ok else 0)
+            if ok:
+                self.metrics.config_last_reload_success_timestamp_seconds.set(time.time())
+
+    def _try_reload(self) -> bool | None:
+        """True: reloaded; False: refused or failed; None: deferred (rows) or nothing to do."""
         source = self.config.source
         if source is None:
             self.log.event("reload_failed", level="error",
                            message="no configuration file to re-read (--demo)")
-            return
+            return False
+        if not self._rows_for_reload():
+            if not self.reload_pending:
+                draining = sum(1 for w in self.workers.values() if w.retiring)
+                self.log.event("reload_deferred", level="warning", draining=draining,
+                               message="older generations still draining; the reload runs "
+                                       "when one has finished")
+            self.reload_pending = True
+            return None
         try:
             new = load_config(source)
         except ConfigError as exc:
             self.log.event("reload_failed", level="error", message=str(exc))
-            return
-        new = dataclasses.replace(new, workers=self.config.workers,
-                                  single_process=self.config.single_process)
-        changed = [k for k in RELOAD_FIXED if getattr(new, k) != getattr(self.config, k)]
+            return False
+        changed = ["workers"] if new.workers != self.file_workers else []
+        changed += [k for k in RELOAD_FIXED if getattr(new, k) != getattr(self.config, k)]
         old_binds = [(l.host, l.port) for l in self.config.listeners]
         if [(l.host, l.port) for l in new.listeners] != old_binds:
             changed.append("bind")
         if changed:
             self.log.event("reload_refused", level="error", changed=",".join(changed),
-                           message="a restart is needed for these settings")
-            return
+                           message="a restart is needed for these settings; "
+                                   "the running configuration stays")
+            return False
+        new = dataclasses.replace(new, workers=self.config.workers,
+                                  single_process=self.config.single_process)
         problems = check_files(new)
         if problems:
             self.log.event("reload_failed", level="error", message="; ".join(problems))
-            return
+            return False
         tls = self._build_tls(new)
         if tls is None:
-            return
+            return False
         self.config, self.tls = new, tls
+        self.generation += 1
+        self._health_rules()
         old = [w for w in self.workers.values() if not w.retiring]
         for info in old:                   # new worker first, then retire the old one
             self._spawn(info.slot)
             info.retiring = True
             _kill(info.pid, RETIRE_SIGNAL)         # finish, then exit
         self.log.event("reloaded", workers=len(old))
+        return True
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -2,11 +2,16 @@
 
 It inherits the TLS contexts the supervisor built before forking (so every worker has the same
 certificates and session-ticket keys, and no key is read here). It resets the signals it
-inherited, builds its listeners' runtimes around those contexts (upstream settings, encryption
-and client rules, alert mail) and opens the tracking log, then drops privileges, then serves.
-SIGTERM stops accepting and drains; the retire signal (after a reload) lets sessions finish
-first. A start that fails exits with BOOT_ERROR, and the supervisor stops instead of
-respawning it.
+inherited, builds its listeners' runtimes around those contexts (upstream settings, the stage
+policy, alert mail) and opens the tracking log, then drops privileges, asks to die with the
+supervisor (after the drop: a credential change
+clears PR_SET_PDEATHSIG), then serves; SIGTERM stops accepting and drains, the retire signal
+(SIGUSR2: a reload replaced it) stops accepting and retires. A start that fails exits with
+BOOT_ERROR, and the supervisor stops instead of respawning it. From inside its event loop it beats a heartbeat in
+the shared memory of the connection counts, which the supervisor watches (worker_timeout).
+
+SIGTERM and SIGUSR2 stay blocked from the fork (the supervisor blocks them) until trio
+listens for them, so one sent while the worker starts waits instead of being lost.
 """
 from __future__ import annotations
 
@@ -19,6 +24,14 @@ from functools import partial
 import trio
 
 from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
+from .lifeline import die_with_parent
+
+HELD_SIGNALS = {signal.SIGTERM, RETIRE_SIGNAL}
+
+
+def beat_interval(worker_timeout: float) -> float:
+    """Seconds between heartbeats: 1, or less for a worker_timeout under 4 s."""
+    return min(1.0, worker_timeout / 4)
 
 
 def resolve_ids(user: str | None, group: str | None) -> tuple[int, int]:
@@ -38,14 +51,13 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         os.setuid(uid)
 
 
-def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> int:
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for sig in (signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None,
+               parent_pid: int | None = None) -> int:
+    signal.pthread_sigmask(signal.SIG_SETMASK, HELD_SIGNALS)
+    for sig in (signal.SIGHUP, signal.SIGCHLD, *HELD_SIGNALS):
+        signal.signal(sig, signal.SIG_DFL)             # (an ignored signal is not kept)
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # ^C reaches the supervisor, which drains
-    signal.signal(RETIRE_SIGNAL, signal.SIG_IGN)       # until trio listens for it
     from .runtime import WorkerState, build_runtimes
-    from .server import serve_until_signal
     log = log.bind(worker=os.getpid())
     metrics = None
     if config.metrics:
@@ -60,9 +72,41 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None) -> i
             from .tracking import TrackingLog
             state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
         drop_privileges(config.user, config.group)
+        if parent_pid is not None and not die_with_parent(parent_pid, signal.SIGTERM):
+            return 0                                   # the supervisor is gone already
     except Exception as exc:
         log.event("fatal", level="error", message=f"worker start: {exc}")
         return BOOT_ERROR
-    trio.run(partial(serve_until_signal, config, log, sockets=sockets, state=state,
-                     runtimes=runtimes))
+    trio.run(partial(serve_worker, config, log, sockets=sockets, state=state,
+                     runtimes=runtimes, interval=beat_interval(config.worker_timeout)))
     return 0
+
+
+async def heartbeat(counts, row: int, interval: float) -> None:
+    while True:
+        counts.beat(row)
+        await trio.sleep(interval)
+
+
+async def serve_worker(config, log, *, sockets, state, runtimes, interval: float) -> None:
+    """server.serve() with the heartbeat, until SIGTERM/SIGINT (drain) or SIGUSR2 (retire).
+
+    (server.serve_until_signal, plus: the signals held since the fork are let in once trio
+    listens, and the inherited listening sockets are closed once serve() has its own
+    duplicates, so that when accepting stops nothing of this process keeps them listening:
+    new clients are refused, not left queued on a socket nobody accepts from.)"""
+    from .server import serve
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(heartbeat, state.counts, state.row, interval)
+            async with trio.open_nursery() as nursery:
+                gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
+                                                      state=state, runtimes=runtimes))
+                for sock in sockets:
+                    sock.close()
+                async for signum in signals:
+                    log.event("shutdown", signal=signal.Signals(signum).name)
+                    gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
+                    break
+            outer.cancel_scope.cancel()               # drained: the last beat is done

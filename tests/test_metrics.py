@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def run_script(body: str, env_extra: dict | None = None) -> dict:
            if k not in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], env=env,
-                          timeout=60, cwd="/", capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:     # its gateway-metrics-* dirs go with it
+        env.setdefault("TMPDIR", tmp)
+        proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+                              env=env, timeout=60, cwd="/", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -225,7 +228,7 @@ def test_the_exposition_follows_the_table():
         print(json.dumps({"families": families(body.decode()), "help": help_lines}))
     """)
     fams = out["families"]
-    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 19
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 23
     for spec in M.METRICS:
         family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
         assert fams[family]["type"] == spec.kind, spec

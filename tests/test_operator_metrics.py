@@ -210,7 +210,11 @@ async def test_status_and_gateway_status_while_sessions_are_open(tmp_path, serve
     assert [lst["name"] for lst in idle["listeners"]] == ["mx", "quiet"]
     assert all(lst["active_connections"] == 0 and lst["sessions_last_minute"] == 0
                and lst["upstream_last_result"] is None for lst in idle["listeners"])
-    assert idle["workers"] == []
+    # the supervisor's worker rows: two serving workers of the first generation, beating
+    assert len(idle["workers"]) == 2
+    for w in idle["workers"]:
+        assert w["pid"] > 0 and w["generation"] == 0 and w["serving"] is True
+        assert w["heartbeat_age_seconds"] is not None and w["heartbeat_age_seconds"] < 5
     [cert] = idle["certificates"]
     assert (cert["name"], cert["key_type"]) == ("main", "ecdsa")
     assert cert["not_after"] == not_after(server_cert.cert)
@@ -226,7 +230,7 @@ async def test_status_and_gateway_status_while_sessions_are_open(tmp_path, serve
     assert code_url == 0 and code_cfg == 0 and code_down == 1
     row = next(line for line in table.splitlines() if line.startswith("mx "))
     assert row.split()[:5] == ["mx", "2", "2", "1", "ok"]
-    assert "workers: not reported by the supervisor" in table
+    assert "WORKER PID" in table and "GENERATION" in table
     assert "main" in table and "ecdsa" in table and "days" in table
     assert json.loads(as_json)["listeners"][0]["name"] == "mx"
 
@@ -294,3 +298,12 @@ async def test_expiry_follows_the_certificate_a_reload_loads(tmp_path, ca):
     assert samples_of(after, EXPIRY, certificate="main", key_type="rsa") == [second]
     assert not samples_of(after, EXPIRY, certificate="main", key_type="ecdsa")
     assert samples_of(broken, EXPIRY, certificate="main") == [second]
+    # the reload gauges (SPEC §11): 1 from the start, 1 after the good reload (a later
+    # timestamp), 0 after the broken one (the timestamp stays at the last success)
+    ok, at = "gateway_config_last_reload_successful", \
+        "gateway_config_last_reload_success_timestamp_seconds"
+    assert samples_of(before, ok) == [1] and samples_of(after, ok) == [1]
+    assert samples_of(broken, ok) == [0]
+    assert samples_of(after, at)[0] > samples_of(before, at)[0] > 0
+    assert samples_of(broken, at) == samples_of(after, at)
+    assert samples_of(before, "gateway_workers_configured") == [2]

@@ -4,138 +4,20 @@ reload, drain on SIGTERM, and the shared metrics endpoint. The gateway runs as
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
-import smtplib
 import socket
-import subprocess
-import sys
 import threading
-import time
 import types
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread,
-                     raw_starttls, running_sink)
+from harness import client_context, in_thread, raw_starttls, running_sink
 from peers import free_port
-
-
-class GatewayProcess:
-    """`gateway run` in a subprocess, with its log lines collected by a thread."""
-
-    def __init__(self, config_path, *args):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
-            stderr=subprocess.PIPE, text=True, env=gateway_subprocess_env(), cwd=NEUTRAL_CWD)
-        self.lines: list[str] = []
-        self._new = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            self._new.put(line)
-        self._new.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> list[str]:
-        """Block (in a thread) until *count* log lines match *pattern* in total."""
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        while True:
-            found = [ln for ln in self.lines if rx.search(ln)]
-            if len(found) >= count:
-                return found
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {pattern!r} in log:\n" + "".join(self.lines[-40:]))
-            try:
-                if self._new.get(timeout=left) is None and not [
-                        ln for ln in self.lines if rx.search(ln)][count - 1:]:
-                    raise AssertionError("gateway exited:\n" + "".join(self.lines[-40:]))
-            except queue.Empty:
-                pass
-
-    def worker_pids(self) -> list[int]:
-        started = [int(m.group(1)) for ln in self.lines
-                   if (m := re.search(r"event=worker_start .*worker_pid=(\d+)", ln))]
-        exited = {int(m.group(1)) for ln in self.lines
-                  if (m := re.search(r"event=worker_exit .*worker_pid=(\d+)", ln))}
-        return [p for p in started if p not in exited]
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-
-def write_config(path, *, port, sink_port, metrics_port, server_cert, client_tls="optional",
-                 workers=2, grace=10, extra=""):
-    path.write_text(f"""
-[gateway]
-hostname = "mx.test"
-workers = {workers}
-metrics = "127.0.0.1:{metrics_port}"
-shutdown_grace = {grace}
-
-[certificates.main]
-cert = "{server_cert.cert}"
-key = "{server_cert.key}"
-
-[[listeners]]
-name = "mx"
-protocol = "smtp"
-bind = "127.0.0.1:{port}"
-tls = "starttls"
-client_tls = "{client_tls}"
-certificate = "main"
-{extra}
-
-[listeners.upstream]
-address = "127.0.0.1:{sink_port}"
-tls = "none"
-""")
-
-
-def one_session(port: int, ctx, n: int) -> str:
-    """One STARTTLS session; the outcome: ok, tempfail, closed or refused."""
-    try:
-        with smtplib.SMTP("localhost", port, timeout=30) as s:
-            s.starttls(context=ctx)
-            s.ehlo("client.test")
-            s.sendmail("alice@client.test", ["bob@example.test"],
-                       f"Subject: load {n}\r\n\r\nmessage {n}\r\n".encode())
-            return "ok"
-    except ConnectionRefusedError:
-        return "refused"
-    except smtplib.SMTPResponseException as exc:
-        return "tempfail" if 400 <= exc.smtp_code < 500 else f"error {exc.smtp_code}"
-    except (smtplib.SMTPServerDisconnected, ConnectionResetError, BrokenPipeError, OSError):
-        return "closed"
-
-
-def scrape(port: int) -> dict:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    out: dict = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            out[key] = out.get(key, 0) + sample.value
-    return out
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in samples.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+from supervised import (GatewayProcess, healthz, one_session, plaintext_mail, scrape, total,
+                        write_config)
 
 
 @pytest.fixture
@@ -204,8 +86,7 @@ async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert,
                         lambda n: one_session(port, ctx, n), range(30))))
                 await in_thread(lambda: gw.wait_for(r"event=conn_close", count=30))
                 samples = await in_thread(scrape, metrics_port)
-                health = await in_thread(lambda: urllib.request.urlopen(
-                    f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).status)
+                health = await in_thread(healthz, metrics_port)
         finally:
             assert gw.stop() == 0
     assert results == ["ok"] * 30
@@ -219,14 +100,8 @@ async def test_metrics_count_what_happened_across_workers(tmp_path, server_cert,
     assert total(samples, "gateway_session_seconds_count", listener="mx") == 30
     assert total(samples, "gateway_message_bytes_total", listener="mx") > 0
     assert total(samples, "gateway_build_info") >= 1
-    assert health == 200
+    assert health == 200, "".join(gw.lines)
     assert len(served) >= 1
-
-
-def plaintext_mail(port: int):
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-        s.ehlo("client.test")
-        return s.docmd("MAIL FROM:<alice@client.test>")
 
 
 async def test_sighup_reload_changes_policy_without_refusing(tmp_path, server_cert, ports):
@@ -394,27 +269,30 @@ async def test_tls_sessions_resume_on_any_worker(tmp_path, server_cert, ports):
 async def test_a_worker_that_cannot_start_stops_the_gateway_with_exit_code_1(tmp_path,
                                                                              server_cert,
                                                                              ports):
+    """A failure after serving began is exit 1 (SPEC §9): here the worker cannot open its
+    tracking log, a directory (the supervisor's check only sees that its parent exists)."""
     port, metrics_port = ports
     async with running_sink() as sink:
         cfg = tmp_path / "gw.toml"
         write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
-                     server_cert=server_cert, workers=1)
-        text = cfg.read_text().replace(
-            "[gateway]\n", f'[gateway]\ntracking_log = "{tmp_path}/missing/track.jsonl"\n', 1)
-        cfg.write_text(text)
+                     server_cert=server_cert, workers=1,
+                     gateway_extra=f'tracking_log = "{tmp_path}"')
         gw = GatewayProcess(cfg)
-        with trio.fail_after(60):
-            await in_thread(lambda: gw.wait_for(r"event=fatal .*a worker could not start"))
-            await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
-            code = await in_thread(lambda: gw.proc.wait(30))
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=fatal .*a worker could not start"))
+                await in_thread(lambda: gw.wait_for(r"event=supervisor_exit .*code=1"))
+                code = await in_thread(lambda: gw.proc.wait(30))
+        finally:
+            gw.stop()
     assert code == 1                        # it was 0: an init script saw a clean stop
 
 
 async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_reload(
         tmp_path, server_cert, upstream_cert, ports):
-    """The supervisor loads the certificates before forking (listener_tls.build_tls): a key that
-    does not belong to its certificate ends the start with exit code 1, and a reload to such
-    a pair keeps the running workers."""
+    """The supervisor checks the certificates before forking: a key that does not belong to
+    its certificate ends the start with exit code 2 (found before serving, SPEC §9) and a
+    line naming the key, and a reload to such a pair keeps the running workers."""
     port, metrics_port = ports
     broken = types.SimpleNamespace(cert=server_cert.cert, key=upstream_cert.key)
     async with running_sink() as sink:
@@ -422,9 +300,13 @@ async def test_a_certificate_openssl_refuses_stops_the_start_and_is_refused_on_r
         cfg = tmp_path / "gw.toml"
         write_config(cfg, server_cert=broken, **kw)
         gw = GatewayProcess(cfg)
-        with trio.fail_after(60):
-            await in_thread(lambda: gw.wait_for(r"event=fatal .*TLS: "))
-            assert await in_thread(lambda: gw.proc.wait(30)) == 1
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(
+                    r"event=fatal .*certificates.main: .*(cannot be used|does not match)"))
+                assert await in_thread(lambda: gw.proc.wait(30)) == 2
+        finally:
+            gw.stop()
         write_config(cfg, server_cert=server_cert, **kw)
         gw = GatewayProcess(cfg)
         try:
