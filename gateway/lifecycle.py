@@ -7,3 +7,4 @@ import signal
 
 BOOT_ERROR = 3                 # a worker could not start (bad certificate, ...): do not loop
 RETIRE_SIGNAL = signal.SIGUSR2      # supervisor → old worker after a reload
+REOPEN_SIGNAL = signal.SIGUSR1      # operator → supervisor → workers: reopen the log files

@@ -17,7 +17,7 @@ import trio
 
 from .config import GatewayConfig
 from .conncount import ConnectionCounts
-from .lifecycle import RETIRE_SIGNAL
+from .lifecycle import REOPEN_SIGNAL, RETIRE_SIGNAL
 from .logs import new_conn_id
 from .net.accept import accept_loop
 from .net.bind import bind_socket
@@ -204,12 +204,20 @@ async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> 
 
 async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
                              runtimes=None) -> None:
-    """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL) as signals:
+    """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload);
+    SIGUSR1 reopens the tracking log (logrotate) and serving goes on."""
+    if state is None:
+        state = WorkerState(ConnectionCounts(1, len(config.listeners)))
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL,
+                                   REOPEN_SIGNAL) as signals:
         async with trio.open_nursery() as nursery:
             gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
                                                   state=state, runtimes=runtimes))
             async for signum in signals:
+                if signum == REOPEN_SIGNAL:
+                    if state.tracking is not None:
+                        state.tracking.reopen()
+                    continue
                 log.event("shutdown", signal=signal.Signals(signum).name)
                 gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
                 break

@@ -29,11 +29,11 @@ from functools import partial
 
 from .config import ConfigError, GatewayConfig, check_files, load_config
 from .conncount import ROWS_PER_SLOT, ConnectionCounts
-from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
+from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
 
 EXIT_START = 2                 # unusable configuration or environment, found before serving
 EXIT_FAILURE = 1
-SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, REOPEN_SIGNAL}
 HELD = {RETIRE_SIGNAL}        # held in the supervisor so a new worker inherits it held
 RELOAD_FIXED = ("user", "group", "metrics")     # and `workers`, `bind`: a restart is needed
 HELPER_RESTART = 1.0           # seconds before a dead helper process is started again
@@ -413,6 +413,11 @@ class Supervisor:
                     self._stop()
                 elif sig == signal.SIGHUP and not self.stopping:
                     self._reload()
+                elif sig == REOPEN_SIGNAL:
+                    # logrotate moved the tracking log away: every worker reopens it (§9)
+                    self.log.event("reopen_logs", workers=len(self.workers))
+                    for pid in list(self.workers):
+                        _kill(pid, REOPEN_SIGNAL)
             self._reap()
             self._respawn_due()
 

@@ -126,6 +126,7 @@ class TrackingLog:
             return False
         old, self.fd, self._readable = self.fd, fd, readable
         os.close(old)
+        self._log().event("tracking_reopened", path=self.path)
         return True
 
     def close(self) -> None:

@@ -23,10 +23,10 @@ from functools import partial
 
 import trio
 
-from .lifecycle import BOOT_ERROR, RETIRE_SIGNAL
+from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
 from .lifeline import die_with_parent
 
-HELD_SIGNALS = {signal.SIGTERM, RETIRE_SIGNAL}
+HELD_SIGNALS = {signal.SIGTERM, RETIRE_SIGNAL, REOPEN_SIGNAL}
 
 
 def beat_interval(worker_timeout: float) -> float:
@@ -96,7 +96,8 @@ async def serve_worker(config, log, *, sockets, state, runtimes, interval: float
     duplicates, so that when accepting stops nothing of this process keeps them listening:
     new clients are refused, not left queued on a socket nobody accepts from.)"""
     from .server import serve
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL,
+                                   REOPEN_SIGNAL) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         async with trio.open_nursery() as outer:
             outer.start_soon(heartbeat, state.counts, state.row, interval)
@@ -106,6 +107,10 @@ async def serve_worker(config, log, *, sockets, state, runtimes, interval: float
                 for sock in sockets:
                     sock.close()
                 async for signum in signals:
+                    if signum == REOPEN_SIGNAL:          # logrotate: reopen, serve on
+                        if state.tracking is not None:
+                            state.tracking.reopen()
+                        continue
                     log.event("shutdown", signal=signal.Signals(signum).name)
                     gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
                     break

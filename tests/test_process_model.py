@@ -468,3 +468,44 @@ async def test_respawns_under_a_steady_scrape_load(tmp_path, server_cert, ports)
     workers = {ln.split("worker=")[1].split()[0] for ln in gw.lines
                if "event=conn_close" in ln and "worker=" in ln}
     assert workers and all(int(w) in current for w in workers)      # the replacements
+
+
+async def test_sigusr1_reopens_the_tracking_log_after_logrotate_moved_it(tmp_path, server_cert,
+                                                                        ports):
+    """logrotate renames the file and sends SIGUSR1 (SPEC §9): every worker reopens the path,
+    so the next records go to the new file and none is lost; the gateway keeps serving."""
+    import json
+    import smtplib
+    port, metrics_port = ports
+    tracking = tmp_path / "tracking.jsonl"
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert, workers=2,
+                     gateway_extra=f'tracking_log = "{tracking}"')
+        gw = GatewayProcess(cfg)
+
+        def mail(n):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                s.sendmail("alice@client.test", ["bob@example.test"],
+                           f"Subject: {n}\r\n\r\nhello\r\n".encode())
+
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+                for n in range(4):
+                    await in_thread(mail, n)
+                tracking.rename(tmp_path / "tracking.jsonl.1")
+                gw.proc.send_signal(signal.SIGUSR1)
+                await in_thread(lambda: gw.wait_for(r"event=reopen_logs"))
+                # both workers reopened: each logs its reopen (TrackingLog's own event)
+                while len([t for t in gw.lines if "event=tracking_reopened" in t]) < 2:
+                    await trio.sleep(0.05)
+                for n in range(4, 8):
+                    await in_thread(mail, n)
+        finally:
+            assert gw.stop() == 0
+    old = [json.loads(x) for x in (tmp_path / "tracking.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x) for x in tracking.read_text().splitlines()]
+    assert len(old) == 4 and len(new) == 4
+    assert all(r["result"] == "accepted" for r in old + new)
