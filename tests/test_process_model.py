@@ -509,3 +509,38 @@ async def test_sigusr1_reopens_the_tracking_log_after_logrotate_moved_it(tmp_pat
     new = [json.loads(x) for x in tracking.read_text().splitlines()]
     assert len(old) == 4 and len(new) == 4
     assert all(r["result"] == "accepted" for r in old + new)
+
+
+async def test_a_crash_looping_worker_is_respawned_with_growing_back_off(tmp_path, server_cert,
+                                                                        ports):
+    """A worker that keeps dying young is replaced after 0, 0.25, 0.5, 1, 2 s... (SPEC §9:
+    with back-off when it keeps crashing), so a broken worker cannot fork-bomb the host."""
+    import datetime
+    import re
+    port, metrics_port = ports
+    async with running_sink() as sink:
+        cfg = tmp_path / "gw.toml"
+        write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
+                     server_cert=server_cert, workers=1)
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(60):
+                for n in range(1, 6):
+                    await in_thread(lambda: gw.wait_for(r"event=worker_start", count=n))
+                    os.kill(gw.workers_by_slot()[0], signal.SIGKILL)
+                    await in_thread(lambda: gw.wait_for(r"event=worker_exit", count=n))
+                await in_thread(lambda: gw.wait_for(r"event=worker_start", count=6))
+        finally:
+            gw.stop()
+
+    def stamp(line: str) -> float:
+        ts = re.search(r"ts=(\S+)Z", line).group(1)
+        return datetime.datetime.fromisoformat(ts).timestamp()
+
+    exits = [stamp(x) for x in gw.lines if "event=worker_exit" in x][:5]
+    starts = [stamp(x) for x in gw.lines if "event=worker_start" in x][1:6]
+    gaps = [s - e for e, s in zip(exits, starts)]
+    assert gaps[0] < 0.5                                 # the first death: at once
+    for gap, least in zip(gaps[1:], (0.25, 0.5, 1.0, 2.0)):
+        assert gap >= least - 0.02, gaps
+    assert gaps[4] > gaps[2] > gaps[0], gaps
