@@ -2,20 +2,23 @@
 
 The unit sets MemoryDenyWriteExecute=yes, under which a cffi `ffi.callback` cannot be made
 ("Cannot allocate write+execute memory for ffi.callback()"), and a capability bounding set.
-Here every configuration of deploy/gateway.example.toml (rewritten to test certificates, free
-loopback ports and a sink upstream, every listener, profile and rule kept) runs as
-`gateway run` in a subprocess
+Here every configuration of deploy/gateway.example.toml (rewritten to test certificates and
+free loopback ports, every listener, profile and rule kept; no mail is relayed, so the
+upstreams are an unused port) runs as `gateway run` in a subprocess
 
   - with `ffi.callback` made unusable (any kernel): pyOpenSSL's ffi refuses it as cffi does;
-  - under real W^X, PR_SET_MDWE (Linux 6.3+), as systemd 256+ applies the unit's setting;
-  - as root under the unit's capability bounding set (setpriv, as systemd does when it is not
-    PID 1 here): the unit as shipped (the unprivileged user with CAP_NET_BIND_SERVICE) and
+  - under the kernel's own W^X, PR_SET_MDWE (Linux 6.3+; systemd enforces the unit's setting
+    with a seccomp filter of the same effect, or with this prctl where it uses it);
+  - as root under the unit's capability bounding set (setpriv standing in for systemd, which
+    is not PID 1 here; the settings are read from the unit files): the unit as shipped (the unprivileged user with CAP_NET_BIND_SERVICE) and
     with the run-as-root drop-in (workers drop to [gateway] user/group),
 
 and serves: a TLS handshake on every listener, and on the `verify` listener a client
 certificate request whose `verified` is right for a good, a missing and an untrusted
 certificate. The pure-Python fallback is the control: it needs a Python callback, so it must
 fail to start the same configuration under the same conditions, with a one-line reason.
+In process, the C and the Python verify callback give the same `verified`/`verify_error`
+for each outcome of a chain check, on both legs, with `ffi.callback` refused for the C one.
 """
 from __future__ import annotations
 
@@ -104,6 +107,15 @@ def mdwe_available() -> str | None:
         return None
     return (f"PR_SET_MDWE refused (errno {res.returncode}: {os.strerror(res.returncode)}): "
             f"the kernel ({os.uname().release}) has no memory-deny-write-execute (Linux 6.3+)")
+
+
+def _native_built() -> bool:
+    """Is the compiled core there for `gateway run` subprocesses (whatever this process uses)?"""
+    import importlib.util
+    return importlib.util.find_spec("gateway._native") is not None
+
+
+needs_native = pytest.mark.skipif(not _native_built(), reason="the native core is not built")
 
 
 # --- the example, made runnable here -----------------------------------------------------------
@@ -376,6 +388,7 @@ def wx_modes() -> list:
             pytest.param("mdwe", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
+@needs_native
 @pytest.mark.parametrize("wx", wx_modes())
 async def test_every_example_listener_serves_without_python_callbacks(tmp_path, ca, wx):
     """The native core hands OpenSSL a C verify callback: under W^X (or with ffi.callback
@@ -429,7 +442,7 @@ def test_check_warns_that_wx_will_not_hold_only_without_the_native_core(tmp_path
         "(MemoryDenyWriteExecute=yes in the systemd unit) will not hold and the gateway "
         "cannot start under it; install the native core or remove that setting"]
     if VERIFY_ACCEPT_ADDRESS is None:
-        pytest.skip("the native core is not built here")
+        pytest.skip("the native core is not in use (not built, or GATEWAY_PURE_PYTHON=1)")
     native = _check(example, pure_python=False)
     assert native.returncode == 0, native.stderr
     assert "W^X" not in native.stderr
@@ -574,6 +587,7 @@ def test_systemd_reads_the_unit_and_the_drop_in_without_complaint(tmp_path):
 
 
 @needs_root
+@needs_native
 async def test_the_unit_as_shipped_runs_the_example_as_the_unprivileged_user(pubdir, ca):
     """Way (a): the service as `gateway` (nobody here) with only CAP_NET_BIND_SERVICE, W^X
     held, keys readable by that user: a port below 1024 binds and every listener serves."""
@@ -600,6 +614,7 @@ async def test_the_unit_as_shipped_runs_the_example_as_the_unprivileged_user(pub
 
 
 @needs_root
+@needs_native
 async def test_the_unit_with_the_root_drop_in_runs_the_example_and_workers_drop(pubdir, ca):
     """Way (b): root with the drop-in's bounding set, keys root's only, [gateway] user/group
     set: the workers drop to the user and serve, and stop and drain on SIGTERM (the supervisor
@@ -662,3 +677,122 @@ async def test_root_without_the_drop_in_exits_2_naming_the_user_key(tmp_path, ca
     errors = gw.errors() + [ln for ln in gw.lines if "event=fatal" in ln]
     assert code == 2
     assert len(errors) == 1 and "user" in errors[0], gw.lines
+
+
+# --- the verify outcome: the C callback and the Python one agree, no ffi.callback per leg ------
+
+class _NoCallbackFFI:
+    """pyOpenSSL's ffi without `callback` (in this process, for the tests below)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def callback(self, *args, **kwargs):
+        raise MemoryError("Cannot allocate write+execute memory for ffi.callback() (test)")
+
+
+def _chains(ca: trustme.CA) -> dict:
+    """name -> (PEM chain blobs, key PEM) of a peer certificate for each verify outcome."""
+    import datetime
+    now = datetime.datetime.now(datetime.timezone.utc)
+    inter, stranger = ca.create_child_ca(), trustme.CA()
+    self_signed = trustme.CA()
+
+    def leaf(issuer, **kw):
+        cert = issuer.issue_cert("peer.test", "localhost", **kw)
+        return [p.bytes() for p in cert.cert_chain_pems], cert.private_key_pem.bytes()
+    missing = leaf(inter)
+    return {
+        "good": leaf(ca),
+        "good via an intermediate": leaf(inter),
+        "unknown CA": leaf(stranger),
+        "unknown CA via an intermediate": leaf(stranger.create_child_ca()),
+        "intermediate missing": (missing[0][:1], missing[1]),
+        "expired": leaf(ca, not_before=now - datetime.timedelta(days=10),
+                        not_after=now - datetime.timedelta(days=1)),
+        "self-signed": ([self_signed.cert_pem.bytes()], self_signed.private_key_pem.bytes()),
+    }
+
+
+# OpenSSL's verify result: the last error its chain check found (as `openssl s_client` says)
+EXPECTED_VERIFY = {
+    "good": None,
+    "good via an intermediate": None,
+    "unknown CA": "unable to verify the first certificate",
+    "unknown CA via an intermediate": "unable to get local issuer certificate",
+    "intermediate missing": "unable to verify the first certificate",
+    "expired": "certificate has expired",
+    "self-signed": "self-signed certificate",
+}
+
+
+async def _verify_outcomes(tmp_path, ca, server_cert, *, side: str) -> dict:
+    """{case: (verified, verify_error)} of the verifying side ("server": a client certificate
+    checked by the gateway's listener; "upstream": the server's checked by the gateway)."""
+    import trio.testing
+
+    from gateway.tls.context import client_context, server_context
+    from gateway.tls.profiles import PREDEFINED, clone
+    from gateway.tls.stream import TLSStream
+
+    profile = clone(PREDEFINED["default"], "t", ca_file=str(server_cert.ca))
+    out = {}
+    for name, (chain, key) in _chains(ca).items():
+        cert_file, key_file = tmp_path / "peer.crt", tmp_path / "peer.key"
+        cert_file.write_bytes(b"".join(chain))
+        key_file.write_bytes(key)
+        if side == "server":
+            sctx = server_context(profile, str(server_cert.cert), str(server_cert.key),
+                                  request_client_cert=True)
+            cctx = client_context(PREDEFINED["default"], cert_path=str(cert_file),
+                                  key_path=str(key_file))
+        else:
+            sctx = server_context(PREDEFINED["default"], str(cert_file), str(key_file))
+            cctx = client_context(profile, verify=True)
+        a, b = trio.testing.memory_stream_pair()
+        server = TLSStream(a, sctx, server_side=True)
+        client = TLSStream(b, cctx, server_side=False, server_hostname="localhost",
+                           verify_hostname=side == "upstream")
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.do_handshake)
+                nursery.start_soon(client.do_handshake)
+        info = server.info if side == "server" else client.info
+        out[name] = (info.verified, info.verify_error)
+    return out
+
+
+@pytest.mark.parametrize("side", ["server", "upstream"])
+async def test_the_c_and_the_python_verify_callback_give_the_same_outcome(
+        tmp_path, ca, server_cert, monkeypatch, side):
+    import OpenSSL._util
+    import OpenSSL.crypto
+    import OpenSSL.SSL
+
+    from gateway.tls import _ossl
+    from gateway.tls import context as tls_context
+    from gateway.tls import stream as tls_stream
+    from gateway.tls.profiles import PREDEFINED
+    if tls_context.NATIVE_VERIFY is False:
+        pytest.skip("the native core is not in use (not built, or GATEWAY_PURE_PYTHON=1)")
+
+    with monkeypatch.context() as m:          # the C callback, and no ffi.callback anywhere
+        fake = _NoCallbackFFI(OpenSSL._util.ffi)
+        for module, name in ((OpenSSL._util, "ffi"), (OpenSSL.SSL, "_ffi"),
+                             (OpenSSL.crypto, "_ffi"), (_ossl, "_ffi")):
+            m.setattr(module, name, fake)
+        native = await _verify_outcomes(tmp_path, ca, server_cert, side=side)
+        # the stand-in bites: the Python callback cannot be made, and says why
+        m.setattr(tls_context, "_VERIFY_ACCEPT_ADDRESS", None)
+        with pytest.raises(ValueError, match="write\\+execute memory was refused"):
+            tls_context.client_context(PREDEFINED["default"], verify=True)
+    with monkeypatch.context() as m:          # the pure-Python fallback's Python callback
+        m.setattr(tls_context, "_VERIFY_ACCEPT_ADDRESS", None)
+        m.setattr(tls_stream, "NATIVE_VERIFY", False)
+        python = await _verify_outcomes(tmp_path, ca, server_cert, side=side)
+    expected = {name: (text is None, text) for name, text in EXPECTED_VERIFY.items()}
+    assert native == expected
+    assert python == expected

@@ -3,10 +3,11 @@
 pyOpenSSL has no public call for a few things the gateway needs: a key-exchange group list,
 the text of an X509_V_ERR_* code, a connection's verify result and "resumed?" flag, the
 release-buffers mode, a verify callback that is a C function rather than a Python one (SPEC
-§3.3: no `ffi.callback`, so W^X holds), and a look at its memory BIOs without the exception pyOpenSSL raises
-when one is empty (per TLS record, on the hot path). Those go through `OpenSSL._util`'s
-`lib`/`ffi` and the objects' `_context` / `_ssl` / `_into_ssl` / `_from_ssl` attributes, which
-pyOpenSSL may rename in any release. Everything else in gateway/ uses the functions below.
+§3.3: no `ffi.callback`, so W^X holds), and a look at its memory BIOs without the exception
+pyOpenSSL raises when one is empty (per TLS record, on the hot path). Those go through
+`OpenSSL._util`'s `lib`/`ffi` and the objects' `_context` / `_ssl` / `_into_ssl` / `_from_ssl`
+attributes, which pyOpenSSL may rename in any release. Everything else in gateway/ uses the
+functions below.
 
 Supported: pyOpenSSL SUPPORTED (the same range as pyproject.toml's dependency). At import,
 `self_test()` checks every private name used here and raises an ImportError that names the
