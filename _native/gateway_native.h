@@ -1,7 +1,8 @@
 /* The native core's whole exported API. _native/build.py hands this file, without its
  * preprocessor lines, to cffi's cdef; gateway/native.py wraps it and checks
  * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py (scanner),
- * gateway/pymatch.py (rule matcher). */
+ * gateway/pymatch.py (rule matcher); the verify callback has no twin (gateway/tls/context.py
+ * uses a Python callback without the native core). */
 #ifndef GATEWAY_NATIVE_H
 #define GATEWAY_NATIVE_H
 #include <stddef.h>
@@ -44,6 +45,12 @@ long long gw_find_literal(const unsigned char *line, size_t len);
 #define GW_SNI_NONE (-2)
 #define GW_SNI_MAX_HELLO 65536
 int gw_tls_server_name(const unsigned char *buf, size_t len, unsigned char *name, size_t cap);
+
+/* OpenSSL's certificate verify callback (_native/verify.c, SPEC §3.3): accepts every chain
+ * (returns 1), so a handshake never fails on verification; the result is read afterwards with
+ * SSL_get_verify_result. x509_store_ctx is OpenSSL's X509_STORE_CTX *, passed through unused.
+ * gateway/native.py exports its address, gateway/tls/_ossl.py hands it to SSL_CTX_set_verify. */
+int gw_verify_accept(int preverify_ok, void *x509_store_ctx);
 
 /* Rule matcher (_native/match.c; semantics: gateway/pymatch.py). Opaque compiled tables,
  * freed by gw_rm_free / gw_nm_free. */

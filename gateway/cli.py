@@ -160,6 +160,27 @@ def shadowed_warnings(config) -> list[str]:
     return out
 
 
+def wx_warnings(config) -> list[str]:
+    """SPEC §3.3: without the native core, certificate verification uses a Python callback
+    inside OpenSSL (write+execute memory), so W^X (the systemd unit's
+    MemoryDenyWriteExecute=yes) will not hold. Names the listeners that verify."""
+    from .tls.context import NATIVE_VERIFY
+
+    if NATIVE_VERIFY:
+        return []
+    names = [lst.name for lst in config.listeners
+             if lst.client_tls == "verify" or any(r.client_tls == "verify"
+                                                  for r in lst.client_rules)
+             or lst.upstream.tls == "verify" or any(r.recipient_encryption == "verify"
+                                                    for r in lst.rules)]
+    if not names:
+        return []
+    return [f"the native core is not in use, so certificate verification (listeners "
+            f"{', '.join(names)}) runs a Python callback inside OpenSSL: W^X "
+            f"(MemoryDenyWriteExecute=yes in the systemd unit) will not hold and the gateway "
+            f"cannot start under it; install the native core or remove that setting"]
+
+
 def _table(rows, indent: str = "") -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
@@ -172,7 +193,7 @@ def cmd_check(args) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         return _config_error(exc)
-    for warning in [*config.warnings, *shadowed_warnings(config)]:
+    for warning in [*config.warnings, *shadowed_warnings(config), *wx_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_table(config))
     listing = rules_listing(config)

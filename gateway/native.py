@@ -6,7 +6,9 @@ ImportError here instead of a fallback).
 
 Exports BACKEND ("native" or "python"), the flags BARE_CR/BARE_LF/NUL and scan_line,
 find_literal, DataScanner, and server_name (the SNI of a ClientHello, with SNI_MORE/SNI_NONE)
-with the semantics documented in gateway/pyscan.py.
+with the semantics documented in gateway/pyscan.py, and VERIFY_ACCEPT_ADDRESS: the address of
+the C certificate verify callback `gw_verify_accept` (SPEC §3.3; gateway/tls/context.py hands it
+to OpenSSL), or None without the compiled core (the twin has none: a Python callback is used).
 `native_backend` is the compiled implementation under those same names (None when it is not
 loaded), so tests and benchmarks can hold the two side by side.
 
@@ -21,7 +23,8 @@ from . import backend, pyscan
 from .pyscan import BARE_CR, BARE_LF, NUL, SNI_MORE, SNI_NAME_CAP, SNI_NONE, _check_start
 
 __all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "SNI_MORE", "SNI_NONE", "scan_line",
-           "find_literal", "server_name", "DataScanner", "native_backend"]
+           "find_literal", "server_name", "DataScanner", "native_backend",
+           "VERIFY_ACCEPT_ADDRESS"]
 
 _ffi, _lib = backend.core("scanner")
 
@@ -130,6 +133,11 @@ if _lib is not None:
     server_name = _native_server_name if hasattr(_lib, "gw_tls_server_name") \
         else pyscan.server_name
     DataScanner = _NativeDataScanner
+    # an integer, so the pointer can be cast into pyOpenSSL's own ffi (gateway/tls/_ossl.py);
+    # the function lives as long as the loaded module, i.e. the process
+    VERIFY_ACCEPT_ADDRESS = (
+        int(_ffi.cast("uintptr_t", _ffi.cast("int (*)(int, void *)", _lib.gw_verify_accept)))
+        if hasattr(_lib, "gw_verify_accept") else None)
 else:
     native_backend = None
     BACKEND = "python"
@@ -137,3 +145,4 @@ else:
     find_literal = pyscan.find_literal
     server_name = pyscan.server_name
     DataScanner = pyscan.DataScanner
+    VERIFY_ACCEPT_ADDRESS = None

@@ -66,6 +66,41 @@ def config_dict(listeners: list[dict], *, server_cert=None, ca_file=None, **gate
     return data
 
 
+# --- a TOML writer for the shapes config_dict and tomllib make (tables, arrays of tables,
+# scalars and arrays of scalars): `gateway run -c FILE` in a subprocess needs a file ---------
+
+def _toml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+
+
+def _toml_table_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def to_toml(data: dict, path: str = "", header: str | None = None, out=None) -> str:
+    """*data* (a decoded TOML document) as TOML text: tomllib.loads(to_toml(d)) == d."""
+    out = [] if out is None else out
+    if header:
+        out.append(header)
+    for key, value in data.items():
+        if not isinstance(value, dict) and not _toml_table_list(value):
+            out.append(f"{json.dumps(key)} = {_toml_scalar(value)}")
+    for key, value in data.items():
+        sub = f"{path}.{json.dumps(key)}" if path else json.dumps(key)
+        if isinstance(value, dict):
+            to_toml(value, sub, f"[{sub}]", out)
+        elif _toml_table_list(value):
+            for item in value:
+                to_toml(item, sub, f"[[{sub}]]", out)
+    return "\n".join(out) + "\n"
+
+
 @asynccontextmanager
 async def running_gateway(data: dict):
     """Start the gateway on ephemeral ports; yields (gateway, logs)."""

@@ -54,7 +54,18 @@ def test_self_test_names_a_missing_lib_function_the_version_and_the_range(name):
 
 def test_self_test_names_a_missing_ffi_function():
     with pytest.raises(ImportError, match=r"missing OpenSSL\._util\.ffi\.string"):
-        _ossl.self_test(ffi=types.SimpleNamespace(new=object))
+        _ossl.self_test(ffi=types.SimpleNamespace(new=object, cast=object, typeof=str))
+
+
+def test_self_test_names_a_verify_callback_type_the_ffi_lacks():
+    def typeof(name):
+        raise Exception(f"unknown type {name}")       # cffi's FFIError is an Exception
+
+    with pytest.raises(ImportError,
+                       match=r'missing OpenSSL\._util\.ffi type "int \(\*\)\(int, '
+                             r'X509_STORE_CTX \*\)"'):
+        _ossl.self_test(ffi=types.SimpleNamespace(new=object, cast=object, string=str,
+                                                  typeof=typeof))
 
 
 def _ssl_module(context_attrs=(), connection_attrs=()):
@@ -279,6 +290,32 @@ def test_verify_result(server_cert):
     code = _ossl.verify_result(_ossl.connection_handles(client)[0])
     assert code == 20
     assert _ossl.verify_error_string(code) == "unable to get local issuer certificate"
+
+
+def test_set_verify_native_accepts_every_chain_and_keeps_openssls_result(server_cert):
+    from gateway.native import VERIFY_ACCEPT_ADDRESS
+    if VERIFY_ACCEPT_ADDRESS is None:
+        pytest.skip("the native core is not loaded (pure-Python fallback)")
+    cctx = _client_ctx()                                       # no CA: the chain is unknown
+    _ossl.set_verify_native(cctx, SSL.VERIFY_PEER, VERIFY_ACCEPT_ADDRESS)
+    assert cctx.get_verify_mode() == SSL.VERIFY_PEER
+    server, client = _connections(_server_ctx(server_cert), cctx)
+    _handshake(server, client)                                 # no alert: the callback says 1
+    code = _ossl.verify_result(_ossl.connection_handles(client)[0])
+    # the chain check went on past its first error (20) and kept the last one
+    assert _ossl.verify_error_string(code) == "unable to verify the first certificate"
+
+    cctx = _client_ctx(ca=server_cert.ca)
+    _ossl.set_verify_native(cctx, SSL.VERIFY_PEER, VERIFY_ACCEPT_ADDRESS)
+    server, client = _connections(_server_ctx(server_cert), cctx)
+    _handshake(server, client)
+    assert _ossl.verify_result(_ossl.connection_handles(client)[0]) == 0
+
+
+@pytest.mark.parametrize("mode, address", [(SSL.VERIFY_PEER, 0), ("1", 1), (1, None)])
+def test_set_verify_native_refuses_a_null_or_odd_argument(mode, address):
+    with pytest.raises(TypeError):
+        _ossl.set_verify_native(SSL.Context(SSL.TLS_METHOD), mode, address)
 
 
 def test_session_reused(server_cert):

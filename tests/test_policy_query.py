@@ -14,6 +14,7 @@ import trustme
 from gateway.cli import main
 from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
                      running_sink, server_ssl_context)
+from harness import to_toml as toml
 
 
 def rule(recipient="*", sender="*", sender_encryption="optional",
@@ -45,39 +46,6 @@ def config(sink_port, server_cert, upstream_profile) -> dict:
     data["tls_profiles"]["tls13"] = {"clone": "default", "min_version": "TLSv1.3",
                                      "ca_file": str(server_cert.ca)}
     return data
-
-
-# --- a TOML writer for the shapes config_dict makes (tables, arrays of tables, scalars) ----
-
-def _scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    return "[" + ", ".join(_scalar(v) for v in value) + "]"
-
-
-def _table_list(value) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
-
-
-def toml(data: dict, path: str = "", header: str | None = None, out=None) -> str:
-    out = [] if out is None else out
-    if header:
-        out.append(header)
-    for key, value in data.items():
-        if not isinstance(value, dict) and not _table_list(value):
-            out.append(f"{key} = {_scalar(value)}")
-    for key, value in data.items():
-        sub = f"{path}.{key}" if path else key
-        if isinstance(value, dict):
-            toml(value, sub, f"[{sub}]", out)
-        elif _table_list(value):
-            for item in value:
-                toml(item, sub, f"[[{sub}]]", out)
-    return "\n".join(out) + "\n"
 
 
 # --- the two ways of asking ------------------------------------------------------------------

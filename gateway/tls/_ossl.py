@@ -2,10 +2,12 @@
 
 pyOpenSSL has no public call for a few things the gateway needs: a key-exchange group list,
 the text of an X509_V_ERR_* code, a connection's verify result and "resumed?" flag, the
-release-buffers mode, and a look at its memory BIOs without the exception pyOpenSSL raises
-when one is empty (per TLS record, on the hot path). Those go through `OpenSSL._util`'s
-`lib`/`ffi` and the objects' `_context` / `_ssl` / `_into_ssl` / `_from_ssl` attributes, which
-pyOpenSSL may rename in any release. Everything else in gateway/ uses the functions below.
+release-buffers mode, a verify callback that is a C function rather than a Python one (SPEC
+§3.3: no `ffi.callback`, so W^X holds), and a look at its memory BIOs without the exception
+pyOpenSSL raises when one is empty (per TLS record, on the hot path). Those go through
+`OpenSSL._util`'s `lib`/`ffi` and the objects' `_context` / `_ssl` / `_into_ssl` / `_from_ssl`
+attributes, which pyOpenSSL may rename in any release. Everything else in gateway/ uses the
+functions below.
 
 Supported: pyOpenSSL SUPPORTED (the same range as pyproject.toml's dependency). At import,
 `self_test()` checks every private name used here and raises an ImportError that names the
@@ -28,13 +30,16 @@ _LIB_FUNCTIONS = (
     "BIO_get_mem_data",
     "ERR_clear_error",
     "SSL_CTX_set1_curves_list",
+    "SSL_CTX_set_verify",
     "SSL_get_verify_result",
     "SSL_pending",
     "SSL_session_reused",
     "X509_verify_cert_error_string",
 )
 # ... and of OpenSSL._util.ffi.
-_FFI_FUNCTIONS = ("new", "string")
+_FFI_FUNCTIONS = ("cast", "new", "string", "typeof")
+# The C type of OpenSSL's verify callback, as pyOpenSSL's ffi declares it (set_verify_native).
+VERIFY_CALLBACK_TYPE = "int (*)(int, X509_STORE_CTX *)"
 
 
 def _pyopenssl_version() -> str:
@@ -64,6 +69,11 @@ def self_test(lib=None, ffi=None, ssl_module=SSL) -> None:
         ffi = real_ffi if ffi is None else ffi
     missing = [f"OpenSSL._util.lib.{name}" for name in _LIB_FUNCTIONS if not hasattr(lib, name)]
     missing += [f"OpenSSL._util.ffi.{name}" for name in _FFI_FUNCTIONS if not hasattr(ffi, name)]
+    if hasattr(ffi, "typeof"):
+        try:
+            ffi.typeof(VERIFY_CALLBACK_TYPE)
+        except Exception:
+            missing.append(f'OpenSSL._util.ffi type "{VERIFY_CALLBACK_TYPE}"')
     try:
         ctx = ssl_module.Context(ssl_module.TLS_METHOD)
         conn = ssl_module.Connection(ctx, None)
@@ -119,6 +129,18 @@ def verify_error_string(code: int) -> str:
 
 # SSL_MODE_RELEASE_BUFFERS, or None where the binding lacks it (then nothing is set).
 RELEASE_BUFFERS_MODE: int | None = getattr(_lib, "SSL_MODE_RELEASE_BUFFERS", None)
+
+
+def set_verify_native(ctx: SSL.Context, mode: int, callback_address: int) -> None:
+    """SSL_CTX_set_verify(ctx, mode, callback) with a C verify callback given by its address
+    (gateway.native.VERIFY_ACCEPT_ADDRESS), cast to OpenSSL's callback type in pyOpenSSL's ffi.
+    Unlike Context.set_verify with a Python callable, this allocates no `ffi.callback`
+    (write+execute memory, refused under MemoryDenyWriteExecute) and runs no Python per
+    certificate. The function must outlive the context (a loaded extension's does). Call it
+    before the context makes a connection, as for Context.set_verify."""
+    if not isinstance(mode, int) or not isinstance(callback_address, int) or not callback_address:
+        raise TypeError("set_verify_native needs an integer mode and a non-zero address")
+    _lib.SSL_CTX_set_verify(ctx._context, mode, _ffi.cast(VERIFY_CALLBACK_TYPE, callback_address))
 
 
 def release_buffers(ctx: SSL.Context) -> bool:

@@ -5,11 +5,19 @@ listener / upstream; building one validates the profile, so a bad cipher string 
 fails the start with a ValueError that names it.
 
 Certificate verification never fails a handshake here. The verify callback accepts every
-chain and records what OpenSSL found in the connection's `VerifyState`; the TLS stream turns
-that into `TLSInfo.verified` / `verify_error`, so the SMTP layer can answer with a reply
-(`421 4.7.1`, `451 4.7.5`) instead of the peer seeing a bare TLS alert. A context built with
-verification therefore must only be used through gateway.tls.stream.TLSStream, which reads
-that state.
+chain; the TLS stream turns what OpenSSL found into `TLSInfo.verified` / `verify_error`, so the
+SMTP layer can answer with a reply (`421 4.7.1`, `451 4.7.5`) instead of the peer seeing a bare
+TLS alert. A context built with verification therefore must only be used through
+gateway.tls.stream.TLSStream, which reads the outcome.
+
+No Python callbacks inside OpenSSL (SPEC §3.3): with the native core the callback is the C
+function `gw_verify_accept` (_native/verify.c), and the outcome is OpenSSL's own verify result
+(`SSL_get_verify_result`: the last error the chain check found, as `openssl s_client` reports
+it). A Python callback is a cffi `ffi.callback`, which needs write+execute memory and fails
+under systemd's MemoryDenyWriteExecute=yes / PR_SET_MDWE. Only the pure-Python fallback uses
+one (`_record_verify`); pyOpenSSL then resets OpenSSL's result, so the callback records the last
+error in the connection's `VerifyState` instead, giving the same text. NATIVE_VERIFY says which
+is in use (`gateway check` warns that W^X will not hold when it is False).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import os
 from OpenSSL import SSL
 
 from . import _ossl
+from ..native import VERIFY_ACCEPT_ADDRESS
 from ._ossl import verify_error_string
 from .certs import load_pem_bytes, load_pem_files
 from .profiles import Profile, validate_profile
@@ -35,27 +44,45 @@ _SESSION_ID_CONTEXT = b"mail-tls-gateway"
 
 
 class VerifyState:
-    """What the verify callback saw on one connection (attached as the connection's app data)."""
+    """What the Python verify callback saw on one connection (its app data; pure-Python
+    fallback only: with the native core nothing is recorded and OpenSSL's result is read)."""
 
-    __slots__ = ("errors",)
+    __slots__ = ("error",)
 
     def __init__(self) -> None:
-        self.errors: list[tuple[int, int, str]] = []     # (depth, X509 error code, text)
-
-    @property
-    def first_error(self) -> str | None:
-        if not self.errors:
-            return None
-        depth, _code, text = self.errors[0]
-        return text if depth == 0 else f"{text} (certificate at depth {depth})"
+        # the text of the last error the chain check reported: what SSL_get_verify_result gives
+        # when the callback does not reset it (pyOpenSSL's wrapper does)
+        self.error: str | None = None
 
 
 def _record_verify(conn: SSL.Connection, cert, errno: int, depth: int, ok: int) -> bool:
-    """Verify callback: never fails the handshake, records the outcome instead."""
-    state = conn.get_app_data()
-    if isinstance(state, VerifyState) and not ok:
-        state.errors.append((depth, errno, verify_error_string(errno)))
+    """Python verify callback (pure-Python fallback): never fails the handshake, records the
+    outcome instead."""
+    if not ok:
+        state = conn.get_app_data()
+        if isinstance(state, VerifyState):
+            state.error = verify_error_string(errno)
     return True
+
+
+# The C verify callback's address, or None without the native core (then _record_verify).
+_VERIFY_ACCEPT_ADDRESS = VERIFY_ACCEPT_ADDRESS
+NATIVE_VERIFY = _VERIFY_ACCEPT_ADDRESS is not None
+
+
+def _set_verify_accepting(ctx: SSL.Context, mode: int) -> None:
+    """Verify peers with *mode*, accepting every chain (see the module docstring)."""
+    if _VERIFY_ACCEPT_ADDRESS is not None:
+        _ossl.set_verify_native(ctx, mode, _VERIFY_ACCEPT_ADDRESS)
+    else:
+        try:
+            ctx.set_verify(mode, _record_verify)
+        except MemoryError:        # cffi: "Cannot allocate write+execute memory for ..."
+            raise ValueError(
+                "certificate verification without the native core needs a Python callback "
+                "inside OpenSSL, and its write+execute memory was refused (W^X: systemd "
+                "MemoryDenyWriteExecute=yes or PR_SET_MDWE); install the native core "
+                "(gateway --version says which core is in use)") from None
 
 
 def _openssl_reason(exc: Exception) -> str:
@@ -198,7 +225,7 @@ def server_context(profile: Profile, cert_path=None, key_path=None, *, cert_pem:
                 ctx.load_client_ca(os.fsencode(profile.ca_file))
             except SSL.Error:
                 pass
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _record_verify)
+        _set_verify_accepting(ctx, SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     return ctx
@@ -230,7 +257,7 @@ def client_context(profile: Profile, *, verify: bool = False, cert_path=None,
             except SSL.Error as exc:
                 raise ValueError(f"cannot load the system CA certificates "
                                  f"({_openssl_reason(exc)})") from None
-        ctx.set_verify(SSL.VERIFY_PEER, _record_verify)
+        _set_verify_accepting(ctx, SSL.VERIFY_PEER)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
     return ctx

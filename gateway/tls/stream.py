@@ -13,7 +13,8 @@ them reads from the transport, the other waits for that read and retries (`_recv
 
 Verification never fails the handshake (see gateway.tls.context): after do_handshake(),
 `info.verified` tells whether the peer's chain (and, on the client side with
-`verify_hostname`, its name) checked out.
+`verify_hostname`, its name) checked out; `info.verify_error` is OpenSSL's verify result text
+(SSL_get_verify_result, read after the handshake: no Python runs inside OpenSSL, §3.3).
 
 A server with several certificates (SPEC §3.4) passes `sni`, a callable from the client's
 server name (or None) to a context: the handshake then first reads the ClientHello as far as
@@ -36,7 +37,7 @@ from ..native import server_name as _scan_server_name
 from ._ossl import connection_handles, session_reused, verify_error_string, verify_result
 from ._ossl import mem_bio_pending as _bio_pending
 from ._ossl import ssl_pending as _ssl_pending
-from .context import VerifyState
+from .context import NATIVE_VERIFY, VerifyState
 
 # Plaintext read per SSL_read when the caller gives no max_bytes (one TLS record holds 16 KiB).
 DEFAULT_RECEIVE_SIZE = 65536
@@ -186,8 +187,10 @@ class TLSStream(trio.abc.Stream):
         self._conn = SSL.Connection(context, None)
         # the raw SSL* and memory BIOs, for the per-record checks (see gateway.tls._ossl)
         self._ssl, self._into_bio, self._from_bio = connection_handles(self._conn)
-        self._verify_state = VerifyState()
-        self._conn.set_app_data(self._verify_state)
+        # the Python verify callback's record (pure-Python fallback only; see _build_info)
+        self._verify_state = None if NATIVE_VERIFY else VerifyState()
+        if self._verify_state is not None:
+            self._conn.set_app_data(self._verify_state)
         if self.server_side:
             self._conn.set_accept_state()
         else:
@@ -565,7 +568,10 @@ class TLSStream(trio.abc.Stream):
             if cert is None:
                 error = "no client certificate" if self.server_side else "no server certificate"
             else:
-                error = self._verify_state.first_error
+                # OpenSSL's verify result (the C callback leaves it as the chain check set
+                # it: its last error); the Python callback's record where pyOpenSSL reset it
+                state = self._verify_state
+                error = state.error if state is not None else None
                 if error is None:
                     code = verify_result(self._ssl)
                     if code != 0:
