@@ -119,7 +119,15 @@ class Supervisor:
             if config.user or config.group:   # workers write there after dropping
                 from .worker import resolve_ids
                 uid, gid = resolve_ids(config.user, config.group)
-                os.chown(self.metrics_dir, uid, gid)
+                try:
+                    os.chown(self.metrics_dir, uid, gid)
+                except OSError as exc:        # root without CAP_CHOWN (a systemd unit)
+                    key = "gateway.user" if config.user else "gateway.group"
+                    raise StartError(
+                        f"{key}: cannot hand the workers' files to "
+                        f"{config.user or config.group}: {exc.strerror or exc} (running as "
+                        f"root needs CAP_CHOWN, CAP_SETUID and CAP_SETGID; see "
+                        f"deploy/systemd/run-as-root.conf)") from None
         self._bind_listeners()
         if config.metrics:
             from .sidecars import bind_metrics

@@ -14,6 +14,7 @@ import errno
 import grp
 import os
 import pwd
+import stat
 import tempfile
 
 READ_SIZE = 262144
@@ -105,10 +106,12 @@ def prepare_spool_dir(path: str, user: str | None = None, group: str | None = No
     """Create *path* (and its parents) 0700, owned by the workers' user when given and run
     as root; an existing directory is made 0700 and given to that user too."""
     os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) != 0o700 and os.geteuid() in (0, st.st_uid):
+        os.chmod(path, 0o700)            # before giving it away: root may lack CAP_FOWNER
     if os.geteuid() == 0 and (user or group):
         uid = pwd.getpwnam(user).pw_uid if user else -1
         gid = grp.getgrnam(group).gr_gid if group else (
             pwd.getpwnam(user).pw_gid if user else -1)
-        os.chown(path, uid, gid)
-    if os.geteuid() in (0, os.stat(path).st_uid):
-        os.chmod(path, 0o700)
+        if (uid, gid) != (st.st_uid if uid != -1 else -1, st.st_gid if gid != -1 else -1):
+            os.chown(path, uid, gid)
