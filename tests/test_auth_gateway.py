@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import smtplib
+import ssl
 
 import trio
 
@@ -179,3 +180,53 @@ async def test_at_verify_the_certificate_is_checked_before_credentials_go_upstre
                 reply = await in_thread(session)
     assert reply == (421, b"4.7.1 Unverified client certificate")
     assert not any(line.upper().startswith(b"AUTH") for s in sink.sessions for line in s)
+
+
+async def test_a_broken_authenticated_leg_ends_the_session_with_421(nursery):
+    """No credentials are kept to log in again: when the authenticated leg breaks, the
+    session gets 421 4.4.2 and closes (SPEC §4.6)."""
+    async def upstream(stream):
+        await stream.send_all(b"220 up ESMTP\r\n")
+        buf = b""
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                verb = line.split(b" ")[0].upper()
+                if verb == b"EHLO":
+                    await stream.send_all(b"250-up\r\n250 AUTH PLAIN\r\n")
+                elif verb == b"AUTH":
+                    await stream.send_all(b"235 2.7.0 Authentication successful\r\n")
+                elif verb == b"MAIL":
+                    await stream.aclose()          # the upstream goes away mid-session
+                    return
+                else:
+                    await stream.send_all(b"250 2.0.0 ok\r\n")
+
+    listeners = await nursery.start(trio.serve_tcp, upstream, 0)
+    up_port = listeners[0].socket.getsockname()[1]
+    data = config_dict([listener_dict(upstream_port=up_port, tls="implicit", auth="required",
+                                      upstream={"tls": "none", "plaintext_auth": True})])
+    async with running_gateway(data) as (gw, logs):
+        port = gw.addresses["smtp"][1]
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE      # the demo certificate
+
+        def session():
+            with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=20) as s:
+                s.user, s.password = USER, PASSWORD
+                s.ehlo("client.test")
+                auth = s.auth("PLAIN", s.auth_plain)
+                s.mail("alice@client.test")
+                rcpt = s.docmd("RCPT TO:<bob@remote.example>")
+                closing = s.getreply()
+                return auth, rcpt, closing
+
+        with trio.fail_after(30):
+            auth, rcpt, closing = await in_thread(session)
+    assert auth[0] == 235
+    assert rcpt == (451, b"4.4.2 Upstream connection lost")
+    assert closing == (421, b"4.4.2 Upstream connection lost")

@@ -48,6 +48,7 @@ UNSUPPORTED_PARAMETER = (555, "5.5.4 Unsupported parameter")
 
 # AUTH for submission (SPEC §4.6, RFC 4954)
 AUTH_TOO_MANY_FAILURES = (421, "4.7.0 Too many authentication failures")
+AUTH_LEG_LOST = (421, "4.4.2 Upstream connection lost")    # an authenticated leg broke
 AUTH_LINE_TOO_LONG = (500, "5.5.6 Authentication Exchange line is too long")
 AUTH_ALREADY = (503, "5.5.1 Error: already authenticated")
 AUTH_IN_TRANSACTION = (503, "5.5.1 Error: MAIL transaction in progress")

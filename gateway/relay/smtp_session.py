@@ -82,6 +82,7 @@ class SMTPSession:
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
         self._auth_failures = 0
         self._auth_user: str | None = None
+        self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
@@ -172,6 +173,8 @@ class SMTPSession:
                 return
             handler = getattr(self, "_on_" + type(event).__name__)
             await handler(event)
+            if self._bound_leg_lost and not core.closed:
+                self._refuse(R.AUTH_LEG_LOST, close=True)
             if core.closed:
                 await self._flush(last=True)
                 return
@@ -481,6 +484,10 @@ class SMTPSession:
         if self.leg is not None:
             await self.leg.close()
             self.leg = None
+        if self._leg_bound:
+            # the authenticated leg is gone and no credentials are kept to log in again:
+            # the session ends (SPEC 4.6) once this event is answered
+            self._bound_leg_lost = True
 
     def _refuse_by(self, verdict: Verdict) -> None:
         """A policy stage's refusal: answered, logged and counted by the verdict's label."""
