@@ -1,6 +1,7 @@
 """Connections per client address (SPEC §2 `max_connections_per_ip`): the shared-memory
 tables of gateway/perip.py, the native core (_native/perip.c) against its pure-Python twin
-(gateway/pyperip.py) and a naive model, the address keys (IPv4 mapped, IPv6 per prefix)."""
+(gateway/pyperip.py) and a naive model, the address keys (IPv4 mapped, IPv6 per prefix), and
+the configuration keys."""
 from __future__ import annotations
 
 import ipaddress
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 import gateway
 from gateway import backend, perip, pyperip
+from gateway.config import ConfigError, parse_config
 from gateway.conncount import ConnectionCounts
 from gateway.perip import FULL, MISSING, SLOT, PerIPTable, address_key
 
@@ -352,3 +354,33 @@ def test_ipv6_key_is_the_network_address():
 @pytest.mark.parametrize("text", ["", "localhost", "10.0.0.256", "2001:db8::g", "/tmp/sock"])
 def test_not_an_address_has_no_key(text):
     assert address_key(text) is None
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def _config(**listener):
+    return {"gateway": {"hostname": "mx.test", "metrics": ""},
+            "listeners": [{"name": "mx", "protocol": "smtp", "bind": "127.0.0.1:2525",
+                           "upstream": {"address": "127.0.0.1:25"}, **listener}]}
+
+
+def test_defaults_are_50_per_address_and_a_64_prefix():
+    lst = parse_config(_config()).listeners[0]
+    assert lst.max_connections_per_ip == 50 and lst.per_ip_ipv6_prefix == 64
+    lst = parse_config(_config(max_connections_per_ip=0, per_ip_ipv6_prefix=128)).listeners[0]
+    assert lst.max_connections_per_ip == 0 and lst.per_ip_ipv6_prefix == 128
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_connections_per_ip", -1, "must be at least 0"),
+    ("max_connections_per_ip", "50", "expected an integer"),
+    ("max_connections_per_ip", True, "expected an integer"),
+    ("per_ip_ipv6_prefix", 15, "must be at least 16"),
+    ("per_ip_ipv6_prefix", 129, "must be at most 128"),
+    ("per_ip_ipv6_prefix", 64.0, "expected an integer"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(_config(**{key: value}))
+    text = str(exc.value)
+    assert f"listeners[0].{key}" in text and message in text
