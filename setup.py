@@ -13,7 +13,7 @@ from setuptools.command.build_ext import build_ext
 
 # What an sdist needs to build the extension besides its C sources.
 NATIVE_FILES = ["_native/build.py", "_native/gateway_native.h", "_native/scan.c",
-                "_native/match.c", "_native/verify.c"]
+                "_native/match.c", "_native/verify.c", "_native/perip.c"]
 
 
 class OptionalBuildExt(build_ext):

@@ -25,7 +25,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "gateway._native",
     '#include "gateway_native.h"',
-    sources=["_native/scan.c", "_native/match.c", "_native/verify.c"],
+    sources=["_native/scan.c", "_native/match.c", "_native/verify.c", "_native/perip.c"],
     include_dirs=["_native"],
     depends=[HEADER],
     extra_compile_args=[] if sys.platform == "win32" else ["-O2", "-std=c99", "-Wall"],

@@ -1,8 +1,8 @@
 /* The native core's whole exported API. _native/build.py hands this file, without its
  * preprocessor lines, to cffi's cdef; gateway/native.py wraps it and checks
  * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py (scanner),
- * gateway/pymatch.py (rule matcher); the verify callback has no twin (gateway/tls/context.py
- * uses a Python callback without the native core). */
+ * gateway/pymatch.py (rule matcher), gateway/pyperip.py (per-address counts); the verify
+ * callback has no twin (gateway/tls/context.py uses a Python callback without the native core). */
 #ifndef GATEWAY_NATIVE_H
 #define GATEWAY_NATIVE_H
 #include <stddef.h>
@@ -78,5 +78,23 @@ gw_nm_t *gw_nm_new(size_t n, const unsigned char *addrs, const int *plens,
 void gw_nm_free(gw_nm_t *m);
 /* The lowest index of a network containing the address text ip[0:n], -1 none or invalid. */
 int gw_nm_match(const gw_nm_t *m, const unsigned char *ip, size_t n);
+
+/* Per-address connection counts (_native/perip.c; semantics: gateway/pyperip.py). The tables
+ * lie in memory shared by all workers: `rows` tables of `slots` entries each (slots a power of
+ * two), row r at tables[r * slots * GW_PIP_SLOT]. An entry is a 16-byte address key at offset
+ * 0, the listener index (int32, native byte order) at 16 and the count (int32) at 20; count 0
+ * is an empty entry. Row `row` is written only by its worker (linear probing, backward-shift
+ * deletion); every row is read.
+ *
+ * gw_pip_update adds delta (+1, -1 or 0) to the count of (key, listener) in row `row` and
+ * returns the sum of that count over all rows afterwards; GW_PIP_FULL when delta is +1 and the
+ * row has no free entry, GW_PIP_MISSING when delta is -1 and the row has no such entry (then
+ * nothing changed). `seed` keys the hash; every process must use the same one. */
+#define GW_PIP_SLOT 24
+#define GW_PIP_FULL (-1)
+#define GW_PIP_MISSING (-2)
+long long gw_pip_update(unsigned char *tables, size_t rows, size_t slots, size_t row,
+                        const unsigned char *key, int listener, int delta,
+                        unsigned long long seed);
 
 #endif

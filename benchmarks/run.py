@@ -179,7 +179,7 @@ class Suite:
         plain, tls = self.sinks()
         ports = [S.free_port() for _ in range(3)]
         common = {"protocol": "smtp", "type": "public", "certificate": "bench",
-                  "max_connections": 10000, "backlog": 1024}
+                  "max_connections": 10000, "max_connections_per_ip": 0, "backlog": 1024}
         listeners = [
             dict(name="starttls", bind=f"127.0.0.1:{ports[0]}", tls="starttls",
                  client_tls="optional", **common,
@@ -505,6 +505,7 @@ class Suite:
         listeners = [dict(name="imap", protocol="imap", type="private",
                           bind=f"127.0.0.1:{gw_port}", tls="starttls", client_tls="required",
                           certificate="bench", max_connections=n + 1000, backlog=4096,
+                          max_connections_per_ip=0,
                           upstream={"address": f"127.0.0.1:{up.port}", "mode": "starttls",
                                     "tls": "none"})]
         toml = S.gateway_toml(workers=1, cert=self.cert, key=self.key, listeners=listeners,

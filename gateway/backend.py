@@ -1,21 +1,25 @@
-"""The compiled core `gateway._native`, loaded once for the line scanner and the rule matcher
-(SPEC §10).
+"""The compiled core `gateway._native`, loaded once for the line scanner, the rule matcher and
+the per-address connection counts (SPEC §10, §2).
 
-GATEWAY_PURE_PYTHON=1: the compiled module is not even imported; both parts use their
-pure-Python twins (`gateway.pyscan`, `gateway.pymatch`). Otherwise `gateway._native` is
-imported here, once. A part it cannot provide (the import fails, or an older build lacks the
-rule matcher) uses its twin, unless GATEWAY_REQUIRE_NATIVE=1 (CI): then importing that part's
-facade (`gateway.native`, `gateway.rulematch`) raises ImportError.
+GATEWAY_PURE_PYTHON=1: the compiled module is not even imported; every part uses its
+pure-Python twin (`gateway.pyscan`, `gateway.pymatch`, `gateway.pyperip`). Otherwise
+`gateway._native` is imported here, once. A part it cannot provide (the import fails, or an
+older build lacks the part's functions) uses its twin, unless GATEWAY_REQUIRE_NATIVE=1 (CI):
+then importing that part's facade (`gateway.native`, `gateway.rulematch`, `gateway.perip`)
+raises ImportError.
 
-    SCANNER, MATCHER    "native" or "python": what the line scanner / the rule matcher uses
-    core(part)          (ffi, lib) for "scanner" or "matcher", or (None, None) for the twin;
+    SCANNER, MATCHER, PERIP
+                        "native" or "python": what the line scanner / the rule matcher / the
+                        per-address counts use
+    core(part)          (ffi, lib) for "scanner", "matcher" or "perip", or (None, None) for
+                        the twin;
                         ImportError as above (the facades call it once, at import)
 """
 from __future__ import annotations
 
 import os
 
-__all__ = ["MATCHER", "PURE_PYTHON", "REQUIRE_NATIVE", "SCANNER", "core"]
+__all__ = ["MATCHER", "PERIP", "PURE_PYTHON", "REQUIRE_NATIVE", "SCANNER", "core"]
 
 PURE_PYTHON = os.environ.get("GATEWAY_PURE_PYTHON") == "1"
 REQUIRE_NATIVE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
@@ -25,6 +29,8 @@ REQUIRE_NATIVE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
 _PARTS = {
     "scanner": ("gw_scan_line", "line scanner", "the native core gateway._native"),
     "matcher": ("gw_rm_new", "rule matcher", "the native rule matcher in gateway._native"),
+    "perip": ("gw_pip_update", "per-address counts",
+              "the native per-address counts in gateway._native"),
 }
 
 _ffi = _lib = None
@@ -48,9 +54,9 @@ def _problem(part: str) -> ImportError | None:
 
 
 def core(part: str):
-    """(ffi, lib) of the compiled core for *part* ("scanner" or "matcher"), or (None, None)
-    when the pure-Python twin is to be used; ImportError when GATEWAY_REQUIRE_NATIVE=1 and the
-    compiled part cannot be loaded."""
+    """(ffi, lib) of the compiled core for *part* ("scanner", "matcher" or "perip"), or
+    (None, None) when the pure-Python twin is to be used; ImportError when
+    GATEWAY_REQUIRE_NATIVE=1 and the compiled part cannot be loaded."""
     if part not in _PARTS:
         raise ValueError(f"unknown part {part!r}: expected one of {', '.join(_PARTS)}")
     if PURE_PYTHON:
@@ -70,3 +76,4 @@ def _which(part: str) -> str:
 
 SCANNER = _which("scanner")
 MATCHER = _which("matcher")
+PERIP = _which("perip")

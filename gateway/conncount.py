@@ -10,6 +10,10 @@ supervisor can compare it with its own clock) of the worker's last beat, 0 befor
 And per worker slot the row of the worker serving it (written by the supervisor), so that the
 metrics process answers /healthz from the beats themselves, without the supervisor's delay.
 
+Per row too, a small hash table of connections per client address (perip.py), for
+`max_connections_per_ip` across workers: written by the row's worker, read by all, cleared
+with the row.
+
 The rows are a fixed number, allocated before the first fork (every worker must see the same
 memory): the supervisor takes `ROWS_PER_SLOT` rows per worker slot, so that several
 generations of workers retired by reloads may drain at once, and defers a reload rather than
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import time
 from multiprocessing.sharedctypes import RawArray
+
+from .perip import PerIPTable
 
 ROWS_PER_SLOT = 8      # a serving generation and up to 7 draining ones
 
@@ -34,6 +40,7 @@ class ConnectionCounts:
         self._health = RawArray("d", 2)              # [beat age still healthy, stopping]
         self._pids = RawArray("q", rows)             # the worker of each row, 0: none
         self._generations = RawArray("q", rows)      # the configuration generation it serves
+        self.per_ip = PerIPTable(rows)               # connections per client address (§2)
 
     def add(self, row: int, listener: int, delta: int) -> None:
         self._a[row * self.listeners + listener] += delta
@@ -47,6 +54,7 @@ class ConnectionCounts:
         self._beats[row] = 0.0
         self._pids[row] = 0
         self._generations[row] = 0
+        self.per_ip.clear_row(row)
 
     def set_worker(self, row: int, pid: int, generation: int) -> None:
         """*pid* serves configuration *generation* (0: the start, +1 per reload) in *row*."""

@@ -21,8 +21,10 @@ from .lifecycle import REOPEN_SIGNAL, RETIRE_SIGNAL
 from .logs import new_conn_id
 from .net.accept import accept_loop
 from .net.bind import bind_socket
+from .net.proxy_protocol import is_trusted
 from .net.proxy_stream import read_proxy_header
 from .net.sockstream import LeanSocketStream
+from .perip import address_key
 from .proto import replies as R
 from .relay.imap_session import IMAPSession
 from .relay.smtp_session import SMTPSession
@@ -31,6 +33,7 @@ from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
+IMAP_TOO_MANY_FROM_ADDRESS = b"* BYE Too many connections from your address\r\n"
 
 
 @dataclass
@@ -68,6 +71,7 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     except OSError:
         return
     stream = LeanSocketStream(sock)
+    own_address = peer[0]
     if rt.listener.proxy_protocol:
         m, name = rt.state.metrics, rt.listener.name
         got = await read_proxy_header(
@@ -90,20 +94,27 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     m.connections_total.labels(name, rt.listener.protocol).inc()
     state.recent.session(rt.index)
     m.connections_active.labels(name).inc()
+    ip_key = None                   # the per-address count this session holds (§2)
     try:
         if counts.total(rt.index) > rt.listener.max_connections:
             log.event("reject", code=421, reason="too many connections")
             m.connections_rejected_total.labels(name, "max_connections").inc()
-            with trio.move_on_after(5):
-                if rt.listener.tls != "implicit":
-                    try:
-                        await stream.send_all(R.render(*R.TOO_MANY_CONNECTIONS)
-                                              if rt.listener.protocol == "smtp"
-                                              else IMAP_TOO_MANY_CONNECTIONS)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-            await stream.aclose()
+            await _refuse(rt, stream, R.TOO_MANY_CONNECTIONS, IMAP_TOO_MANY_CONNECTIONS)
             return
+        if rt.listener.max_connections_per_ip:
+            key = _per_ip_key(rt, peer[0], own_address)
+            if key is not None:
+                held = counts.per_ip.add(state.row, rt.index, key)
+                if held < 0:                    # this worker's table is full: not counted
+                    _report_full(counts.per_ip, log)
+                else:
+                    ip_key = key
+                    if held > rt.listener.max_connections_per_ip:
+                        log.event("reject", code=421, reason="too many connections from address")
+                        m.connections_rejected_total.labels(name, "per_ip").inc()
+                        await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
+                                      IMAP_TOO_MANY_FROM_ADDRESS)
+                        return
         try:
             if rt.listener.protocol == "smtp":
                 await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
@@ -116,8 +127,41 @@ async def _session(rt: ListenerRuntime, sock) -> None:
                 await stream.aclose()
     finally:
         counts.add(state.row, rt.index, -1)
+        if ip_key is not None:
+            counts.per_ip.remove(state.row, rt.index, ip_key)
         state.session_ended()
         m.connections_active.labels(name).dec()
+
+
+async def _refuse(rt: ListenerRuntime, stream, smtp_reply, imap_reply: bytes) -> None:
+    """Over a connection limit: the protocol's reply, none on an implicit listener; close."""
+    with trio.move_on_after(5):
+        if rt.listener.tls != "implicit":
+            try:
+                await stream.send_all(R.render(*smtp_reply) if rt.listener.protocol == "smtp"
+                                      else imap_reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    await stream.aclose()
+
+
+def _per_ip_key(rt: ListenerRuntime, address: str, own_address: str) -> bytes | None:
+    """What the client *address* counts under for max_connections_per_ip, or None: not
+    counted. A trusted proxy is exempt when it speaks for itself (no PROXY header replaced
+    its address: a listener without proxy_protocol behind a balancer, a health check's
+    PROXY LOCAL); behind PROXY the real client's address counts."""
+    trusted = rt.listener.trusted_proxies
+    if trusted and address == own_address and is_trusted(address, trusted):
+        return None
+    return address_key(address, rt.listener.per_ip_ipv6_prefix)
+
+
+def _report_full(table, log) -> None:
+    if not table.full_reported:
+        table.full_reported = True
+        log.event("per_ip_table_full", level="warning",
+                  message="the per-address table of this worker is full; connections beyond "
+                          "it are not limited by max_connections_per_ip")
 
 
 def _fmt_addr(peer) -> str:

@@ -120,6 +120,8 @@ class Listener:
     certificates: tuple[str, ...] = ()   # several, chosen by SNI (§3.4); instead of certificate
     profile: str = "default"
     max_connections: int = 1000
+    max_connections_per_ip: int = 50  # one client address across workers; 0: no limit (§2)
+    per_ip_ipv6_prefix: int = 64      # IPv6 clients count per network of this prefix length
     backlog: int = 50
     esmtp: bool = True
     max_message_size: int = 52428800

@@ -50,7 +50,8 @@ _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "cert
                   "bare_newline", "proxy_protocol", "trusted_proxies", "max_recipients",
                   "received_header", "forward_client", "smtputf8", "dsn", "auth",
                   "auth_mechanisms", "timeouts", "upstream", "client_rules", "rules",
-                  "pregreet_wait", "milters")
+                  "pregreet_wait", "milters", "max_connections_per_ip",
+                  "per_ip_ipv6_prefix")
 _TIMEOUT_KEYS = tuple(f.name for f in fields(Timeouts))
 _UPSTREAM_KEYS = ("address", "mode", "tls", "server_name", "profile", "certificate",
                   "pool_size", "pool_idle", "pool_max_reuse", "plaintext_auth")
@@ -320,6 +321,8 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         tls=mode, client_tls=level, certificate=certificate, certificates=several,
         profile=profile_name,
         max_connections=t.int("max_connections", 1000, minimum=1),
+        max_connections_per_ip=t.int("max_connections_per_ip", 50, minimum=0),
+        per_ip_ipv6_prefix=t.int("per_ip_ipv6_prefix", 64, minimum=16, maximum=128),
         backlog=t.int("backlog", 50, minimum=1),
         esmtp=esmtp,
         max_message_size=t.int("max_message_size", 52428800, minimum=1),

@@ -10,6 +10,7 @@ MAIL_OK = (250, "2.1.0 Ok")
 BYE = (221, "2.0.0 Bye")
 
 TOO_MANY_CONNECTIONS = (421, "4.7.0 Too many connections, try again later")
+TOO_MANY_FROM_ADDRESS = (421, "4.7.0 Too many connections from your address")
 TIMEOUT = (421, "4.4.2 Timeout exceeded")
 SHUTTING_DOWN = (421, "4.3.2 Service shutting down")
 UNVERIFIED_CLIENT_CERT = (421, "4.7.1 Unverified client certificate")
