@@ -5,6 +5,7 @@ Each GatewayProcess gets a TMPDIR of its own (removed by stop()), so that a gate
 a test cannot leave its prometheus directory in the system's temporary directory."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -154,19 +155,43 @@ def plaintext_mail(port: int):
         return s.docmd("MAIL FROM:<alice@client.test>")
 
 
+def fetch(port: int, path: str) -> tuple[int, str, str]:
+    """(status, content type, body) of GET http://127.0.0.1:port/path."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.headers.get("Content-Type"), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+def status_json(port: int) -> dict:
+    """GET /status, checked to be JSON."""
+    status, ctype, body = fetch(port, "/status")
+    assert status == 200, body
+    assert ctype.startswith("application/json"), ctype
+    return json.loads(body)
+
+
 def scrape(port: int) -> dict:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    """{(sample name, sorted labels): value} of the metrics endpoint."""
+    status, _, body = fetch(port, "/metrics")
+    assert status == 200, body
     out: dict = {}
-    for family in text_string_to_metric_families(body.decode()):
+    for family in text_string_to_metric_families(body):
         for sample in family.samples:
             key = (sample.name, tuple(sorted(sample.labels.items())))
             out[key] = out.get(key, 0) + sample.value
     return out
 
 
+def samples_of(samples: dict, name: str, **labels) -> list[float]:
+    """The values of *name*'s samples whose labels include *labels*."""
+    return [v for (n, lab), v in samples.items()
+            if n == name and all(dict(lab).get(k) == val for k, val in labels.items())]
+
+
 def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in samples.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+    return sum(samples_of(samples, name, **labels))
 
 
 def healthz(port: int) -> int:

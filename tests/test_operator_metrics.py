@@ -9,9 +9,9 @@ import time
 import trio
 from cryptography import x509
 
-from gwprocess import GatewayProcess, samples_of, scrape
 from harness import in_thread, running_sink
 from peers import free_port
+from supervised import GatewayProcess, samples_of, scrape
 
 EXPIRY = "gateway_certificate_expiry_timestamp_seconds"
 
@@ -170,7 +170,7 @@ tls = "none"
 async def test_status_and_gateway_status_while_sessions_are_open(tmp_path, server_cert,
                                                                  capsys):
     from gateway.cli import main
-    from gwprocess import status_json
+    from supervised import status_json
 
     port, metrics_port = free_port(), free_port()
     async with running_sink() as sink:

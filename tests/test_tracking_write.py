@@ -216,7 +216,7 @@ def test_without_a_log_the_error_is_a_logfmt_line_on_stderr():
     assert 'reason="No space left on device" written=0 bytes=' in line
 
 
-def test_the_error_counter_is_exposed():
+def test_the_error_counter_is_exposed(tmp_path):
     script = textwrap.dedent("""
         import json
         from gateway import metrics as M
@@ -235,8 +235,10 @@ def test_the_error_counter_is_exposed():
         print(json.dumps([l for l in body.decode().splitlines()
                           if l.startswith("gateway_tracking_errors_total")]))
     """)
+    # the metrics directory goes into tmp_path (TMPDIR), not the system's temp directory
+    env = {**gateway_subprocess_env(), "TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, env=gateway_subprocess_env(), cwd=NEUTRAL_CWD)
+                         timeout=60, env=env, cwd=NEUTRAL_CWD)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["gateway_tracking_errors_total 2.0"]
 

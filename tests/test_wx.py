@@ -39,9 +39,9 @@ import pytest
 import trio
 import trustme
 
-from gwprocess import GatewayProcess
 from harness import NEUTRAL_CWD, gateway_subprocess_env, in_thread, to_toml
 from peers import free_port, instance_dir
+from supervised import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "gateway.example.toml"
@@ -243,6 +243,7 @@ class Gateway(GatewayProcess):
     *prefix* (a setpriv command line), with its log lines collected by a thread."""
 
     def __init__(self, example: Example, wx: str, *, prefix=(), pure_python=False):
+        self.own_tmp, self.tmpdir = False, str(example.tmp)     # the example's TMPDIR
         env = gateway_subprocess_env()
         env["TMPDIR"] = str(example.tmp)
         env.pop("GATEWAY_REQUIRE_NATIVE", None)
