@@ -252,16 +252,24 @@ async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=
     SIGUSR1 reopens the tracking log (logrotate) and serving goes on."""
     if state is None:
         state = WorkerState(ConnectionCounts(1, len(config.listeners)))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL,
-                                   REOPEN_SIGNAL) as signals:
+    with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
                                                   state=state, runtimes=runtimes))
-            async for signum in signals:
-                if signum == REOPEN_SIGNAL:
-                    if state.tracking is not None:
-                        state.tracking.reopen()
-                    continue
-                log.event("shutdown", signal=signal.Signals(signum).name)
-                gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
-                break
+            await until_stopped(signals, gateway, state, log)
+
+
+SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL, REOPEN_SIGNAL)
+
+
+async def until_stopped(signals, gateway: Gateway, state: WorkerState, log) -> None:
+    """Act on the signals of a serving process until one stops it: SIGUSR1 reopens the
+    tracking log and serving goes on; SIGTERM/SIGINT drain, SIGUSR2 retires (§9)."""
+    async for signum in signals:
+        if signum == REOPEN_SIGNAL:          # logrotate moved the file: reopen, serve on
+            if state.tracking is not None:
+                state.tracking.reopen()
+            continue
+        log.event("shutdown", signal=signal.Signals(signum).name)
+        gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
+        break

@@ -89,15 +89,15 @@ async def heartbeat(counts, row: int, interval: float) -> None:
 
 
 async def serve_worker(config, log, *, sockets, state, runtimes, interval: float) -> None:
-    """server.serve() with the heartbeat, until SIGTERM/SIGINT (drain) or SIGUSR2 (retire).
+    """server.serve() with the heartbeat, until SIGTERM/SIGINT (drain) or SIGUSR2 (retire);
+    SIGUSR1 reopens the tracking log (server.until_stopped).
 
     (server.serve_until_signal, plus: the signals held since the fork are let in once trio
     listens, and the inherited listening sockets are closed once serve() has its own
     duplicates, so that when accepting stops nothing of this process keeps them listening:
     new clients are refused, not left queued on a socket nobody accepts from.)"""
-    from .server import serve
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL,
-                                   REOPEN_SIGNAL) as signals:
+    from .server import SERVE_SIGNALS, serve, until_stopped
+    with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         async with trio.open_nursery() as outer:
             outer.start_soon(heartbeat, state.counts, state.row, interval)
@@ -106,12 +106,5 @@ async def serve_worker(config, log, *, sockets, state, runtimes, interval: float
                                                       state=state, runtimes=runtimes))
                 for sock in sockets:
                     sock.close()
-                async for signum in signals:
-                    if signum == REOPEN_SIGNAL:          # logrotate: reopen, serve on
-                        if state.tracking is not None:
-                            state.tracking.reopen()
-                        continue
-                    log.event("shutdown", signal=signal.Signals(signum).name)
-                    gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
-                    break
+                await until_stopped(signals, gateway, state, log)
             outer.cancel_scope.cancel()               # drained: the last beat is done

@@ -211,7 +211,7 @@ def ask(config, q: Question) -> dict:
     if q.auth_user is not None:
         auth = {"user": q.auth_user}
         answer["auth"] = auth
-        upstream_level = resolve(listener.upstream.tls, tls is not None)
+        upstream_level = policy.session_leg_level(facts)
         if listener.auth == "off":
             auth["reply"] = _reply(R.NOT_IMPLEMENTED)
         elif tls is None:

@@ -181,7 +181,7 @@ class StagePolicy:
 
     def auth_rules(self, facts: Facts) -> Verdict:
         """AUTH (§4.6): at `verify` the client certificate is checked before any credential
-        goes upstream."""
+        goes upstream (as at MAIL FROM)."""
         if facts.client_level == "verify" and not (facts.tls and facts.tls.verified):
             return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
         return CONTINUE
@@ -190,8 +190,9 @@ class StagePolicy:
         """The client level's and the sender-domain client rule's checks (§4.2, §4.3), and
         AUTH on an `auth = "required"` listener (§4.6)."""
         tls = facts.tls
-        if facts.client_level == "verify" and not (tls and tls.verified):
-            return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+        verdict = self.auth_rules(facts)            # the client level's certificate check
+        if verdict.refused:
+            return verdict
         if self.auth_required and facts.auth_user is None:
             return refuse(R.AUTH_REQUIRED)
         rule = self.client_rules.for_sender(address)
@@ -259,8 +260,9 @@ class StagePolicy:
                                   new_leg=verdict.new_leg, reason=answer.reason)
         return verdict
 
-    def login_level(self, facts: Facts) -> str:
-        """IMAP: the upstream level of the leg a login opens (§3.2, `allowed` resolved)."""
+    def session_leg_level(self, facts: Facts) -> UpstreamLevel:
+        """The level of a leg a session opens for itself, not for a recipient: an IMAP login's,
+        an SMTP AUTH's (§3.2, §4.6): `upstream.tls`, `allowed` resolved."""
         return resolve(self.upstream_level, facts.tls is not None)
 
     # --- the message ------------------------------------------------------------------------

@@ -50,8 +50,7 @@ class IMAPSession:
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.facts = Facts(self.listener.name, client_addr[0], client_addr[1])
         rt.stages.client_level(self.facts, log)
-        self.client_level = level = ClientLevel(self.facts.client_level)
-        self.cipher_strength = self.facts.cipher_strength
+        level = ClientLevel(self.facts.client_level)
         self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
         self.user: str | None = None
@@ -171,7 +170,8 @@ class IMAPSession:
     # --- TLS on the client leg --------------------------------------------------------------
 
     async def _handshake(self) -> bool:
-        tls = await accept_client_tls(self.rt, self.stream, self.cipher_strength, self.log)
+        tls = await accept_client_tls(self.rt, self.stream, self.facts.cipher_strength,
+                                      self.log)
         if tls is None:
             return False
         self.stream = tls
@@ -182,7 +182,7 @@ class IMAPSession:
 
     async def _login(self, event: S.Login) -> None:
         user = event.user.decode("utf-8", "replace")
-        level = self.rt.stages.login_level(self.facts)
+        level = self.rt.stages.session_leg_level(self.facts)
         try:
             if self.leg is None or self.leg.closed:
                 await self._flush()

@@ -21,7 +21,7 @@ from ..clock import per_second
 from ..errors import TLSError
 from ..proto import replies as R
 from ..policy.levels import ClientLevel
-from ..policy.stages import Action, Facts, Verdict, resolve
+from ..policy.stages import Action, Facts, Verdict
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
@@ -65,8 +65,7 @@ class SMTPSession:
         self._hooks = bool(self.policy.hooks)
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.policy.client_level(facts, log)
-        self.client_level = level = ClientLevel(facts.client_level)
-        self.cipher_strength = facts.cipher_strength
+        level = ClientLevel(facts.client_level)
         self.metrics = rt.state.metrics
         self.name = self.listener.name
         self.tls = None                 # client leg TLSInfo
@@ -81,9 +80,8 @@ class SMTPSession:
         self._tracked = 0
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
         self._auth_failures = 0
-        self._auth_user: str | None = None
-        self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
+        self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
         self._line_start: float | None = None   # when the partial command line began
@@ -283,7 +281,8 @@ class SMTPSession:
     # --- TLS on the client leg --------------------------------------------------------------
 
     async def _handshake(self) -> bool:
-        tls = await accept_client_tls(self.rt, self.stream, self.cipher_strength, self.log)
+        tls = await accept_client_tls(self.rt, self.stream, self.facts.cipher_strength,
+                                      self.log)
         if tls is None:
             return False
         self.stream = tls
@@ -521,7 +520,7 @@ class SMTPSession:
         await self._release_leg()
         self._auth = _AuthExchange(event.mechanism)
         self._auth.user_from(event.initial)
-        level = resolve(self.listener.upstream.tls, self.tls is not None)
+        level = self.policy.session_leg_level(self.facts)
         try:
             await self._flush()
             self.leg = await self._open_leg(level, pooled=False)
@@ -562,10 +561,10 @@ class SMTPSession:
         leg = self.leg
         leg.client.max_line = _MAX_REPLY_LINE
         if reply.code == 235 and answer is None:
-            self.facts.auth_mechanism = self._auth.mechanism
-            self._auth_done("success")
+            auth = self._auth_done("success")
+            self.facts.auth_mechanism = auth.mechanism
+            self.facts.auth_user = auth.user or ""
             self._leg_bound = True
-            self.facts.auth_user = self._auth_user or ""
             self.core.respond(*relayed(reply))
             return
         # refused or cancelled: the leg is closed, never pooled (§4.6)
@@ -579,11 +578,12 @@ class SMTPSession:
             if self._auth_failures >= 3:
                 self._refuse(R.AUTH_TOO_MANY_FAILURES, close=True)
 
-    def _auth_done(self, result: str) -> None:
+    def _auth_done(self, result: str) -> "_AuthExchange":
+        """The exchange is over: logged and counted (never its lines); returns it."""
         auth, self._auth = self._auth, None
-        self._auth_user = auth.user
         self.log.event("auth", mechanism=auth.mechanism, user=auth.user or "", result=result)
         self.metrics.auth_total.labels(self.name, auth.mechanism, result).inc()
+        return auth
 
     # --- message ----------------------------------------------------------------------------
 
