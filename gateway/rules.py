@@ -17,6 +17,7 @@ from functools import lru_cache
 
 from .config import ClientRule, Listener, Rule
 from .rulematch import DomainPatternMatcher, DomainRuleMatcher, NetworkMatcher
+from .tls.grades import grade_suites
 
 
 @lru_cache(maxsize=4096)
@@ -135,17 +136,6 @@ def shadowed_rules(rules) -> list[tuple[int, int]]:
     return out
 
 
-@lru_cache(maxsize=8)
-def cipher_names(strength: str) -> frozenset[str]:
-    """The OpenSSL names of the TLS ≤ 1.2 suites of a cipher grade (`medium`/`high`)."""
-    from OpenSSL import SSL
-
-    from .tls.profiles import CIPHER_STRENGTH
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_cipher_list(CIPHER_STRENGTH[strength].encode("ascii"))
-    return frozenset(SSL.Connection(ctx, None).get_cipher_list())
-
-
 def cipher_meets(tls_info, strength: str | None) -> bool:
     """Is the negotiated cipher of *tls_info* at least *strength*? TLS 1.3 suites are all
     of the high grade."""
@@ -153,4 +143,4 @@ def cipher_meets(tls_info, strength: str | None) -> bool:
         return True
     if tls_info.version == "TLSv1.3":
         return True
-    return tls_info.cipher in cipher_names(strength)
+    return tls_info.cipher in grade_suites(strength)

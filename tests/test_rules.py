@@ -224,7 +224,7 @@ def test_network_rule_cipher_strength_gets_its_own_server_context():
     from OpenSSL import SSL
 
     from gateway.logs import EventLog
-    from gateway.rules import cipher_names
+    from gateway.tls.grades import grade_suites as cipher_names
     from gateway.runtime import build_runtimes
     # an operator list with a MEDIUM suite (CCM8) among HIGH ones
     data = config_dict([listener_dict(upstream_port=25, profile="ccm", client_rules=[

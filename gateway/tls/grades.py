@@ -32,6 +32,7 @@ def expand(ciphers: str) -> tuple[str, ...]:
     return tuple(SSL.Connection(ctx, None).get_cipher_list())
 
 
+@lru_cache(maxsize=8)
 def grade_suites(grade: CipherGrade | str) -> frozenset[str]:
     """The TLS ≤ 1.2 suites of *grade*."""
     return frozenset(expand(CipherGrade(grade).openssl))
