@@ -5,10 +5,11 @@ MAIL, RCPT, DATA, end of headers, body, end of message — and acts on the `Verd
 refuse with a reply (and perhaps close), or, at RCPT, carry the recipient at a resolved
 upstream level. The session never decides policy itself; it moves bytes and legs.
 
-The gateway's own policy comes first (the encryption and client rules of §4.3, below), then
-every joined `Hook` in order: AUTH (§4.6) and milters (§4.7) join here without touching the
-session loop. A hook's stage methods are coroutines because a hook may wait (a milter round
-trip); the rules never wait, and with no hook joined a stage costs one coroutine. A hook that
+The gateway's own policy comes first (the encryption and client rules of §4.3 and AUTH's
+checks of §4.6, below), then every joined `Hook` in order (the milters of §4.7), without
+touching the session loop. A hook's stage methods are coroutines because a hook may wait (a
+milter round trip); the rules never wait, and a session without hooks skips the stages only
+hooks answer (connect, HELO, abort, close). A hook that
 needs the message body says so (`wants_body`); `eom()` answers may discard, quarantine or
 carry edits. Metric labels come from the verdict (`Verdict.label`), not from reply text.
 

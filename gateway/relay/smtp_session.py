@@ -19,9 +19,9 @@ import trio
 
 from ..clock import per_second
 from ..errors import TLSError
-from ..proto import replies as R
 from ..policy.levels import ClientLevel
 from ..policy.stages import Action, Facts, Verdict
+from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339

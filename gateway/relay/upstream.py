@@ -18,8 +18,6 @@ from ..net.sockstream import open_tcp
 from .tls_legs import (HandshakeFailed, remember_upstream_session, resumed_info,
                        upstream_handshake)
 
-
-
 # metric label (gateway_upstream_errors_total, gateway_tls_alerts_total) of each failure reply
 FAILURE_KINDS = {
     R.UPSTREAM_UNAVAILABLE: "unavailable", R.UPSTREAM_TLS_NOT_OFFERED: "tls_not_offered",
@@ -27,7 +25,7 @@ FAILURE_KINDS = {
     R.UPSTREAM_LOST: "lost"}
 # the reasons of gateway_tls_alerts_total: the failures to get TLS a level required (SPEC §8)
 TLS_ALERT_REASONS = ("tls_not_offered", "tls_failed", "not_trusted")
-# what opening a leg came to, for the upstream's last result (`/status`, SPEC §11): "ok", or
+# what opening a leg came to, for the upstream's last result (`/status`, SPEC §11)
 UPSTREAM_RESULTS = ("ok", "unreachable", "tls_failure")
 _RESULT_OF_KIND = {"tls_not_offered": "tls_failure", "tls_failed": "tls_failure",
                    "not_trusted": "tls_failure"}
