@@ -7,9 +7,10 @@ Both gateways (1 worker each) relay to the same smtp-sink; the measurements alte
 A B B A A B ... so that whatever else loads the machine falls on both about equally. Each
 row gives the median over the rounds and B/A (below 1: B is cheaper). Scenario 1 is the
 suite's STARTTLS 10 KB session, 2 the same in plaintext, 4 a 25 MB message over STARTTLS
-(CPU per MB, 4 messages per measurement). `--a`/`--b`: `HEAD` (a `git archive` snapshot
-plus the built native module), `worktree` (the editable install), a commit (`HEAD~1`) or a
-source directory.
+(CPU per MB, 4 messages per measurement). `--a`/`--b`: `HEAD` or any commit (`HEAD~1`,
+`cef6187`): a `git archive` snapshot whose native module is compiled from that commit's own
+`_native/` sources; `worktree` (the package installed in .venv); or a source directory. Each
+side's `gateway --version` is printed (both must say native).
 """
 from __future__ import annotations
 
@@ -45,13 +46,29 @@ def select(choice: str, work: Path, tag: str) -> str:
     snap.mkdir()
     rev = subprocess.run(["git", "-C", str(S.ROOT), "rev-parse", "--short", choice],
                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    arch = subprocess.run(["git", "-C", str(S.ROOT), "archive", rev, "gateway"],
+    arch = subprocess.run(["git", "-C", str(S.ROOT), "archive", rev, "gateway", "_native"],
                           capture_output=True, timeout=60, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(snap)], input=arch, check=True, timeout=60)
-    for so in (S.ROOT / "gateway").glob("_native*.so"):
-        shutil.copy(so, snap / "gateway" / so.name)
+    build_native(snap)
     S.use_source(snap, f"commit {rev}")
     return S.GATEWAY_SRC
+
+
+def build_native(src: Path) -> None:
+    """Compile the snapshot's native module from the snapshot's own C sources (never a copy
+    of another tree's module: after a move or an API change that would leave the side on its
+    pure-Python twin, or on the other side's C)."""
+    for old in (src / "gateway").glob("_native*.so"):
+        old.unlink()
+    subprocess.run([sys.executable, "_native/build.py"], cwd=src, check=True, timeout=300,
+                   capture_output=True)
+
+
+def version_line() -> str:
+    """`gateway --version` of the side servers.py points at now (says native or python)."""
+    p = subprocess.run([*S.GATEWAY_CMD, "--version"], capture_output=True, text=True,
+                       timeout=60, env=S.gateway_env(), cwd=S.GATEWAY_CWD)
+    return (p.stdout or p.stderr).strip().replace("\n", "; ")
 
 
 def start_gateway(work: Path, tag: str, sink_port: int, cert: Path, key: Path):
@@ -93,6 +110,7 @@ def main() -> int:
         gws, labels = {}, {}
         for side, choice in (("A", a.a), ("B", a.b)):
             labels[side] = select(choice, work, side)
+            labels[side] += f"  [{version_line()}]"
             gws[side] = start_gateway(work, f"gw-{side}", sink.port, cert, key)
             started.append(gws[side])
         print(f"A = {labels['A']}\nB = {labels['B']}\n")
