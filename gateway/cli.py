@@ -231,7 +231,12 @@ def cmd_run(args) -> int:
         config = dataclasses.replace(config, workers=1, single_process=True)
     elif args.workers is not None:
         config = dataclasses.replace(config, workers=args.workers)
-    log = EventLog(args.log_format or config.log_format)
+    try:
+        target = _log_target(config)
+    except OSError as exc:
+        _error(f"gateway.log_file: cannot open {config.log_file}: {exc.strerror or exc}")
+        return EXIT_CONFIG
+    log = EventLog(args.log_format or config.log_format, stream=target)
     for warning in config.warnings:
         log.event("config_warning", level="warning", message=warning)
     from . import launch
@@ -245,6 +250,20 @@ def cmd_run(args) -> int:
         _error(str(exc))
         return EXIT_FAILURE
     return EXIT_OK if result is None else int(result)
+
+
+def _log_target(config):
+    """log_file's target (None: stderr); a file this process creates goes to the workers'
+    user, so that they can reopen it after logrotate."""
+    from .logs import open_target
+    owner = None
+    if config.log_file and os.geteuid() == 0 and (config.user or config.group):
+        from .worker import resolve_ids
+        try:
+            owner = resolve_ids(config.user, config.group)
+        except KeyError:
+            owner = None                 # an unknown user is reported by the start checks
+    return open_target(config.log_file, owner)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
 gives ``ts=2025-01-01T12:00:00.123Z level=info event=tls conn=… listener=inbound client=…
 side=client version=TLSv1.3 cipher=TLS_AES_128_GCM_SHA256``.
 
+Where lines go (``log_file``, SPEC §9): stderr (journald) by default, an append-only file
+(``LogFile``), or syslog with facility mail (``SyslogSocket``), as Postfix logs; the last two
+reopen on SIGUSR1 (``EventLog.reopen``).
+
 Key order: ``ts``, ``level``, ``event``, then the bound fields (``conn``, ``listener``,
 ``client`` first when bound, then the others in the order they were bound), then the call's
 fields. A call field with the name of a bound field replaces its value in place; ``None``
@@ -19,8 +23,10 @@ import base64
 import functools
 import json
 import math
+import os
 import re
 import secrets
+import socket
 import sys
 import time
 from typing import Any, TextIO
@@ -229,12 +235,26 @@ class EventLog:
                                      "reason": _text(exc)})
             except Exception:
                 return
-        stream = self.stream if self.stream is not None else sys.stderr
+        stream = self.stream
         try:
-            stream.write(line + "\n")
-            stream.flush()
+            if stream is None:
+                stream = sys.stderr
+                stream.write(line + "\n")
+                stream.flush()
+            elif stream.__class__ in _TARGETS:
+                stream.emit(level, line)
+            else:
+                stream.write(line + "\n")
+                stream.flush()
         except Exception:
             pass
+
+    def reopen(self) -> None:
+        """SIGUSR1: a log file or syslog socket is opened again (logrotate moved the file);
+        stderr stays as it is."""
+        reopen = getattr(self.stream, "reopen", None)
+        if reopen is not None:
+            reopen()
 
 
 def _logfmt_line(event: str, level: str, prefix: str, fields: dict[str, Any]) -> str:
@@ -252,6 +272,104 @@ def _logfmt_line(event: str, level: str, prefix: str, fields: dict[str, Any]) ->
     return " ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# Log targets (log_file)
+
+SYSLOG_SOCKET = "/dev/log"
+_FACILITY_MAIL = 2
+_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+class LogFile:
+    """Lines appended to a file, one write(2) each (O_APPEND: the lines of the supervisor and
+    of every worker interleave whole). *owner* (uid, gid) is given the file when this process
+    creates it, so that workers that dropped to `user` can reopen it after logrotate."""
+
+    def __init__(self, path: str, owner: tuple[int, int] | None = None):
+        self.path = path
+        self.owner = owner
+        self.fd = -1
+        self.fd = self._open()
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self.owner is not None and os.geteuid() == 0:
+            try:
+                os.fchown(fd, *self.owner)
+            except OSError:
+                pass
+        return fd
+
+    def emit(self, level: str, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode("utf-8", errors="backslashreplace"))
+
+    def reopen(self) -> None:
+        try:
+            fd = self._open()
+        except OSError:
+            return                  # keep writing to the old file rather than nowhere
+        old, self.fd = self.fd, fd
+        os.close(old)
+
+
+class SyslogSocket:
+    """Lines sent to the local syslog daemon (``/dev/log``, or the socket of
+    ``syslog:/path``) with facility mail, tagged ``gateway[pid]``, as Postfix logs. A line the
+    daemon does not take (it is restarting) is dropped, never blocks."""
+
+    def __init__(self, path: str = SYSLOG_SOCKET, tag: str = "gateway"):
+        self.path = path
+        self.tag = tag
+        self.sock: socket.socket | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        old, self.sock = self.sock, sock
+        if old is not None:
+            old.close()
+
+    def emit(self, level: str, line: str) -> None:
+        priority = _FACILITY_MAIL * 8 + _SEVERITY.get(level, 6)
+        data = f"<{priority}>{self.tag}[{os.getpid()}]: {line}".encode(
+            "utf-8", errors="backslashreplace")
+        try:
+            self.sock.send(data)
+        except OSError:
+            try:                    # the daemon restarted: its socket is a new one
+                self._connect()
+                self.sock.send(data)
+            except OSError:
+                pass
+
+    def reopen(self) -> None:
+        try:
+            self._connect()
+        except OSError:
+            pass
+
+
+_TARGETS = (LogFile, SyslogSocket)
+
+
+def open_target(spec: str, owner: tuple[int, int] | None = None):
+    """The target of ``log_file``: None (stderr) for "", a SyslogSocket for "syslog" or
+    "syslog:/path", else a LogFile. Raises OSError when it cannot be opened."""
+    if not spec:
+        return None
+    if spec == "syslog":
+        return SyslogSocket()
+    if spec.startswith("syslog:"):
+        return SyslogSocket(spec[len("syslog:"):])
+    return LogFile(spec, owner)
+
+
 class BoundLog:
     """An EventLog with fields bound (per listener, per connection)."""
 
@@ -264,6 +382,9 @@ class BoundLog:
 
     def bind(self, **fields: Any) -> BoundLog:
         return BoundLog(self._log, _merge(self.fields, fields))
+
+    def reopen(self) -> None:
+        self._log.reopen()
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
         log = self._log

@@ -249,7 +249,7 @@ async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> 
 async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
                              runtimes=None) -> None:
     """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload);
-    SIGUSR1 reopens the tracking log (logrotate) and serving goes on."""
+    SIGUSR1 reopens the event and tracking logs (logrotate) and serving goes on."""
     if state is None:
         state = WorkerState(ConnectionCounts(1, len(config.listeners)))
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
@@ -264,9 +264,12 @@ SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL, REOPEN_SIGNAL)
 
 async def until_stopped(signals, gateway: Gateway, state: WorkerState, log) -> None:
     """Act on the signals of a serving process until one stops it: SIGUSR1 reopens the
-    tracking log and serving goes on; SIGTERM/SIGINT drain, SIGUSR2 retires (§9)."""
+    event log (log_file) and the tracking log and serving goes on; SIGTERM/SIGINT drain, SIGUSR2 retires (§9)."""
     async for signum in signals:
-        if signum == REOPEN_SIGNAL:          # logrotate moved the file: reopen, serve on
+        if signum == REOPEN_SIGNAL:          # logrotate moved the files: reopen, serve on
+            reopen = getattr(log, "reopen", None)    # the event log (log_file), then tracking
+            if reopen is not None:
+                reopen()
             if state.tracking is not None:
                 state.tracking.reopen()
             continue

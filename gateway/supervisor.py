@@ -30,12 +30,13 @@ from functools import partial
 from .config import ConfigError, GatewayConfig, check_files, load_config
 from .conncount import ROWS_PER_SLOT, ConnectionCounts
 from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
+from .notify import Notifier
 
 EXIT_START = 2                 # unusable configuration or environment, found before serving
 EXIT_FAILURE = 1
 SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, REOPEN_SIGNAL}
 HELD = {RETIRE_SIGNAL}        # held in the supervisor so a new worker inherits it held
-RELOAD_FIXED = ("user", "group", "metrics")     # and `workers`, `bind`: a restart is needed
+RELOAD_FIXED = ("user", "group", "metrics", "log_file", "pid_file")   # and `workers`, `bind`
 HELPER_RESTART = 1.0           # seconds before a dead helper process is started again
 STOP_HELPERS = 5.0             # seconds a helper gets to exit on SIGTERM at the end
 
@@ -83,6 +84,11 @@ class Supervisor:
         self.metrics_dir = None
         self.counts = None
         self.healthy_count = -1
+        self.notifier = Notifier()           # systemd Type=notify (no-op without it)
+        os.environ.pop("NOTIFY_SOCKET", None)    # the supervisor speaks for its children
+        self.ready_due = True                # READY=1 once every slot's worker beats
+        self.reload_announced = False        # RELOADING=1 sent, READY=1 not yet
+        self.pid_written = None              # the pid_file this process wrote
 
     # --- start ------------------------------------------------------------------------------
 
@@ -136,6 +142,8 @@ class Supervisor:
             except OSError as exc:
                 raise StartError(f"gateway.metrics {config.metrics}: "
                                  f"{exc.strerror or exc}") from None
+        if config.pid_file:
+            self._write_pid_file(config.pid_file)
         from .listener_tls import build_tls
         try:
             self.tls = build_tls(config, self.base_log)
@@ -157,6 +165,42 @@ class Supervisor:
         self.log.event("supervisor_start", workers=self.n, pid=self.pid)
         for slot in range(self.n):
             self._spawn(slot)
+
+    def _write_pid_file(self, path: str) -> None:
+        """pid_file, written whole (a temporary file renamed over it) after binding, so that
+        `kill -USR1 $(cat …)` and systemd's PIDFile= find this process."""
+        tmp = f"{path}.{self.pid}.tmp"
+        try:
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{self.pid}\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StartError(f"gateway.pid_file {path}: {exc.strerror or exc}") from None
+        self.pid_written = path
+
+    def _remove_pid_file(self) -> None:
+        path, self.pid_written = self.pid_written, None
+        try:
+            with open(path, encoding="ascii") as f:
+                mine = f.read().strip() == str(self.pid)
+            if mine:                         # never another instance's file
+                os.unlink(path)
+        except (OSError, TypeError):
+            pass
+
+    def _notify_ready(self, healthy: int) -> None:
+        """READY=1 (with a STATUS= line) once every slot has a beating worker: at the start
+        and after a reload whose new generation serves."""
+        if self.ready_due and healthy >= self.n and not self.stopping:
+            self.ready_due = False
+            draining = sum(1 for w in self.workers.values() if w.retiring)
+            self.notifier.send(READY=1, STATUS=f"serving: {self.n} workers, generation "
+                                               f"{self.generation}, {draining} draining")
 
     def _bind_listeners(self) -> None:
         """The SO_REUSEPORT group of every listener, one socket per slot; StartError when an
@@ -256,6 +300,8 @@ class Supervisor:
             if self.metrics_dir is not None:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
                 self.metrics_dir = None
+            if self.pid_written is not None:
+                self._remove_pid_file()
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -367,6 +413,7 @@ class Supervisor:
         if self.metrics is not None and healthy != self.healthy_count:
             self.metrics.workers_healthy.set(healthy)
         self.healthy_count = healthy
+        self._notify_ready(healthy)
 
     def _vacate(self, info: WorkerInfo) -> None:
         """*info*'s worker is dead or dying: its slot has no worker until the next spawn."""
@@ -422,7 +469,11 @@ class Supervisor:
                 elif sig == signal.SIGHUP and not self.stopping:
                     self._reload()
                 elif sig == REOPEN_SIGNAL:
-                    # logrotate moved the tracking log away: every worker reopens it (§9)
+                    # logrotate moved the log files away: the supervisor reopens the event
+                    # log (log_file), every worker it and the tracking log (§9)
+                    reopen = getattr(self.base_log, "reopen", None)
+                    if reopen is not None:
+                        reopen()
                     self.log.event("reopen_logs", workers=len(self.workers))
                     for pid in list(self.workers):
                         _kill(pid, REOPEN_SIGNAL)
@@ -434,6 +485,7 @@ class Supervisor:
         close theirs as they stop accepting), so new clients are refused and try the next
         server instead of waiting in a queue nobody accepts from."""
         self.stopping = True
+        self.notifier.send(STOPPING=1, STATUS="stopping: draining sessions")
         if self.counts is not None:
             self._health_rules()
         self.reload_pending = False
@@ -452,9 +504,14 @@ class Supervisor:
     def _reload(self) -> None:
         """SIGHUP: re-read, check and apply the configuration (or refuse it, logged); the
         outcome is exported as gateway_config_last_reload_successful (and its timestamp)."""
+        if not self.reload_announced:        # once, also for a deferred reload
+            self.reload_announced = self.notifier.reloading("reloading the configuration")
         ok = self._try_reload()
         if ok is not None:
             self._reload_metrics(ok)
+            self.reload_announced = False
+            self.ready_due = True            # refused: at once; applied: once the new serve
+            self._notify_ready(self.healthy_count if not ok else 0)
 
     def _reload_metrics(self, ok: bool) -> None:
         if self.metrics is not None:

@@ -100,10 +100,11 @@ async def serve_worker(config, log, *, sockets, state, runtimes, interval: float
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         async with trio.open_nursery() as outer:
-            outer.start_soon(heartbeat, state.counts, state.row, interval)
             async with trio.open_nursery() as nursery:
                 gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
                                                       state=state, runtimes=runtimes))
+                # the first beat says "serving" (the supervisor's READY=1 waits for it)
+                outer.start_soon(heartbeat, state.counts, state.row, interval)
                 for sock in sockets:
                     sock.close()
                 await until_stopped(signals, gateway, state, log)

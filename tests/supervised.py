@@ -28,11 +28,11 @@ from harness import NEUTRAL_CWD, gateway_subprocess_env
 class GatewayProcess:
     """`gateway run` in a subprocess, with its log lines collected by a thread."""
 
-    def __init__(self, config_path, *args, tmpdir=None):
+    def __init__(self, config_path, *args, tmpdir=None, env=None):
         self.own_tmp = tmpdir is None
         self.tmpdir = str(tmpdir) if tmpdir is not None else tempfile.mkdtemp(prefix="gwrun-")
         os.chmod(self.tmpdir, 0o755)        # workers that drop to `user` reach the metrics dir
-        env = gateway_subprocess_env()
+        env = {**gateway_subprocess_env(), **(env or {})}
         env["TMPDIR"] = self.tmpdir
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],

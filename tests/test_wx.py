@@ -140,6 +140,7 @@ class Example:
         logs.mkdir()
         os.chmod(logs, 0o777)                     # the unprivileged run writes there too
         g["tracking_log"] = str(logs / "tracking.jsonl")
+        g["pid_file"] = str(logs / "gateway.pid")
         for key, value in (("user", user), ("group", group)):
             if value is None:
                 g.pop(key, None)

@@ -162,6 +162,8 @@ class GatewayConfig:
     group: str | None = None
     metrics: str = "127.0.0.1:9108"
     log_format: str = "logfmt"
+    log_file: str = ""                # "" stderr; a path; "syslog" or "syslog:/socket" (§9)
+    pid_file: str = ""                # written after binding, removed at exit (§9)
     tracking_log: str | None = None
     shutdown_grace: float = 30
     worker_timeout: float = 30        # heartbeat age after which a worker is replaced (§9)

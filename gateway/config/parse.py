@@ -43,7 +43,8 @@ LOG_FORMATS = ("logfmt", "json")
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
-                 "alert_interval", "spool_dir", "milter_memory", "worker_timeout")
+                 "alert_interval", "spool_dir", "milter_memory", "worker_timeout",
+                 "log_file", "pid_file")
 _CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
                   "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
@@ -90,6 +91,17 @@ def _parse_gateway(t: Table | None) -> dict:
         parse_hostport(metrics, t.p("metrics"), port_zero_ok=True)
     out["metrics"] = metrics
     out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
+    log_file = t.str("log_file", "", empty_ok=True)
+    if log_file and log_file != "syslog":
+        path = log_file[len("syslog:"):] if log_file.startswith("syslog:") else log_file
+        if not path.startswith("/"):
+            raise ConfigError(t.p("log_file"), f'"{log_file}" must be "", "syslog", '
+                                               f'"syslog:/path/of/socket" or an absolute path')
+    out["log_file"] = log_file
+    pid_file = t.str("pid_file", "", empty_ok=True)
+    if pid_file and not pid_file.startswith("/"):
+        raise ConfigError(t.p("pid_file"), f'"{pid_file}" must be an absolute path')
+    out["pid_file"] = pid_file
     out["tracking_log"] = t.str("tracking_log", None)
     out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
     out["worker_timeout"] = t.seconds("worker_timeout", 30.0)
