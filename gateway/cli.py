@@ -50,9 +50,17 @@ def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def _config_error(exc: ConfigError) -> int:
+def _config_error(exc: ConfigError, *, files: bool = False) -> int:
+    """Every error of the file, one line each; with *files*, the file checks of what could
+    be read too (certificates, keys, CA files, user, group), so a wrong value does not hide
+    a missing certificate (SPEC §12)."""
     for err in getattr(exc, "errors", None) or [exc]:      # ConfigErrors: one line each
         _error(f"{err.path}: {err.message}" if err.path else err.message)
+    partial = getattr(exc, "partial", None)
+    if files and partial is not None:
+        from .config import check_files
+        for problem in check_files(partial):
+            _error(problem)
     return EXIT_CONFIG
 
 
@@ -65,7 +73,7 @@ def summary_table(config) -> str:
     from .config import format_hostport
 
     header = ("NAME", "TYPE", "BIND", "PROTOCOL", "TLS/CLIENT", "MAX CONN", "BACKLOG",
-              "UPSTREAM", "UPSTREAM TLS", "RULES")
+              "UPSTREAM", "UPSTREAM TLS", "RULES", "MILTERS")
     rows = [header]
     for lst in config.listeners:
         up = lst.upstream
@@ -76,6 +84,7 @@ def summary_table(config) -> str:
             lst.name, lst.type, format_hostport(lst.host, lst.port), lst.protocol,
             f"{lst.tls}/{lst.client_tls}", str(lst.max_connections), str(lst.backlog),
             format_hostport(up.host, up.port), f"{up.mode}/{up.tls}", rules,
+            ",".join(m.name for m in lst.milters) or "-",
         ))
     return _table(rows)
 
@@ -192,7 +201,7 @@ def cmd_check(args) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        return _config_error(exc)
+        return _config_error(exc, files=not args.syntax_only)
     for warning in [*config.warnings, *shadowed_warnings(config), *wx_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_table(config))
@@ -226,7 +235,7 @@ def cmd_run(args) -> int:
     try:
         config = demo_config() if args.demo else load_config(args.config)
     except ConfigError as exc:
-        return _config_error(exc)
+        return _config_error(exc, files=True)
     if args.single_process:
         config = dataclasses.replace(config, workers=1, single_process=True)
     elif args.workers is not None:
@@ -409,11 +418,11 @@ def cmd_status(args) -> int:
     from . import status
     url = args.url
     if url is None and args.config:
-        from .config import load_config
-        try:
-            metrics = load_config(args.config).metrics
-        except ConfigError as exc:
-            return _config_error(exc)
+        # only the metrics address is read from the file, so that status works while the
+        # rest of it is broken (SPEC §11); a file that is not TOML: the default, warned
+        metrics = _metrics_address(args.config)
+        if metrics is None:
+            return EXIT_CONFIG
         if not metrics:
             _error(f"{args.config}: gateway.metrics is off: no status endpoint")
             return EXIT_CONFIG
@@ -425,6 +434,37 @@ def cmd_status(args) -> int:
         return EXIT_FAILURE
     print(json.dumps(data, indent=2) if args.json else status.format_table(data))
     return EXIT_OK
+
+
+def _metrics_address(path: str) -> str | None:
+    """gateway.metrics of the file at *path*, read alone (its default when absent or when the
+    file is not TOML, with a warning); None after an error line (unreadable, or a value that
+    is not an address)."""
+    import tomllib
+
+    from .config import parse_hostport
+    default = "127.0.0.1:9108"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        _error(f"{path}: cannot read the file: {exc.strerror or exc}")
+        return None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        print(f"warning: {path} is not valid TOML ({exc}); trying the default metrics "
+              f"address {default}", file=sys.stderr)
+        return default
+    section = data.get("gateway", {})
+    value = section.get("metrics", default) if isinstance(section, dict) else default
+    if not isinstance(value, str):
+        _error("gateway.metrics: expected a string")
+        return None
+    if value:
+        try:
+            parse_hostport(value, "gateway.metrics", port_zero_ok=True)
+        except ConfigError as exc:
+            return _config_error(exc) and None
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,11 +70,38 @@ def test_every_unknown_key_of_a_table_and_every_bad_rule():
         {"recipient": "a@b.example"}, {"sender": "ok.example"},
         {"recipient_encryption": "sometimes"}],
         client_rules=[{"match": "192.0.2.0/24"}, {"match": "10.0.0.1/8", "client_tls": "none"}])
-    assert paths_of(data) == ["listeners[0].max_conn", "listeners[0].backlg"]
+    # the unknown keys, and the listener's other errors beside them (SPEC §12: all at once)
+    rule_errors = ["listeners[0].client_rules[0]", "listeners[0].client_rules[1].match",
+                   "listeners[0].rules[0].recipient",
+                   "listeners[0].rules[2].recipient_encryption"]
+    assert paths_of(data) == ["listeners[0].max_conn", "listeners[0].backlg", *rule_errors]
     del data["listeners"][0]["max_conn"], data["listeners"][0]["backlg"]
-    assert paths_of(data) == ["listeners[0].client_rules[0]", "listeners[0].client_rules[1].match",
-                              "listeners[0].rules[0].recipient",
-                              "listeners[0].rules[2].recipient_encryption"]
+    assert paths_of(data) == rule_errors
+
+
+def test_every_wrong_key_of_one_listener_is_reported_at_once():
+    """Three wrong values in one listener, an unknown profile beside an unknown certificate,
+    a wrong upstream key and timeout: each is its own line (they used to hide behind the
+    first)."""
+    data = base()
+    data["listeners"][0].update(max_connections=0, backlog="many", bare_newline="keep",
+                                certificate="nope", profile="nope2",
+                                timeouts={"command": -1, "data": "x"})
+    data["listeners"][0]["upstream"].update(pool_size=-1, mode="sometimes")
+    assert paths_of(data) == [
+        "listeners[0].certificate", "listeners[0].profile", "listeners[0].timeouts.command",
+        "listeners[0].timeouts.data", "listeners[0].upstream.mode",
+        "listeners[0].upstream.pool_size", "listeners[0].max_connections",
+        "listeners[0].backlog", "listeners[0].bare_newline"]
+
+
+def test_every_wrong_key_of_the_gateway_section_is_reported_at_once():
+    data = base()
+    data["gateway"] = {"workers": -1, "hostname": "bad host", "shutdown_grace": "long",
+                       "spool_dir": "relative", "log_format": "xml", "metrics": "nowhere"}
+    assert paths_of(data) == ["gateway.hostname", "gateway.workers", "gateway.metrics",
+                              "gateway.log_format", "gateway.shutdown_grace",
+                              "gateway.spool_dir"]
 
 
 def test_a_profile_in_error_is_reported_once():

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 import socket
+from types import SimpleNamespace
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -73,54 +74,81 @@ _ADDRESS_RE = re.compile(r"[^\s@<>]{1,64}@[A-Za-z0-9_.-]{1,253}\Z")
 # Sections
 
 
-def _parse_gateway(t: Table | None) -> dict:
+def _parse_gateway(t: Table | None, errors: Collector) -> dict:
+    """[gateway]: each key read on its own (an error is recorded in *errors* and the default
+    stands in for it), so every wrong key of the section is reported at once."""
     if t is None:
         return {"hostname": socket.getfqdn()}
+    v = errors.value
     out: dict[str, Any] = {}
-    hostname = t.str("hostname", None)
-    if hostname is None:
-        hostname = socket.getfqdn()
-    elif not HOSTNAME_RE.match(hostname):
-        raise ConfigError(t.p("hostname"), f'"{hostname}" is not a valid host name')
-    out["hostname"] = hostname
-    out["workers"] = t.int("workers", 0, minimum=0)
-    out["user"] = t.str("user", None)
-    out["group"] = t.str("group", None)
-    metrics = t.str("metrics", "127.0.0.1:9108", empty_ok=True)
-    if metrics:
-        parse_hostport(metrics, t.p("metrics"), port_zero_ok=True)
-    out["metrics"] = metrics
-    out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
-    log_file = t.str("log_file", "", empty_ok=True)
-    if log_file and log_file != "syslog":
-        path = log_file[len("syslog:"):] if log_file.startswith("syslog:") else log_file
+
+    def hostname() -> str:
+        name = t.str("hostname", None)
+        if name is None:
+            return socket.getfqdn()
+        if not HOSTNAME_RE.match(name):
+            raise ConfigError(t.p("hostname"), f'"{name}" is not a valid host name')
+        return name
+
+    def metrics() -> str:
+        value = t.str("metrics", "127.0.0.1:9108", empty_ok=True)
+        if value:
+            parse_hostport(value, t.p("metrics"), port_zero_ok=True)
+        return value
+
+    def alert_recipients() -> tuple[str, ...]:
+        recipients = t.str_list("alert_recipients", [])
+        for i, addr in enumerate(recipients):
+            if not _ADDRESS_RE.match(addr):
+                raise ConfigError(f"{t.p('alert_recipients')}[{i}]",
+                                  f'"{addr}" is not an e-mail address (local@domain)')
+        return tuple(recipients)
+
+    def alert_sender() -> str | None:
+        sender = t.str("alert_sender", None)
+        if sender is not None and not _ADDRESS_RE.match(sender):
+            raise ConfigError(t.p("alert_sender"), f'"{sender}" is not an e-mail address')
+        return sender
+
+    def absolute(key: str, default: str) -> str:
+        path = t.str(key, default)
         if not path.startswith("/"):
-            raise ConfigError(t.p("log_file"), f'"{log_file}" must be "", "syslog", '
-                                               f'"syslog:/path/of/socket" or an absolute path')
-    out["log_file"] = log_file
-    pid_file = t.str("pid_file", "", empty_ok=True)
-    if pid_file and not pid_file.startswith("/"):
-        raise ConfigError(t.p("pid_file"), f'"{pid_file}" must be an absolute path')
-    out["pid_file"] = pid_file
-    out["tracking_log"] = t.str("tracking_log", None)
-    out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
-    out["worker_timeout"] = t.seconds("worker_timeout", 30.0)
-    recipients = t.str_list("alert_recipients", [])
-    for i, addr in enumerate(recipients):
-        if not _ADDRESS_RE.match(addr):
-            raise ConfigError(f"{t.p('alert_recipients')}[{i}]",
-                              f'"{addr}" is not an e-mail address (local@domain)')
-    out["alert_recipients"] = tuple(recipients)
-    sender = t.str("alert_sender", None)
-    if sender is not None and not _ADDRESS_RE.match(sender):
-        raise ConfigError(t.p("alert_sender"), f'"{sender}" is not an e-mail address')
-    out["alert_sender"] = sender
-    out["alert_interval"] = t.seconds("alert_interval", 3600.0)
-    spool_dir = t.str("spool_dir", "/var/lib/gateway/spool")
-    if not spool_dir.startswith("/"):
-        raise ConfigError(t.p("spool_dir"), f'"{spool_dir}" must be an absolute path')
-    out["spool_dir"] = spool_dir
-    out["milter_memory"] = t.int("milter_memory", 1048576, minimum=0)
+            raise ConfigError(t.p(key), f'"{path}" must be an absolute path')
+        return path
+
+    def log_file() -> str:
+        value = t.str("log_file", "", empty_ok=True)
+        if value and value != "syslog":
+            path = value[len("syslog:"):] if value.startswith("syslog:") else value
+            if not path.startswith("/"):
+                raise ConfigError(t.p("log_file"), f'"{value}" must be "", "syslog", '
+                                                   f'"syslog:/path/of/socket" or an absolute '
+                                                   f'path')
+        return value
+
+    def pid_file() -> str:
+        value = t.str("pid_file", "", empty_ok=True)
+        if value and not value.startswith("/"):
+            raise ConfigError(t.p("pid_file"), f'"{value}" must be an absolute path')
+        return value
+
+    out["hostname"] = v(hostname, fallback="localhost")
+    out["workers"] = v(t.int, "workers", 0, minimum=0, fallback=0)
+    out["user"] = v(t.str, "user", None)
+    out["group"] = v(t.str, "group", None)
+    out["metrics"] = v(metrics, fallback="")
+    out["log_format"] = v(t.str, "log_format", "logfmt", choices=LOG_FORMATS, fallback="logfmt")
+    out["log_file"] = v(log_file, fallback="")
+    out["pid_file"] = v(pid_file, fallback="")
+    out["tracking_log"] = v(t.str, "tracking_log", None)
+    out["shutdown_grace"] = v(t.seconds, "shutdown_grace", 30.0, zero_ok=True, fallback=30.0)
+    out["worker_timeout"] = v(t.seconds, "worker_timeout", 30.0, fallback=30.0)
+    out["alert_recipients"] = v(alert_recipients, fallback=())
+    out["alert_sender"] = v(alert_sender)
+    out["alert_interval"] = v(t.seconds, "alert_interval", 3600.0, fallback=3600.0)
+    out["spool_dir"] = v(absolute, "spool_dir", "/var/lib/gateway/spool",
+                         fallback="/var/lib/gateway/spool")
+    out["milter_memory"] = v(t.int, "milter_memory", 1048576, minimum=0, fallback=1048576)
     return out
 
 
@@ -189,46 +217,43 @@ def _has_ca(profile: Profile) -> bool:
     return bool(profile.ca_file or profile.ca_path)
 
 
-def _parse_upstream(t: Table, certificates, profiles) -> Upstream:
-    host, port = parse_hostport(t.raw("address"), t.p("address"))
-    mode = t.str("mode", "starttls", choices=UPSTREAM_MODES)
-    level = t.choice("tls", UpstreamLevel, UpstreamLevel.PREFERRED)
-    server_name = t.str("server_name", None)
-    if server_name is not None and not HOSTNAME_RE.match(server_name):
-        raise ConfigError(t.p("server_name"), f'"{server_name}" is not a valid host name')
-    profile = _ref(t, "profile", profiles, "TLS profile", "default")
-    certificate = _ref(t, "certificate", certificates, "certificate", None)
+def _parse_upstream(t: Table, certificates, profiles, errors: Collector) -> Upstream:
+    """[listeners.upstream]: each key on its own (errors recorded in *errors*, a harmless
+    default standing in), then the checks between keys on what could be read."""
+    v = errors.value
+    host, port = v(lambda: parse_hostport(t.raw("address"), t.p("address")),
+                   fallback=("", 0))
+    mode = v(t.str, "mode", "starttls", choices=UPSTREAM_MODES, fallback="starttls")
+    level = v(t.choice, "tls", UpstreamLevel, UpstreamLevel.PREFERRED,
+              fallback=UpstreamLevel.PREFERRED)
+
+    def server_name_of() -> str | None:
+        name = t.str("server_name", None)
+        if name is not None and not HOSTNAME_RE.match(name):
+            raise ConfigError(t.p("server_name"), f'"{name}" is not a valid host name')
+        return name
+
+    server_name = v(server_name_of)
+    profile = v(_ref, t, "profile", profiles, "TLS profile", "default", fallback="default")
+    certificate = v(_ref, t, "certificate", certificates, "certificate", None)
     if mode == "implicit" and level is UpstreamLevel.NONE:
-        raise ConfigError(t.p("tls"), 'mode = "implicit" always uses TLS; '
-                                      'tls = "none" contradicts it')
-    if level is UpstreamLevel.VERIFY and server_name is None and is_ip(host):
-        raise ConfigError(t.p("tls"), f'"verify" to the IP address {host} needs server_name '
-                                      "(the name to verify the certificate against)")
-    pool_size = t.int("pool_size", 16, minimum=0, maximum=10000)
-    pool_idle = t.seconds("pool_idle", 5.0)
-    pool_max_reuse = t.int("pool_max_reuse", 100, minimum=1)
-    plaintext_auth = t.bool("plaintext_auth", False)
+        errors.errors.append(ConfigError(t.p("tls"), 'mode = "implicit" always uses TLS; '
+                                                     'tls = "none" contradicts it'))
+    if level is UpstreamLevel.VERIFY and server_name is None and host and is_ip(host):
+        errors.errors.append(ConfigError(
+            t.p("tls"), f'"verify" to the IP address {host} needs server_name '
+                        "(the name to verify the certificate against)"))
     return Upstream(host=host, port=port, mode=mode, tls=level, server_name=server_name,
-                    profile=profile, certificate=certificate, pool_size=pool_size,
-                    pool_idle=pool_idle, pool_max_reuse=pool_max_reuse,
-                    plaintext_auth=plaintext_auth)
+                    profile=profile, certificate=certificate,
+                    pool_size=v(t.int, "pool_size", 16, minimum=0, maximum=10000, fallback=16),
+                    pool_idle=v(t.seconds, "pool_idle", 5.0, fallback=5.0),
+                    pool_max_reuse=v(t.int, "pool_max_reuse", 100, minimum=1, fallback=100),
+                    plaintext_auth=v(t.bool, "plaintext_auth", False, fallback=False))
 
 
-def _parse_listener(t: Table, index: int, certificates, profiles,
-                    warnings: list[str]) -> Listener:
-    name = t.str("name")
-    if not NAME_RE.match(name):
-        raise ConfigError(t.p("name"), f'"{name}" may contain only letters, digits, '
-                                       '".", "_" and "-"')
-    protocol = t.str("protocol", "smtp", choices=PROTOCOLS)
-    ltype = t.str("type", "public", choices=LISTENER_TYPES)
-    host, port = parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True)
-    mode = t.str("tls", "starttls", choices=LISTENER_TLS)
-    certificate = _ref(t, "certificate", certificates, "certificate", None)
-    several = _certificate_list(t, certificates)
-    profile_name = _ref(t, "profile", profiles, "TLS profile", "default")
-    profile = profiles[profile_name]
-
+def _client_level(t: Table, mode: str, profile: Profile | None,
+                  profile_name: str) -> ClientLevel:
+    """client_tls with its listener's TLS mode (§2): the default and what is impossible."""
     level = t.choice("client_tls", ClientLevel, None)
     if mode == "implicit":
         if level is ClientLevel.NONE:
@@ -243,25 +268,13 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         level = level or ClientLevel.NONE
     else:
         level = level or ClientLevel.OPTIONAL
-    if level is ClientLevel.VERIFY and not _has_ca(profile):
+    if level is ClientLevel.VERIFY and profile is not None and not _has_ca(profile):
         raise ConfigError(t.p("client_tls"), f'"verify" needs a profile with ca_file or '
                                              f'ca_path; profile "{profile_name}" has neither')
+    return level
 
-    esmtp = t.bool("esmtp", True)
-    if protocol == "smtp" and mode == "starttls" and not esmtp:
-        if level.requires_tls:
-            raise ConfigError(t.p("esmtp"), f'esmtp = false offers no STARTTLS, so '
-                                            f'client_tls = "{level}" could never be met')
-        if level is ClientLevel.OPTIONAL:
-            warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
 
-    auth = t.str("auth", "off", choices=AUTH_MODES)
-    if auth != "off" and not level.offers_tls:
-        raise ConfigError(t.p("auth"), f'auth = "{auth}" needs TLS; this listener\'s '
-                                       'client_tls is "none"')
-    if auth != "off" and protocol != "smtp":
-        raise ConfigError(t.p("auth"), "applies to SMTP listeners only (IMAP relays its "
-                                       "LOGIN/AUTHENTICATE already)")
+def _auth_mechanisms(t: Table, auth: str) -> tuple[str, ...]:
     mechanisms = t.str_list("auth_mechanisms", ["PLAIN", "LOGIN"])
     mechs = []
     for i, mech in enumerate(mechanisms):
@@ -275,82 +288,147 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         mechs.append(mech.upper())
     if auth != "off" and not mechs:
         raise ConfigError(t.p("auth_mechanisms"), "must name at least one mechanism")
+    return tuple(mechs)
 
-    proxy_protocol = t.bool("proxy_protocol", False)
-    trusted = tuple(parse_network(v, f"{t.p('trusted_proxies')}[{i}]")
-                    for i, v in enumerate(t.str_list("trusted_proxies", [])))
-    if proxy_protocol and not trusted:
-        raise ConfigError(t.p("trusted_proxies"), "proxy_protocol = true needs the addresses "
-                                                  "of the proxies in trusted_proxies")
 
-    timeouts_t = t.table("timeouts", _TIMEOUT_KEYS)
+def _timeouts(t: Table, errors: Collector) -> Timeouts:
+    timeouts_t = errors.value(t.table, "timeouts", _TIMEOUT_KEYS, errors)
     timeouts = Timeouts()
-    if timeouts_t is not None:
-        timeouts = Timeouts(**{
-            k: (timeouts_t.int(k, 1024, minimum=0) if k == "data_min_rate"
-                else timeouts_t.seconds(k, getattr(timeouts, k)))
-            for k in _TIMEOUT_KEYS})
+    if timeouts_t is None:
+        return timeouts
+    return Timeouts(**{
+        k: errors.value(timeouts_t.int, k, 1024, minimum=0, fallback=1024)
+        if k == "data_min_rate" else
+        errors.value(timeouts_t.seconds, k, getattr(timeouts, k), fallback=getattr(timeouts, k))
+        for k in _TIMEOUT_KEYS})
 
+
+def _parse_listener(t: Table, index: int, certificates, profiles,
+                    warnings: list[str]) -> Listener:
+    """One [[listeners]] table. Every key is read on its own and every check between keys
+    runs on what could be read (a wrong value stands in as a harmless default), so all of a
+    listener's errors are reported at once (SPEC §12); then they are raised together."""
+    errors = Collector()
+    v = errors.value
+
+    def name_of() -> str:
+        name = t.str("name")
+        if not NAME_RE.match(name):
+            raise ConfigError(t.p("name"), f'"{name}" may contain only letters, digits, '
+                                           '".", "_" and "-"')
+        return name
+
+    name = v(name_of, fallback=f"listeners[{index}]")
+    protocol = v(t.str, "protocol", "smtp", choices=PROTOCOLS, fallback="smtp")
+    ltype = v(t.str, "type", "public", choices=LISTENER_TYPES, fallback="public")
+    host, port = v(lambda: parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True),
+                   fallback=("", 0))
+    mode = v(t.str, "tls", "starttls", choices=LISTENER_TLS, fallback="starttls")
+    certificate = v(_ref, t, "certificate", certificates, "certificate", None)
+    several = v(_certificate_list, t, certificates, fallback=())
+    profile_name = v(_ref, t, "profile", profiles, "TLS profile", "default")
+    profile = profiles.get(profile_name) if profile_name is not None else None
+    level = v(_client_level, t, mode, profile, profile_name,
+              fallback=ClientLevel.REQUIRED if mode == "implicit" else ClientLevel.OPTIONAL)
+
+    esmtp = v(t.bool, "esmtp", True, fallback=True)
+    if protocol == "smtp" and mode == "starttls" and not esmtp:
+        if level.requires_tls:
+            errors.errors.append(ConfigError(
+                t.p("esmtp"), f'esmtp = false offers no STARTTLS, so client_tls = "{level}" '
+                              f'could never be met'))
+        if level is ClientLevel.OPTIONAL:
+            warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
+
+    auth = v(t.str, "auth", "off", choices=AUTH_MODES, fallback="off")
+    if auth != "off" and not level.offers_tls:
+        errors.errors.append(ConfigError(t.p("auth"), f'auth = "{auth}" needs TLS; this '
+                                                      'listener\'s client_tls is "none"'))
+    if auth != "off" and protocol != "smtp":
+        errors.errors.append(ConfigError(t.p("auth"), "applies to SMTP listeners only (IMAP "
+                                                      "relays its LOGIN/AUTHENTICATE already)"))
+    mechs = v(_auth_mechanisms, t, auth, fallback=("PLAIN",))
+
+    proxy_protocol = v(t.bool, "proxy_protocol", False, fallback=False)
+    trusted = v(lambda: tuple(parse_network(n, f"{t.p('trusted_proxies')}[{i}]")
+                              for i, n in enumerate(t.str_list("trusted_proxies", []))),
+                fallback=None)
+    if proxy_protocol and trusted == ():
+        errors.errors.append(ConfigError(
+            t.p("trusted_proxies"), "proxy_protocol = true needs the addresses of the proxies "
+                                    "in trusted_proxies"))
+    timeouts = _timeouts(t, errors)
+
+    upstream = None
     if not t.has("upstream"):
-        raise ConfigError(t.p("upstream"), "is required ([listeners.upstream] with address)")
-    upstream = _parse_upstream(t.table("upstream", _UPSTREAM_KEYS), certificates, profiles)
-    if port and upstream.port == port and _same_host(host, upstream.host):
-        raise ConfigError(f"{t.p('upstream')}.address",
-                          f"{format_hostport(upstream.host, upstream.port)} is this listener's "
-                          f"own bind address {format_hostport(host, port)} (the gateway would "
-                          "relay to itself)")
-    if auth != "off" and not upstream.tls.requires_tls:
+        errors.errors.append(ConfigError(t.p("upstream"), "is required ([listeners.upstream] "
+                                                          "with address)"))
+    else:
+        upstream_t = v(t.table, "upstream", _UPSTREAM_KEYS, errors)
+        if upstream_t is not None:
+            upstream = _parse_upstream(upstream_t, certificates, profiles, errors)
+    if upstream is not None and port and upstream.port == port \
+            and _same_host(host, upstream.host):
+        errors.errors.append(ConfigError(
+            f"{t.p('upstream')}.address",
+            f"{format_hostport(upstream.host, upstream.port)} is this listener's own bind "
+            f"address {format_hostport(host, port)} (the gateway would relay to itself)"))
+    if upstream is not None and auth != "off" and not upstream.tls.requires_tls:
         # credentials cross only a TLS leg, unless the operator says the link is safe
         if not upstream.plaintext_auth:
-            raise ConfigError(f"{t.p('upstream')}.tls",
-                              f'auth = "{auth}" sends credentials upstream: tls must be '
-                              f'"required" or "verify" (or set upstream.plaintext_auth = true '
-                              f'for a link protected otherwise), not "{upstream.tls}"')
-        warnings.append(f"{t.path}: upstream.plaintext_auth = true: AUTH credentials may "
-                        f"cross the upstream link in plaintext")
+            errors.errors.append(ConfigError(
+                f"{t.p('upstream')}.tls",
+                f'auth = "{auth}" sends credentials upstream: tls must be "required" or '
+                f'"verify" (or set upstream.plaintext_auth = true for a link protected '
+                f'otherwise), not "{upstream.tls}"'))
+        else:
+            warnings.append(f"{t.path}: upstream.plaintext_auth = true: AUTH credentials may "
+                            f"cross the upstream link in plaintext")
 
-    errors = Collector()                  # the rules are checked independently
-    client_rules = [errors.attempt(_parse_client_rule, rt, mode, level, protocol, profile,
-                                   profile_name)
-                    for rt in t.tables("client_rules", _CLIENT_RULE_KEYS, errors)]
-
-    rule_tables = t.tables("rules", _RULE_KEYS, errors)
+    client_rules = []
+    if profile is not None:               # rules narrow the profile: checked against it
+        client_rules = [errors.attempt(_parse_client_rule, rt, mode, level, protocol, profile,
+                                       profile_name)
+                        for rt in v(t.tables, "client_rules", _CLIENT_RULE_KEYS, errors,
+                                    fallback=[])]
+    rule_tables = v(t.tables, "rules", _RULE_KEYS, errors, fallback=[])
     if t.data.get("rules") and protocol != "smtp":
-        raise ConfigError(t.p("rules"), "encryption rules apply to SMTP listeners only")
-    rules = [errors.attempt(_parse_rule, rt, upstream) for rt in rule_tables]
-
-    pregreet_wait = errors.attempt(_pregreet_wait, t, protocol, mode) or 0.0
-
-    milters = errors.attempt(_parse_milters, t, protocol) or ()
+        errors.errors.append(ConfigError(t.p("rules"), "encryption rules apply to SMTP "
+                                                       "listeners only"))
+    rules = [errors.attempt(_parse_rule, rt, upstream) for rt in rule_tables] \
+        if upstream is not None else []
+    pregreet_wait = v(_pregreet_wait, t, protocol, mode, fallback=0.0)
+    milters = v(_parse_milters, t, protocol, fallback=())
 
     if certificate is None and not several and (
             mode == "implicit" or (mode == "starttls" and level.offers_tls)):
         warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
                         "will be generated (insecure)")
 
-    listener = errors.attempt(lambda: Listener(
+    fields = dict(
+        max_connections=v(t.int, "max_connections", 1000, minimum=1, fallback=1000),
+        max_connections_per_ip=v(t.int, "max_connections_per_ip", 50, minimum=0, fallback=50),
+        per_ip_ipv6_prefix=v(t.int, "per_ip_ipv6_prefix", 64, minimum=16, maximum=128,
+                             fallback=64),
+        backlog=v(t.int, "backlog", 50, minimum=1, fallback=50),
+        max_message_size=v(t.int, "max_message_size", 52428800, minimum=1,
+                           fallback=52428800),
+        bare_newline=v(t.str, "bare_newline", "reject", choices=BARE_NEWLINE,
+                       fallback="reject"),
+        max_recipients=v(t.int, "max_recipients", 1000, minimum=1, fallback=1000),
+        received_header=v(t.bool, "received_header", True, fallback=True),
+        forward_client=v(t.bool, "forward_client", False, fallback=False),
+        smtputf8=v(t.bool, "smtputf8", True, fallback=True),
+        dsn=v(t.bool, "dsn", False, fallback=False),
+    )
+    errors.raise_all()
+    return Listener(
         name=name, protocol=protocol, host=host, port=port, upstream=upstream, type=ltype,
         tls=mode, client_tls=level, certificate=certificate, certificates=several,
-        profile=profile_name,
-        max_connections=t.int("max_connections", 1000, minimum=1),
-        max_connections_per_ip=t.int("max_connections_per_ip", 50, minimum=0),
-        per_ip_ipv6_prefix=t.int("per_ip_ipv6_prefix", 64, minimum=16, maximum=128),
-        backlog=t.int("backlog", 50, minimum=1),
-        esmtp=esmtp,
-        max_message_size=t.int("max_message_size", 52428800, minimum=1),
-        bare_newline=t.str("bare_newline", "reject", choices=BARE_NEWLINE),
-        proxy_protocol=proxy_protocol, trusted_proxies=trusted,
-        max_recipients=t.int("max_recipients", 1000, minimum=1),
-        received_header=t.bool("received_header", True),
-        forward_client=t.bool("forward_client", False),
-        smtputf8=t.bool("smtputf8", True),
-        dsn=t.bool("dsn", False),
-        auth=auth, auth_mechanisms=tuple(mechs), timeouts=timeouts,
+        profile=profile_name, esmtp=esmtp, proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted, auth=auth, auth_mechanisms=mechs, timeouts=timeouts,
         client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
-        milters=tuple(milters),
-    ))
-    errors.raise_all()
-    return listener
+        milters=tuple(milters), **fields)
 
 
 def _parse_milters(t: Table, protocol: str) -> tuple[Milter, ...]:
@@ -492,7 +570,8 @@ def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
     profile, certificate, listener and rule are checked independently)."""
     errors = Collector()
     top = Table(data, "", _TOP_KEYS)
-    gateway = errors.attempt(lambda: _parse_gateway(top.table("gateway", _GATEWAY_KEYS)))
+    gateway = errors.attempt(lambda: _parse_gateway(top.table("gateway", _GATEWAY_KEYS, errors),
+                                                    errors))
     certificates = errors.attempt(_parse_certificates, top, errors)
     if certificates is None:              # the section is not a table of tables
         certificates = {}
@@ -501,7 +580,8 @@ def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
         profiles = dict(PREDEFINED)
     warnings: list[str] = []
 
-    listener_tables = errors.attempt(top.tables, "listeners", _LISTENER_KEYS, errors) or []
+    listener_tables = errors.attempt(top.tables, "listeners", _LISTENER_KEYS, errors,
+                                     read_on=True) or []
     if top.data.get("listeners", []) == []:
         errors.attempt(_no_listener)
     listeners: list[tuple[int, Listener]] = []
@@ -525,7 +605,16 @@ def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
                              f'listeners[{binds[addr]}] ("{other}")'))
         binds.setdefault(addr, i)
         listeners.append((i, listener))
-    errors.raise_all()
+    try:
+        errors.raise_all()
+    except ConfigError as exc:
+        # what could be read, for the file checks (SPEC §12: a wrong value does not hide a
+        # missing certificate): check_files(exc.partial)
+        exc.partial = SimpleNamespace(
+            certificates={n: c for n, c in certificates.items() if c.cert},
+            profiles=profiles, user=(gateway or {}).get("user"),
+            group=(gateway or {}).get("group"), tracking_log=(gateway or {}).get("tracking_log"))
+        raise
     if gateway is None:                   # pragma: no cover - its error was raised above
         raise AssertionError("unreachable")
 

@@ -67,6 +67,15 @@ class Collector:
             self.errors.append(exc)
             return None
 
+    def value(self, fn, *args, fallback: Any = None, **kwargs) -> Any:
+        """fn(*args, **kwargs), or *fallback* after recording its ConfigError: one key read
+        on its own, so that a wrong value does not hide the errors of the keys after it."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return fallback
+
     def raise_all(self) -> None:
         raise_all(self.errors)
 
@@ -75,7 +84,10 @@ class Table:
     """One TOML table with its key path; rejects unknown keys on construction (every one of
     them, in one error)."""
 
-    def __init__(self, data: Any, path: str, allowed: tuple[str, ...], what: str = "a table"):
+    def __init__(self, data: Any, path: str, allowed: tuple[str, ...], what: str = "a table",
+                 errors: Collector | None = None):
+        """With *errors*, unknown keys are recorded there (and left unread) instead of
+        raised, so that the table's other keys are still checked."""
         if not isinstance(data, dict):
             raise ConfigError(path, f"expected {what}, got {describe(data)}")
         unknown = []
@@ -85,7 +97,10 @@ class Table:
                 extra = f'; did you mean "{hint[0]}"?' if hint else \
                     f" (known keys: {', '.join(allowed)})"
                 unknown.append(ConfigError(key_path(path, k), f'unknown key "{k}"{extra}'))
-        raise_all(unknown)
+        if errors is not None:
+            errors.errors.extend(unknown)
+        else:
+            raise_all(unknown)
         self.data = data
         self.path = path
         self.index: int | None = None       # its place in an array of tables (tables())
@@ -168,15 +183,18 @@ class Table:
                                   f"expected a string, got {describe(item)}")
         return value
 
-    def table(self, key: str, allowed: tuple[str, ...]) -> Table | None:
+    def table(self, key: str, allowed: tuple[str, ...],
+              errors: Collector | None = None) -> Table | None:
         if key not in self.data:
             return None
-        return Table(self.data[key], self.p(key), allowed)
+        return Table(self.data[key], self.p(key), allowed, errors=errors)
 
     def tables(self, key: str, allowed: tuple[str, ...],
-               errors: Collector | None = None) -> list[Table]:
+               errors: Collector | None = None, *, read_on: bool = False) -> list[Table]:
         """The array of tables *key*; with *errors*, a table that cannot be built (unknown
-        keys) is recorded there and left out, so the others are still checked."""
+        keys) is recorded there and left out, so the others are still checked — or, with
+        *read_on* (a listener: its other keys have errors of their own to report), kept
+        with its unknown keys recorded."""
         if key not in self.data:
             return []
         value = self.data[key]
@@ -189,7 +207,8 @@ class Table:
             if errors is None:
                 table = Table(item, f"{self.p(key)}[{i}]", allowed)
             else:
-                table = errors.attempt(Table, item, f"{self.p(key)}[{i}]", allowed)
+                table = errors.attempt(Table, item, f"{self.p(key)}[{i}]", allowed,
+                                       errors=errors if read_on else None)
                 if table is None:
                     continue
             table.index = i
