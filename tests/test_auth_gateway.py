@@ -4,8 +4,11 @@ the offer only over TLS, 538 before TLS, the relayed exchange, failures, the bou
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import re
 import smtplib
+import socket
 import ssl
 
 import trio
@@ -230,3 +233,300 @@ async def test_a_broken_authenticated_leg_ends_the_session_with_421(nursery):
     assert auth[0] == 235
     assert rcpt == (451, b"4.4.2 Upstream connection lost")
     assert closing == (421, b"4.4.2 Upstream connection lost")
+
+
+# --- a scripted SASL upstream that records what it received in which state ----------------
+
+class SaslUpstream:
+    """An SMTP server with AUTH PLAIN/LOGIN (no TLS: the gateway's leg says `plaintext_auth`)
+    that records every line it received with the state it was in: ``("sasl", line)`` for a
+    line read as a SASL response, ``("command", line)`` otherwise, per connection. Like
+    Postfix, a response that is not base64 ends the exchange with 501, and LOGIN's first
+    response (the user name) is taken as given. `messages` holds each message's data."""
+
+    def __init__(self, users: dict[str, str]):
+        self.users = users
+        self.connections: list[list[tuple[str, bytes]]] = []
+        self.messages: list[bytes] = []
+        self.closed = 0                    # connections over (the gateway closed or QUIT)
+        self.port = 0
+
+    async def serve(self, nursery) -> None:
+        listeners = await nursery.start(trio.serve_tcp, self._handle, 0)
+        self.port = listeners[0].socket.getsockname()[1]
+
+    def sasl_lines(self) -> list[bytes]:
+        return [line for conn in self.connections for state, line in conn if state == "sasl"]
+
+    def commands(self) -> list[bytes]:
+        return [line for conn in self.connections for state, line in conn
+                if state == "command"]
+
+    async def _handle(self, stream) -> None:
+        seen: list[tuple[str, bytes]] = []
+        self.connections.append(seen)
+        buf = bytearray()
+
+        async def line(state: str) -> bytes:
+            while b"\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise EOFError
+                buf.extend(data)
+            end = buf.index(b"\r\n")
+            got = bytes(buf[:end])
+            del buf[:end + 2]
+            seen.append((state, got))
+            return got
+
+        async def response(challenge: bytes) -> bytes | None:
+            await stream.send_all(b"334 " + challenge + b"\r\n")
+            got = await line("sasl")
+            return None if got == b"*" else got
+
+        async def auth(arg: bytes) -> bytes:
+            mech, _, initial = arg.partition(b" ")
+            mech = mech.upper()
+            try:
+                if mech == b"PLAIN":
+                    raw = initial or await response(b"")
+                    if raw is None:
+                        return b"501 5.7.0 Authentication aborted\r\n"
+                    _, user, password = base64.b64decode(raw, validate=True).split(b"\0")
+                elif mech == b"LOGIN":
+                    raw = initial or await response(b"VXNlcm5hbWU6")
+                    if raw is None:
+                        return b"501 5.7.0 Authentication aborted\r\n"
+                    user = raw                       # decoded below
+                    raw = await response(b"UGFzc3dvcmQ6")
+                    if raw is None:
+                        return b"501 5.7.0 Authentication aborted\r\n"
+                    user = base64.b64decode(user, validate=True)
+                    password = base64.b64decode(raw, validate=True)
+                else:
+                    return b"504 5.5.4 Unsupported mechanism\r\n"
+            except (ValueError, binascii.Error):
+                return b"501 5.5.2 Cannot decode response\r\n"
+            if self.users.get(user.decode()) == password.decode():
+                return b"235 2.7.0 Authentication successful\r\n"
+            return b"535 5.7.8 Error: authentication failed\r\n"
+
+        try:
+            await stream.send_all(b"220 up.test ESMTP\r\n")
+            while True:
+                cmd = await line("command")
+                verb, _, arg = cmd.partition(b" ")
+                verb = verb.upper()
+                if verb == b"EHLO":
+                    out = b"250-up.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"
+                elif verb == b"AUTH":
+                    out = await auth(arg)
+                elif verb == b"MAIL":
+                    out = b"250 2.1.0 Ok\r\n"
+                elif verb == b"RCPT":
+                    out = b"250 2.1.5 Ok\r\n"
+                elif verb == b"DATA":
+                    await stream.send_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    while b"\r\n.\r\n" not in buf:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            raise EOFError
+                        buf.extend(data)
+                    end = buf.index(b"\r\n.\r\n")
+                    self.messages.append(bytes(buf[:end + 2]))
+                    del buf[:end + 5]
+                    out = b"250 2.0.0 Ok: queued\r\n"
+                elif verb == b"QUIT":
+                    await stream.send_all(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    out = b"250 2.0.0 Ok\r\n"
+                await stream.send_all(out)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.closed += 1
+            await stream.aclose()
+
+
+class RawClient:
+    """A blocking TLS client that sends raw bytes and reads whole replies (code, text)."""
+
+    def __init__(self, port: int, *, timeout: float = 10):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE    # the demo certificate
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = ctx.wrap_socket(raw)
+        self.file = self.sock.makefile("rb")
+        assert self.reply()[0] == 220
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise EOFError("connection closed by the gateway")
+            lines.append(line.rstrip(b"\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(ln[4:] for ln in lines)
+
+    def send(self, data: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(data)
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _plain(user: str, password: str) -> bytes:
+    return base64.b64encode(f"\0{user}\0{password}".encode())
+
+
+def _sasl_config(up_port: int, **upstream) -> dict:
+    return config_dict([listener_dict(upstream_port=up_port, tls="implicit", auth="passthrough",
+                                      upstream={"tls": "none", "plaintext_auth": True,
+                                                **upstream})])
+
+
+async def _wait_for(predicate) -> None:
+    """Poll *predicate* (logs or the upstream's records) until true; the caller bounds it."""
+    while not predicate():
+        await trio.sleep(0.01)
+
+
+def _ordinary_session(port: int, n: int):
+    """EHLO, MAIL, RCPT, DATA over implicit TLS: every reply as the client got it."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=10) as s:
+        s.ehlo("client.test")
+        mail = s.mail("carol@client.test")
+        rcpt = s.rcpt(f"dave{n}@example.test")
+        try:
+            data = s.data(f"Subject: ordinary {n}\r\n\r\nhello {n}\r\n".encode())
+        except smtplib.SMTPDataError as exc:
+            data = (exc.smtp_code, exc.smtp_error)
+    return mail, rcpt, data
+
+
+def _abandon(port: int, how: str) -> list[tuple[int, bytes]]:
+    """Begin a SASL exchange, then go away without ending it."""
+    c = RawClient(port)
+    try:
+        got = [c.send(b"EHLO client.test\r\n")]
+        if how == "login":
+            got.append(c.send(b"AUTH LOGIN\r\n"))
+        elif how == "plain":
+            got.append(c.send(b"AUTH PLAIN\r\n"))
+        else:                                       # after the user name
+            got.append(c.send(b"AUTH LOGIN\r\n"))
+            got.append(c.send(base64.b64encode(USER.encode()) + b"\r\n"))
+        return got
+    finally:
+        c.close()
+
+
+async def test_an_abandoned_sasl_exchange_never_reaches_another_session(nursery):
+    """SPEC §4.6: a leg that carried any part of a SASL exchange is never pooled. With the
+    pool on, 8 exchanges abandoned after a 334 are followed by 6 ordinary sessions: each gets
+    its own 250s and its message through, and the upstream never reads a MAIL FROM (or any
+    command) as a SASL response."""
+    up = SaslUpstream({USER: PASSWORD})
+    await up.serve(nursery)
+    async with running_gateway(_sasl_config(up.port, pool_size=16)) as (gw, logs):
+        port = gw.addresses["smtp"][1]
+        with trio.fail_after(60):
+            hows = ["login", "plain", "user"] * 3
+            for i, how in enumerate(hows[:8]):
+                got = await in_thread(_abandon, port, how)
+                assert [code for code, _ in got][1:] == [334] * (len(got) - 1)
+                # the session is over at the gateway (its leg released) before the next
+                await _wait_for(lambda: len(logs.of("conn_close")) == i + 1)
+            ordinary = [await in_thread(_ordinary_session, port, n) for n in range(6)]
+            await _wait_for(lambda: up.closed >= 8)
+    for mail, rcpt, data in ordinary:
+        assert mail[0] == 250, mail
+        assert rcpt[0] == 250, rcpt
+        assert data[0] == 250, data
+    assert len(up.messages) == 6
+    assert all(f"hello {n}".encode() in m for n, m in enumerate(up.messages))
+    # nothing but base64 (or "*") was ever read as a SASL response
+    for line in up.sasl_lines():
+        assert not line.upper().startswith((b"MAIL", b"RCPT", b"DATA", b"RSET", b"EHLO")), line
+    # a connection that saw AUTH never carried a transaction
+    for conn in up.connections:
+        verbs = {line.split(b" ")[0].upper() for state, line in conn if state == "command"}
+        assert not ({b"AUTH"} <= verbs and verbs & {b"MAIL", b"RCPT"}), conn
+    assert [e["result"] for e in logs.of("auth")] == ["cancelled"] * 8
+
+
+BAD_RESPONSE = (501, b"5.5.2 Syntax error in SASL response")
+
+
+def _message(c: "RawClient", subject: str) -> tuple[int, bytes]:
+    for line in (b"MAIL FROM:<carol@client.test>\r\n", b"RCPT TO:<dave@example.test>\r\n",
+                 b"DATA\r\n"):
+        c.send(line)
+    return c.send(f"Subject: {subject}\r\n\r\nhello\r\n.\r\n".encode())
+
+
+def _bad_responses(port: int) -> list:
+    """Bare CR, NUL and bare LF in a response and in an initial response, each followed by
+    a successful AUTH and a message, or a message, in the same session."""
+    user = base64.b64encode(USER.encode())
+    out = []
+    for bad in (user[:4] + b"\r" + user[4:] + b"\r\n",         # bare CR
+                user[:4] + b"\0" + user[4:] + b"\r\n",         # NUL
+                user + b"\n"):                                 # a bare LF ends it
+        c = RawClient(port)
+        try:
+            c.send(b"EHLO client.test\r\n")
+            out.append(("response", c.send(b"AUTH LOGIN\r\n"), c.send(bad),
+                        c.send(b"AUTH PLAIN " + _plain(USER, PASSWORD) + b"\r\n"),
+                        _message(c, "authenticated")))
+        finally:
+            c.close()
+    plain = _plain(USER, PASSWORD)
+    for bad in (plain[:8] + b"\r" + plain[8:], plain[:8] + b"\0" + plain[8:]):
+        c = RawClient(port)
+        try:
+            c.send(b"EHLO client.test\r\n")
+            out.append(("initial", c.send(b"AUTH PLAIN " + bad + b"\r\n"),
+                        _message(c, "anonymous")))
+        finally:
+            c.close()
+    return out
+
+
+async def test_bare_cr_nul_or_lf_in_a_sasl_response_gets_501_and_the_session_goes_on(nursery):
+    """SPEC §4.6: `501 5.5.2 Syntax error in SASL response` from the gateway, nothing of the
+    line upstream, `*` ending the exchange in progress there, an `auth` event, and the
+    session goes on (a new AUTH succeeds; after a bad initial response mail still flows)."""
+    up = SaslUpstream({USER: PASSWORD})
+    await up.serve(nursery)
+    async with running_gateway(_sasl_config(up.port)) as (gw, logs):
+        port = gw.addresses["smtp"][1]
+        with trio.fail_after(60):
+            got = await in_thread(_bad_responses, port)
+            await _wait_for(lambda: len(logs.of("conn_close")) == 5)
+    for kind, first, bad, after, sent in got[:3]:
+        assert first[0] == 334
+        assert bad == BAD_RESPONSE
+        assert after[0] == 235                        # the session went on: AUTH again
+        assert sent[0] == 250
+    for kind, bad, sent in got[3:]:
+        assert bad == BAD_RESPONSE
+        assert sent[0] == 250
+    # the Received header names the protocol as Postfix does (§4.4): ESMTPSA after AUTH
+    by = re.compile(rb"by mx\.test \(mail-tls-gateway\) with (\S+) id ")
+    assert [by.findall(m) for m in up.messages] == [[b"ESMTPSA"]] * 3 + [[b"ESMTPS"]] * 2
+    # upstream: "*" ended each exchange in progress, and nothing of a bad line arrived
+    assert up.sasl_lines() == [b"*"] * 3
+    for line in up.commands():
+        assert b"\r" not in line and b"\0" not in line and b"YWxp" not in line
+    # the bad initial responses never went upstream: only the good AUTHs did
+    assert sorted(line for line in up.commands() if line.startswith(b"AUTH")) == (
+        [b"AUTH LOGIN"] * 3 + [b"AUTH PLAIN " + _plain(USER, PASSWORD)] * 3)
+    results = [(e["mechanism"], e["result"]) for e in logs.of("auth")]
+    assert results == [("LOGIN", "error"), ("PLAIN", "success")] * 3 + [("PLAIN", "error")] * 2

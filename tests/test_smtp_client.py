@@ -378,3 +378,89 @@ def test_client_xclient_and_reset_forget_extensions():
     _answer(c, b"220 go\r\n")
     c.reset()
     assert c.extensions == {}
+
+
+# --- a SASL exchange marks the connection for good (SPEC §4.6) --------------------------------
+
+def _ready() -> SMTPClient:
+    c = SMTPClient()
+    c.receive_data(b"220 up ESMTP\r\n")
+    assert c.next_reply().code == 220
+    c.command("EHLO gw")
+    c.data_to_send()
+    c.receive_data(b"250-up\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert c.next_reply().code == 250
+    return c
+
+
+def test_a_fresh_idle_client_is_reusable():
+    c = _ready()
+    assert c.reusable and not c.sasl_used and not c.in_sasl
+
+
+@pytest.mark.parametrize("final", [b"235 2.7.0 Authentication successful\r\n",
+                                   b"535 5.7.8 Error: authentication failed\r\n",
+                                   b"501 5.7.0 Authentication aborted\r\n"])
+def test_any_sasl_exchange_makes_the_client_unfit_for_reuse(final):
+    c = _ready()
+    c.auth("LOGIN")
+    assert c.data_to_send() == b"AUTH LOGIN\r\n"
+    assert c.in_sasl and c.sasl_used and not c.reusable      # awaiting the first reply
+    c.receive_data(b"334 VXNlcm5hbWU6\r\n")
+    assert c.next_reply().code == 334
+    assert c.in_sasl and not c.reusable
+    with pytest.raises(ProtocolError):
+        c.command("MAIL FROM:<a@b>")           # never a command inside an exchange
+    with pytest.raises(ProtocolError):
+        c.command("QUIT")
+    c.auth_response("YWxpY2U=")
+    assert c.data_to_send() == b"YWxpY2U=\r\n"
+    c.receive_data(final)
+    reply = c.next_reply()
+    assert not c.in_sasl                        # over, whatever the outcome ...
+    assert c.sasl_used and not c.reusable       # ... and the connection stays marked
+    assert c.authenticated == (reply.code == 235)
+    c.command("QUIT")                           # commands again once it is over
+
+
+def test_an_auth_command_sent_as_a_plain_command_counts_too():
+    c = _ready()
+    c.command("AUTH PLAIN AGFAYgBj")
+    assert c.in_sasl and c.sasl_used and not c.reusable
+
+
+@pytest.mark.parametrize("bad", ["a\rb", "a\nb", "a\0b"])
+def test_a_sasl_response_never_carries_cr_lf_or_nul(bad):
+    c = _ready()
+    c.auth("PLAIN")
+    c.data_to_send()
+    c.receive_data(b"334 \r\n")
+    c.next_reply()
+    with pytest.raises(ValueError):
+        c.auth_response(bad)
+    assert c.data_to_send() == b""
+
+
+def test_a_response_outside_an_exchange_or_before_the_334_is_refused():
+    c = _ready()
+    with pytest.raises(ProtocolError):
+        c.auth_response("YWxpY2U=")
+    c.auth("LOGIN")
+    with pytest.raises(ProtocolError):
+        c.auth_response("YWxpY2U=")             # the 334 has not been read yet
+
+
+def test_reusable_needs_the_idle_command_state():
+    c = _ready()
+    c.mail("a@b", {})
+    assert not c.reusable                       # queued, unsent
+    c.data_to_send()
+    assert not c.reusable                       # awaiting the reply
+    c.receive_data(b"250 2.1.0 Ok\r\n")
+    c.next_reply()
+    assert c.in_transaction and not c.reusable
+    c.command("RSET")
+    c.data_to_send()
+    c.receive_data(b"250 2.0.0 Ok\r\n")
+    c.next_reply()
+    assert c.reusable

@@ -347,3 +347,83 @@ def test_sasl_response_over_12288_octets_is_reported_not_executed():
     assert core.next_event() == S.AuthResponse("", too_long=True)
     _answer(core, 500, "5.5.6 Authentication Exchange line is too long")
     assert isinstance(core.next_event(), S.Reset)       # back in command mode
+
+
+# --- client text that must never reach a header or the upstream (SPEC §4.4, §4.6) ----------
+
+@pytest.fixture(params=["native", "python"])
+def scanner(request, monkeypatch):
+    """The core's line scanner: the compiled one or the pure-Python twin (which reports a
+    bare CR, a bare LF and a NUL alike)."""
+    from gateway import native, pyscan
+    if request.param == "native":
+        if native.native_backend is None:
+            pytest.skip("no compiled core")
+        monkeypatch.setattr(native, "scan_line", native.native_backend.scan_line)
+    else:
+        monkeypatch.setattr(native, "scan_line", pyscan.scan_line)
+    return request.param
+
+
+@pytest.mark.parametrize("line", [
+    b"EHLO evil\rX-Injected: yes\r\n", b"HELO evil\rX-Injected: yes\r\n",
+    b"EHLO evil\0\r\n", b"HELO \0evil\r\n", b"EHLO evil\x01\r\n", b"EHLO evil\tname\r\n",
+    b"HELO evil\x7f\r\n", b"EHLO evil\x1b[0m\r\n", b"EHLO name other\x0bword\r\n",
+    b"EHLO evil\n",                         # ended by a bare LF: not a CRLF line
+])
+def test_control_characters_in_the_hello_argument_get_501(scanner, line):
+    core = make()
+    core.receive_data(line + b"EHLO good.example\r\n")
+    assert core.next_event() == S.Hello("good.example", True)
+    assert core.data_to_send().startswith(b"501 5.5.2 Invalid EHLO argument\r\n250-mx.test")
+    assert core.helo == "good.example"
+    assert core.take_rejections() == [(501, "5.5.2 Invalid EHLO argument")]
+
+
+def test_a_refused_hello_leaves_the_session_without_one(scanner):
+    core = make()
+    core.receive_data(b"EHLO evil\rX: y\r\nMAIL FROM:<a@b>\r\n")
+    assert core.next_event() is S.NEED_DATA
+    assert core.data_to_send() == (b"501 5.5.2 Invalid EHLO argument\r\n"
+                                   b"503 5.5.1 Error: send HELO/EHLO first\r\n")
+    assert core.helo is None
+
+
+def test_utf8_and_punctuation_in_the_hello_argument_are_fine(scanner):
+    core = make()
+    core.receive_data("EHLO [192.0.2.1] bücher.example (x)\r\n".encode())
+    assert core.next_event() == S.Hello("[192.0.2.1]", True)
+
+
+@pytest.mark.parametrize("bad", [b"YWxp\rY2U=\r\n", b"YWxp\0Y2U=\r\n", b"YWxpY2U=\n"])
+def test_bare_cr_nul_or_lf_in_a_sasl_response_is_reported_not_relayed(scanner, bad):
+    core = _auth_core(tls_active=True)
+    _ehlo(core)
+    core.receive_data(b"AUTH LOGIN\r\n")
+    assert core.next_event() == S.Auth("LOGIN", None)
+    _answer(core, 334, "VXNlcm5hbWU6")
+    core.receive_data(bad + b"RSET\r\n")
+    assert core.next_event() == S.AuthResponse("", malformed=True)
+    assert _answer(core, 501, "5.5.2 Syntax error in SASL response") == (
+        b"501 5.5.2 Syntax error in SASL response\r\n")
+    assert isinstance(core.next_event(), S.Reset)       # back in command mode
+
+
+@pytest.mark.parametrize("bad", [b"AUTH PLAIN AGFs\raWNlAHB3\r\n",
+                                 b"AUTH PLAIN AGFs\0aWNlAHB3\r\n",
+                                 b"AUTH PLAIN AGFsaWNlAHB3\n"])
+def test_bare_cr_nul_or_lf_in_an_initial_response_is_reported(scanner, bad):
+    core = _auth_core(tls_active=True)
+    _ehlo(core)
+    core.receive_data(bad)
+    assert core.next_event() == S.Auth("PLAIN", None, malformed=True)
+    _answer(core, 501, "5.5.2 Syntax error in SASL response")
+    core.receive_data(b"AUTH PLAIN AGFsaWNlAHB3\r\n")          # the session goes on
+    assert core.next_event() == S.Auth("PLAIN", "AGFsaWNlAHB3")
+
+
+def test_nul_outside_hello_and_auth_is_still_500(scanner):
+    core = make()
+    core.receive_data(b"NOOP\0\r\n")
+    assert core.next_event() is S.NEED_DATA
+    assert core.data_to_send() == b"500 5.5.2 Error: NUL character not allowed\r\n"

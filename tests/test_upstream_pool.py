@@ -326,3 +326,33 @@ async def test_a_resumed_verify_leg_is_still_verified(upstream_cert):
     assert [r[0] for r in replies] == [250, 250]
     legs = logs.of("tls", side="upstream")
     assert [(leg.get("resumed"), leg["verified"]) for leg in legs] == [(None, True), (True, True)]
+
+
+async def test_pool_refuses_a_real_leg_that_ever_began_a_sasl_exchange():
+    """SPEC §4.6: whatever state the exchange ended in, the leg is never pooled; the check is
+    the client core's (`SMTPClient.reusable`), not a flag of the session."""
+    from gateway.relay.upstream import UpstreamLeg
+
+    class _Stream:                     # an open connection with nothing readable
+        def quiet(self):
+            return True
+
+    pool, s = UpstreamPool(), _settings()
+    clean = UpstreamLeg(s, "none")
+    clean.stream = _Stream()
+    clean.client.receive_data(b"220 up\r\n")
+    clean.client.next_reply()
+    assert pool.give(clean)
+    for final in (None, b"334 VXNlcm5hbWU6\r\n", b"535 5.7.8 failed\r\n",
+                  b"501 5.7.0 aborted\r\n"):
+        leg = UpstreamLeg(s, "none")
+        leg.stream = _Stream()
+        leg.client.receive_data(b"220 up\r\n")
+        leg.client.next_reply()
+        leg.client.auth("LOGIN")
+        leg.client.data_to_send()
+        if final is not None:
+            leg.client.receive_data(final)
+            leg.client.next_reply()
+        assert not leg.reusable() and not pool.give(leg)
+    assert pool.idle_count() == 1

@@ -35,6 +35,14 @@ message go out in one write; each reply read moves the state by the table `_TRAN
 (EHLO's 250 sets `extensions`, MAIL's 2xx opens the transaction, DATA's 354 enters the
 message, the reply to the final dot or RSET's 250 ends it). The trio leg only moves bytes and
 never sets these flags itself.
+
+SASL (SPEC §4.6): an AUTH command (`auth()`, or any command line whose verb is AUTH) begins an
+exchange; while it lasts (`in_sasl`: until a reply other than 334) only `auth_response()` may
+send, and any other command is a ProtocolError, so a command of the gateway's can never be
+read by the server as a user name or password. `sasl_used` stays True for the life of the
+connection, whatever the exchange ended in, and makes the client unfit for reuse: `reusable`
+is True only in the idle command state (nothing queued, no reply awaited, no transaction) of
+a connection on which no exchange ever began. The pool hands on only such connections.
 """
 from __future__ import annotations
 
@@ -119,6 +127,9 @@ class SMTPClient:
         self.extensions: dict[str, str] = {}    # of the last 250 EHLO (HELO: none)
         self.in_transaction = False             # MAIL accepted, not yet ended or RSET
         self.in_data = False                    # DATA answered 354, the final dot not queued
+        self.sasl_used = False                  # an AUTH was ever sent: never reused (§4.6)
+        self.in_sasl = False                    # a SASL exchange is in progress
+        self.authenticated = False              # an AUTH was answered 235
         self._out: list[bytes] = []             # queued for data_to_send()
         self._out_size = 0
 
@@ -195,11 +206,18 @@ class SMTPClient:
         """Render one command line (CRLF added) and count it as awaiting a reply.
 
         CR, LF or NUL inside the command is a ValueError: a command line never carries a
-        second one. Text is UTF-8 (surrogate escapes pass raw bytes through)."""
+        second one. Text is UTF-8 (surrogate escapes pass raw bytes through). Inside a SASL
+        exchange this is a ProtocolError (the server would read the line as a response); an
+        AUTH command begins one."""
+        if self.in_sasl:
+            raise ProtocolError("a command inside a SASL exchange")
         if "\r" in command or "\n" in command or "\x00" in command:
             raise ValueError("CR, LF or NUL inside an SMTP command")
         data = command.encode("utf-8", "surrogateescape") + b"\r\n"
-        self._pending.append(command.split(" ", 1)[0].upper())
+        verb = command.split(" ", 1)[0].upper()
+        if verb == "AUTH":
+            self.sasl_used = self.in_sasl = True
+        self._pending.append(verb)
         return data
 
     def command(self, command: str) -> None:
@@ -225,6 +243,31 @@ class SMTPClient:
         text, dropped = _params(params, {"NOTIFY": dsn, "ORCPT": dsn})
         self.command(f"RCPT TO:<{address}>" + text)
         return dropped
+
+    def auth(self, mechanism: str, initial: str | None = None) -> None:
+        """Queue AUTH (with its initial response): a SASL exchange begins (see the module
+        docstring); the connection is never reusable after it."""
+        self.command(f"AUTH {mechanism}" + (f" {initial}" if initial is not None else ""))
+
+    def auth_response(self, line: str) -> None:
+        """Queue one response of the exchange in progress (``*`` cancels), after its 334.
+
+        CR, LF or NUL in it is a ValueError (nothing is queued); a response outside an
+        exchange, or before the 334 it answers was read, is a ProtocolError."""
+        if not self.in_sasl or self._pending or self.last_command != "AUTH":
+            raise ProtocolError("a SASL response outside an exchange awaiting one")
+        if "\r" in line or "\n" in line or "\x00" in line:
+            raise ValueError("CR, LF or NUL inside a SASL response")
+        self._queue(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        self._pending.append("AUTH")          # its reply moves the exchange as AUTH's does
+
+    @property
+    def reusable(self) -> bool:
+        """Fit to serve another client session: the idle command state (nothing queued, no
+        reply awaited, no transaction, nothing unread) and no SASL exchange ever begun."""
+        return (not self.sasl_used and not self._pending and not self._out
+                and not self.in_transaction and not self.in_data and not self.has_leftover()
+                and self._error is None and not self._eof)
 
     def xclient(self, ip: str, port: int, helo: str | None) -> None:
         """Queue XCLIENT with the client's address, port and HELO name (xtext-encoded)."""
@@ -364,8 +407,16 @@ def _rset_reply(client: SMTPClient, reply: Reply) -> None:
         client.in_transaction = False
 
 
+def _auth_reply(client: SMTPClient, reply: Reply) -> None:
+    # a 334 asks for a response; any other reply ends the exchange (235: authenticated)
+    client.in_sasl = reply.code == 334
+    if reply.code == 235:
+        client.authenticated = True
+
+
 _TRANSITIONS = {"EHLO": _ehlo_reply, "HELO": _helo_reply, "MAIL": _mail_reply,
-                "DATA": _data_reply, ".": _end_reply, "RSET": _rset_reply}
+                "DATA": _data_reply, ".": _end_reply, "RSET": _rset_reply,
+                "AUTH": _auth_reply}
 
 
 def _params(params: dict, keep: dict) -> tuple[str, list[str]]:

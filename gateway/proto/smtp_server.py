@@ -46,18 +46,24 @@ class Auth:
     """AUTH on a TLS leg, before any transaction. Needs a reply: a 334 challenge enters the
     SASL line mode (the next line is an `AuthResponse`), any other reply ends the exchange
     (235: the session is authenticated). `initial` is the initial response (None: none;
-    "=" is an empty one, RFC 4954)."""
+    "=" is an empty one, RFC 4954). `malformed`: the initial response had a bare CR, LF or
+    NUL (SPEC §4.6); it is not given, nothing may go upstream, and the session answers
+    `501 5.5.2 Syntax error in SASL response`."""
     mechanism: str
     initial: str | None
+    malformed: bool = False
 
 
 @dataclass(frozen=True)
 class AuthResponse:
     """One client line of the SASL exchange (`*` cancels). `too_long`: the line passed
     MAX_SASL_LINE and was dropped; the session cancels the exchange upstream and answers
-    500 5.5.6. Needs a reply, as `Auth`."""
+    500 5.5.6. `malformed`: the line had a bare CR, LF or NUL (SPEC §4.6) and is not given;
+    the session cancels the exchange upstream with `*` and answers 501 5.5.2. Needs a reply,
+    as `Auth`."""
     line: str
     too_long: bool = False
+    malformed: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,13 @@ _NEEDS_EHLO = "\0needs-ehlo"   # a params key no check accepts
 _NOT_IMPLEMENTED = {"BDAT", "ETRN", "VRFY", "EXPN", "XCLIENT", "TURN", "ATRN", "HELP",
                     "XFORWARD", "SEND", "SOML", "SAML"}
 _ALLOWED_BEFORE_TLS = {"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"}
+# a line with any of these is never relayed as a SASL response nor kept as a HELO name (§4.4,
+# §4.6): a CR not before the line's LF, a LF without its CR (the line is not a CRLF line), NUL
+_BARE = native.BARE_CR | native.BARE_LF | native.NUL
+# verbs whose line with a NUL gets its own reply (501) rather than 500 NUL_IN_COMMAND
+_NUL_CHECKED = (b"EHLO", b"HELO", b"AUTH")
+# control characters never allowed in an EHLO/HELO argument: it goes into the Received header
+_HELLO_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class SMTPServer:
@@ -175,6 +188,7 @@ class SMTPServer:
         self._aborted: str | None = None
         self._rejections: list[tuple[int, str]] = []
         self._sasl = False             # inside an AUTH exchange: lines are AuthResponses
+        self._flags = 0                # scan flags of the command line being handled
 
     # --- I/O side ---------------------------------------------------------------------------
 
@@ -349,11 +363,13 @@ class SMTPServer:
     def _sasl_event(self):
         """One SASL response line (up to MAX_SASL_LINE octets; a longer one is dropped
         whole and reported, so the session can cancel the exchange upstream)."""
-        line, _ = self._next_line(MAX_SASL_LINE)
+        line, flags = self._next_line(MAX_SASL_LINE)
         if line is self._TOO_LONG:
             return AuthResponse("", too_long=True)
         if line.__class__ is not bytes:
             return line                                 # NEED_DATA, closed, or go on
+        if flags & _BARE:
+            return AuthResponse("", malformed=True)     # not relayed: 501 (§4.6)
         return AuthResponse(line.decode("ascii", "replace").strip(" "))
 
     def _command_event(self):
@@ -363,9 +379,10 @@ class SMTPServer:
             return None
         if line.__class__ is not bytes:
             return line                                 # NEED_DATA, closed, or go on
-        if flags & native.NUL:
+        if flags & native.NUL and line.split(b" ", 1)[0].upper() not in _NUL_CHECKED:
             self._reply(R.NUL_IN_COMMAND)
             return None
+        self._flags = flags
         return self._command(line.decode("utf-8", "surrogateescape"))
 
     def _command(self, text: str):
@@ -398,6 +415,8 @@ class SMTPServer:
         if not arg:
             self._reply(R.SYNTAX)
             return None
+        if self._bad_hello(arg):
+            return None
         if self._sync_error():
             return None
         self._reset_transaction()
@@ -419,12 +438,23 @@ class SMTPServer:
         if not arg:
             self._reply(R.SYNTAX)
             return None
+        if self._bad_hello(arg):
+            return None
         if self._sync_error():
             return None
         self._reset_transaction()
         self.helo, self.esmtp_session = arg.split(" ")[0], False
         self._send(250, self.hostname)
         return Hello(self.helo, False)
+
+    def _bad_hello(self, arg: str) -> bool:
+        """An EHLO/HELO argument with a CR, LF, NUL or other control character (or a line
+        not ended by CRLF): `501 5.5.2 Invalid EHLO argument`, the session's HELO name
+        unchanged (it goes into the Received header, §4.4)."""
+        if self._flags & _BARE or _HELLO_CONTROL.search(arg) is not None:
+            self._reply(R.INVALID_EHLO)
+            return True
+        return False
 
     def _cmd_STARTTLS(self, arg: str):
         if arg:
@@ -464,6 +494,8 @@ class SMTPServer:
         if mechanism not in self.auth_mechanisms:
             self._reply(R.AUTH_UNKNOWN_MECHANISM)
             return None
+        if initial and self._flags & _BARE:
+            return Auth(mechanism, None, malformed=True)     # nothing of it upstream (§4.6)
         return Auth(mechanism, initial or None)
 
     def _cmd_NOOP(self, arg: str):

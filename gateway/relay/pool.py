@@ -7,9 +7,13 @@ it instead of connecting, reading a greeting, saying EHLO and doing a TLS handsh
 key is the listener's `UpstreamSettings` object (one per listener per worker) and the level,
 so two listeners never share a leg even when their upstream addresses are equal.
 
-- A leg is kept only when it is clean: open, no transaction in progress, nothing buffered, not
-  tied to one client (XCLIENT; an authenticated leg never comes here, the session quits it),
-  and used fewer than `pool_max_reuse` times.
+- A leg is kept only when it is clean: open, in its idle command state (no transaction, no
+  reply awaited, nothing buffered either way), not tied to one client (XCLIENT), used fewer
+  than `pool_max_reuse` times, and no SASL exchange ever begun on it (SPEC §4.6): a leg that
+  carried an AUTH, a 334 or a response is refused whatever the exchange ended in (abandoned
+  after a 334, the client gone, an error, a success). That is the leg's own property
+  (`UpstreamLeg.reusable()`, from the client core's `SMTPClient.reusable`), not a flag a
+  session must remember to set.
 - At most `pool_size` idle legs per upstream and level; one more is closed with QUIT.
 - A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
 - A leg is handed out only if its socket shows nothing readable: an upstream that closed it
@@ -68,7 +72,8 @@ class UpstreamPool:
         return None
 
     def give(self, leg) -> bool:
-        """Keep *leg* for a later session; False (and the caller closes it) when it can't be."""
+        """Keep *leg* for a later session; False (and the caller closes it) when it can't be:
+        never a leg that is not `reusable()` (a SASL exchange ever begun on it included)."""
         s = leg.settings
         if (self.closed or not self.poolable(s) or not leg.reusable()
                 or leg.uses >= s.pool_max_reuse):

@@ -12,6 +12,7 @@ import binascii
 import datetime
 import email.utils
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -132,6 +133,8 @@ class SMTPSession:
                 if self._hooks:
                     with trio.move_on_after(5):
                         await self.policy.close(self.facts)
+                if self._auth is not None:      # the client went away inside an exchange
+                    self._auth_done("cancelled")
                 if self.leg is not None:
                     with trio.move_on_after(2):
                         await self._release_leg(end_transaction=True)
@@ -517,6 +520,11 @@ class SMTPSession:
         if verdict.refused:
             self._refuse_by(verdict)
             return
+        if event.malformed:             # a bare CR, LF or NUL: nothing of it upstream (§4.6)
+            self._auth = _AuthExchange(event.mechanism)
+            self._auth_done("error")
+            self._refuse(R.AUTH_BAD_RESPONSE)
+            return
         await self._release_leg()
         self._auth = _AuthExchange(event.mechanism)
         self._auth.user_from(event.initial)
@@ -530,29 +538,36 @@ class SMTPSession:
             self._refuse(failure.reply)
             return
         self.leg.client.max_line = S.MAX_SASL_LINE       # a 334 challenge may be that long
-        initial = f" {event.initial}" if event.initial is not None else ""
-        await self._auth_relay(f"AUTH {event.mechanism}{initial}")
+        await self._auth_relay(self.leg.auth(event.mechanism, event.initial))
 
     async def _on_AuthResponse(self, event: S.AuthResponse) -> None:
         auth = self._auth
         if event.too_long:
             auth.cancelled = True
-            await self._auth_relay("*", answer=R.AUTH_LINE_TOO_LONG)
+            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_LINE_TOO_LONG)
+            return
+        if event.malformed:
+            # a bare CR, LF or NUL: never relayed; `*` ends the exchange upstream (§4.6)
+            auth.cancelled = True
+            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_BAD_RESPONSE,
+                                   result="error")
             return
         if event.line == "*":
             auth.cancelled = True
         else:
             auth.user_from(event.line)
-        await self._auth_relay(event.line)
+        await self._auth_relay(self.leg.auth_response(event.line))
 
-    async def _auth_relay(self, line: str, answer=None) -> None:
-        """Send one line of the exchange upstream and relay the reply (a 334 challenge, or
-        the final reply unchanged: *answer* replaces it for a cancelled over-long line)."""
+    async def _auth_relay(self, sending, answer=None, result: str | None = None) -> None:
+        """Await *sending* (the leg sending one line of the exchange: `leg.auth()` or
+        `leg.auth_response()`) and relay the reply: a 334 challenge, or the final reply
+        unchanged. *answer* replaces it when the gateway cancelled the exchange with `*`
+        (an over-long or malformed response), and *result* is then the `auth` event's."""
         try:
-            reply = await self.leg.command(line)
+            reply = await sending
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [])
-            self._auth_done("error")
+            self._auth_done(result or "error")
             self._refuse(answer or failure.reply)
             return
         if reply.code == 334 and answer is None:
@@ -571,7 +586,7 @@ class SMTPSession:
         self.leg = None
         await leg.close()
         cancelled = self._auth.cancelled
-        self._auth_done("cancelled" if cancelled else "failure")
+        self._auth_done(result or ("cancelled" if cancelled else "failure"))
         self.core.respond(*(answer or relayed(reply)))
         if not cancelled:
             self._auth_failures += 1
@@ -719,16 +734,23 @@ class SMTPSession:
         return entries
 
     def _received_header(self) -> bytes:
+        """The trace header, in Postfix's form (§4.4). Of its parts the client chose the HELO
+        name (the core refuses one with a control character) and the recipient; both pass
+        `_header_text` all the same, so no client text can end the header's lines. The
+        address is a parsed IP, the TLS names are OpenSSL's, the rest the gateway's own."""
         ip = self.client_addr[0]
-        helo = self.core.helo or "unknown"
+        helo = _header_text(self.core.helo or "unknown")
         esmtp = "ESMTP" if self.core.esmtp_session else "SMTP"
         lines = [f"Received: from {helo} (unknown [{ip}])"]
         if self.tls is not None:
             t = self.tls
             lines.append(f"\t(using {t.version} with cipher {t.cipher} ({t.bits}/{t.bits} bits))")
             esmtp += "S"
+        if self.core.authenticated:
+            esmtp += "A"                # ESMTPSA (ESMTPA on plaintext), as Postfix writes
         msg_id = f"{self.conn_id}.{self.messages + 1}"
-        for_part = f"\n\tfor <{self.txn.rcpts[0]}>" if len(self.txn.rcpts) == 1 else ""
+        for_part = (f"\n\tfor <{_header_text(self.txn.rcpts[0])}>"
+                    if len(self.txn.rcpts) == 1 else "")
         date = _received_date(int(time.time()))
         lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {msg_id}"
                      f"{for_part}; {date}")
@@ -742,6 +764,13 @@ _received_date = per_second(lambda second: email.utils.format_datetime(
 
 
 _MAX_REPLY_LINE = 512       # the reply line bound outside a SASL exchange (SPEC §4.5)
+_HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header_text(text: str) -> str:
+    """Client text for a header the gateway writes: control characters (CR, LF, NUL, TAB...)
+    become ``?``, so it can never end or fold a line."""
+    return _HEADER_CONTROL.sub("?", text)
 
 
 class _AuthExchange:

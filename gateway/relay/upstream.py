@@ -235,10 +235,9 @@ class UpstreamLeg(UpstreamLegBase):
         return self.client.buffered
 
     def reusable(self) -> bool:
-        """Between transactions with nothing buffered either way: fit for the pool."""
-        client = self.client
-        return (not self.closed and self.stream is not None and not client.in_transaction
-                and not client.in_data and not client.buffered and not client.has_leftover())
+        """Open, between transactions with nothing buffered either way, and no SASL exchange
+        ever begun on it (the client core's `reusable`, SPEC §4.6): fit for the pool."""
+        return not self.closed and self.stream is not None and self.client.reusable
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -294,6 +293,16 @@ class UpstreamLeg(UpstreamLegBase):
         """Send what the core queued, then read one reply."""
         await self._send(self.client.data_to_send())
         return await self._read_reply(timeout=timeout)
+
+    async def auth(self, mechanism: str, initial: str | None) -> Reply:
+        """AUTH with its initial response: the first reply of the exchange (§4.6)."""
+        self.client.auth(mechanism, initial)
+        return await self._exchange()
+
+    async def auth_response(self, line: str) -> Reply:
+        """One response of the exchange in progress (``*`` cancels): the next reply."""
+        self.client.auth_response(line)
+        return await self._exchange()
 
     async def start_transaction(self, mail, rcpt) -> tuple[Reply, Reply | None]:
         """MAIL replayed with the first RCPT (server core events: `.address`, `.params`), in
@@ -396,7 +405,8 @@ class UpstreamLeg(UpstreamLegBase):
             pass
 
     async def quit(self) -> None:
-        if not self.closed:
+        # inside a SASL exchange a QUIT would be read as a response: just close (§4.6)
+        if not self.closed and not self.client.in_sasl:
             await self._goodbye()
         await self.close()
 
