@@ -5,14 +5,15 @@
     gateway run (-c FILE | --demo) [--workers N | --single-process] [--log-format F]
     gateway sink [--listen HOST:PORT] [--starttls] [--cert F --key F] [--maildir DIR]
     gateway certs demo DIR [--hostname H]
-    gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--json] [FILE...]
+    gateway track [-f FILE]... [-c CONFIG] [FILTERS] [--addr ADDR] [--json] [FILE...]
     gateway policy -c FILE --listener NAME --client IP [FACTS] --rcpt ADDR... [--json]
     gateway status [--url URL | -c FILE] [--json]
 
 Exit status: 0 success, 1 runtime failure (e.g. a port cannot be bound), 2 configuration or
-usage error. Errors are one line each on stderr (``error: <key path>: <message>``; every
-error of a configuration file at once), never a traceback. The launch (supervisor, server), sink and certificate modules are imported only by
-the subcommand that needs them.
+usage error; a command whose reader closed the pipe (`| head`) stops quietly with 1. Errors
+are one line each on stderr (``error: <key path>: <message>``; every error of a configuration
+file at once), never a traceback. The launch (supervisor, server), sink and certificate
+modules are imported only by the subcommand that needs them.
 """
 from __future__ import annotations
 
@@ -347,8 +348,9 @@ def cmd_track(args) -> int:
             return EXIT_CONFIG
         files = track.rotated_files(path)
     now = track.local_now()
-    filters = track.Filters(mail_from=args.mail_from, rcpt=args.to, tls=args.tls,
-                            client_tls=args.client_tls, upstream_tls=args.upstream_tls)
+    filters = track.Filters(mail_from=args.mail_from, rcpt=args.to, addr=args.addr,
+                            tls=args.tls, client_tls=args.client_tls,
+                            upstream_tls=args.upstream_tls)
     for name in ("since", "until"):
         text = getattr(args, name)
         if text is not None:
@@ -533,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="mail_from", metavar="ADDR|DOMAIN",
                    help="sender: an address, a domain (x.example or @x.example), <> for none")
     p.add_argument("--to", metavar="ADDR|DOMAIN", help="a recipient: an address or a domain")
+    p.add_argument("--addr", metavar="ADDR|DOMAIN",
+                   help="the sender or any recipient: everything for one address or domain")
     p.add_argument("--since", metavar="TIME", help="from TIME on (inclusive): " + TRACK_TIMES)
     p.add_argument("--until", metavar="TIME", help="before TIME (exclusive)")
     p.add_argument("--result", action="append", metavar="RESULT",
@@ -603,6 +607,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A reader that goes away (`gateway track | head`) ends it quietly, as
+    Python's documentation advises for SIGPIPE: stdout is flushed here, while the error can
+    still be caught, and on a broken pipe the null device takes its place so that the flush
+    at exit finds nothing to complain about; the exit status is then 1."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):   # a stdout without a descriptor
+            pass
+        return EXIT_FAILURE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

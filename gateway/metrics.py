@@ -30,6 +30,7 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (.01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
                    900.0, 1800.0, 3600.0)
+MILTER_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class Spec(NamedTuple):
@@ -91,6 +92,9 @@ METRICS = (
          "When the configuration was last applied (start or reload)", (), "livemax"),
     Spec("milter_results_total", "counter", "gateway_milter_results_total",
          "Milter verdicts and failures, by result", ("listener", "milter", "result")),
+    # observed at a milter's end of message: its answers from MAIL FROM on, summed
+    Spec("milter_seconds", "histogram", "gateway_milter_seconds",
+         "One milter's time for one message", ("listener", "milter"), MILTER_BUCKETS),
     # set by each worker at start: a worker's values go with it, so after a reload only the
     # certificates the new generation loaded remain
     Spec("certificate_expiry", "gauge", "gateway_certificate_expiry_timestamp_seconds",

@@ -134,13 +134,18 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
 
 def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -> None:
     """What a worker exports from its start (SPEC §11): every counter an alert rule reads, at
-    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), and
-    the notAfter of every certificate it loaded."""
+    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), each
+    milter's time histogram (so `rate()` sees the first messages), and the notAfter of every
+    certificate it loaded."""
     for listener in config.listeners:
         for reason in TLS_ALERT_REASONS:
             metrics.tls_alerts_total.labels(listener.name, reason)
         for reason in FAILURE_KINDS.values():
             metrics.upstream_errors_total.labels(listener.name, reason)
+        for milter in listener.milters:
+            for result in ("error", "timeout"):         # the milter rule's (MilterError)
+                metrics.milter_results_total.labels(listener.name, milter.name, result)
+            metrics.milter_seconds.labels(listener.name, milter.name)
     seen = set()
     for ltls in tls_list:
         for cert in ltls.certificates:

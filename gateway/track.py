@@ -192,6 +192,7 @@ def _matches_address(address: str, pattern: str) -> bool:
 class Filters:
     mail_from: str | None = None
     rcpt: str | None = None
+    addr: str | None = None             # the sender or any recipient
     since: datetime.datetime | None = None
     until: datetime.datetime | None = None
     results: frozenset[str] = field(default_factory=frozenset)    # empty: any
@@ -212,6 +213,10 @@ class Filters:
             return False
         if self.rcpt is not None and not any(_matches_address(r, self.rcpt)
                                              for r in rec.get("recipients", ())):
+            return False
+        if self.addr is not None \
+                and not _matches_address(rec.get("mail_from"), self.addr) \
+                and not any(_matches_address(r, self.addr) for r in rec.get("recipients", ())):
             return False
         client, upstream = client_leg(rec), upstream_leg(rec)
         if self.client_tls is not None and (client == "tls") != self.client_tls:
@@ -270,16 +275,18 @@ def _milter_cell(milters) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """A table with one row per record: each leg shows its TLS version, `plain`, or `-` when
-    there was no upstream leg; AUTH and MILTER columns only when a record has them; the reply
-    comes last and is never cut."""
+    """A table with one row per record: the record id first (what a log line or a user
+    quotes back), each leg shows its TLS version, `plain`, or `-` when there was no upstream
+    leg; AUTH and MILTER columns only when a record has them; the reply comes last and is
+    never cut."""
     auth = any(r.get("auth_user") for r in records)
     milter = any(r.get("milter") for r in records)
-    header = ["TIME (UTC)", "RESULT", "FROM", "TO", "SIZE", "CLIENT", "UPSTREAM"]
+    header = ["ID", "TIME (UTC)", "RESULT", "FROM", "TO", "SIZE", "CLIENT", "UPSTREAM"]
     header += ["AUTH"] * auth + ["MILTER"] * milter + ["REPLY"]
     rows = [header]
     for r in records:
-        row = [_time_cell(r.get("time")), _one_line(r.get("result", "")),
+        row = [_one_line(r.get("id") or "-"),
+               _time_cell(r.get("time")), _one_line(r.get("result", "")),
                _one_line(r.get("mail_from") or "<>"), _one_line(",".join(r.get("recipients", ()))),
                str(r.get("size", "")), _tls_cell(r.get("client_tls"), client_leg(r)),
                _tls_cell(r.get("upstream_tls"), upstream_leg(r))]

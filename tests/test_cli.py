@@ -189,3 +189,34 @@ def test_summary_table_lists_every_listener():
     assert [row.split()[0] for row in rows] == ["inbound", "submission", "smtps", "imap",
                                                 "imaps"]
     assert "7 (+3 client)" in rows[0]
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("args", [
+    ["--version"],
+    ["--help"],
+    ["track", "--help"],
+    ["check", "-c", str(EXAMPLE), "--syntax-only"],
+    ["policy", "-c", str(EXAMPLE), "--listener", "inbound", "--client", "192.0.2.7",
+     "--rcpt", "bob@partner.example"],
+], ids=["version", "help", "track-help", "check", "policy"])
+def test_every_command_ends_quietly_when_its_reader_is_gone(args, buffered):
+    # `gateway ... | head` where head has already exited: the pipe has no reader, so every
+    # write to stdout fails (EPIPE). The command stops without a traceback (SPEC §12), the
+    # output buffered (an operator's shell) or not (PYTHONUNBUFFERED, as under systemd units)
+    env = gateway_subprocess_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "gateway", *args], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60,
+                                cwd=NEUTRAL_CWD, env=env)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    # Python's recipe for EPIPE: exit 1, quietly. Unbuffered, argparse's help meets the
+    # error in its own write, which it ignores: 0
+    assert result.returncode == (0 if "--help" in args and not buffered else 1)

@@ -193,6 +193,7 @@ def test_every_spec_name_is_exposed():
         m.demo_certificate.set(1)
         m.auth_total.labels("l", "PLAIN", "success").inc()
         m.milter_results_total.labels("l", "rspamd", "reject").inc()
+        m.milter_seconds.labels("l", "rspamd").observe(0.2)
         m.certificate_expiry.labels("main", "ecdsa").set(1.8e9)
         m.upstream_last_result.labels("l", "ok").set(1.7e9)
         body, _ = M.render()
@@ -228,7 +229,7 @@ def test_the_exposition_follows_the_table():
         print(json.dumps({"families": families(body.decode()), "help": help_lines}))
     """)
     fams = out["families"]
-    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 23
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 24
     for spec in M.METRICS:
         family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
         assert fams[family]["type"] == spec.kind, spec

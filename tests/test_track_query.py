@@ -93,6 +93,21 @@ def test_sender_and_recipient_filters(log, capsys):
                "--result", "accepted") == ["m.1", "m.3"]
 
 
+def test_addr_matches_the_sender_or_any_recipient(log, capsys):
+    # "everything for bob" in one query: as sender or as any recipient (SPEC §12)
+    assert ids(capsys, log, "--addr", "bob@x.example") == ["m.1", "m.5", "m.7"]
+    assert ids(capsys, log, "--addr", "carol@b.example") == ["m.2"]          # sender only
+    assert ids(capsys, log, "--addr", "Erin@X.example") == ["m.2"]          # 2nd recipient
+    assert ids(capsys, log, "--addr", "alice@a.example") == ["m.1", "m.3", "m.5", "m.6", "m.7"]
+    assert ids(capsys, log, "--addr", "@y.example") == ["m.2"]
+    assert ids(capsys, log, "--addr", "b.example") == ["m.2"]
+    assert ids(capsys, log, "--addr", "<>") == ["m.4"]
+    assert ids(capsys, log, "--addr", "nobody@nowhere.example") == []
+    # with the other filters: all must hold
+    assert ids(capsys, log, "--addr", "bob@x.example", "--result", "accepted") == ["m.1"]
+    assert ids(capsys, log, "--addr", "x.example", "--from", "<>") == ["m.4"]
+
+
 def test_result_filter_repeatable_and_comma_list(log, capsys):
     assert ids(capsys, log, "--result", "tempfail") == ["m.5"]
     assert ids(capsys, log, "--result", "rejected,discarded") == ["m.4", "m.6", "m.7"]
@@ -134,10 +149,12 @@ def test_table_marks_tls_legs_and_keeps_the_whole_reply(log, capsys):
     assert code == 0 and err == ""
     lines = out.splitlines()
     header = lines[0].split()
-    assert header[:3] == ["TIME", "(UTC)", "RESULT"] and header[-3:] == ["AUTH", "MILTER",
-                                                                        "REPLY"]
+    assert header[:4] == ["ID", "TIME", "(UTC)", "RESULT"] and header[-3:] == [
+        "AUTH", "MILTER", "REPLY"]
     assert len(lines) == 1 + len(RECORDS)
-    row = dict(zip([r.id for r in RECORDS], lines[1:]))
+    # the record id is the first column (SPEC §12): what a log line or a user quotes back
+    assert [line.split()[0] for line in lines[1:]] == [r.id for r in RECORDS]
+    row = {r.id: line.split(None, 1)[1] for r, line in zip(RECORDS, lines[1:])}
     assert " TLSv1.3  TLSv1.2 " in row["m.1"]                  # client, upstream
     assert " plain    TLSv1.3 " in row["m.2"]
     assert " TLSv1.3  plain " in row["m.3"]
@@ -154,8 +171,8 @@ def test_table_marks_tls_legs_and_keeps_the_whole_reply(log, capsys):
 def test_table_without_auth_or_milter_has_no_such_columns(log, capsys):
     code, out, _ = run(capsys, log, "--result", "accepted")
     assert code == 0
-    assert out.splitlines()[0].split() == ["TIME", "(UTC)", "RESULT", "FROM", "TO", "SIZE",
-                                           "CLIENT", "UPSTREAM", "REPLY"]
+    assert out.splitlines()[0].split() == ["ID", "TIME", "(UTC)", "RESULT", "FROM", "TO",
+                                           "SIZE", "CLIENT", "UPSTREAM", "REPLY"]
 
 
 def test_json_keeps_lists(log, capsys):
@@ -278,7 +295,7 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, capsys):
     # a record with fields missing still prints
     path.write_text('{"time": "2026-11-24T10:00Z"}\n')
     code, out, err = run(capsys, path)
-    assert code == 0 and err == "" and out.splitlines()[1].startswith("2026-11-24 10:00:00")
+    assert code == 0 and err == "" and out.splitlines()[1].startswith("-   2026-11-24 10:00:00")
 
 
 def test_truncated_gzip_keeps_what_it_read(tmp_path, capsys):
@@ -331,3 +348,33 @@ def test_unreadable_directory_of_rotated_files_is_one_line(tmp_path, capsys):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == f"error: {path}: Is a directory\n"
     assert os.path.isdir(path)
+
+
+def _pipe_into_head(args: list[str], stderr) -> tuple[subprocess.Popen, str]:
+    """`gateway ARGS | head -1`, as a shell runs it: head exits after one line, closing the
+    pipe while the gateway still has output to write."""
+    gw = subprocess.Popen([sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE,
+                          stderr=stderr, env=gateway_subprocess_env(), cwd=NEUTRAL_CWD)
+    head = subprocess.Popen(["head", "-1"], stdin=gw.stdout, stdout=subprocess.PIPE)
+    gw.stdout.close()                   # only head holds the read end now
+    out, _ = head.communicate(timeout=60)
+    gw.wait(timeout=60)
+    return gw, out.decode()
+
+
+@pytest.mark.parametrize("mode", ["table", "json"])
+def test_piped_into_head_ends_quietly(tmp_path, mode):
+    # far more than a pipe holds (64 KiB): the gateway is still writing when head exits
+    many = [rec(f"m.{i}", f"2026-11-24T10:{i // 60 % 60:02d}:{i % 60:02d}.000+00:00",
+                client_tls=TLS13, upstream_tls=TLS12) for i in range(4000)]
+    path = write(tmp_path / "tracking.jsonl", many)
+    assert path.stat().st_size > 16 * 65536
+    errors = tmp_path / "stderr"
+    with open(errors, "wb") as err:
+        gw, out = _pipe_into_head(["track", str(path)] + ["--json"] * (mode == "json"), err)
+    assert errors.read_text() == ""                     # no BrokenPipeError traceback
+    assert gw.returncode == 1                           # as Python's own recipe: 1 on EPIPE
+    if mode == "json":
+        assert json.loads(out)["id"] == "m.0"
+    else:
+        assert out.split()[:2] == ["ID", "TIME"]

@@ -17,7 +17,8 @@ A milter that cannot be reached, times out, closes or breaks the protocol gets i
 `default_action`: `tempfail` (451 4.7.1) or `reject` (550 5.7.1) answers this stage and every
 later one of the session, `accept` goes on without it. Each verdict that decides something
 (and every end of message) is logged as event `milter`, counted in
-`gateway_milter_results_total` and kept for the transaction's tracking record.
+`gateway_milter_results_total` and kept for the transaction's tracking record; its end of
+message observes the time its answers took since MAIL FROM in `gateway_milter_seconds`.
 
 The message reaches the hook as text (`body()` chunks: CRLF lines, not dot-stuffed, the
 gateway's Received: first); the hook splits off the header fields itself and sends them one by
@@ -63,6 +64,7 @@ class MilterHook(Hook):
         self._eoh_sent = False
         self._in_message = False
         self.added: tuple[str, ...] = ()         # recipients its last end of message added
+        self._spent = 0.0                        # this message's time in its answers
 
     @property
     def may_change(self) -> bool:
@@ -97,6 +99,7 @@ class MilterHook(Hook):
 
     async def mail(self, facts, address: str, params: dict) -> Verdict:
         self._in_message = True
+        self._spent = 0.0
         macros = {"i": facts.queue_id or "", "{mail_addr}": address,
                   "{mail_host}": self.session.rt.upstream.host, "{mail_mailer}": "smtp"}
         if facts.auth_user is not None:
@@ -136,8 +139,11 @@ class MilterHook(Hook):
                 return verdict
         self._splitter = None
         self._in_message = False
-        return await self._run("eom", lambda: self.client.eom(
+        verdict = await self._run("eom", lambda: self.client.eom(
             macros=self._stage({"i": facts.queue_id or ""})))
+        self.session.metrics.milter_seconds.labels(self.session.name, self.name).observe(
+            self._spent)
+        return verdict
 
     async def abort(self, facts) -> None:
         self._splitter = None
@@ -186,6 +192,7 @@ class MilterHook(Hook):
             return self.failed
         if self.off:
             return CONTINUE
+        started = trio.current_time()
         try:
             answer = await call()
         except MilterError as exc:
@@ -196,6 +203,8 @@ class MilterHook(Hook):
             # conversation is out of step now and the milter is not asked again
             self._failure(stage, "timeout", "cut short by the session's deadline")
             raise
+        finally:
+            self._spent += trio.current_time() - started
         return self._verdict(stage, answer)
 
     def _verdict(self, stage: str, answer: M.Verdict) -> Verdict:
