@@ -356,6 +356,12 @@ class SMTPSession:
             self.core.respond(*relayed(txn.refusal))
             return
         leg = self.leg
+        if leg is not None and not leg.closed and not leg.in_transaction \
+                and not leg.idle_and_alive():
+            # the upstream spoke (a 421 before timing out, a stray line) or closed while the
+            # leg sat between transactions: retired, not reused; the next one is new (§6)
+            self.log.event("upstream_reuse_failed", level="debug", reason="unsolicited")
+            await leg.close()
         if self._leg_bound and (leg is None or leg.closed):
             # the authenticated leg broke: no credentials to log in again (§4.6)
             self._refuse(R.UPSTREAM_LOST, close=True)
