@@ -150,6 +150,10 @@ ABSENT = [
     Case("127.0.0.1", True, "alice@client.test", ["zed@off.test", "bob@secure.test"]),
     Case("127.0.0.1", True, "alice@client.test", ["bob@secure.test", "zed@off.test"]),
     Case("127.0.0.1", True, "alice@client.test", ["carol@x.wild.test", "dave@legacy.test"]),
+    # a failed `required` recipient holds no later one hostage (§4.3): the `preferred` one
+    # opens a plaintext leg, a `required` one after it can't ride that (452 4.5.3)
+    Case("127.0.0.1", True, "alice@client.test",
+         ["bob@secure.test", "eve@secure.test", "zed@other.test", "x@secure.test"]),
 ]
 FAILED = [
     Case("127.0.0.1", True, "alice@client.test",

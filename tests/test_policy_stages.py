@@ -113,11 +113,25 @@ def test_rcpt_stage_refuses_a_pair_that_needs_client_tls():
 ])
 def test_rcpt_stage_fits_the_open_leg(level_rcpt, leg, expect):
     p = _policy()
-    v = run_now(p.rcpt(_facts(p, tls=TLS13), level_rcpt, {}, leg))
+    facts = _facts(p, tls=TLS13)
+    facts.recipients = ["a@accepted.test"]        # the transaction's first accepted recipient
+    v = run_now(p.rcpt(facts, level_rcpt, {}, leg))
     if expect == "452":
         assert v.reply == R.NEEDS_OTHER_POLICY and v.label == "452_4.5.3"
     else:
         assert not v.refused and v.new_leg == (expect == "new")
+
+
+@pytest.mark.parametrize("level_rcpt,leg", [
+    ("b@plain.example", _leg(tls=TLS13)),
+    ("b@bank.example", _leg(tls=None, offered=False)),
+])
+def test_rcpt_stage_replaces_a_leg_no_recipient_was_accepted_on(level_rcpt, leg):
+    """MAIL went over the leg but the upstream refused every recipient so far: the leg is
+    not yet the transaction's (§4.3), the next recipient may have another."""
+    p = _policy()
+    v = run_now(p.rcpt(_facts(p, tls=TLS13), level_rcpt, {}, leg))
+    assert not v.refused and v.new_leg
 
 
 class Recorder(Hook):

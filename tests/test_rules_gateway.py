@@ -294,3 +294,136 @@ async def test_received_header_off_and_xclient_forwarding():
     msg = sink.messages[0]
     assert msg.data == BODY                       # no Received header added
     assert msg.xclient.get("ADDR") == "127.0.0.1" and msg.xclient.get("HELO") == "client.test"
+
+
+def _data(s: smtplib.SMTP):
+    """DATA and the message; a refusal as (code, text) instead of smtplib's exception."""
+    try:
+        return s.data(BODY)
+    except smtplib.SMTPDataError as exc:
+        return exc.smtp_code, exc.smtp_error
+
+
+async def test_failed_required_recipient_holds_no_later_recipient_hostage():
+    """§4.3: a recipient whose `required` leg could not be had (the upstream offers no
+    STARTTLS) gets its own 451 4.7.5; the next recipient is decided on its own: a `preferred`
+    one opens a plaintext leg and is delivered. A `required` recipient before that gets the
+    same 451 4.7.5 without the gateway trying (and alerting) again in that transaction; one
+    after it can't ride the plaintext leg the `preferred` one fixed: 452 4.5.3."""
+    rules = [rule("secure.test", recipient_encryption="required")]
+    async with running_sink() as sink:                  # no STARTTLS at all
+        data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred",
+                                          rules=rules)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    s.mail("alice@client.test")
+                    replies = [s.rcpt(r) for r in ("bob@secure.test", "dave@secure.test",
+                                                   "carol@other.test", "erin@secure.test")]
+                    return replies, _data(s)
+            with trio.fail_after(30):
+                replies, done = await in_thread(session)
+                assert done[0] == 250, (replies, done)
+                await sink.wait_for_messages(1)
+    not_offered = (451, b"4.7.5 TLS is required, but was not offered by host")
+    assert replies[:2] == [not_offered, not_offered]
+    assert replies[2][0] == 250
+    assert replies[3] == (452, b"4.5.3 Recipient needs a different TLS policy, send it in a "
+                               b"new transaction")
+    assert sink.messages[0].rcpts == ["carol@other.test"] and sink.messages[0].tls is False
+    assert len(logs.of("tls_alert")) == 1 and len(logs.of("upstream_error")) == 1
+
+
+async def test_preferred_recipient_on_plaintext_leg_then_required_gets_452():
+    """§4.3, the other order: the first accepted recipient (`preferred`, no STARTTLS offered)
+    fixes a plaintext leg; a `required` one after it can't ride it: 452 4.5.3, and the
+    message goes to the first."""
+    rules = [rule("secure.test", recipient_encryption="required")]
+    async with running_sink() as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred",
+                                          rules=rules)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    s.mail("alice@client.test")
+                    first = s.rcpt("carol@other.test")
+                    second = s.rcpt("bob@secure.test")
+                    return first, second, _data(s)
+            with trio.fail_after(30):
+                first, second, done = await in_thread(session)
+                assert done[0] == 250, (first, second, done)
+                await sink.wait_for_messages(1)
+    assert first[0] == 250 and done[0] == 250
+    assert second == (452, b"4.5.3 Recipient needs a different TLS policy, send it in a new "
+                           b"transaction")
+    assert sink.messages[0].rcpts == ["carol@other.test"] and sink.messages[0].tls is False
+    assert not logs.of("tls_alert")
+
+
+async def test_leg_with_no_accepted_recipient_is_replaced_for_the_next_one(upstream_cert):
+    """§4.3: a transaction's leg is the one its first *accepted* recipient fixed. The upstream
+    refused the first recipient (550, on a plaintext leg at `none`): a `required` recipient
+    after it is not told 452 but carried on a TLS leg of its own."""
+    rules = [rule("legacy.test", recipient_encryption="none"),
+             rule("secure.test", recipient_encryption="required")]
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            reject_rcpt={"nobody@legacy.test"}) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred",
+                                          rules=rules)])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def session():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    s.mail("alice@client.test")
+                    first = s.rcpt("nobody@legacy.test")
+                    second = s.rcpt("bob@secure.test")
+                    return first, second, _data(s)
+            with trio.fail_after(30):
+                first, second, done = await in_thread(session)
+                assert done[0] == 250, (first, second, done)
+                await sink.wait_for_messages(1)
+    assert first == (550, b"5.1.1 No such user")
+    assert second[0] == 250 and done[0] == 250
+    assert sink.messages[0].rcpts == ["bob@secure.test"] and sink.messages[0].tls is True
+
+
+async def test_postfix_sender_delivers_the_preferred_recipient_when_required_one_fails(
+        pubdir):
+    """The trial's fault with Postfix as the sending MTA: it sorts recipients (by domain),
+    so the `required` one (a@alpha.test) comes first; its 451 4.7.5 defers only it, and the
+    `preferred` one is delivered on that same attempt instead of being deferred with it."""
+    require("postfix")
+    sender_port = free_port()
+    rules = [rule("alpha.test", recipient_encryption="required")]
+    async with running_sink() as sink:                  # no STARTTLS at all
+        data = config_dict([listener_dict(upstream_port=sink.port, upstream_tls="preferred",
+                                          rules=rules)])
+        async with running_gateway(data) as (gw, logs):
+            gw_port = gw.addresses["smtp"][1]
+            sender = PostfixInstance.sender(instance_dir(pubdir, "hostage-send"), sender_port,
+                                            "127.0.0.1", gw_port, tls_level="none")
+            async with sender:
+                def inject():
+                    with smtplib.SMTP("127.0.0.1", sender_port, timeout=20) as s:
+                        s.sendmail("alice@client.test", ["z@zulu.test", "a@alpha.test"],
+                                   BODY)
+                with trio.fail_after(60):
+                    await in_thread(inject)
+                    # each recipient's first attempt, as the sending Postfix logged it
+                    zulu = await sender.wait_for_log_async(
+                        r"to=<z@zulu\.test>.*status=(sent|deferred).*", timeout=30)
+                    alpha = await sender.wait_for_log_async(
+                        r"to=<a@alpha\.test>.*status=deferred.*", timeout=30)
+                    assert zulu.group(1) == "sent", zulu.group(0)
+                    await sink.wait_for_messages(1)
+    assert "dsn=4.7.5" in alpha.group(0), alpha.group(0)
+    assert "TLS is required, but was not offered by host" in alpha.group(0)
+    assert sink.messages[0].rcpts == ["z@zulu.test"]

@@ -314,7 +314,9 @@ async def test_client_core_relays_a_message_over_starttls(server_cert):
                 "DATA")))
             codes = [(await leg.reply()).code for _ in range(4)]
             assert codes == [250, 250, 250, 354] and leg.client.pending == 0
-            await leg.stream.send_all(b"Subject: t\r\n\r\n..dot\r\n.\r\n")
+            leg.client.message_data(b"Subject: t\r\n\r\n..dot\r\n")
+            leg.client.end_message()            # the final dot: its reply is awaited
+            await leg.stream.send_all(leg.client.data_to_send())
             done = await leg.reply()
             assert done.code == 250 and done.enhanced == "2.0.0"
             assert (await leg.command("QUIT")).code == 221

@@ -6,13 +6,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import ProtocolError
-from gateway.proto.smtp_client import MAX_LINE, MAX_LINES, Reply, SMTPClient
+from gateway.proto.smtp_client import MAX_LINE, MAX_LINES, Reply, SMTPClient, UnsolicitedData
 
 STREAM = (b"220 up.test ESMTP\r\n250-up.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"
           b"250 STARTTLS\r\n550 5.1.1 No such user\r\n")
 EXPECT = [Reply(220, ("up.test ESMTP",)),
           Reply(250, ("up.test", "PIPELINING", "SIZE 1000", "STARTTLS")),
           Reply(550, ("5.1.1 No such user",))]
+
+
+def solicited(n: int = 10) -> SMTPClient:
+    """A client with the greeting and *n* commands outstanding: the replies a framing test
+    feeds all answer something (bytes that answer nothing are unsolicited, SPEC §6)."""
+    c = SMTPClient()
+    for _ in range(n):
+        c.send("NOOP")
+    return c
 
 
 def drain(c: SMTPClient) -> list[Reply]:
@@ -23,7 +32,7 @@ def drain(c: SMTPClient) -> list[Reply]:
 
 
 def feed_chunks(chunks) -> list[Reply]:
-    c = SMTPClient()
+    c = solicited()
     got = []
     for part in chunks:
         if part:
@@ -48,7 +57,7 @@ def test_every_split_point(stream, expect):
 
 
 def test_byte_by_byte():
-    c = SMTPClient()
+    c = solicited()
     got = []
     for i in range(len(STREAM)):
         c.receive_data(STREAM[i:i + 1])
@@ -127,7 +136,7 @@ def test_to_bytes_adds_x00(reply, wire):
 
 
 def test_to_bytes_without_adding_round_trips():
-    c = SMTPClient()
+    c = solicited()
     c.receive_data(STREAM)
     assert b"".join(r.to_bytes(add_enhanced=False) for r in drain(c)) == STREAM
 
@@ -135,7 +144,7 @@ def test_to_bytes_without_adding_round_trips():
 # --- bounds -----------------------------------------------------------------------------------
 
 def test_long_line_truncated_without_unbounded_buffering():
-    c = SMTPClient()
+    c = solicited()
     c.receive_data(b"250 ")
     for _ in range(1024):                       # 1 MiB in 1 KiB chunks
         c.receive_data(b"x" * 1024)
@@ -298,7 +307,7 @@ def test_send_utf8():
 
 
 def test_ehlo_and_enhanced():
-    c = SMTPClient()
+    c = solicited()
     c.receive_data(STREAM)
     _, ehlo, rej = drain(c)
     assert SMTPClient.parse_ehlo(ehlo) == {"PIPELINING": "", "SIZE": "1000", "STARTTLS": ""}
@@ -464,3 +473,78 @@ def test_reusable_needs_the_idle_command_state():
     c.receive_data(b"250 2.0.0 Ok\r\n")
     c.next_reply()
     assert c.reusable
+
+
+# --- unsolicited data: bytes with no command outstanding are never a reply (SPEC §6) --------
+
+def _after_greeting() -> SMTPClient:
+    c = SMTPClient()
+    c.receive_data(b"220 up.test ESMTP\r\n")
+    assert c.next_reply().code == 220
+    return c
+
+
+def test_a_line_after_the_last_reply_is_unsolicited_and_never_answers_the_next_command():
+    """The hostile upstream's extra `250` after RCPT's reply: the client's DATA must not
+    take it for its answer."""
+    c = _after_greeting()
+    c.send("RCPT TO:<b@x.test>")
+    assert not c.unsolicited
+    c.receive_data(b"250 2.1.5 Ok\r\n250 2.0.0 stale\r\n")
+    assert c.next_reply() == Reply(250, ("2.1.5 Ok",))
+    assert c.pending == 0 and c.unsolicited            # known before anything is sent
+    c.send("DATA")
+    with pytest.raises(UnsolicitedData):
+        c.next_reply()
+    with pytest.raises(UnsolicitedData):                # broken for good
+        c.next_reply()
+    assert c.unsolicited and not c.in_data
+
+
+def test_a_reply_when_nothing_is_outstanding_is_an_error_not_a_reply():
+    c = _after_greeting()
+    c.receive_data(b"421 4.4.2 up.test Error: timeout exceeded\r\n")
+    assert c.unsolicited
+    with pytest.raises(UnsolicitedData, match="421 4.4.2"):
+        c.next_reply()
+
+
+def test_bytes_before_the_final_dot_are_unsolicited():
+    c = _after_greeting()
+    c.send("DATA")
+    c.receive_data(b"354 go\r\n")
+    assert c.next_reply().code == 354 and c.in_data and not c.unsolicited
+    c.receive_data(b"554 5.0.0 early\r\n")             # while the message streams
+    assert c.unsolicited
+    c.end_message()
+    with pytest.raises(UnsolicitedData):
+        c.next_reply()
+
+
+def test_pipelined_replies_are_solicited():
+    """MAIL and RCPT sent in one write: both replies, read in one chunk, are answers."""
+    c = _after_greeting()
+    c.send("MAIL FROM:<a@x.test>")
+    c.send("RCPT TO:<b@x.test>")
+    c.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    assert not c.unsolicited
+    assert c.next_reply().code == 250 and not c.unsolicited     # RCPT's still awaited
+    assert c.next_reply().code == 250 and c.pending == 0 and not c.unsolicited
+    c.send("DATA")
+    c.receive_data(b"354 go\r\n")
+    assert c.next_reply().code == 354
+
+
+def test_the_greeting_and_a_partial_reply_in_progress_are_solicited():
+    c = SMTPClient()
+    c.receive_data(b"220-up.test\r\n")                   # the greeting, not yet complete
+    assert not c.unsolicited
+    c.receive_data(b"220 ESMTP\r\n")
+    assert c.next_reply().code == 220 and not c.unsolicited
+    c.send("EHLO gw.test")
+    c.receive_data(b"250-up.test\r\n")                   # EHLO's reply, half there
+    assert c.next_reply() is None and not c.unsolicited
+    c.receive_data(b"250 PIPELINING\r\n")
+    assert c.next_reply().code == 250 and not c.unsolicited
+    c.receive_data(b"25")                                # a byte of something unasked
+    assert c.unsolicited

@@ -4,8 +4,11 @@ test sink (and to fake upstreams that give up on idle connections), plus the poo
 bookkeeping with stand-in legs."""
 from __future__ import annotations
 
+import smtplib
+from contextlib import asynccontextmanager
 from functools import partial
 
+import pytest
 import trio
 
 from gateway.config import parse_config
@@ -190,6 +193,153 @@ async def test_draining_worker_quits_its_idle_upstream_connections():
                 gw.stop_accepting()                 # serve() returns once drained
     assert sink.connections == 1
     assert _verbs(sink.sessions[0])[-1] == b"QUIT"
+
+
+# --- unsolicited bytes from the upstream (SPEC §6) --------------------------------------------
+
+STALE = b"250 2.0.0 stale\r\n"
+IDLE_421 = b"421 4.4.2 fake.test Error: timeout exceeded\r\n"
+LOST = (451, b"4.4.2 Upstream connection lost")
+MSG = b"Subject: hostile\r\n\r\nx\r\n"
+
+
+class _Script:
+    """A scripted hostile upstream (PIPELINING, answers everything). `seen[conn]` holds each
+    connection's command verbs as they arrive (b"." for a message's final dot). On connection
+    `conn` after its reply to `verb`, it writes `extra` unasked: in the same write as that
+    reply, or (`later`) in a write of its own once `poke` is set, then sets `sent`."""
+
+    def __init__(self, conn: int, verb: bytes, extra: bytes, *, later: bool = False):
+        self.conn, self.verb, self.extra, self.later = conn, verb, extra, later
+        self.seen: list[list[bytes]] = []
+        self.poke = trio.Event()
+        self.sent = trio.Event()
+
+    async def serve(self, stream) -> None:
+        self.seen.append([])
+        try:
+            await self._serve(stream, len(self.seen) - 1)
+        except trio.BrokenResourceError:          # the gateway dropped the connection
+            pass
+
+    async def _serve(self, stream, me: int) -> None:
+        await stream.send_all(b"220 fake.test ESMTP\r\n")
+        buf, in_data = b"", False
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:
+                line, buf = buf.split(b"\r\n", 1)
+                if in_data and line != b".":
+                    continue
+                verb = b"." if in_data else line.split(b" ")[0].split(b":")[0].upper()
+                in_data = False
+                self.seen[me].append(verb)
+                reply = {b"EHLO": b"250-fake.test\r\n250 PIPELINING\r\n",
+                         b"MAIL": b"250 2.1.0 ok\r\n", b"RCPT": b"250 2.1.5 ok\r\n",
+                         b"RSET": b"250 2.0.0 ok\r\n", b"NOOP": b"250 2.0.0 ok\r\n",
+                         b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n",
+                         b"QUIT": b"221 bye\r\n"}.get(verb, b"502 5.5.2 what\r\n")
+                in_data = verb == b"DATA"
+                hostile = (me, verb) == (self.conn, self.verb)
+                if hostile and not self.later:
+                    reply += self.extra
+                await stream.send_all(reply)
+                if verb == b"QUIT":
+                    return
+                if hostile and self.later:
+                    await self.poke.wait()
+                    await stream.send_all(self.extra)
+                    self.sent.set()
+
+    def messages(self, conn: int) -> int:
+        return self.seen[conn].count(b".") if conn < len(self.seen) else 0
+
+
+@asynccontextmanager
+async def _scripted(script: _Script):
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, script.serve, 0,
+                                                host="127.0.0.1"))
+        up_port = listeners[0].socket.getsockname()[1]
+        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            with trio.fail_after(30):
+                yield gw.addresses["smtp"][1], logs
+        nursery.cancel_scope.cancel()
+
+
+def _wait(event: trio.Event) -> None:
+    """From the client's thread: wait for a trio event of the test."""
+    trio.from_thread.run(event.wait)
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same_write", "own_write"])
+async def test_a_stray_line_after_rcpt_never_answers_data(later):
+    """(a) The upstream adds a `250` nobody asked for after RCPT's reply: the client's DATA
+    gets 451 4.4.2 (not that stale 250 taken for DATA's answer), the leg is dropped without
+    DATA or a final dot, and the next transaction goes over a new connection."""
+    script = _Script(0, b"RCPT", STALE, later=later)
+    script.poke.set()                         # written at once, in a write of its own
+
+    def client(port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            s.ehlo("client.test")
+            s.mail("alice@client.test")
+            rcpt = s.rcpt("bob@example.test")
+            if later:
+                _wait(script.sent)            # the stray line is on its way before DATA
+            data = s.docmd("DATA")
+            s.rset()
+            again = s.sendmail("alice@client.test", ["bob@example.test"], MSG)
+            return rcpt, data, again
+    async with _scripted(script) as (port, logs):
+        rcpt, data, again = await in_thread(client, port)
+    assert rcpt[0] == 250
+    assert data == LOST
+    assert again == {}
+    assert b"DATA" not in script.seen[0] and b"." not in script.seen[0]
+    assert script.messages(1) == 1
+    [error] = logs.of("upstream_error")
+    assert "unsolicited" in error["reason"] and error["code"] == 451
+
+
+async def test_an_idle_pooled_leg_that_got_a_421_is_retired_not_reused():
+    """(b) The upstream times out the pooled connection with a 421 (and keeps it open): the
+    next session never sees that 421; it gets a new connection and delivers."""
+    script = _Script(0, b".", IDLE_421, later=True)
+    async with _scripted(script) as (port, logs):
+        first = await in_thread(lambda: smtp_send(port))
+        script.poke.set()
+        await script.sent.wait()
+        second = await in_thread(lambda: smtp_send(port))
+    assert first[0] == 250 and second[0] == 250
+    assert script.seen[0].count(b"MAIL") == 1 and script.messages(1) == 1
+    assert [e.get("reused") for e in logs.of("upstream")] == [None, None]
+
+
+@pytest.mark.parametrize("extra", [IDLE_421, STALE], ids=["421", "stray_250"])
+async def test_bytes_between_transactions_retire_the_sessions_own_leg(extra):
+    """(c) Between two transactions of one client session the upstream says something
+    unasked on the session's leg: the leg is retired and the second transaction goes over a
+    new one (never answered by that line)."""
+    script = _Script(0, b".", extra, later=True)
+
+    def client(port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+            first = s.sendmail("alice@client.test", ["bob@example.test"], MSG)
+            trio.from_thread.run_sync(script.poke.set)
+            _wait(script.sent)
+            second = s.sendmail("alice@client.test", ["carol@example.test"], MSG)
+            return first, second
+    async with _scripted(script) as (port, logs):
+        first, second = await in_thread(client, port)
+    assert first == {} and second == {}
+    assert script.seen[0].count(b"MAIL") == 1 and script.messages(0) == 1
+    assert script.messages(1) == 1
+    assert logs.of("upstream_reuse_failed", reason="unsolicited")
 
 
 # --- the pool's bookkeeping, with stand-in legs ----------------------------------------------

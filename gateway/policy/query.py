@@ -9,8 +9,9 @@ level X", for the upstream to answer.
 
 What the command cannot take from the policy it takes from the session's order of checks:
 before TLS at `required`/`verify` the server core answers MAIL `530 5.7.0 Must issue a
-STARTTLS command first`; a transaction whose leg failed answers every later RCPT with that
-failure; more than `max_recipients` gets `452 4.5.3 Too many recipients`.
+STARTTLS command first`; a recipient whose level's TLS could not be had gets that failure,
+and so does every later one at that level, while one at another level may open a leg of its
+own (§4.3); more than `max_recipients` gets `452 4.5.3 Too many recipients`.
 
 The hypothetical upstream leg (`--upstream-tls`): `offered` — STARTTLS offered, the handshake
 succeeds and the certificate verifies (a TLS leg that satisfies every level); `absent` — no
@@ -250,7 +251,7 @@ def ask(config, q: Question) -> dict:
     facts.sender = q.sender
 
     # RCPT TO, each against the leg the first accepted recipient opened
-    failure = None
+    failed: dict = {}                           # level -> its failure (451 4.7.5)
     accepted = 0
     for rcpt in q.rcpts:
         entry: dict = {"address": rcpt, "rule": None, "upstream_level": None,
@@ -278,9 +279,6 @@ def ask(config, q: Question) -> dict:
         if accepted >= listener.max_recipients:
             entry["reply"] = _reply(R.TOO_MANY_RECIPIENTS)
             continue
-        if failure is not None:                 # the transaction's leg failed: every RCPT
-            entry["reply"] = _reply(failure)
-            continue
         verdict = run_now(policy.rcpt(facts, rcpt, {}, leg))
         if verdict.refused:
             entry["reply"] = _reply(verdict.reply)
@@ -290,12 +288,17 @@ def ask(config, q: Question) -> dict:
         if verdict.new_leg:
             leg = None
         if leg is None:
+            if rcpt_level in failed:            # no second try at a level that failed
+                entry["reply"] = _reply(failed[rcpt_level])
+                continue
             leg, failure = open_leg(rcpt_level, q.upstream_tls, listener.upstream.mode)
             if failure is not None:
+                failed[rcpt_level] = failure
                 entry["reply"] = _reply(failure)
                 continue
             entry["leg"] = f"opens the upstream leg at {rcpt_level}: {leg.describe()}"
         leg.in_transaction = True
+        facts.recipients.append(rcpt)           # the first one fixed the leg (§4.3)
         accepted += 1
         entry["accepted"] = True
         entry["reply"] = f"accepted at level {rcpt_level}"

@@ -226,7 +226,8 @@ class StagePolicy:
     def rcpt_rules(self, facts: Facts, address: str, leg=None) -> Verdict:
         """The recipient's encryption rule (§4.3) and whether the transaction's open *leg*
         (None: none yet) can carry it: `level` to carry it at, `new_leg` when the leg must
-        be replaced first (it carries no transaction yet), or `452 4.5.3`."""
+        be replaced first (no recipient of the transaction accepted on it yet:
+        `facts.recipients` is empty), or `452 4.5.3`."""
         rule = None
         if facts.auth_user is not None:
             # authenticated: the upstream is the submission server, which applies the
@@ -243,7 +244,8 @@ class StagePolicy:
         level = resolve(level, facts.tls is not None)
         new_leg = False
         if leg is not None and not leg.closed and not level.satisfied_by(leg):
-            if leg.in_transaction:
+            if leg.in_transaction and facts.recipients:
+                # the first accepted recipient fixed the leg (§4.3)
                 return refuse(R.NEEDS_OTHER_POLICY)
             new_leg = True
         return Verdict(level=level, rule=rule, new_leg=new_leg)

@@ -28,6 +28,15 @@ STARTTLS and response injection (SPEC §6, CVE-2021-38371 class)::
 `reset()` refuses (ProtocolError) to run while leftover bytes are still buffered, so the check
 cannot be skipped silently.
 
+Unsolicited data (SPEC §6): bytes from the server while no command is outstanding (and the
+greeting is read) answer nothing, and are never taken as the next command's reply.
+`unsolicited` says so as soon as they are here (a hostile upstream's extra `250` after RCPT's
+reply, a `421` on an idle connection); sending a command then, or asking `next_reply()`, turns
+them into a sticky `UnsolicitedData` (a ProtocolError), so the stale line can never answer
+that command. Pipelined commands are all outstanding until their replies are read: replies to
+them, however they arrive, are solicited. The caller (the upstream leg) checks `unsolicited`,
+and its socket, before a command and drops (or retires) the connection instead.
+
 The client role's state lives here too, as h11 keeps each role's state machine beside its
 parser: commands are queued (`command()`, `mail()`, `rcpt()`, `message_data()`,
 `end_message()`) and leave through `data_to_send()`, so pipelined commands and the chunks of a
@@ -60,6 +69,10 @@ MAX_LINES = 100          # lines in one reply (SPEC §4.5)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=[ \t]|$)")
 # Characters never relayed to our client inside reply text (CR, NUL, other C0 controls, DEL).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class UnsolicitedData(ProtocolError):
+    """The server sent something while no command was outstanding (SPEC §6)."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +171,10 @@ class SMTPClient:
             self._skipping = True
 
     def next_reply(self) -> Reply | None:
-        """The next complete reply, or None when more data is needed."""
+        """The next complete reply, or None when more data is needed; `UnsolicitedData` when
+        what is there answers no command."""
+        if self._error is None and self.unsolicited:
+            self._unsolicited()
         if self._error is not None:
             raise self._error
         try:
@@ -191,13 +207,11 @@ class SMTPClient:
                 if self._greeting:
                     self._greeting = False
                     self.last_command = None
-                elif self._pending:
+                else:               # next_reply() checked: a command is outstanding
                     self.last_command = verb = self._pending.popleft()
                     step = _TRANSITIONS.get(verb)
                     if step is not None:
                         step(self, reply)
-                else:
-                    self.last_command = None    # unsolicited (e.g. 421 before closing)
                 return reply
 
     # --- output -----------------------------------------------------------------------------
@@ -217,8 +231,19 @@ class SMTPClient:
         verb = command.split(" ", 1)[0].upper()
         if verb == "AUTH":
             self.sasl_used = self.in_sasl = True
-        self._pending.append(verb)
+        self._outstanding(verb)
         return data
+
+    def _outstanding(self, verb: str) -> None:
+        """A command goes out: what arrived before it and answers nothing ends the session's
+        usefulness here (sticky), before the command can be answered by it."""
+        if self._error is None and self.unsolicited:
+            self._unsolicited()
+        self._pending.append(verb)
+
+    def _unsolicited(self) -> None:
+        self._error = UnsolicitedData(
+            f"unsolicited data from the server: {bytes(self._buf[:40])!r}")
 
     def command(self, command: str) -> None:
         """Queue one command line for `data_to_send()` (rendered as `send()` does)."""
@@ -259,7 +284,7 @@ class SMTPClient:
         if "\r" in line or "\n" in line or "\x00" in line:
             raise ValueError("CR, LF or NUL inside a SASL response")
         self._queue(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        self._pending.append("AUTH")          # its reply moves the exchange as AUTH's does
+        self._outstanding("AUTH")             # its reply moves the exchange as AUTH's does
 
     @property
     def reusable(self) -> bool:
@@ -289,7 +314,7 @@ class SMTPClient:
         if not self.in_data:
             raise ProtocolError("end of message outside DATA")
         self._queue(b".\r\n")
-        self._pending.append(".")
+        self._outstanding(".")
         self.in_data = False
 
     def data_to_send(self) -> bytes:
@@ -320,6 +345,14 @@ class SMTPClient:
     def pending(self) -> int:
         """Commands sent whose replies have not been read yet (pipelining)."""
         return len(self._pending)
+
+    @property
+    def unsolicited(self) -> bool:
+        """Bytes arrived that answer no command (SPEC §6): received with no command
+        outstanding and the greeting read, or found so before (sticky)."""
+        if isinstance(self._error, UnsolicitedData):
+            return True
+        return not self._pending and not self._greeting and self.has_leftover()
 
     @property
     def pending_commands(self) -> tuple[str, ...]:

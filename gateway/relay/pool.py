@@ -16,8 +16,10 @@ so two listeners never share a leg even when their upstream addresses are equal.
   session must remember to set.
 - At most `pool_size` idle legs per upstream and level; one more is closed with QUIT.
 - A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
-- A leg is handed out only if its socket shows nothing readable: an upstream that closed it
-  or said something (a 421 before timing out) is dropped without a word. Whatever a check
+- A leg is handed out only if nothing was heard since its last reply, neither in its parser
+  nor on its socket (`leg.idle_and_alive()`): an upstream that closed it or said something (a
+  421 before timing out, a stray line) answers nothing (SPEC §6), and the leg is dropped
+  without a word, never reused. Whatever a check
   cannot see is caught by the session, which retries once on a new connection when the first
   commands on a reused leg fail (see SMTPSession._start_transaction).
 - Newest first: the most recently used leg is the least likely to have been timed out.

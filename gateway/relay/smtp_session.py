@@ -43,6 +43,9 @@ class Transaction:
     mail: S.Mail
     rcpts: list[str] = field(default_factory=list)
     failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
+    # a level whose TLS could not be had (451 4.7.5): its later RCPTs get that reply, the
+    # others are decided on their own (§4.3)
+    failed_levels: dict = field(default_factory=dict)
     refusal: object = None                     # the upstream's refusal of MAIL, likewise
     attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
     last_refusal: tuple[int, str] | None = None
@@ -356,12 +359,20 @@ class SMTPSession:
             self.core.respond(*relayed(txn.refusal))
             return
         leg = self.leg
+        if leg is not None and not leg.closed and not leg.in_transaction \
+                and not leg.idle_and_alive():
+            # the upstream spoke (a 421 before timing out, a stray line) or closed while the
+            # leg sat between transactions: retired, not reused; the next one is new (§6)
+            self.log.event("upstream_reuse_failed", level="debug", reason="unsolicited")
+            await leg.close()
         if self._leg_bound and (leg is None or leg.closed):
             # the authenticated leg broke: no credentials to log in again (§4.6)
             self._refuse(R.UPSTREAM_LOST, close=True)
             return
         if leg is not None and leg.closed:
             self.leg = leg = None
+        # the leg is fixed by the transaction's first accepted recipient (§4.3)
+        self.facts.recipients = txn.rcpts
         verdict = await self.policy.rcpt(self.facts, event.address, event.params, leg)
         if verdict.refused:
             self._refuse_by(verdict)
@@ -370,8 +381,14 @@ class SMTPSession:
             txn.discard = verdict.reason
         level = verdict.level if verdict.level is not None else leg.level
         if verdict.new_leg:
-            await self._release_leg()
+            # between transactions, or no recipient accepted on it yet: RSET and let go
+            await self._release_leg(end_transaction=True)
             leg = None
+        if leg is None and level in txn.failed_levels:
+            # TLS at this level failed once in this transaction: the same tempfail, no
+            # second connection (nor alert) for each such recipient
+            self._refuse(txn.failed_levels[level])
+            return
         try:
             if leg is None:
                 await self._flush()
@@ -393,7 +410,12 @@ class SMTPSession:
                 reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [event.address])
-            txn.failure = failure.reply
+            if failure.tls_required:
+                # this recipient's level could not be had: its own 451 4.7.5, and the leg
+                # is closed; a later recipient at another level may open one (§4.3)
+                txn.failed_levels[level] = failure.reply
+            else:
+                txn.failure = failure.reply     # the upstream is unreachable or was lost
             self._refuse(failure.reply)
             return
         if reply.code // 100 == 2:

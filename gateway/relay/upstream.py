@@ -235,9 +235,37 @@ class UpstreamLeg(UpstreamLegBase):
         return self.client.buffered
 
     def reusable(self) -> bool:
-        """Open, between transactions with nothing buffered either way, and no SASL exchange
-        ever begun on it (the client core's `reusable`, SPEC §4.6): fit for the pool."""
-        return not self.closed and self.stream is not None and self.client.reusable
+        """Open, between transactions with nothing buffered either way, no SASL exchange ever
+        begun on it (the client core's `reusable`, SPEC §4.6) and nothing heard since the
+        last reply (§6): fit for the pool."""
+        return (not self.closed and self.stream is not None and self.client.reusable
+                and self.idle_and_alive())
+
+    def idle_and_alive(self) -> bool:
+        """No command outstanding, and the upstream has neither closed the connection nor
+        said anything since its last reply: not in the parser (`unsolicited`), not on the
+        socket (§6: such a leg is retired, never reused)."""
+        client = self.client
+        return (not client.pending and not client.unsolicited and not client.has_leftover()
+                and super().idle_and_alive())
+
+    def _solicit(self) -> None:
+        """Before a command of a transaction (or the MAIL that opens one) with no command
+        outstanding: whatever the upstream sent since its last reply answers nothing and
+        must not be taken for this command's reply (§6). The leg is lost (451 4.4.2) and
+        the command is not sent (no DATA, no final dot after a stray line)."""
+        client = self.client
+        if client.pending:
+            return
+        quiet = getattr(self.stream, "quiet", None)
+        if client.unsolicited:
+            why = f"unsolicited reply: {client.pending_bytes()[:40]!r}"
+        elif quiet is not None and not quiet():
+            why = "unsolicited data (or close) from upstream"
+        else:
+            return
+        self.closed = True
+        raise UpstreamFailure(R.UPSTREAM_LOST, why)
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -286,6 +314,8 @@ class UpstreamLeg(UpstreamLegBase):
     # --- commands ---------------------------------------------------------------------------
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
+        if self.client.in_transaction:
+            self._solicit()
         self.client.command(line)
         return await self._exchange(timeout)
 
@@ -308,6 +338,7 @@ class UpstreamLeg(UpstreamLegBase):
         """MAIL replayed with the first RCPT (server core events: `.address`, `.params`), in
         one write where the upstream offers PIPELINING (RFC 2920); else one by one, with no
         RCPT after a refused MAIL. Returns (MAIL's reply, RCPT's reply or None)."""
+        self._solicit()
         client = self.client
         client.mail(mail.address, mail.params)
         if "PIPELINING" in client.extensions:
@@ -321,6 +352,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     async def rcpt(self, rcpt) -> Reply:
         """One more RCPT in the open transaction."""
+        self._solicit()
         self.client.rcpt(rcpt.address, rcpt.params)
         return await self._exchange()
 
@@ -338,12 +370,17 @@ class UpstreamLeg(UpstreamLegBase):
         self.client.message_data(data)
 
     async def finish_data(self) -> Reply:
+        self._solicit()                 # a word from the upstream mid-message: no final dot
         self.client.end_message()
         await self._send(self.client.data_to_send())
         return await self._read_reply(timeout=self.settings.data_done_timeout,
                                       phase="data_done")
 
     async def _send(self, data: bytes) -> None:
+        if self.client.unsolicited:
+            # queued after bytes that answer nothing (SMTPClient: sticky): never sent (§6)
+            self.closed = True
+            raise UpstreamFailure(R.UPSTREAM_LOST, "unsolicited reply from upstream")
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, TLSError, OSError) as exc:
