@@ -45,16 +45,23 @@ class Spec(NamedTuple):
     option: Any = None
 
 
+# Label values from fixed sets (SPEC §11): a connection refused before its session, by reason;
+# a transaction's end, by result. Each worker creates every listener's series at 0 from its
+# start (runtime.start_metrics), so that `increase()` sees the first one.
+REJECT_REASONS = ("max_connections", "per_ip", "pregreet", "proxy_untrusted", "proxy_malformed")
+MESSAGE_RESULTS = ("accepted", "rejected", "tempfail", "discarded")
+
 # The metrics (SPEC §11): the one table METRIC_NAMES, ATTRIBUTES, Metrics and NullMetrics
-# are made from. A gauge mode "livemax" falls back to "max" on prometheus-client versions
-# without it.
+# are made from. The connection and message counters carry the listener's `type` (public /
+# private, §2) after its name. A gauge mode "livemax" falls back to "max" on
+# prometheus-client versions without it.
 METRICS = (
     Spec("connections_total", "counter", "gateway_connections_total",
-         "Accepted connections", ("listener", "protocol")),
+         "Accepted connections", ("listener", "type", "protocol")),
     Spec("connections_active", "gauge", "gateway_connections_active",
-         "Open connections", ("listener",), "livesum"),
+         "Open connections", ("listener", "type"), "livesum"),
     Spec("connections_rejected_total", "counter", "gateway_connections_rejected_total",
-         "Connections refused before a session", ("listener", "reason")),
+         "Connections refused before a session", ("listener", "type", "reason")),
     Spec("tls_handshakes_total", "counter", "gateway_tls_handshakes_total",
          "TLS handshakes", ("listener", "side", "version", "result")),
     Spec("tls_handshake_seconds", "histogram", "gateway_tls_handshake_seconds",
@@ -62,9 +69,9 @@ METRICS = (
     Spec("policy_rejections_total", "counter", "gateway_policy_rejections_total",
          "Policy refusals", ("listener", "reason")),
     Spec("messages_total", "counter", "gateway_messages_total",
-         "Messages by result", ("listener", "result")),
+         "Transactions ended, by result", ("listener", "type", "result")),
     Spec("message_bytes_total", "counter", "gateway_message_bytes_total",
-         "Message octets accepted", ("listener",)),
+         "Message octets accepted", ("listener", "type")),
     Spec("upstream_errors_total", "counter", "gateway_upstream_errors_total",
          "Upstream failures", ("listener", "reason")),
     Spec("tls_alerts_total", "counter", "gateway_tls_alerts_total",

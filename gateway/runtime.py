@@ -11,7 +11,7 @@ from .alerts import AlertMailer
 from .config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
-from .metrics import NullMetrics
+from .metrics import MESSAGE_RESULTS, REJECT_REASONS, NullMetrics
 from .recent import NullRecent, RecentCounts
 from .relay.milter_hook import milter_factories
 from .relay.pool import UpstreamPool
@@ -134,10 +134,16 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
 
 def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -> None:
     """What a worker exports from its start (SPEC §11): every counter an alert rule reads, at
-    0 for every listener and reason (so Prometheus' `increase()` sees the first failure), each
-    milter's time histogram (so `rate()` sees the first messages), and the notAfter of every
-    certificate it loaded."""
+    0 for every listener and reason (so Prometheus' `increase()` sees the first failure) —
+    TLS alerts, upstream errors, connections refused, messages by result, each milter's
+    errors and timeouts —, each milter's time histogram (so `rate()` sees the first
+    messages), and the notAfter of every certificate it loaded."""
     for listener in config.listeners:
+        for reason in REJECT_REASONS:
+            metrics.connections_rejected_total.labels(listener.name, listener.type, reason)
+        if listener.protocol == "smtp":
+            for result in MESSAGE_RESULTS:
+                metrics.messages_total.labels(listener.name, listener.type, result)
         for reason in TLS_ALERT_REASONS:
             metrics.tls_alerts_total.labels(listener.name, reason)
         for reason in FAILURE_KINDS.values():

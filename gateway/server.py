@@ -73,12 +73,13 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     stream = LeanSocketStream(sock)
     own_address = peer[0]
     if rt.listener.proxy_protocol:
-        m, name = rt.state.metrics, rt.listener.name
+        m, name, ltype = rt.state.metrics, rt.listener.name, rt.listener.type
         got = await read_proxy_header(
             stream, peer, rt.log.bind(client=_fmt_addr(peer)),
             trusted_proxies=rt.listener.trusted_proxies,
             timeout=rt.listener.timeouts.tls_handshake,
-            rejected=lambda reason: m.connections_rejected_total.labels(name, reason).inc())
+            rejected=lambda reason: m.connections_rejected_total.labels(name, ltype,
+                                                                        reason).inc())
         if got is None:
             await stream.aclose()
             return
@@ -90,15 +91,15 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     counts = state.counts
     counts.add(state.row, rt.index, 1)
     state.session_started()
-    m, name = state.metrics, rt.listener.name
-    m.connections_total.labels(name, rt.listener.protocol).inc()
+    m, name, ltype = state.metrics, rt.listener.name, rt.listener.type
+    m.connections_total.labels(name, ltype, rt.listener.protocol).inc()
     state.recent.session(rt.index)
-    m.connections_active.labels(name).inc()
+    m.connections_active.labels(name, ltype).inc()
     ip_key = None                   # the per-address count this session holds (§2)
     try:
         if counts.total(rt.index) > rt.listener.max_connections:
             log.event("reject", code=421, reason="too many connections")
-            m.connections_rejected_total.labels(name, "max_connections").inc()
+            m.connections_rejected_total.labels(name, ltype, "max_connections").inc()
             await _refuse(rt, stream, R.TOO_MANY_CONNECTIONS, IMAP_TOO_MANY_CONNECTIONS)
             return
         if rt.listener.max_connections_per_ip:
@@ -111,7 +112,7 @@ async def _session(rt: ListenerRuntime, sock) -> None:
                     ip_key = key
                     if held > rt.listener.max_connections_per_ip:
                         log.event("reject", code=421, reason="too many connections from address")
-                        m.connections_rejected_total.labels(name, "per_ip").inc()
+                        m.connections_rejected_total.labels(name, ltype, "per_ip").inc()
                         await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
                                       IMAP_TOO_MANY_FROM_ADDRESS)
                         return
@@ -130,7 +131,7 @@ async def _session(rt: ListenerRuntime, sock) -> None:
         if ip_key is not None:
             counts.per_ip.remove(state.row, rt.index, ip_key)
         state.session_ended()
-        m.connections_active.labels(name).dec()
+        m.connections_active.labels(name, ltype).dec()
 
 
 async def _refuse(rt: ListenerRuntime, stream, smtp_reply, imap_reply: bytes) -> None:

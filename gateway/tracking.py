@@ -4,13 +4,18 @@ Every worker appends to the same file opened with O_APPEND and writes each recor
 single write() of the whole line, so records from several processes never interleave. A record
 is written whole or counted as failed: a short or failed write (disk full) is logged as
 `tracking_error` and counted in `gateway_tracking_errors_total`, and mail keeps flowing. The
-fragment a short write leaves is never glued to the next record: a record written after a file
-that does not end with a newline starts with one. `gateway track` (gateway/track.py) reads the
-file back.
+fragment a short write leaves (a full disk, a worker killed mid-write) is never glued to the
+next record: a record written after a file that does not end with a newline starts with one.
+Looking at the last byte and appending are one step under an exclusive lock on the file
+(flock, per open file, let go when the process dies): without it another worker's record,
+in the middle of being appended (the file's size grows a page at a time), looked like a torn
+one, and the newline put before the next record left an empty line.
+`gateway track` (gateway/track.py) reads the file back.
 """
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -26,6 +31,16 @@ def _open(path: str) -> tuple[int, bool]:
         return os.open(path, os.O_RDWR | _FLAGS, _MODE), True
     except PermissionError:
         return os.open(path, os.O_WRONLY | _FLAGS, _MODE), False
+
+
+def _lock(fd: int) -> bool:
+    """Take the file's exclusive lock (waiting for another worker's write); False where the
+    filesystem has no locks: written all the same."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -86,21 +101,31 @@ class TrackingLog:
 
     def write(self, record: TrackingRecord) -> None:
         data = encode_record(record)
+        fd = self.fd
+        locked = False
         try:
-            if not self._ends_with_newline():
-                data = b"\n" + data              # a torn record before: start a line of our own
-            written = os.write(self.fd, data)
+            if self._readable:
+                locked = _lock(fd)               # held for microseconds: check + one write
+                if not self._ends_with_newline():
+                    data = b"\n" + data          # a torn record before: start a line of our own
+            written = os.write(fd, data)
         except OSError as exc:                   # a full disk must not stop mail flowing
             self._failed(record, exc.strerror or str(exc), 0, len(data))
             return
+        finally:
+            if locked:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except OSError:                  # (closing the file lets it go in any case)
+                    pass
         if written != len(data):                 # a short write (disk full): the record is torn
             self._failed(record, "short write", written, len(data))
 
     def _ends_with_newline(self) -> bool:
-        if not self._readable:
-            return True
+        """Does the file end with a whole line? (under the lock, see write()). An empty
+        file does, and so does one cut shorter meanwhile (copytruncate: nothing to read)."""
         size = os.fstat(self.fd).st_size
-        return size == 0 or os.pread(self.fd, 1, size - 1) == b"\n"
+        return size == 0 or os.pread(self.fd, 1, size - 1) in (b"\n", b"")
 
     def _failed(self, record: TrackingRecord, reason: str, written: int, size: int) -> None:
         self.errors += 1

@@ -58,7 +58,7 @@ starts one set for the module. Tests sharing it must not count on message totals
 before them: take `len(sub.remote_messages())` first and wait for that plus one.
 The three start side by side, in 1-3 s (`postfix check` takes most of it); `stop()` stops
 all three. Needs root and postfix + dovecot
-(a missing binary skips, or fails under CI, as in peers.py).
+(a missing binary fails the test, as in peers.py).
 """
 from __future__ import annotations
 

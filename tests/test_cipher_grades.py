@@ -103,3 +103,60 @@ async def test_high_client_rule_does_not_widen_the_default_profile_over_a_socket
     assert "ECDHE-ECDSA-AES256-GCM-SHA384" in gcm, gcm       # the rule's context works
     errors = logs.of("tls_error", side="client")
     assert len(errors) == 1 and "no shared cipher" in errors[0]["reason"]
+
+
+# the profile's own list: HIGH (CBC-SHA1), HIGH (GCM), MEDIUM (CCM8) for an ECDSA certificate;
+# OpenSSL 3 takes the 64-bit CCM8 tag only at security level 0
+OWN = ("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-CCM8:"
+       "@SECLEVEL=0")
+
+
+def test_a_grade_narrows_the_profiles_own_ciphers():
+    data = config_dict([listener_dict(upstream_port=25)])
+    data["tls_profiles"] = {"own": {"clone": "default", "ciphers": OWN,
+                                    "cipher_strength": "high"}}
+    own = parse_config(data).profiles["own"]
+    assert own.cipher_strength == "high"
+    assert own.ciphers == "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0"
+    # medium keeps all three; a grade leaving nothing of the own list is a config error
+    data["tls_profiles"]["own"]["cipher_strength"] = "medium"
+    assert expand(parse_config(data).profiles["own"].ciphers) == expand(OWN)
+    data["tls_profiles"] = {"own": {"clone": "default", "ciphers": "ECDHE-ECDSA-AES128-CCM8",
+                                    "cipher_strength": "high"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.path == "tls_profiles.own.cipher_strength"
+    assert "leaves no suite" in info.value.message
+
+
+async def test_a_grade_in_the_same_profile_as_its_ciphers_over_a_socket(server_cert):
+    """`ciphers` and `cipher_strength = "high"` in one profile (SPEC §3.3): the listener
+    refuses a client offering only the MEDIUM suite of that list, and takes the HIGH ones;
+    the same list without the grade takes the MEDIUM suite (the offer itself is good)."""
+    require("openssl")
+    async with running_sink() as sink:
+        data = config_dict([listener_dict("graded", upstream_port=sink.port, cert="main",
+                                          profile="own_high"),
+                            listener_dict("ungraded", upstream_port=sink.port, cert="main",
+                                          profile="own")], server_cert=server_cert)
+        data["tls_profiles"] = {"own": {"clone": "default", "ciphers": OWN},
+                                "own_high": {"clone": "default", "ciphers": OWN,
+                                             "cipher_strength": "high"}}
+        async with running_gateway(data) as (gw, logs):
+            graded, ungraded = gw.addresses["graded"][1], gw.addresses["ungraded"][1]
+
+            async def offer(port, suite):
+                return await openssl_s_client_starttls_async(
+                    "127.0.0.1", port, "smtp",
+                    extra_args=["-tls1_2", "-cipher", suite + ":@SECLEVEL=0"])
+            with trio.fail_after(60):
+                ccm8 = await offer(graded, "ECDHE-ECDSA-AES128-CCM8")
+                cbc = await offer(graded, "ECDHE-ECDSA-AES128-SHA")
+                gcm = await offer(graded, "ECDHE-ECDSA-AES128-GCM-SHA256")
+                control = await offer(ungraded, "ECDHE-ECDSA-AES128-CCM8")
+    assert not _handshake_ok(ccm8), ccm8
+    assert "ECDHE-ECDSA-AES128-SHA" in cbc and _handshake_ok(cbc), cbc
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in gcm and _handshake_ok(gcm), gcm
+    assert "ECDHE-ECDSA-AES128-CCM8" in control and _handshake_ok(control), control
+    errors = logs.of("tls_error", side="client")
+    assert len(errors) == 1 and "no shared cipher" in errors[0]["reason"]

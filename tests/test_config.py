@@ -201,9 +201,9 @@ ERRORS = [
      "tls_profiles.p.max_version", "above"),
     ("profile-strength-enum", P("p", {"clone": "default", "cipher_strength": "low"}),
      "tls_profiles.p.cipher_strength", '"medium", "high"'),
-    ("profile-ciphers-and-strength", P("p", {"clone": "default", "cipher_strength": "high",
-                                             "ciphers": "HIGH"}),
-     "tls_profiles.p.cipher_strength", "not both"),
+    ("profile-ciphers-and-strength-leave-nothing", P("p", {
+        "clone": "default", "cipher_strength": "high", "ciphers": "SEED-SHA:AES128-CCM8"}),
+     "tls_profiles.p.cipher_strength", "leaves no suite"),
     ("profile-bad-ciphers", P("p", {"clone": "default", "ciphers": "NOT-A-CIPHER"}),
      "tls_profiles.p.ciphers", "OpenSSL"),
     ("profile-bad-groups", P("p", {"clone": "default", "groups": "X25519:bogus"}),

@@ -205,12 +205,25 @@ async def test_refusal_at_mail_from_is_tracked(tmp_path, server_cert):
     assert sink.messages == []
 
 
-async def test_pregreet_holds_the_greeting_and_refuses_early_talkers():
+async def test_pregreet_holds_the_greeting_and_refuses_early_talkers(tmp_path):
+    """On a real gateway: the bot gets 554 and is counted as
+    `gateway_connections_rejected_total{reason="pregreet"}` (at 0 before, SPEC §11)."""
+    from harness import to_toml
+    from peers import free_port
+    from supervised import GatewayProcess, samples_of, scrape
+
+    port, metrics_port = free_port(), free_port()
     async with running_sink() as sink:
-        data = config_dict([listener_dict(upstream_port=sink.port, pregreet_wait=1)])
-        async with running_gateway(data) as (gw, logs):
-            port = gw.addresses["smtp"][1]
-            with trio.fail_after(20):
+        listener = listener_dict("mx", upstream_port=sink.port, pregreet_wait=1)
+        listener["bind"] = f"127.0.0.1:{port}"
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(to_toml(config_dict([listener], workers=1, shutdown_grace=5,
+                                           metrics=f"127.0.0.1:{metrics_port}")))
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening"))
+                before = await in_thread(scrape, metrics_port)
                 # a bot that talks at once: 220- ... then 554, closed
                 bot = await trio.open_tcp_stream("127.0.0.1", port)
                 await bot.send_all(b"EHLO bot\r\n")
@@ -222,10 +235,21 @@ async def test_pregreet_holds_the_greeting_and_refuses_early_talkers():
                 start = trio.current_time()
                 reply = await in_thread(lambda: smtp_send(port))
                 waited = trio.current_time() - start
+                await in_thread(lambda: gw.wait_for(r"event=conn_close ", count=2))
+                after = await in_thread(scrape, metrics_port)
+        finally:
+            assert gw.stop() == 0
     assert got == b"220-mx.test ESMTP\r\n554 5.5.0 SMTP protocol synchronization error\r\n"
     assert reply[0] == 250 and waited >= 1
-    assert logs.of("reject", reason="pregreet")
+    assert len([ln for ln in gw.lines if " event=reject " in ln and "reason=pregreet" in ln]) == 1
     assert len(sink.messages) == 1
+
+    def pregreet(samples):
+        return samples_of(samples, "gateway_connections_rejected_total", listener="mx",
+                          type="public", reason="pregreet")
+    assert pregreet(before) == [0] and pregreet(after) == [1]
+    assert samples_of(after, "gateway_messages_total", listener="mx", type="public",
+                      result="accepted") == [1]
 
 
 def test_pregreet_wait_on_an_implicit_listener_is_a_configuration_error():

@@ -536,7 +536,7 @@ async def test_metrics_of_an_imap_session(dovecot, server_cert):
             await in_thread(talk)
         nursery.cancel_scope.cancel()          # a session still closing records on its way out
     v = metrics.values
-    assert v[("connections_total", ("imap", "imap"))] == 1
+    assert v[("connections_total", ("imap", "public", "imap"))] == 1
     assert v[("session_seconds", ("imap", "imap"))] == 1
     assert any(k[0] == "tls_handshakes_total" and k[1][1] == "client" and k[1][3] == "ok"
                for k in v)

@@ -106,13 +106,21 @@ def test_odd_values_never_raise():
 
 def test_a_broken_stream_is_ignored():
     class Broken:
+        lines: list[str] = []
+
         def write(self, text):
+            self.lines.append(text)
             raise BrokenPipeError
 
         def flush(self):
             raise BrokenPipeError
 
-    EventLog(stream=Broken()).event("e", x=1)      # must not raise
+    stream = Broken()
+    log = EventLog(stream=stream)
+    log.event("e", x=1)                            # must not raise
+    log.bind(conn="c1").event("f", y=2)            # nor a bound one, and logging goes on
+    assert [line.split(" ", 1)[1] for line in stream.lines] == [
+        "level=info event=e x=1\n", "level=info event=f conn=c1 y=2\n"]
 
 
 def test_reserved_names_do_not_clobber_the_header():

@@ -177,11 +177,14 @@ def test_start_fails_cleanly_when_port_is_taken(postfix_bin, pubdir):
     assert pf.instance_pids() == []
 
 
-def test_require_skips_or_fails_in_ci(monkeypatch):
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception):
+@pytest.mark.parametrize("ci", [None, "1"])
+def test_a_missing_peer_fails_wherever_the_suite_runs(monkeypatch, ci):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception) as info:
         require("no-such-peer-binary-xyz")
-    monkeypatch.setenv("CI", "1")
-    with pytest.raises(pytest.fail.Exception):
-        require("no-such-peer-binary-xyz")
+    assert "'no-such-peer-binary-xyz' not found" in str(info.value)
+    assert "bash .ci/install-peers.sh" in str(info.value)
     assert require("sh").endswith("/sh")

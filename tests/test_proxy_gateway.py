@@ -121,3 +121,56 @@ async def test_haproxy_send_proxy_v2(pubdir):
     assert delivered[0]["client"].startswith("127.0.0.2:")     # not HAProxy's 127.0.0.1
     assert sink.messages[0].xclient.get("ADDR") == "127.0.0.2"
     assert b"[127.0.0.2]" in sink.messages[0].data               # Received header
+
+
+def _connect_from(source: str, port: int, header: bytes) -> bytes:
+    """Send *header* from the local address *source*; what came back before the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20,
+                                  source_address=(source, 0)) as s:
+        s.sendall(header)
+        try:
+            return s.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+
+async def test_proxy_refusals_are_counted_under_the_spec_names(tmp_path):
+    """SPEC §11: `gateway_connections_rejected_total{reason}` `proxy_untrusted` and
+    `proxy_malformed`, at 0 for the listener from the start, one increment per refusal, on
+    a real gateway's /metrics."""
+    from harness import to_toml
+    from supervised import GatewayProcess, samples_of, scrape
+
+    port, metrics_port = free_port(), free_port()
+    async with running_sink() as sink:
+        listener = _proxy_listener(sink.port)
+        listener.update(name="edge", bind=f"127.0.0.1:{port}", type="private")
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(to_toml(config_dict([listener], workers=1, shutdown_grace=5,
+                                           metrics=f"127.0.0.1:{metrics_port}")))
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening"))
+                before = await in_thread(scrape, metrics_port)
+                header = build_v2(("203.0.113.5", 40001), ("127.0.0.1", port))
+                untrusted = await in_thread(_connect_from, "127.0.0.2", port, header)
+                malformed = await in_thread(_connect_from, "127.0.0.1", port,
+                                            b"PROXY TCP4 1.2.3.4\r\n")
+                trusted = await in_thread(_session_with_header, port, header)
+                await in_thread(lambda: gw.wait_for(r"event=reject ", count=2))
+                await in_thread(lambda: gw.wait_for(r"event=conn_close "))
+                after = await in_thread(scrape, metrics_port)
+        finally:
+            assert gw.stop() == 0
+    assert untrusted == malformed == b"" and trusted.startswith(b"220 ")
+
+    def rejected(samples, reason):
+        return samples_of(samples, "gateway_connections_rejected_total", listener="edge",
+                          type="private", reason=reason)
+    assert rejected(before, "proxy_untrusted") == rejected(before, "proxy_malformed") == [0]
+    assert rejected(after, "proxy_untrusted") == [1]
+    assert rejected(after, "proxy_malformed") == [1]
+    # the refused connections never became sessions; the trusted one did
+    assert samples_of(after, "gateway_connections_total", listener="edge", type="private",
+                      protocol="smtp") == [1]

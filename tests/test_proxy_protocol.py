@@ -240,9 +240,15 @@ def test_mutated_v2_never_crashes(tail):
     base = build_v2(*V6)
     data = base[:12] + tail
     try:
-        parse_proxy_header(data)
+        result = parse_proxy_header(data)
     except ProxyHeaderError:
-        pass
+        return
+    # a v2 signature, then whatever: incomplete (None), or a v2 header within what was read,
+    # whose length field says how much it used
+    if result is not None:
+        info, used = result
+        assert info.version == 2 and 16 <= used <= len(data)
+        assert used == 16 + int.from_bytes(data[14:16], "big")
 
 
 # --- trust ------------------------------------------------------------------------------------

@@ -557,15 +557,32 @@ async def test_tlsstream_client_against_stdlib_thread_server(server_cert, verify
 
 # --- profiles ----------------------------------------------------------------------------------
 
+def offered(ctx) -> list[str]:
+    """The suites a context offers, as OpenSSL lists them (TLS 1.3 first)."""
+    from OpenSSL import SSL
+    return SSL.Connection(ctx, None).get_cipher_list()
+
+
 @pytest.mark.parametrize("name", sorted(PREDEFINED))
 def test_predefined_profiles_build(name, server_cert):
+    from OpenSSL import SSL
+
+    from gateway.tls.grades import expand
     prof = PREDEFINED[name]
     validate_profile(prof)
-    server_context(prof, str(server_cert.cert), str(server_cert.key))
-    server_context(clone(prof, "with-ca", ca_file=str(server_cert.ca)), str(server_cert.cert),
-                   str(server_cert.key), request_client_cert=True)
-    client_context(prof)
-    client_context(prof, verify=True)
+    server = server_context(prof, str(server_cert.cert), str(server_cert.key))
+    asking = server_context(clone(prof, "with-ca", ca_file=str(server_cert.ca)),
+                            str(server_cert.cert), str(server_cert.key),
+                            request_client_cert=True)
+    client = client_context(prof)
+    verifying = client_context(prof, verify=True)
+    # each context offers the profile's suites, in its order: TLS 1.3, then its TLS 1.2 list
+    suites = prof.ciphersuites.split(":") + list(expand(prof.ciphers))
+    for ctx in (server, asking, client, verifying):
+        assert offered(ctx) == suites, name
+    assert server.get_verify_mode() == client.get_verify_mode() == SSL.VERIFY_NONE
+    assert asking.get_verify_mode() & SSL.VERIFY_PEER
+    assert verifying.get_verify_mode() == SSL.VERIFY_PEER
 
 
 def test_default_profile_groups_are_the_mozilla_ones():
@@ -659,9 +676,22 @@ def test_bad_ciphers_and_suites_raise_value_error(server_cert):
         client_context(profile(ciphersuites="TLS_NOPE"))
 
 
-def test_cipher_strength_grades_build():
+def test_cipher_strength_grades_build(server_cert):
+    """A grade builds into contexts that offer the graded list: the operator's MEDIUM suite
+    (CCM8) only at `medium`; Mozilla's intermediate list (all HIGH) unchanged at either."""
+    from gateway.tls.grades import expand
+    tls13 = DEFAULT.ciphersuites.split(":")
+    own = clone(DEFAULT, "own", ciphers="ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-CCM8:"
+                                        "AES256-SHA:@SECLEVEL=0")
+    expect = {"medium": ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-CCM8",
+                         "AES256-SHA"],
+              "high": ["ECDHE-ECDSA-AES128-GCM-SHA256", "AES256-SHA"]}
     for strength in ("medium", "high"):
-        client_context(clone(DEFAULT, strength, cipher_strength=strength))
+        graded = clone(own, strength, cipher_strength=strength)
+        server = server_context(graded, str(server_cert.cert), str(server_cert.key))
+        assert offered(client_context(graded)) == offered(server) == tls13 + expect[strength]
+        default = clone(DEFAULT, strength, cipher_strength=strength)
+        assert offered(client_context(default)) == tls13 + list(expand(DEFAULT.ciphers))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -14,6 +14,8 @@ from dataclasses import asdict
 import pytest
 
 from gateway import cli, track
+from gateway.proto import replies as R
+from gateway.relay.milter_data import DISCARDED
 from gateway.tracking import TrackingRecord, encode_record
 from harness import NEUTRAL_CWD, gateway_subprocess_env
 
@@ -22,9 +24,24 @@ TLS13 = "TLSv1.3 TLS_AES_256_GCM_SHA384"
 TLS12 = "TLSv1.2 ECDHE-RSA-AES256-GCM-SHA384"
 
 
+def said(reply) -> str:
+    """A reply as a record holds it: "code text"."""
+    return f"{reply[0]} {reply[1]}"
+
+
+# Replies as records hold them: the gateway's own (gateway/proto/replies.py, milter_data.py)
+# and a Postfix upstream's, relayed (its queue id, its unknown-user refusal)
+QUEUED = "250 2.0.0 Ok: queued as 4AbCdE"
+UNKNOWN_USER = ("550 5.1.1 <nobody@x.example>: Recipient address rejected: User unknown in "
+                "local recipient table")
+NOT_OFFERED = said(R.UPSTREAM_TLS_NOT_OFFERED)       # 451 4.7.5 TLS is required, but ...
+MUST_STARTTLS = said(R.MUST_STARTTLS)
+MESSAGE_DISCARDED = said(DISCARDED)
+
+
 def rec(id, time, *, mail_from="alice@a.example", rcpts=("bob@x.example",), client_tls=None,
         upstream_tls=None, result="accepted", upstream_leg=None,
-        reply="250 2.0.0 Ok: queued as 4AbCdE", **kw) -> TrackingRecord:
+        reply=QUEUED, **kw) -> TrackingRecord:
     if upstream_leg is None and result == "accepted":
         upstream_leg = "tls" if upstream_tls else "plain"
     return TrackingRecord(id=id, time=time, listener="mx", client="192.0.2.7:40000",
@@ -44,17 +61,17 @@ RECORDS = [
     rec("m.3", "2026-11-24T08:00:00.000+00:00", client_tls=TLS13, rcpts=("frank@x.example",)),
     # refused by the upstream at RCPT over a plaintext leg
     rec("m.4", "2026-11-24T09:00:00.000+00:00", mail_from="", result="rejected",
-        upstream_leg="plain", reply="550 5.1.1 <nobody@x.example>: unknown user",
+        upstream_leg="plain", reply=UNKNOWN_USER,
         rcpts=("nobody@x.example",)),
     # TLS required upstream, not offered: never reached the upstream (no leg)
     rec("m.5", "2026-11-24T10:00:00.000+00:00", client_tls=TLS13, result="tempfail",
-        reply="451 4.7.5 Upstream TLS not available - try again later"),
+        reply=NOT_OFFERED),
     # refused by the gateway's own policy, plaintext client: no upstream leg
     rec("m.6", "2026-11-24T11:00:00.000+00:00", result="rejected",
-        reply="530 5.7.0 Must issue a STARTTLS command first", rcpts=("ops@z.example",)),
+        reply=MUST_STARTTLS, rcpts=("ops@z.example",)),
     # a milter discarded it; authenticated
     rec("m.7", "2026-11-24T12:00:00.000+00:00", client_tls=TLS13, result="discarded",
-        reply="250 2.7.0 Message discarded", auth_user="alice",
+        reply=MESSAGE_DISCARDED, auth_user="alice",
         milter=[{"milter": "rspamd", "stage": "eom", "result": "discard"}]),
 ]
 
@@ -159,8 +176,9 @@ def test_table_marks_tls_legs_and_keeps_the_whole_reply(log, capsys):
     assert " plain    TLSv1.3 " in row["m.2"]
     assert " TLSv1.3  plain " in row["m.3"]
     assert " TLSv1.3  -  " in row["m.5"]                       # no upstream leg
-    assert row["m.5"].endswith("451 4.7.5 Upstream TLS not available - try again later")
+    assert row["m.5"].endswith("451 4.7.5 TLS is required, but was not offered by host")
     assert row["m.6"].endswith("530 5.7.0 Must issue a STARTTLS command first")
+    assert row["m.4"].endswith(UNKNOWN_USER)                   # the whole reply, spaces too
     assert row["m.2"].split()[:10] == [
         "2026-11-23", "22:30:00", "accepted", "carol@b.example", "dave@y.example,erin@x.example",
         "1234", "plain", "TLSv1.3", "-", "-"]                  # no AUTH, no MILTER

@@ -155,6 +155,48 @@ def test_a_torn_line_left_by_another_process_is_not_glued_on(tmp_path):
     assert [r["id"] for r in track_json(path)] == ["c.1", "c.2", "c.3"]
 
 
+WRITER = textwrap.dedent("""
+    import sys
+    from gateway.tracking import TrackingLog, TrackingRecord
+    path, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    t = TrackingLog(path)
+    sys.stdin.read()                          # every writer starts at once
+    for i in range(count):
+        t.write(TrackingRecord(id=f"{name}.{i}", time="2026-11-24T10:00:00Z", listener="l",
+                               client="c", helo="h" * (i * 37 % 700), mail_from="a@b.test",
+                               recipients=["c@d.test"], size=i, client_tls=None,
+                               upstream="u", upstream_tls=None, result="accepted",
+                               reply="250 2.0.0 Ok"))
+    t.close()
+""")
+
+
+def test_writers_in_several_processes_never_leave_a_blank_line(tmp_path):
+    """Workers append to one file at once (SPEC §7: the next record starts on a new line,
+    never an empty one): records of 100 to 800 bytes cross page boundaries while another
+    process looks at the file's last byte."""
+    path = tmp_path / "tracking.jsonl"
+    count, names = 2000, [f"w{n}" for n in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(count)],
+                              stdin=subprocess.PIPE, env=gateway_subprocess_env(),
+                              cwd=NEUTRAL_CWD) for name in names]
+    try:
+        for proc in procs:
+            proc.stdin.close()
+        assert [proc.wait(timeout=120) for proc in procs] == [0] * len(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    blank = sum(1 for line in lines[:-1] if not line)
+    assert blank == 0, f"{blank} blank lines among {len(lines) - 1}"
+    ids = [json.loads(line)["id"] for line in lines[:-1]]
+    assert sorted(ids) == sorted(f"{name}.{i}" for name in names for i in range(count))
+
+
 def test_a_file_it_may_not_read_is_still_written(tmp_path, monkeypatch):
     path = tmp_path / "tracking.jsonl"
     path.write_bytes(b"torn")
@@ -282,3 +324,71 @@ async def test_mail_keeps_flowing_while_the_tracking_file_is_full(small_fs):
     lines = path.read_bytes().split(b"\n")[:-1]
     assert sum(1 for line in lines if line.startswith(b"{") and line.endswith(b"}")) == \
         len(senders)
+
+
+async def test_whole_lines_through_a_reopen_and_a_killed_worker(tmp_path):
+    """A supervised gateway, two workers writing one tracking file: messages from several
+    clients at once, logrotate's move and SIGUSR1 (every worker reopens), a worker
+    SIGKILLed while sessions are under way and replaced: every line of both files is a
+    JSON object (no blank line, no fragment), each record once (SPEC §7, §9)."""
+    import signal
+    import smtplib
+
+    from harness import to_toml
+    from peers import free_port
+    from supervised import GatewayProcess
+
+    path = tmp_path / "tracking.jsonl"
+    port = free_port()
+    outcomes: list = []
+
+    def client(n: int, batch: str) -> None:
+        for i in range(n):
+            try:
+                outcomes.append(smtp_send(port, mail_from=f"{batch}{i}@client.test",
+                                          body=b"Subject: x\r\n\r\n" + b"y" * (97 * i)
+                                          + b"\r\n")[0])
+            except (smtplib.SMTPException, OSError) as exc:
+                outcomes.append(type(exc).__name__)
+
+    async def batch(name: str, clients: int = 4, each: int = 6) -> None:
+        async with trio.open_nursery() as nursery:
+            for c in range(clients):
+                nursery.start_soon(in_thread, client, each, f"{name}{c}x")
+
+    async with running_sink() as sink:
+        listener = listener_dict("mx", upstream_port=sink.port)
+        listener["bind"] = f"127.0.0.1:{port}"
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(to_toml(config_dict([listener], workers=2, shutdown_grace=5,
+                                           tracking_log=str(path))))
+        gw = GatewayProcess(cfg)
+        try:
+            with trio.fail_after(120):
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+                await batch("a")
+                path.rename(tmp_path / "tracking.jsonl.1")           # logrotate
+                gw.proc.send_signal(signal.SIGUSR1)
+                await in_thread(lambda: gw.wait_for(r"event=tracking_reopened", count=2))
+                victim = gw.worker_pids()[0]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(batch, "b")
+                    await in_thread(lambda: gw.wait_for(r"event=message ", count=30))
+                    os.kill(victim, signal.SIGKILL)
+                await in_thread(lambda: gw.wait_for(r"event=worker_start", count=3))
+                await in_thread(lambda: gw.wait_for(r"event=listening", count=3))
+                await batch("c")
+        finally:
+            assert gw.stop() == 0
+    assert outcomes.count(250) >= 48 and len(outcomes) == 72, outcomes
+    ids = []
+    for name in ("tracking.jsonl.1", "tracking.jsonl"):
+        data = (tmp_path / name).read_bytes()
+        assert data.endswith(b"\n"), name
+        for line in data.split(b"\n")[:-1]:
+            assert line, f"a blank line in {name}"
+            record = json.loads(line)
+            assert isinstance(record, dict) and record["result"], line
+            ids.append(record["id"])
+    assert len(ids) == len(set(ids)) >= outcomes.count(250)
+    assert sum(1 for ln in gw.lines if " event=message " in ln) == len(ids)

@@ -98,15 +98,13 @@ def parse_profiles(top: Table, errors: Collector | None = None) -> dict[str, Pro
         for key in ("min_version", "max_version"):
             if t.has(key):
                 overrides[key] = t.str(key, choices=TLS_VERSIONS)
-        if t.has("ciphers") and t.has("cipher_strength"):
-            raise ConfigError(t.p("cipher_strength"),
-                              "set either cipher_strength or ciphers, not both")
-        if t.has("cipher_strength"):
-            overrides["cipher_strength"] = t.choice("cipher_strength", CipherGrade)
         if t.has("ciphers"):
+            # the profile's own list; a grade beside it narrows it (below), none: no grade
             overrides["ciphers"] = t.str("ciphers")
             overrides["cipher_strength"] = None
             _check_openssl(t.path, "ciphers", overrides["ciphers"])
+        if t.has("cipher_strength"):
+            overrides["cipher_strength"] = t.choice("cipher_strength", CipherGrade)
         for key in ("ciphersuites", "groups"):
             if t.has(key):
                 overrides[key] = t.str(key)
@@ -120,7 +118,7 @@ def parse_profiles(top: Table, errors: Collector | None = None) -> dict[str, Pro
             overrides["session_resumption"] = t.bool("session_resumption")
         try:
             profile = clone(base, name, **overrides)
-        except ValueError as exc:          # a grade that leaves no suite of the cloned list
+        except ValueError as exc:          # a grade that leaves no suite of the list
             raise ConfigError(t.p("cipher_strength"), str(exc)) from None
         lo, hi = (TLS_VERSIONS.index(profile.min_version),
                   TLS_VERSIONS.index(profile.max_version))

@@ -37,11 +37,12 @@ async def read_proxy_header(stream, peer, log, *, trusted_proxies, timeout: floa
                             rejected: Callable[[str], None]):
     """SPEC §9: ((host, port) of the real client, the stream from the first byte after the
     header), or None when *peer* is not one of *trusted_proxies* or the header is bad or
-    incomplete within *timeout* seconds: then the reason is logged and rejected(reason label)
-    is called; the caller closes the connection."""
+    incomplete within *timeout* seconds: then the reason is logged and rejected(reason label:
+    `proxy_untrusted` or `proxy_malformed`, SPEC §11) is called; the caller closes the
+    connection."""
     if not is_trusted(peer[0], trusted_proxies):
         log.event("reject", level="warning", code=0, reason="PROXY header from untrusted peer")
-        rejected("untrusted_proxy")
+        rejected("proxy_untrusted")
         return None
     buf = b""
     try:
@@ -56,7 +57,7 @@ async def read_proxy_header(stream, peer, log, *, trusted_proxies, timeout: floa
                 buf += data
     except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {exc or 'timeout'}")
-        rejected("bad_proxy_header")
+        rejected("proxy_malformed")
         return None
     info, used = parsed
     source = info.source or peer

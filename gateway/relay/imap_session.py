@@ -68,7 +68,7 @@ class IMAPSession:
     async def run(self) -> None:
         start = trio.current_time()
         self._deadline = start + self.listener.timeouts.imap_login
-        self.log.event("conn_open")
+        self.log.event("conn_open", type=self.listener.type)
         try:
             if self.listener.tls == "implicit":
                 if not await self._handshake():

@@ -87,6 +87,7 @@ async def transfer(session) -> None:
     if verdict.action is Action.DISCARD:
         txn.discard = verdict.reason
     s.core.respond(*GATEWAY_354)
+    txn.data_started = True
     s._msg_bytes = 0
     config = s.rt.milter_spool
     held = HeldMessage(config[0], config[1])

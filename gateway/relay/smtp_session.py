@@ -53,6 +53,9 @@ class Transaction:
     upstream_tls: str | None = None            # that leg's "version cipher"
     discard: str | None = None                 # a milter discards the message at its end
     rcpt_params: dict = field(default_factory=dict)   # accepted RCPTs' parameters (milters)
+    data_started: bool = False                 # the client got 354: the message is under way
+    data_refused: bool = False                 # DATA was refused (last_refusal says how)
+    ended: bool = False                        # counted, logged and tracked (_end)
 
 
 class SMTPSession:
@@ -72,6 +75,7 @@ class SMTPSession:
         level = ClientLevel(facts.client_level)
         self.metrics = rt.state.metrics
         self.name = self.listener.name
+        self.type = self.listener.type          # public / private: a label (§2, §11)
         self.tls = None                 # client leg TLSInfo
         self.leg: UpstreamLeg | None = None
         self.txn: Transaction | None = None
@@ -110,7 +114,7 @@ class SMTPSession:
 
     async def run(self) -> None:
         start = trio.current_time()
-        self.log.event("conn_open")
+        self.log.event("conn_open", type=self.type)
         try:
             if self.listener.tls == "implicit":
                 if not await self._handshake():
@@ -259,7 +263,7 @@ class SMTPSession:
             return True
         self.bytes_in += len(early)
         self.log.event("reject", code=554, reason="pregreet", bytes=len(early))
-        self.metrics.connections_rejected_total.labels(self.name, "pregreet").inc()
+        self.metrics.connections_rejected_total.labels(self.name, self.type, "pregreet").inc()
         self.core.respond(*R.SYNC_ERROR, close=True)
         await self._flush(last=True)
         return False
@@ -271,6 +275,7 @@ class SMTPSession:
         else:
             self.core.respond(*R.TIMEOUT)
             self.log.event("reject", code=421, reason="timeout")
+            self._track_unsent(R.TIMEOUT)       # a message cut by the timeout ends here
         await self._flush()
 
     async def _flush(self, last: bool = False) -> None:
@@ -335,10 +340,9 @@ class SMTPSession:
         verdict = await self.policy.mail(self.facts, event.address, event.params)
         if verdict.refused:
             self._refuse_by(verdict)
-            # a refusal at MAIL FROM is tracked too (§7)
+            # a refusal at MAIL FROM is counted and tracked too (§7, §11)
             code, text = verdict.reply
-            self._track(Transaction(event), "tempfail" if code // 100 == 4 else "rejected",
-                        f"{code} {_text(text)}", 0, [])
+            self._end(Transaction(event), _refused(code), f"{code} {_text(text)}", 0, [])
             return
         if self.leg is not None:
             await self.leg.reset()
@@ -356,6 +360,7 @@ class SMTPSession:
             self._refuse(txn.failure)
             return
         if txn.refusal is not None:
+            txn.last_refusal = (txn.refusal.code, " / ".join(txn.refusal.lines))
             self.core.respond(*relayed(txn.refusal))
             return
         leg = self.leg
@@ -403,6 +408,7 @@ class SMTPSession:
                 txn.upstream_tls = f"{leg.tls.version} {leg.tls.cipher}" if leg.tls else None
                 if mail.code // 100 != 2:
                     txn.refusal = mail
+                    txn.last_refusal = (mail.code, " / ".join(mail.lines))
                     self.core.respond(*relayed(mail))
                     return
             else:
@@ -625,6 +631,13 @@ class SMTPSession:
     # --- message ----------------------------------------------------------------------------
 
     async def _on_Data(self, event) -> None:
+        txn = self.txn
+        await self._data_command()
+        if not txn.data_started:
+            # DATA refused: the message ends with that refusal when the transaction does
+            txn.data_refused = True
+
+    async def _data_command(self) -> None:
         if self.policy.body_hooks:
             await milter_data.transfer(self)      # the gateway's own 354, held (§4.7)
             return
@@ -640,10 +653,12 @@ class SMTPSession:
                 self._data_received = 0
                 self._leg_broken = False
                 self._msg_bytes = 0
+                self.txn.data_started = True
                 self.core.respond(*relayed(reply))
                 if self.listener.received_header:
                     leg.hold_data(self._received_header())   # goes out with the first chunk
             else:
+                self.txn.last_refusal = (reply.code, " / ".join(reply.lines))
                 self.core.respond(*relayed(reply))
         except UpstreamFailure as failure:
             await self._leg_failed(failure, self.txn.rcpts)
@@ -694,41 +709,57 @@ class SMTPSession:
 
     async def _message_done(self, txn: Transaction, reply, size: int,
                             result: str | None = None) -> None:
-        """The answer to the final dot: counted, logged, tracked, sent; the leg dropped when
-        it broke. *result* overrides the one the reply code gives (`discarded`)."""
+        """The answer to the final dot: the transaction ends (`_end`), the reply is sent; the
+        leg dropped when it broke. *result* overrides the one the reply code gives
+        (`discarded`)."""
         code = reply[0]
         if result is None:
-            result = ("accepted" if code // 100 == 2 else "tempfail" if code // 100 == 4
-                      else "rejected")
-        self.metrics.messages_total.labels(self.name, result).inc()
-        self.rt.state.recent.message(self.rt.index)        # /status: the last minute
-        if result == "accepted":
-            self.messages += 1
-            self.metrics.message_bytes_total.labels(self.name).inc(size)
-        elif result != "discarded":
+            result = "accepted" if code // 100 == 2 else _refused(code)
+        if result not in ("accepted", "discarded"):
             self._rejected(code, reply[1])
+        self._end(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
         leg = self.leg
-        self.log.event(
-            "message", result=result, mail_from=txn.mail.address, rcpts=",".join(txn.rcpts),
-            size=size, reply=f"{code} {_text(reply[1])}",
-            client_tls=self.tls.version if self.tls else "none",
-            upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
-        )
-        self._track(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
         if leg is not None and (leg.closed or self._leg_broken):
             await leg.close()
             self.leg = None
         self.txn = None
         self.core.respond(*reply)
 
-    def _track_unsent(self) -> None:
-        """A transaction that ends without DATA but with refused recipients is tracked too."""
+    def _track_unsent(self, cut=None) -> None:
+        """The transaction ends without an answer to a final dot (RSET, HELO, STARTTLS, a new
+        MAIL, QUIT, the session's end, a timeout). It ends as a message when it was one:
+        cut mid-DATA (the client vanished, a timeout: *cut* is the reply it got) it is a
+        tempfail; with every recipient refused, or DATA refused, it ends with that refusal.
+        A transaction the client gave up before DATA, with a recipient accepted, is no
+        message and is not counted."""
         txn = self.txn
-        if txn is not None and txn.last_refusal is not None and not txn.rcpts:
+        if txn is None or txn.ended:
+            return
+        if txn.data_started:
+            reply = f"{cut[0]} {_text(cut[1])}" if cut is not None else ""
+            self._end(txn, "tempfail", reply, self._msg_bytes, txn.rcpts)
+        elif txn.last_refusal is not None and (not txn.rcpts or txn.data_refused):
             code, text = txn.last_refusal
-            result = "tempfail" if code // 100 == 4 else "rejected"
-            self._track(txn, result, f"{code} {text}", 0, txn.attempted)
-            txn.last_refusal = None
+            self._end(txn, _refused(code), f"{code} {text}", 0, txn.rcpts or txn.attempted)
+
+    def _end(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+        """The one place a transaction ends (SPEC §7, §11): counted in messages_total (and
+        /status), logged as event=message, tracked; once per transaction, whatever calls."""
+        if txn.ended:
+            return
+        txn.ended = True
+        self.metrics.messages_total.labels(self.name, self.type, result).inc()
+        self.rt.state.recent.message(self.rt.index)        # /status: the last minute
+        if result == "accepted":
+            self.messages += 1
+            self.metrics.message_bytes_total.labels(self.name, self.type).inc(size)
+        leg = self.leg
+        self.log.event(
+            "message", result=result, mail_from=txn.mail.address, rcpts=",".join(rcpts),
+            size=size, reply=reply, client_tls=self.tls.version if self.tls else "none",
+            upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
+        )
+        self._track(txn, result, reply, size, rcpts)
 
     def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
         self._tracked += 1               # ids count transactions (a milter's macro i too)
@@ -832,3 +863,8 @@ _DATA_READ = 262144          # client bytes read at once during DATA (commands: 
 
 def _text(text) -> str:
     return text if isinstance(text, str) else " / ".join(text)
+
+
+def _refused(code: int) -> str:
+    """The result of a transaction refused with *code*."""
+    return "tempfail" if code // 100 == 4 else "rejected"

@@ -64,14 +64,14 @@ PREDEFINED: dict[str, Profile] = {
 def clone(base: Profile, name: str, **overrides) -> Profile:
     """A new operator profile from *base* with *overrides* (already validated values).
 
-    `cipher_strength` given without `ciphers` narrows the TLS ≤ 1.2 list of *base* to the
-    suites of that grade (gateway.tls.grades; it never adds a suite). ValueError when the
-    grade leaves no suite.
+    `cipher_strength` narrows the TLS ≤ 1.2 list the profile has — its own `ciphers` when
+    given with it, else the list of *base* — to the suites of that grade (gateway.tls.grades;
+    it never adds a suite). ValueError when the grade leaves no suite.
     """
     grade = overrides.get("cipher_strength")
-    if grade is not None and "ciphers" not in overrides:
+    if grade is not None:
         from .grades import narrow
-        overrides["ciphers"] = narrow(base.ciphers, grade)
+        overrides["ciphers"] = narrow(overrides.get("ciphers", base.ciphers), grade)
     return dataclasses.replace(base, name=name, predefined=False, **overrides)
 
 
