@@ -141,7 +141,7 @@ class Supervisor:
             self.tls = build_tls(config, self.base_log)
         except Exception as exc:             # a certificate or key OpenSSL refuses
             raise StartError(f"TLS: {exc}") from None
-        self.counts = ConnectionCounts(self.rows, len(config.listeners), self.n)
+        self.counts = ConnectionCounts.for_config(config, self.rows, self.n)
         self._health_rules()
         if config.metrics:
             from . import metrics as M
