@@ -10,9 +10,11 @@ supervisor can compare it with its own clock) of the worker's last beat, 0 befor
 And per worker slot the row of the worker serving it (written by the supervisor), so that the
 metrics process answers /healthz from the beats themselves, without the supervisor's delay.
 
-Per row too, a small hash table of connections per client address (perip.py), for
+Per row too, a hash table of connections per client address (perip.py), for
 `max_connections_per_ip` across workers: written by the row's worker, read by all, cleared
-with the row.
+with the row. Each has room for every connection the listeners allow together (`capacity`,
+the sum of their max_connections: one worker may get them all), so filling it from many
+addresses cannot switch the limit off (SPEC §2).
 
 The rows are a fixed number, allocated before the first fork (every worker must see the same
 memory): the supervisor takes `ROWS_PER_SLOT` rows per worker slot, so that several
@@ -24,13 +26,18 @@ from __future__ import annotations
 import time
 from multiprocessing.sharedctypes import RawArray
 
-from .perip import PerIPTable
+from .perip import DEFAULT_SLOTS, PerIPTable, slots_for
 
 ROWS_PER_SLOT = 8      # a serving generation and up to 7 draining ones
 
 
 class ConnectionCounts:
-    def __init__(self, rows: int, listeners: int, slots: int = 1):
+    """*rows* rows of *listeners* counts; *slots* worker slots; *capacity*: the connections
+    one row may hold (the sum of the listeners' max_connections), which sizes its per-address
+    table (a default size without it)."""
+
+    def __init__(self, rows: int, listeners: int, slots: int = 1,
+                 capacity: int | None = None):
         self.rows = rows
         self.listeners = listeners
         self.slots = slots
@@ -40,7 +47,15 @@ class ConnectionCounts:
         self._health = RawArray("d", 2)              # [beat age still healthy, stopping]
         self._pids = RawArray("q", rows)             # the worker of each row, 0: none
         self._generations = RawArray("q", rows)      # the configuration generation it serves
-        self.per_ip = PerIPTable(rows)               # connections per client address (§2)
+        self.per_ip = PerIPTable(                    # connections per client address (§2)
+            rows, DEFAULT_SLOTS if capacity is None else slots_for(capacity))
+
+    @classmethod
+    def for_config(cls, config, rows: int = 1, slots: int = 1) -> ConnectionCounts:
+        """The counts of *config*'s listeners, each row's per-address table sized for the
+        sum of their max_connections."""
+        return cls(rows, len(config.listeners), slots,
+                   capacity=sum(listener.max_connections for listener in config.listeners))
 
     def add(self, row: int, listener: int, delta: int) -> None:
         self._a[row * self.listeners + listener] += delta

@@ -1,13 +1,17 @@
 """Prometheus metrics (SPEC §11) in prometheus-client's multiprocess mode.
 
-The supervisor calls `prepare_multiprocess_dir()` before anything imports prometheus_client
-(the value class is chosen at import), forks workers that each build `Metrics()`, serves one
-endpoint with a fresh registry per scrape (`MetricsServer`), and marks reaped workers dead
-(`mark_process_dead`). A scrape reads the value files as MultiProcessCollector does; a file being
-created, removed or left unreadable by a killed worker is skipped, never a failed scrape
-(`_TolerantCollector`). Without metrics, `NullMetrics` offers the same
-attributes as no-ops, so call sites never check. `/status` (`status()`) answers JSON from the
-same files and the workers' last-minute counts (gateway.recent).
+The supervisor makes its directory (`metricsfiles.create_run_dir()`, which also removes those
+of instances killed with kill -9) before anything imports prometheus_client (the value class
+is chosen at import), forks workers that each build `Metrics()`, and marks reaped workers
+dead (`mark_process_dead`). Its metrics process serves one endpoint (`MetricsServer`): a
+single thread, a few seconds for a request to arrive, a cap on connections, so no client of
+that port can starve `/healthz`; before a scrape it merges the files of dead workers into one
+archive (`metricsfiles.compact`), so a scrape reads as many files after a thousand reloads as
+after one. A scrape reads the value files as MultiProcessCollector does, with exact sums; a
+file being created, removed or left unreadable by a killed worker is skipped, never a failed
+scrape (`metricsfiles.collect`). Without metrics, `NullMetrics` offers the same attributes
+as no-ops, so call sites never check. `/status` (`status()`) answers JSON from the same files
+and the workers' last-minute counts (gateway.recent).
 
 prometheus_client is imported lazily (inside functions) so that importing this module never
 fixes the value class too early.
@@ -16,16 +20,18 @@ from __future__ import annotations
 
 import glob
 import os
+import selectors
 import shutil
 import socket
 import stat
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from typing import Any, NamedTuple
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+from . import metricsfiles
+from .metricsfiles import ENV, HEADER as _HEADER
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (.01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -225,61 +231,15 @@ def mark_process_dead(pid: int) -> None:
             pass
 
 
-# A value file starts with a 4-byte "used" count and 4 bytes of padding (mmap_dict.py).
-_HEADER = 8
-
-
-def _read_file(path: str) -> list | None:
-    """All (key, value, timestamp) of one value file, or None when it cannot be read whole.
-
-    A file is created empty and only then sized and given its header (MmapedDict.__init__):
-    a scrape in that window reads 0 bytes and prometheus_client raises
-    struct.error('unpack_from requires a buffer of at least 4 bytes ...'); a process killed
-    in that window leaves such a file for good. A file can also vanish (mark_process_dead)
-    or, in principle, be read torn or be corrupt ('Read beyond file size detected'). Each of
-    these costs the scrape that one file (which holds nothing yet in the usual case), never
-    the whole exposition."""
-    from prometheus_client.mmap_dict import MmapedDict
-    try:
-        if os.path.getsize(path) < _HEADER:
-            return None
-        return [(k, v, ts) for k, v, ts, _ in MmapedDict.read_all_values_from_file(path)]
-    except Exception:                       # FileNotFoundError, struct.error, RuntimeError, ...
-        return None
-
-
-def _usable(path: str) -> bool:
-    """Can this value file be read whole, keys included? (see _read_file)"""
-    import json
-    values = _read_file(path)
-    if values is None:
-        return False
-    try:
-        for key, _value, _ts in values:
-            json.loads(key)
-    except Exception:                       # a torn or corrupt key: the file is unusable
-        return False
-    return True
-
-
 class _TolerantCollector:
-    """MultiProcessCollector that survives an unreadable value file: the usual scrape merges
-    every file once; if that fails, each file is checked on its own and the ones that cannot
-    be read are left out of this scrape. Files only grow, so a file that checks out stays
-    readable; the live-gauge files mark_process_dead removes are ignored by merge() when
-    missing."""
+    """The value files of every process and the archive of dead ones, merged
+    (metricsfiles.collect: a file that cannot be read whole is left out of this scrape)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def collect(self):
-        from prometheus_client.multiprocess import MultiProcessCollector
-        files = sorted(glob.glob(os.path.join(glob.escape(self.path), "*.db")))
-        try:
-            return MultiProcessCollector.merge(files, accumulate=True)
-        except Exception:                   # a file being made, or left damaged (see above)
-            return MultiProcessCollector.merge([f for f in files if _usable(f)],
-                                               accumulate=True)
+        return metricsfiles.collect(self.path)
 
 
 def render() -> tuple[bytes, str]:
@@ -368,103 +328,251 @@ def status(workers=None, now: float | None = None) -> dict:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "gateway-metrics"
-    protocol_version = "HTTP/1.0"
+# The endpoint's bounds (SPEC §9): no client of the port can starve /healthz or /metrics.
+MAX_CONNECTIONS = 64       # open at once; a new one closes the oldest still sending its request
+REQUEST_TIMEOUT = 5.0      # seconds from the connection to the end of its request's headers
+SEND_TIMEOUT = 10.0        # seconds for the client to take the answer
+MAX_REQUEST = 8192         # bytes of request line and headers
+COMPACT_EVERY = 5.0        # seconds between merges of dead workers' files when nobody scrapes
 
-    def do_GET(self):
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            try:
-                body, ctype = render()
-                code = 200
-            except Exception as exc:                    # a scrape must not kill the thread
-                body, ctype, code = (f"error: {exc!r}\n".encode(), "text/plain", 500)
-        elif path == "/status":
-            import json
-            try:
-                body = (json.dumps(status(self.server.workers), indent=2) + "\n").encode()
-                ctype, code = "application/json", 200
-            except Exception as exc:                    # a request must not kill the thread
-                body, ctype, code = (f"error: {exc!r}\n".encode(), "text/plain", 500)
-        elif path == "/healthz":
-            healthy = self.server.healthy
-            try:
-                ok = healthy is None or bool(healthy())
-            except Exception:
-                ok = False
-            body, ctype, code = ((b"ok\n", "text/plain; charset=utf-8", 200) if ok else
-                                 (b"unhealthy\n", "text/plain; charset=utf-8", 503))
-        else:
-            body, ctype, code = b"not found\n", "text/plain; charset=utf-8", 404
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, format, *args):       # no request logging to stderr
-        pass
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+_TEXT = "text/plain; charset=utf-8"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    healthy = None
-    workers = None
+class _Conn:
+    __slots__ = ("sock", "inbuf", "out", "deadline")
 
-    def handle_error(self, request, client_address):    # no tracebacks on stderr
-        pass
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.inbuf = b""
+        self.out: bytes | None = None        # the answer, once the request is in
+        self.deadline = deadline
 
 
 class MetricsServer:
-    """`/metrics`, `/healthz` and `/status` for the supervisor, served from a daemon thread.
+    """`/metrics`, `/healthz` and `/status` with bounded resources (SPEC §9): one thread and a
+    selector; at most *max_connections* connections (a new one closes the oldest that has
+    not sent its whole request yet); a request must arrive within *request_timeout* seconds
+    and its answer be taken within SEND_TIMEOUT; one request per connection (HTTP/1.0).
 
     *healthy*: a callable, true while every worker slot is served. *workers*: a callable
     returning `/status`'s worker rows (dicts: pid, generation, heartbeat_age_seconds) — the
     supervisor's to give; without it the list is empty. *sock*: a socket bound and listening
     already (the supervisor's, served by its metrics process), else one is bound to
-    host:port."""
+    host:port. *compact*: merge the files of dead processes before each scrape and every few
+    seconds (metricsfiles.compact; only the metrics process, the one reader, may).
+
+    `serve_forever()` serves in the calling thread (the metrics process); `start()` in a
+    daemon thread until `stop()`."""
 
     def __init__(self, host: str, port: int, healthy=None, workers=None,
-                 sock: socket.socket | None = None):
+                 sock: socket.socket | None = None, *, compact: bool = False,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT):
         self.host = host or "127.0.0.1"
         self.port = port
         self.healthy = healthy
         self.workers = workers
         self.sock = sock
-        self._httpd: _Server | None = None
+        self.compact = compact
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self._conns: dict[socket.socket, _Conn] = {}      # oldest first
+        self._stopping = False
+        self._wake: tuple[socket.socket, socket.socket] | None = None
         self._thread: threading.Thread | None = None
+        self._compacted = 0.0
+
+    # --- life ---
+
+    def _bind(self) -> None:
+        if self.sock is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self.sock = socket.create_server((self.host.strip("[]"), self.port),
+                                             family=family, backlog=64)
+        self.port = self.sock.getsockname()[1]
 
     def start(self) -> None:
-        cls = _Server6 if ":" in self.host else _Server
-        if self.sock is None:
-            httpd = cls((self.host, self.port), _Handler)
-        else:
-            httpd = cls((self.host, self.port), _Handler, bind_and_activate=False)
-            httpd.socket.close()
-            httpd.socket = self.sock
-            httpd.server_address = self.sock.getsockname()
-        httpd.healthy = self.healthy
-        httpd.workers = self.workers
-        self._httpd = httpd
-        self.port = httpd.server_address[1]
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="gateway-metrics", daemon=True)
+        self._bind()
+        self._wake = socket.socketpair()
+        self._thread = threading.Thread(target=self.serve_forever, name="gateway-metrics",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
+        self._stopping = True
+        if self._wake is not None:
+            try:
+                self._wake[1].send(b"x")
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self._wake is not None:
+            for s in self._wake:
+                s.close()
+            self._wake = None
+        if self.sock is not None:
+            self.sock.close()
+
+    def serve_forever(self) -> None:
+        self._bind()
+        listener = self.sock
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, None)
+        if self._wake is not None:
+            sel.register(self._wake[0], selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                timeout = 1.0
+                if self._conns:
+                    timeout = min(timeout, min(c.deadline for c in self._conns.values()) - now)
+                ready = sel.select(max(0.0, timeout))
+                # the connections first, then new ones: a client that sent its request
+                # is answered before a flood of new connections could push it out
+                for key, events in ready:
+                    if key.data == "wake":
+                        return
+                    if key.data is not None:
+                        conn = key.data
+                        if (conn.sock in self._conns and events & selectors.EVENT_READ
+                                and conn.out is None):
+                            self._read(sel, conn)
+                        if (conn.sock in self._conns and events & selectors.EVENT_WRITE
+                                and conn.out is not None):
+                            self._send(sel, conn)
+                if any(key.data is None for key, _ in ready):
+                    self._accept(sel, listener)
+                now = time.monotonic()
+                for conn in [c for c in self._conns.values() if c.deadline <= now]:
+                    self._close(sel, conn)               # too slow to ask, or to take
+                if self.compact and now - self._compacted >= COMPACT_EVERY:
+                    self._compact()
+        finally:
+            for conn in list(self._conns.values()):
+                self._close(sel, conn)
+            sel.close()
+
+    # --- connections ---
+
+    def _accept(self, sel, listener: socket.socket) -> None:
+        for _ in range(self.max_connections):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:                  # out of descriptors, or the client gave up
+                if self._conns:
+                    self._close(sel, next(iter(self._conns.values())))
+                return
+            if len(self._conns) >= self.max_connections:
+                waiting = [c for c in self._conns.values() if c.out is None]
+                self._close(sel, waiting[0] if waiting else next(iter(self._conns.values())))
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self.request_timeout)
+            self._conns[sock] = conn
+            sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _close(self, sel, conn: _Conn) -> None:
+        self._conns.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _read(self, sel, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(sel, conn)
+            return
+        if not data:
+            self._close(sel, conn)
+            return
+        conn.inbuf += data
+        head = conn.inbuf.replace(b"\r\n", b"\n")
+        end = head.find(b"\n\n")
+        if end < 0:
+            if len(conn.inbuf) > MAX_REQUEST:
+                self._answer(sel, conn, b"HEAD", *self._plain(431, b"request too large\n"))
+            return
+        line = head.split(b"\n", 1)[0].split()
+        if len(line) != 3 or not line[2].startswith(b"HTTP/"):
+            self._answer(sel, conn, b"GET", *self._plain(400, b"bad request\n"))
+            return
+        method, target = line[0], line[1].decode("latin-1")
+        if method not in (b"GET", b"HEAD"):
+            self._answer(sel, conn, b"GET", *self._plain(405, b"method not allowed\n"))
+            return
+        self._answer(sel, conn, method, *self._respond(target.split("?", 1)[0]))
+
+    def _answer(self, sel, conn: _Conn, method: bytes, code: int, ctype: str,
+                body: bytes) -> None:
+        head = (f"HTTP/1.0 {code} {_REASONS.get(code, 'Error')}\r\n"
+                f"Server: gateway-metrics\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        conn.out = head if method == b"HEAD" else head + body
+        conn.inbuf = b""
+        conn.deadline = time.monotonic() + SEND_TIMEOUT
+        sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        self._send(sel, conn)
+
+    def _send(self, sel, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(sel, conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        try:                                 # all sent: end it, without resetting the answer
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.recv(65536)
+        except OSError:
+            pass
+        self._close(sel, conn)
+
+    # --- answers ---
+
+    @staticmethod
+    def _plain(code: int, body: bytes) -> tuple[int, str, bytes]:
+        return code, _TEXT, body
+
+    def _compact(self) -> None:
+        self._compacted = time.monotonic()
+        try:
+            metricsfiles.compact()
+        except Exception:                    # a merge must never cost a scrape
+            pass
+
+    def _respond(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            try:
+                ok = self.healthy is None or bool(self.healthy())
+            except Exception:
+                ok = False
+            return self._plain(200, b"ok\n") if ok else self._plain(503, b"unhealthy\n")
+        if path not in ("/metrics", "/status"):
+            return self._plain(404, b"not found\n")
+        if self.compact:
+            self._compact()
+        try:
+            if path == "/metrics":
+                body, ctype = render()
+                return 200, ctype, body
+            import json
+            return (200, "application/json",
+                    (json.dumps(status(self.workers), indent=2) + "\n").encode())
+        except Exception as exc:             # a request must not end the endpoint
+            return 500, "text/plain", f"error: {exc!r}\n".encode()

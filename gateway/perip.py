@@ -6,32 +6,41 @@ Which backend is gateway/backend.py's choice, by the same rules as the line scan
 compiled core that cannot be loaded is an ImportError here). The table layout and the
 semantics of `update` are documented in gateway/pyperip.py.
 
-    table = PerIPTable(rows)          # before the fork: every worker must see the same memory
+    table = PerIPTable(rows, slots_for(connections))   # before the fork: every worker
+                                             # must see the same memory
     key = address_key("2001:db8::1", 64)     # 16 bytes: IPv4 mapped, IPv6 masked
     n = table.add(row, listener, key)        # the count over all rows with this one, or
-                                             # FULL (-1): not counted (let it in)
+                                             # FULL (-1): not counted (refuse it)
     table.remove(row, listener, key)         # when that connection ends (not after FULL)
     table.total(listener, key); table.clear_row(row)
 
 `native_backend` / `python_backend` hold the two implementations of
 `update(mem, rows, slots, row, key, listener, delta, seed)` (`native_backend` is None when the
 core is not loaded), so tests can hold them side by side.
+
+A row is sized by `slots_for()` for every connection its worker may hold: the sum of the
+listeners' `max_connections` (SO_REUSEPORT does not split evenly, so one worker may get them
+all), twice over, so a table is at most half full and never full while max_connections holds.
+The memory is one shared anonymous mapping: pages nobody touched cost nothing.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import socket
-from multiprocessing.sharedctypes import RawArray
 from types import SimpleNamespace
 
 from . import backend, pyperip
 from .pyperip import FULL, MISSING, SLOT
 
-__all__ = ["BACKEND", "DEFAULT_SLOTS", "FULL", "MISSING", "PerIPTable", "address_key",
-           "native_backend", "python_backend"]
+__all__ = ["BACKEND", "DEFAULT_SLOTS", "FULL", "MAX_SLOTS", "MISSING", "PerIPTable",
+           "address_key", "native_backend", "python_backend", "slots_for"]
 
-DEFAULT_SLOTS = 2048    # per row: a worker's distinct (listener, address) pairs; beyond: uncounted
+DEFAULT_SLOTS = 2048    # per row, without a configuration: room for 1000 connections
+HEADROOM = 2            # entries per connection a row may hold: at most half full
+MIN_SLOTS = 64
+MAX_SLOTS = 1 << 20     # 24 MiB a row; beyond max_connections of 512K in all, refusals
 
 _ffi, _lib = backend.core("perip")
 BACKEND = "python" if _lib is None else "native"
@@ -48,6 +57,14 @@ def _native_update(mem, rows: int, slots: int, row: int, key: bytes, listener: i
 
 native_backend = None if _lib is None else SimpleNamespace(
     update=_native_update, FULL=FULL, MISSING=MISSING, SLOT=SLOT)
+
+
+def slots_for(connections: int) -> int:
+    """Entries per row for a worker that may hold *connections* counted connections (the
+    sum of the listeners' max_connections): a power of two, HEADROOM times as many, between
+    MIN_SLOTS and MAX_SLOTS."""
+    need = max(MIN_SLOTS, connections * HEADROOM)
+    return min(MAX_SLOTS, 1 << (need - 1).bit_length())
 
 
 def address_key(host: str, v6_prefix: int = 64) -> bytes | None:
@@ -87,7 +104,8 @@ class PerIPTable:
         self.slots = slots
         self.seed = (int.from_bytes(os.urandom(8), "little") if seed is None
                      else seed & 0xFFFFFFFFFFFFFFFF)
-        self._raw = RawArray(ctypes.c_ubyte, rows * slots * SLOT)    # zeroed: all empty
+        self._map = mmap.mmap(-1, rows * slots * SLOT)    # shared, zeroed: all empty
+        self._raw = (ctypes.c_ubyte * (rows * slots * SLOT)).from_buffer(self._map)
         self.full_reported = False            # per process: "table full" is logged once
         seed = self.seed
         if _lib is not None:
@@ -110,7 +128,8 @@ class PerIPTable:
 
     def add(self, row: int, listener: int, key: bytes) -> int:
         """Count one more connection of *key* on *listener* in *row*: the count over all rows,
-        this one included, or FULL (the row's table is full; nothing was counted)."""
+        this one included, or FULL (the row's table is full; nothing was counted: the
+        caller refuses the connection)."""
         self._check(row, listener, key)
         return self._update(row, bytes(key), listener, 1)
 

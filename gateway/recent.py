@@ -3,9 +3,9 @@ SPEC §11).
 
 Each worker counts into a small file of its own (`<metrics dir>/recent/<pid>.bin`, mapped
 into memory: one write per count, no lock, nothing shared between writers); the metrics
-endpoint, in another process, reads every file and sums the seconds of the last minute. A
-dead worker's file stays: what it did in the last minute still counts. The metrics directory
-is wiped when the supervisor starts.
+endpoint, in another process, reads every file and sums the seconds of the last minute. What
+a dead worker did in the last minute still counts: the metrics process merges its file into
+`recent/merged.bin` (same layout, `merge_dead`), so the files do not pile up across reloads.
 
 Layout: `GWR1`, the listener count (u32), each listener's name (64 bytes, UTF-8, NUL padded),
 then per listener 60 slots of (second, sessions, messages) as u32, slot = second % 60.
@@ -80,29 +80,85 @@ class NullRecent:
         pass
 
 
+def _read(path: str, now: int) -> list[tuple[str, list[tuple[int, int, int]]]] | None:
+    """[(listener, [(second, sessions, messages)] of the last WINDOW seconds)] of one file,
+    or None when it cannot be read (being created, or gone)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        magic, n = _HEADER.unpack_from(data, 0)
+    except (OSError, struct.error):
+        return None
+    if magic != MAGIC or len(data) < _HEADER.size + n * (_NAME + WINDOW * _SLOT.size):
+        return None
+    base = _HEADER.size + n * _NAME
+    out = []
+    for i in range(n):
+        raw = data[_HEADER.size + i * _NAME:_HEADER.size + (i + 1) * _NAME]
+        slots = []
+        for j in range(WINDOW):
+            slot = _SLOT.unpack_from(data, base + (i * WINDOW + j) * _SLOT.size)
+            if 0 <= now - slot[0] < WINDOW:
+                slots.append(slot)
+        out.append((raw.rstrip(b"\0").decode("utf-8", "replace"), slots))
+    return out
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(glob.escape(directory), SUBDIR, "*.bin")))
+
+
 def read_recent(directory: str, now: float | None = None) -> dict[str, dict[str, int]]:
     """{listener: {"sessions": n, "messages": m}} over the last WINDOW seconds, summed over
     every worker's file; listeners in the order of the files (the configuration's)."""
     now = int(time.time() if now is None else now)
     out: dict[str, dict[str, int]] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), SUBDIR, "*.bin"))):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            magic, n = _HEADER.unpack_from(data, 0)
-        except (OSError, struct.error):
-            continue                   # being created, or gone
-        if magic != MAGIC or len(data) < _HEADER.size + n * (_NAME + WINDOW * _SLOT.size):
-            continue
-        base = _HEADER.size + n * _NAME
-        for i in range(n):
-            raw = data[_HEADER.size + i * _NAME:_HEADER.size + (i + 1) * _NAME]
-            name = raw.rstrip(b"\0").decode("utf-8", "replace")
+    for path in _files(directory):
+        for name, slots in _read(path, now) or ():
             counts = out.setdefault(name, {"sessions": 0, "messages": 0})
-            for j in range(WINDOW):
-                second, sessions, messages = _SLOT.unpack_from(
-                    data, base + (i * WINDOW + j) * _SLOT.size)
-                if 0 <= now - second < WINDOW:
-                    counts["sessions"] += sessions
-                    counts["messages"] += messages
+            for _second, sessions, messages in slots:
+                counts["sessions"] += sessions
+                counts["messages"] += messages
     return out
+
+
+MERGED = "merged.bin"
+
+
+def merge_dead(directory: str, is_alive, now: float | None = None) -> int:
+    """Fold the files of workers that are gone (`is_alive(pid)` false) into MERGED, written
+    whole under another name and renamed into place, then delete them; how many were.
+    For the metrics process only (the one reader)."""
+    dead = [p for p in _files(directory)
+            if (stem := os.path.basename(p)[:-4]).isdigit() and not is_alive(int(stem))]
+    if not dead:
+        return 0
+    now = int(time.time() if now is None else now)
+    merged = os.path.join(directory, SUBDIR, MERGED)
+    names: dict[str, dict[int, list[int]]] = {}
+    for path in [merged, *dead]:
+        for name, slots in _read(path, now) or ():
+            seconds = names.setdefault(name, {})
+            for second, sessions, messages in slots:
+                counts = seconds.setdefault(second, [0, 0])
+                counts[0] += sessions
+                counts[1] += messages
+    data = bytearray(_HEADER.size + len(names) * (_NAME + WINDOW * _SLOT.size))
+    _HEADER.pack_into(data, 0, MAGIC, len(names))
+    base = _HEADER.size + len(names) * _NAME
+    for i, (name, seconds) in enumerate(names.items()):
+        data[_HEADER.size + i * _NAME:_HEADER.size + (i + 1) * _NAME] = \
+            name.encode()[:_NAME].ljust(_NAME, b"\0")
+        for second, (sessions, messages) in seconds.items():
+            _SLOT.pack_into(data, base + (i * WINDOW + second % WINDOW) * _SLOT.size,
+                            second, min(sessions, 0xFFFFFFFF), min(messages, 0xFFFFFFFF))
+    tmp = os.path.join(directory, SUBDIR, f".{MERGED}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, merged)
+    for path in dead:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return len(dead)

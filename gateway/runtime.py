@@ -95,7 +95,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     tls_list, demo_used = tls if tls is not None else build_tls(config, log)
     runtimes = []
     state = state if state is not None else WorkerState(
-        ConnectionCounts(1, len(config.listeners)))
+        ConnectionCounts.for_config(config))
     start_metrics(state.metrics, config, tls_list)
     if not isinstance(state.metrics, NullMetrics) and isinstance(state.recent, NullRecent):
         state.recent = RecentCounts.for_process([lst.name for lst in config.listeners])

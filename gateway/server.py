@@ -106,16 +106,19 @@ async def _session(rt: ListenerRuntime, sock) -> None:
             key = _per_ip_key(rt, peer[0], own_address)
             if key is not None:
                 held = counts.per_ip.add(state.row, rt.index, key)
-                if held < 0:                    # this worker's table is full: not counted
+                if held < 0:        # no room to count it: past every max_connections (§2)
                     _report_full(counts.per_ip, log)
-                else:
-                    ip_key = key
-                    if held > rt.listener.max_connections_per_ip:
-                        log.event("reject", code=421, reason="too many connections from address")
-                        m.connections_rejected_total.labels(name, ltype, "per_ip").inc()
-                        await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
-                                      IMAP_TOO_MANY_FROM_ADDRESS)
-                        return
+                    log.event("reject", code=421, reason="too many connections")
+                    m.connections_rejected_total.labels(name, ltype, "max_connections").inc()
+                    await _refuse(rt, stream, R.TOO_MANY_CONNECTIONS, IMAP_TOO_MANY_CONNECTIONS)
+                    return
+                ip_key = key
+                if held > rt.listener.max_connections_per_ip:
+                    log.event("reject", code=421, reason="too many connections from address")
+                    m.connections_rejected_total.labels(name, ltype, "per_ip").inc()
+                    await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
+                                  IMAP_TOO_MANY_FROM_ADDRESS)
+                    return
         try:
             if rt.listener.protocol == "smtp":
                 await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
@@ -161,8 +164,9 @@ def _report_full(table, log) -> None:
     if not table.full_reported:
         table.full_reported = True
         log.event("per_ip_table_full", level="warning",
-                  message="the per-address table of this worker is full; connections beyond "
-                          "it are not limited by max_connections_per_ip")
+                  message="the per-address table of this worker is full: more connections "
+                          "than the max_connections it was sized for at the start (a reload "
+                          "raised them?); new addresses are refused until a restart")
 
 
 def _fmt_addr(peer) -> str:
@@ -177,7 +181,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
     here). Runs until cancelled, or until `Gateway.stop_accepting()`: then idle sessions get
     421 4.3.2, transactions in flight get `shutdown_grace` seconds, and serve() returns."""
     state = state if state is not None else WorkerState(
-        ConnectionCounts(1, len(config.listeners)))
+        ConnectionCounts.for_config(config))
     if state.tracking is None and config.tracking_log:
         from .tracking import TrackingLog
         state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
@@ -252,7 +256,7 @@ async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=
     """serve() until SIGTERM/SIGINT (drain, SPEC §9) or SIGUSR2 (retire after a reload);
     SIGUSR1 reopens the event and tracking logs (logrotate) and serving goes on."""
     if state is None:
-        state = WorkerState(ConnectionCounts(1, len(config.listeners)))
+        state = WorkerState(ConnectionCounts.for_config(config))
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             gateway = await nursery.start(partial(serve, config, log, sockets=sockets,

@@ -8,7 +8,13 @@ the workers, dying with it (PR_SET_PDEATHSIG) and restarted by it when they die.
 
 The metrics process serves a socket the supervisor bound (so a bind error ends the start, and
 a restarted metrics process serves the same socket) and answers /healthz from the workers'
-heartbeats in shared memory (conncount.py).
+heartbeats in shared memory (conncount.py); it merges the files of dead workers
+(metricsfiles.py). Like the workers, every helper drops to `user`/`group` with no capability
+left (worker.drop_privileges) before it serves (SPEC §9): only the supervisor keeps root. A
+helper's body is given `settle()`, which drops and then asks to die with the supervisor (a
+credential change clears that request); it calls it once it has what it needs as root (the
+sink its bound socket, both the modules they import: the interpreter may lie where the user
+cannot read), and stops if it returns False (the supervisor is gone).
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ import socket
 from .lifeline import die_with_parent
 
 
-def fork_child(name: str, body, *, parent_pid: int, close=(), log=None) -> int:
-    """Fork a helper that runs body() and exits; returns its pid. *close*: inherited
-    sockets the child must not keep open (the listening sockets)."""
+def fork_child(name: str, body, *, parent_pid: int, close=(), log=None, user=None,
+               group=None) -> int:
+    """Fork a helper that runs body(settle) and exits; returns its pid. settle() drops to
+    *user*/*group* and sets the death signal; False: the supervisor is gone, stop. *close*:
+    inherited sockets the child must not keep open (the listening sockets)."""
     pid = os.fork()
     if pid:
         return pid
@@ -33,11 +41,13 @@ def fork_child(name: str, body, *, parent_pid: int, close=(), log=None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # ^C reaches the supervisor
         for sock in close:
             sock.close()
-        if not die_with_parent(parent_pid, signal.SIGTERM):
-            code = 0
-        else:
-            body()
-            code = 0
+        from .worker import drop_privileges
+
+        def settle() -> bool:
+            drop_privileges(user, group)
+            return die_with_parent(parent_pid, signal.SIGTERM)
+        body(settle)
+        code = 0
     except BaseException as exc:                         # never return into the supervisor
         try:
             if log is not None:
@@ -66,20 +76,25 @@ def bind_metrics(address: str) -> socket.socket:
     return sock
 
 
-def serve_metrics(sock: socket.socket, counts) -> None:
-    """The metrics process: /metrics, and /healthz (200 while counts.healthy()) until
-    killed."""
-    from .metrics import MetricsServer
+def serve_metrics(sock: socket.socket, counts, settle) -> None:
+    """The metrics process: /metrics, /status and /healthz (200 while counts.healthy()),
+    merging dead workers' files, until killed (SIGTERM's default action)."""
+    from . import metrics
+    for warm_up in (metrics.render, metrics.status):    # read only: the merge writes as user
+        try:                                # import all they use while it can read anything
+            warm_up()
+        except Exception:
+            pass
+    if not settle():
+        return
     host, port = sock.getsockname()[:2]
-    server = MetricsServer(host, port, healthy=counts.healthy, workers=counts.workers,
-                           sock=sock)
-    server.start()
-    while True:
-        signal.pause()                      # SIGTERM (default action) ends the process
+    metrics.MetricsServer(host, port, healthy=counts.healthy, workers=counts.workers,
+                          sock=sock, compact=True).serve_forever()
 
 
-def serve_demo_sink(config, log, ready_fd: int) -> None:
-    """The demo sink process (`gateway run --demo`): writes a byte to *ready_fd* once bound."""
+def serve_demo_sink(config, log, ready_fd: int, settle) -> None:
+    """The demo sink process (`gateway run --demo`): binds, settles, then writes a byte to
+    *ready_fd*."""
     import trio
 
     from .sink import run_demo_sink
@@ -87,6 +102,9 @@ def serve_demo_sink(config, log, ready_fd: int) -> None:
     async def main():
         async with trio.open_nursery() as nursery:
             await nursery.start(run_demo_sink, config, log)
+            if not settle():
+                nursery.cancel_scope.cancel()
+                return
             os.write(ready_fd, b"1")
             os.close(ready_fd)
     trio.run(main)

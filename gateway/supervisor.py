@@ -21,8 +21,8 @@ import dataclasses
 import errno
 import os
 import select
-import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -120,20 +120,7 @@ class Supervisor:
             except ConfigError:
                 pass
         if config.metrics:
-            from . import metrics as M
-            self.metrics_dir = M.prepare_multiprocess_dir()
-            if config.user or config.group:   # workers write there after dropping
-                from .worker import resolve_ids
-                uid, gid = resolve_ids(config.user, config.group)
-                try:
-                    os.chown(self.metrics_dir, uid, gid)
-                except OSError as exc:        # root without CAP_CHOWN (a systemd unit)
-                    key = "gateway.user" if config.user else "gateway.group"
-                    raise StartError(
-                        f"{key}: cannot hand the workers' files to "
-                        f"{config.user or config.group}: {exc.strerror or exc} (running as "
-                        f"root needs CAP_CHOWN, CAP_SETUID and CAP_SETGID; see "
-                        f"deploy/systemd/run-as-root.conf)") from None
+            self._metrics_dir()
         self._bind_listeners()
         if config.metrics:
             from .sidecars import bind_metrics
@@ -149,14 +136,16 @@ class Supervisor:
             self.tls = build_tls(config, self.base_log)
         except Exception as exc:             # a certificate or key OpenSSL refuses
             raise StartError(f"TLS: {exc}") from None
-        self.counts = ConnectionCounts(self.rows, len(config.listeners), self.n)
+        self.counts = ConnectionCounts.for_config(config, self.rows, self.n)
         self._health_rules()
         if config.metrics:
             from . import metrics as M
+            from .metricsfiles import hand_over
             self.metrics = M.Metrics()
             self.metrics.workers_configured.set(self.n)
             self.metrics.workers_healthy.set(0)
             self._reload_metrics(True)          # the configuration it started with
+            hand_over(*self._owner())           # the metrics process reads them as the user
             self._start_helper("metrics")
             self.log.event("metrics_listening",
                            bind=_fmt(*self.metrics_sock.getsockname()[:2]))
@@ -201,6 +190,32 @@ class Supervisor:
             draining = sum(1 for w in self.workers.values() if w.retiring)
             self.notifier.send(READY=1, STATUS=f"serving: {self.n} workers, generation "
                                                f"{self.generation}, {draining} draining")
+
+    def _owner(self) -> tuple[int, int]:
+        """(uid, gid) the workers and helpers run as; -1: unchanged."""
+        if os.getuid() != 0 or not (self.config.user or self.config.group):
+            return -1, -1
+        from .worker import resolve_ids
+        return resolve_ids(self.config.user, self.config.group)
+
+    def _metrics_dir(self) -> None:
+        """The prometheus multiprocess directory (metricsfiles.create_run_dir), after
+        removing those of instances killed with kill -9; the workers and the metrics
+        process, which run as `user`, write there."""
+        from . import metricsfiles
+        if "prometheus_client" in sys.modules and not os.environ.get(metricsfiles.ENV):
+            raise RuntimeError("prometheus_client was imported before "
+                               "PROMETHEUS_MULTIPROC_DIR was set")
+        try:
+            self.metrics_dir = metricsfiles.create_run_dir(*self._owner())
+        except OSError as exc:                # root without CAP_CHOWN (a systemd unit)
+            key = "gateway.user" if self.config.user else "gateway.group"
+            raise StartError(
+                f"{key}: cannot hand the workers' files to "
+                f"{self.config.user or self.config.group}: {exc.strerror or exc} (running "
+                f"as root needs CAP_CHOWN, CAP_SETUID and CAP_SETGID; see "
+                f"deploy/systemd/run-as-root.conf)") from None
+        os.environ[metricsfiles.ENV] = self.metrics_dir.values
 
     def _bind_listeners(self) -> None:
         """The SO_REUSEPORT group of every listener, one socket per slot; StartError when an
@@ -251,14 +266,16 @@ class Supervisor:
         if name == "metrics":
             pid = sidecars.fork_child(
                 name, partial(sidecars.serve_metrics, self.metrics_sock, self.counts),
-                parent_pid=self.pid, close=close, log=self.base_log)
+                parent_pid=self.pid, close=close, log=self.base_log,
+                user=self.config.user, group=self.config.group)
         else:
             if self.metrics_sock is not None:
                 close.append(self.metrics_sock)
             r, w = os.pipe()
             pid = sidecars.fork_child(
                 name, partial(sidecars.serve_demo_sink, self.config, self.base_log, w),
-                parent_pid=self.pid, close=close, log=self.base_log)
+                parent_pid=self.pid, close=close, log=self.base_log,
+                user=self.config.user, group=self.config.group)
             os.close(w)
             try:
                 select.select([r], [], [], 10)      # bound: the sink is up (or gave up)
@@ -298,7 +315,7 @@ class Supervisor:
             if self.metrics_sock is not None:
                 self.metrics_sock.close()
             if self.metrics_dir is not None:
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir.remove()
                 self.metrics_dir = None
             if self.pid_written is not None:
                 self._remove_pid_file()

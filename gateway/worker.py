@@ -42,13 +42,59 @@ def resolve_ids(user: str | None, group: str | None) -> tuple[int, int]:
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
-    if os.getuid() != 0 or not (user or group):
+    """Become *user*/*group* (when root and they are set), and keep no capability once not
+    root (a setuid from root clears them; a service started unprivileged with ambient ones,
+    CAP_NET_BIND_SERVICE, loses them here: the supervisor binds). SPEC §9."""
+    if os.getuid() == 0 and (user or group):
+        uid, gid = resolve_ids(user, group)
+        os.setgroups([])
+        os.setgid(gid)
+        if uid != -1:
+            os.setuid(uid)
+    if os.geteuid() != 0:
+        clear_capabilities()
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+def _capabilities() -> int:
+    """This process's inheritable, permitted, effective and ambient sets, or-ed (Linux)."""
+    found = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("CapInh:", "CapPrm:", "CapEff:", "CapAmb:")):
+                    found |= int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return 0
+    return found
+
+
+def clear_capabilities() -> None:
+    """Empty this process's ambient, inheritable, permitted and effective capability sets
+    (Linux; dropping is always allowed). Nothing is called when none is held."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux") or not _capabilities():
         return
-    uid, gid = resolve_ids(user, group)
-    os.setgroups([])
-    os.setgid(gid)
-    if uid != -1:
-        os.setuid(uid)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)
+    libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), zero, zero,
+               zero)                                            # EINVAL before Linux 4.3
+    if libc.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)),
+                   (Data * 2)()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None,
@@ -71,6 +117,9 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None,
         if config.tracking_log:
             from .tracking import TrackingLog
             state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
+        if config.metrics and os.getuid() == 0 and (config.user or config.group):
+            from .metricsfiles import hand_over       # made as root: the user's to read
+            hand_over(*resolve_ids(config.user, config.group))
         drop_privileges(config.user, config.group)
         if parent_pid is not None and not die_with_parent(parent_pid, signal.SIGTERM):
             return 0                                   # the supervisor is gone already

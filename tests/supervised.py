@@ -28,14 +28,16 @@ from harness import NEUTRAL_CWD, gateway_subprocess_env
 class GatewayProcess:
     """`gateway run` in a subprocess, with its log lines collected by a thread."""
 
-    def __init__(self, config_path, *args, tmpdir=None, env=None):
+    def __init__(self, config_path, *args, tmpdir=None, env=None, command=None):
+        """`gateway run -c config_path *args`, or *command* (an argv) instead; *env* adds to
+        the environment."""
         self.own_tmp = tmpdir is None
         self.tmpdir = str(tmpdir) if tmpdir is not None else tempfile.mkdtemp(prefix="gwrun-")
         os.chmod(self.tmpdir, 0o755)        # workers that drop to `user` reach the metrics dir
         env = {**gateway_subprocess_env(), **(env or {})}
         env["TMPDIR"] = self.tmpdir
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
+            command or [sys.executable, "-m", "gateway", "run", "-c", str(config_path), *args],
             stderr=subprocess.PIPE, text=True, env=env, cwd=NEUTRAL_CWD)
         self.lines: list[str] = []
         self._new = queue.Queue()

@@ -11,7 +11,7 @@ from cryptography import x509
 
 from harness import in_thread, running_sink
 from peers import free_port
-from supervised import GatewayProcess, samples_of, scrape
+from supervised import GatewayProcess, poll, samples_of, scrape
 
 EXPIRY = "gateway_certificate_expiry_timestamp_seconds"
 
@@ -290,7 +290,13 @@ async def test_expiry_follows_the_certificate_a_reload_loads(tmp_path, ca):
                 (tmp_path / "gw.key").write_text("not a key\n")     # a broken reload
                 gw.proc.send_signal(signal.SIGHUP)
                 await in_thread(lambda: gw.wait_for(r"event=reload_failed"))
-                broken = await in_thread(scrape, metrics_port)
+                # the supervisor sets the gauge just after that line: wait for it
+                def reload_failed_gauge():
+                    s = scrape(metrics_port)
+                    return s if samples_of(s, "gateway_config_last_reload_successful") == [0] \
+                        else None
+                broken = await in_thread(lambda: poll(reload_failed_gauge, 10,
+                                                      what="the failed reload's gauge"))
         finally:
             assert gw.stop() == 0
     assert samples_of(before, EXPIRY, certificate="main") == [first]

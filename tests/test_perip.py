@@ -302,6 +302,28 @@ def test_connection_counts_clear_the_per_ip_row_with_the_row():
     assert counts.per_ip.total(0, k) == 1
 
 
+def test_each_workers_table_holds_every_connection_the_listeners_allow():
+    """SPEC §2: the count never stops applying. A worker may get every connection of every
+    listener (SO_REUSEPORT does not split evenly), so its table has room for the sum of the
+    listeners' max_connections with headroom (a power of two, at most half full): filling it
+    from that many distinct addresses never meets a full table."""
+    two = _config(max_connections=3000)
+    two["listeners"].append({**two["listeners"][0], "name": "sub", "bind": "127.0.0.1:2587",
+                             "max_connections": 1100})
+    config = parse_config(two)
+    counts = ConnectionCounts.for_config(config, rows=2)
+    slots = counts.per_ip.slots
+    assert slots & (slots - 1) == 0 and slots >= 2 * 4100
+    for n in range(4100):                         # every connection on worker row 1
+        listener = 0 if n < 3000 else 1
+        assert counts.per_ip.add(1, listener, address_key(str(ipaddress.IPv4Address(
+            0x0A000000 + n)))) == 1
+    small = ConnectionCounts.for_config(parse_config(_config(max_connections=64)))
+    assert small.per_ip.slots == 128              # 64 connections, half full at most
+    assert perip.slots_for(64) == 128 and perip.slots_for(65) == 256
+    assert perip.slots_for(10**9) == perip.MAX_SLOTS      # bounded memory
+
+
 def test_the_table_is_shared_with_a_forked_child():
     t = PerIPTable(2, slots=8)
     k = address_key("198.51.100.7")

@@ -18,6 +18,7 @@ from peers import free_port
 from supervised import GatewayProcess, gone, poll, scrape, total, write_config
 
 FROM_ADDRESS = b"421 4.7.0 Too many connections from your address\r\n"
+TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 IMAP_FROM_ADDRESS = b"* BYE Too many connections from your address\r\n"
 
 
@@ -243,7 +244,11 @@ async def test_a_trusted_proxy_without_proxy_protocol_is_exempt(trusted, served)
     assert sum(line == FROM_ADDRESS for _, line in held) == 3 - served
 
 
-async def test_a_full_table_lets_connections_in_uncounted_and_says_so_once():
+async def test_a_full_table_refuses_a_new_address_and_says_so_once():
+    """A table is sized for every connection max_connections allows (test_perip.py), so it
+    is full only past that (a reload that raised max_connections): then a new address is
+    refused as over max_connections, never let in uncounted (SPEC §2: the count never stops
+    applying)."""
     async with running_sink() as sink:
         async with running_gateway(_proxied(sink.port, max_connections_per_ip=1)) as (gw, logs):
             port = gw.addresses["smtp"][1]
@@ -264,10 +269,13 @@ async def test_a_full_table_lets_connections_in_uncounted_and_says_so_once():
             await until(lambda: gw.runtimes[0].state.sessions == 0, "every session ended")
             after = (per_ip(gw, "203.0.113.5"), per_ip(gw, "203.0.113.6"))
     lines = [line for _, line in held]
-    assert [line[:4] for line in lines[:3]] == [b"220 "] * 3      # .6 twice: not counted
+    assert lines[0].startswith(b"220 ")
+    assert lines[1:3] == [TOO_MANY] * 2             # .6: no room to count it, refused
     assert lines[3] == FROM_ADDRESS                 # .5 still counted and limited
     assert while_held == (1, 0) and after == (0, 0)
     assert len(logs.of("per_ip_table_full")) == 1
+    assert [e["reason"] for e in logs.of("reject")] == [
+        "too many connections", "too many connections", "too many connections from address"]
 
 
 # --- a supervised gateway with two workers ---------------------------------------------------
@@ -363,3 +371,59 @@ def test_per_address_limit_across_two_workers_survives_a_killed_worker(tmp_path,
         if killed is not None and not gone(killed):
             os.kill(killed, signal.SIGKILL)
         assert gw.stop() == 0
+
+
+def _from(address: str, port: int) -> tuple[socket.socket, bytes]:
+    """A connection from *address* (any of 127/8 is loopback) and its first line."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    try:
+        sock.bind((address, 0))
+        sock.connect(("127.0.0.1", port))
+        return sock, readline(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def test_many_addresses_up_to_max_connections_leave_the_per_address_limit_on(tmp_path,
+                                                                              server_cert):
+    """The trial: thousands of addresses held open filled a worker's table and switched the
+    limit off. Here max_connections is 64 (each worker's table sized for it): 60 addresses
+    of 127/8 and 3 connections from 127.0.9.9 held across two workers, and the 4th from
+    127.0.9.9 is still refused as over its address's limit."""
+    port, metrics_port, sink_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "gw.toml"
+    write_config(cfg, port=port, sink_port=sink_port, metrics_port=metrics_port,
+                 server_cert=server_cert, client_tls="optional", workers=2,
+                 extra="max_connections = 64\nmax_connections_per_ip = 3")
+    gw = GatewayProcess(cfg)
+    held: list[socket.socket] = []
+    try:
+        gw.wait_for(r"event=listening", count=2)
+        lines = []
+        for n in range(60):
+            sock, line = _from(f"127.0.{1 + n // 200}.{1 + n % 200}", port)
+            held.append(sock)
+            lines.append(line)
+        for _ in range(3):
+            sock, line = _from("127.0.9.9", port)
+            held.append(sock)
+            lines.append(line)
+        fourth, refused = _from("127.0.9.9", port)
+        held.append(fourth)
+        assert closed_after(fourth)
+        poll(lambda: _active(metrics_port) == 63, 10, what="the refused one gone")
+        other, greeted = _from("127.0.9.10", port)     # the 64th connection: still room
+        held.append(other)
+        rejected = poll(lambda: total(scrape(metrics_port), "gateway_connections_rejected_total",
+                                      reason="per_ip") or None, 10, what="the per_ip counter")
+    finally:
+        for s in held:
+            s.close()
+        assert gw.stop() == 0
+    assert all(line.startswith(b"220 ") for line in lines), lines
+    assert refused == FROM_ADDRESS
+    assert greeted.startswith(b"220 ")
+    assert rejected == 1
+    assert not [ln for ln in gw.lines if "per_ip_table_full" in ln]

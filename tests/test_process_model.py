@@ -1,11 +1,14 @@
 """The process model of SPEC §9 with real processes on loopback: reloads that follow each other
 while generations drain, workers that die with the supervisor, heartbeats and worker_timeout,
-reload refusals, one instance per address, start-up exit codes, no leftovers, a drain that
-refuses new clients, and respawns under a steady scrape (the supervisor runs no thread)."""
+reload refusals, one instance per address, start-up exit codes, no leftovers (a killed
+supervisor's directory goes at the next start, a running one's stays), every process but the
+supervisor unprivileged, a drain that refuses new clients, and respawns under a steady scrape
+(the supervisor runs no thread)."""
 from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +20,8 @@ import trio
 
 from harness import NEUTRAL_CWD, client_context, gateway_subprocess_env, in_thread, running_sink
 from peers import free_port
-from supervised import (GatewayProcess, children, gone, healthz, one_session, plaintext_mail,
-                        poll, scrape, total, write_config)
+from supervised import (GatewayProcess, children, fetch, gone, healthz, one_session,
+                        plaintext_mail, poll, scrape, status_json, total, write_config)
 
 REFUSED_PLAINTEXT = (530, b"5.7.0 Must issue a STARTTLS command first")
 
@@ -366,6 +369,115 @@ async def test_no_metrics_directory_is_left_after_a_stop(tmp_path, server_cert, 
             assert gw.stop() == 0
     assert len(during) == 1                      # the directory was there while serving
     assert leftovers(runs) == []
+
+
+async def test_a_killed_supervisors_directory_goes_at_the_next_start_a_running_ones_stays(
+        tmp_path, server_cert):
+    """SPEC §9: the directory of a supervisor killed with kill -9 is removed at the next start;
+    the directory of another instance that runs (a lock it holds) is never taken for one."""
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+
+    def start(name: str) -> tuple[GatewayProcess, int]:
+        port, metrics_port = free_port(), free_port()
+        cfg = tmp_path / f"{name}.toml"
+        write_config(cfg, port=port, sink_port=free_port(), metrics_port=metrics_port,
+                     server_cert=server_cert, workers=1)
+        gw = GatewayProcess(cfg, tmpdir=runs)
+        gw.wait_for(r"event=listening")
+        return gw, metrics_port
+
+    running = []
+    try:
+        with trio.fail_after(60):
+            killed, _ = await in_thread(start, "killed")
+            running.append(killed)
+            kids = children(killed.proc.pid)
+            (left,) = leftovers(runs)
+            killed.proc.kill()                           # kill -9: no clean-up
+            await in_thread(killed.proc.wait)
+            await in_thread(lambda: poll(lambda: all(gone(p) for p in kids), 15,
+                                         what="children of the killed supervisor"))
+            assert leftovers(runs) == [left]
+            first, first_metrics = await in_thread(start, "first")
+            running.append(first)
+            after_first = leftovers(runs)
+            second, _ = await in_thread(start, "second")      # while the first runs
+            running.append(second)
+            after_second = set(leftovers(runs))
+            first_scrape = await in_thread(fetch, first_metrics, "/metrics")
+    finally:
+        for gw in running:
+            gw.stop()
+    assert left not in after_first and len(after_first) == 1
+    assert after_first[0] in after_second and len(after_second) == 2
+    assert first_scrape[0] == 200
+    assert leftovers(runs) == []
+
+
+def _proc_status(pid: int) -> dict[str, list[str]]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.split() for k, _, v in (ln.partition(":") for ln in f)}
+
+
+DEMO_SUPERVISOR = """
+import os, sys
+os.umask(0o077)                       # as the systemd unit's UMask
+from gateway.config import load_config
+from gateway.logs import EventLog
+from gateway.supervisor import Supervisor
+config = load_config(sys.argv[1])
+sys.exit(Supervisor(config, EventLog(config.log_format), demo=True).run())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+async def test_every_process_but_the_supervisor_runs_unprivileged(tmp_path, server_cert):
+    """SPEC §9: workers, the metrics/status process and the demo sink run as `user`/`group`
+    with no capabilities left (/proc/PID/status); the metrics process still reads every
+    file (the supervisor's and the workers', made under UMask 0077) and merges a retired
+    worker's; the demo sink still takes mail."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    port, metrics_port, sink_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "gw.toml"
+    write_config(cfg, port=port, sink_port=sink_port, metrics_port=metrics_port,
+                 server_cert=server_cert, workers=2, gateway_extra='user = "nobody"')
+    gw = GatewayProcess(cfg, command=[sys.executable, "-c", DEMO_SUPERVISOR, str(cfg)])
+    try:
+        with trio.fail_after(60):
+            await in_thread(lambda: gw.wait_for(r"event=listening", count=2))
+            await in_thread(lambda: poll(lambda: healthz(metrics_port) == 200, 10,
+                                         what="/healthz"))
+            kids = children(gw.proc.pid)
+            status = {pid: _proc_status(pid) for pid in kids}
+            own = _proc_status(gw.proc.pid)
+            sent = await in_thread(one_session, port, client_context(server_cert.ca), 1)
+            recent = await in_thread(lambda: poll(
+                lambda: status_json(metrics_port)["listeners"][0]["sessions_last_minute"],
+                10, what="the session in /status"))
+            gw.proc.send_signal(signal.SIGHUP)
+            await in_thread(lambda: gw.wait_for(r"event=worker_exit", count=2))
+            samples = await in_thread(scrape, metrics_port)
+            retired = [int(p) for p in re.findall(r"event=worker_exit .*?worker_pid=(\d+)",
+                                                   "".join(gw.lines))]
+            values = glob.glob(os.path.join(gw.tmpdir, "gateway-metrics-*", "values"))[0]
+            archives = [os.stat(a).st_uid for a in glob.glob(os.path.join(values, "merged.*"))]
+            left = [f for pid in retired for f in glob.glob(os.path.join(values, f"*_{pid}.db"))]
+    finally:
+        assert gw.stop() == 0
+    assert archives == [nobody.pw_uid]
+    assert len(retired) == 2 and left == []          # merged by the unprivileged process
+    assert len(kids) == 4, "".join(gw.lines)   # two workers, the metrics process, the demo sink
+    for pid, st in status.items():
+        assert st["Uid"] == [str(nobody.pw_uid)] * 4, (pid, st["Uid"])
+        assert st["Gid"] == [str(nobody.pw_gid)] * 4, (pid, st["Gid"])
+        assert st["Groups"] == [], (pid, st["Groups"])
+        for cap in ("CapEff", "CapPrm", "CapAmb"):
+            assert int(st[cap][0], 16) == 0, (pid, cap, st[cap])
+    assert own["Uid"][0] == "0"                             # the supervisor keeps root
+    assert sent == "ok" and recent == 1
+    assert total(samples, "gateway_connections_total") == 1      # merged, not lost
 
 
 # --- 8. a drain refuses new clients -------------------------------------------------------
