@@ -88,6 +88,11 @@ async def transfer(session) -> None:
         txn.discard = verdict.reason
     s.core.respond(*GATEWAY_354)
     s._msg_bytes = 0
+    # the DATA clock, as without milters: a grace of `data` seconds from the 354, then the
+    # data_min_rate floor, time the gateway spends blocked on its milters not counted (§9)
+    s._data_start = trio.current_time()
+    s._data_blocked = 0.0
+    s._data_received = 0
     config = s.rt.milter_spool
     held = HeldMessage(config[0], config[1])
     keepalive = _Keepalive(leg)
@@ -120,13 +125,19 @@ async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
         if state.aborted is not None or state.spool is not None or state.stop is not None \
                 or txn.discard is not None:
             return                       # refused already: nothing more is held or sent
+        start = trio.current_time()
         try:
             held.feed(text)
         except SpoolError as exc:
             state.spool = exc
             s.log.event("spool_error", level="error", reason=str(exc))
             return
-        verdict = await policy.body(facts, text)
+        try:
+            verdict = await policy.body(facts, text)
+        finally:
+            # the spool and the first milter's answers are the gateway's time, not the
+            # client's: like time blocked writing upstream, not held against its rate
+            s._data_blocked += trio.current_time() - start
         if verdict.action in (Action.REFUSE, Action.DISCARD):
             state.stop = verdict
 
