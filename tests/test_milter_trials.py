@@ -4,6 +4,8 @@ rspamd where the fault was seen with it).
 
 - the DATA clock with milters: the grace of `data` seconds and the `data_min_rate` floor hold
   exactly as without milters (SPEC §9), for a body sent in parts with pauses;
+- metric labels: a milter's refusal is counted as `milter_<result>`, never by its words, and
+  an upstream's relayed refusal is not a policy rejection (SPEC §11);
 """
 from __future__ import annotations
 
@@ -164,3 +166,148 @@ async def test_a_trickled_message_passes_real_rspamd(tmp_path, rspamd):  # noqa:
     [msg] = sink.messages
     assert b"\r\nX-Spamd-Result: default: False [" in msg.data
     assert msg.data.endswith(message.partition(b"\r\n\r\n")[2])
+
+
+# --- item 8: metric labels never come from client, milter or upstream text (SPEC §11) ------
+
+# every reason a milter's refusal may be counted under (milter_<result>), and only those
+MILTER_REASONS = {"milter_reject", "milter_tempfail", "milter_replycode", "milter_error",
+                  "milter_timeout"}
+
+
+async def test_a_milter_refusing_many_recipients_in_its_own_words_adds_no_series(tmp_path):
+    """A milter answers each of 150 recipients with its own text (`550 <addr> unknown here`,
+    the trial's case) or a plain reject/tempfail, and refuses two messages at their end with
+    varied text; the upstream refuses the third with its own words. A real /metrics scrape
+    of `gateway run` shows gateway_policy_rejections_total only under milter_<result>."""
+    from peers import free_port
+    from supervised import GatewayProcess, scrape, samples_of
+    from milters import REJECT, TEMPFAIL, replycode, scripted_milter
+
+    counter = {"rcpt": 0, "eom": 0}
+
+    async def rcpt(peer):
+        counter["rcpt"] += 1
+        n = counter["rcpt"]
+        address = peer.received[-1][1].split(b"\0")[0].decode()
+        if n % 10 == 1:
+            await peer.send(REJECT)
+        elif n % 10 == 2:
+            await peer.send(TEMPFAIL)
+        elif n % 10 == 3:
+            await peer.send(CONTINUE)            # 5 recipients a message are accepted
+        elif n % 2:
+            await peer.send(replycode(f"550 {address} unknown here"))
+        else:
+            await peer.send(replycode(f"550 5.1.{n % 7} {address} unknown, ref {n}"))
+
+    async def eom(peer):
+        counter["eom"] += 1
+        if counter["eom"] < 3:
+            await peer.send(replycode(f"554 5.7.{counter['eom']} spam score {counter['eom']}"))
+        else:
+            await peer.send(CONTINUE)
+
+    script = Script(on={b"R": rcpt, b"E": eom})
+    port, metrics_port = free_port(), free_port()
+
+    def client():
+        replies = []
+        for m in range(3):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+                s.ehlo("client.test")
+                assert s.mail("alice@client.test")[0] == 250
+                codes = [s.rcpt(f"user{m}x{i}@example.test")[0] for i in range(50)]
+                try:
+                    end = s.data(b"Subject: x\r\n\r\nbody\r\n")
+                except smtplib.SMTPDataError as exc:
+                    end = (exc.smtp_code, exc.smtp_error)
+                replies.append((codes, end))
+        return replies
+
+    async with running_sink(data_reply=b"554 5.7.9 upstream <zz@example.test> says no 17\r\n"
+                            ) as sink, scripted_milter(script) as address:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f"""
+[gateway]
+hostname = "mx.test"
+workers = 1
+metrics = "127.0.0.1:{metrics_port}"
+spool_dir = "{tmp_path / 'spool'}"
+
+[[listeners]]
+name = "mx"
+bind = "127.0.0.1:{port}"
+tls = "off"
+client_tls = "none"
+
+[listeners.upstream]
+address = "127.0.0.1:{sink.port}"
+tls = "none"
+
+[[listeners.milters]]
+name = "varied"
+address = "{address}"
+""")
+        gw = GatewayProcess(config, tmpdir=tmp_path)
+        try:
+            with trio.fail_after(60):
+                await in_thread(lambda: gw.wait_for(r"event=listening"))
+                replies = await in_thread(client)
+                samples = await in_thread(lambda: scrape(metrics_port))
+        finally:
+            await in_thread(gw.stop)
+    assert [end[0] for _, end in replies] == [554, 554, 554]
+    refused = sum(1 for codes, _ in replies for c in codes if c != 250)
+    assert refused == 135
+    reasons = {dict(labels)["reason"]: value for (name, labels), value in samples.items()
+               if name == "gateway_policy_rejections_total"
+               and dict(labels)["listener"] == "mx"}
+    # per message: 5 reject, 5 tempfail, 35 replycode at RCPT; two replycodes at the end;
+    # the upstream's own refusal of the third message is not a policy rejection
+    assert reasons == {"milter_reject": 15, "milter_tempfail": 15,
+                       "milter_replycode": 105 + 2}
+    assert set(reasons) <= MILTER_REASONS
+    assert samples_of(samples, "gateway_messages_total", listener="mx", result="rejected") \
+        == [3]
+
+
+@pytest.mark.parametrize("behaviour,expect", [("close", "milter_error"),
+                                              ("stall", "milter_timeout")])
+async def test_a_failed_milters_default_action_is_counted_as_milter_error_or_timeout(
+        tmp_path, behaviour, expect):
+    from functools import partial
+
+    from gateway.logs import EventLog
+    from gateway.config import parse_config
+    from gateway.runtime import WorkerState
+    from gateway.server import serve
+    from harness import LogCapture
+    from milters import scripted_milter
+    from test_imap_gateway import RecordingMetrics
+    from test_milter_gateway import _serve_milter, _until_eof
+
+    async def close(peer):
+        await peer.stream.aclose()
+        return True
+
+    script = Script(on={b"M": close if behaviour == "close" else _until_eof})
+    metrics = RecordingMetrics()
+    async with running_sink() as sink, trio.open_nursery() as nursery:
+        address = await nursery.start(_serve_milter, scripted_milter(script))
+        config = parse_config(_config(sink, [_milter(address, command_timeout=0.5)], tmp_path))
+        gw = await nursery.start(partial(serve, config, EventLog(fmt="json", stream=LogCapture()),
+                                         state=WorkerState(metrics=metrics)))
+        with trio.fail_after(20):
+            mail = await in_thread(lambda: _mail_only(gw.addresses["smtp"][1]))
+        nursery.cancel_scope.cancel()
+    assert mail == (451, b"4.7.1 Service unavailable - try again later")
+    reasons = {k[1][1]: v for k, v in metrics.values.items()
+               if k[0] == "policy_rejections_total"}
+    assert reasons == {expect: 1}
+
+
+def _mail_only(port):
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        return s.mail("alice@client.test")

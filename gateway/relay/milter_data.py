@@ -146,7 +146,7 @@ async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
     while True:
         event = core.next_event()
         for code, text in core.take_rejections():
-            s._rejected(code, text)
+            s._rejected(code, text, own=True)
         if event is S.NEED_DATA:
             await s._flush()
             core.receive_data(await s._receive())
@@ -172,6 +172,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
     policy = s.policy
     result = None
     reply = None
+    label = None                   # a milter's refusal: its policy_rejections label
     relay = False
     if end.aborted == "size" or state.aborted == "size":
         reply = R.TOO_BIG
@@ -184,6 +185,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
         reply = keepalive.failure.reply
     elif state.stop is not None:
         reply, result = _stopped(state.stop)
+        label = state.stop.label
     elif txn.discard is not None:
         reply, result = DISCARDED, "discarded"
     if reply is not None:
@@ -199,11 +201,12 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
                 verdict = None
                 reply = NO_SPOOL
         if scope.cancelled_caught:
-            reply = MILTER_TEMPFAIL
+            reply, label = MILTER_TEMPFAIL, "milter_timeout"
             await policy.abort(facts)
         elif verdict is not None:
             if verdict.action in (Action.REFUSE, Action.DISCARD):
                 reply, result = _stopped(verdict)
+                label = verdict.label
             else:
                 relay = True
     await keepalive.stop()
@@ -217,7 +220,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
     leg = s.leg
     if leg is not None and not leg.closed and leg.in_transaction:
         await leg.reset()            # refused or discarded: RSET, never DATA
-    await s._message_done(txn, reply, end.size, result)
+    await s._message_done(txn, reply, end.size, result, label=label)
 
 
 def _stopped(verdict):

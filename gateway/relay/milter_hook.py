@@ -17,7 +17,9 @@ A milter that cannot be reached, times out, closes or breaks the protocol gets i
 `default_action`: `tempfail` (451 4.7.1) or `reject` (550 5.7.1) answers this stage and every
 later one of the session, `accept` goes on without it. Each verdict that decides something
 (and every end of message) is logged as event `milter`, counted in
-`gateway_milter_results_total` and kept for the transaction's tracking record.
+`gateway_milter_results_total` and kept for the transaction's tracking record. A refusal is
+counted in `gateway_policy_rejections_total` as `milter_<result>` (reject, tempfail,
+replycode; error or timeout for a failed milter's default_action), never by its text.
 
 The message reaches the hook as text (`body()` chunks: CRLF lines, not dot-stuffed, the
 gateway's Received: first); the hook splits off the header fields itself and sends them one by
@@ -30,7 +32,7 @@ from functools import partial
 import trio
 
 from .. import __version__
-from ..policy.stages import CONTINUE, Action, Hook, Verdict, refuse
+from ..policy.stages import CONTINUE, Action, Hook, Verdict
 from ..proto import milter as M
 from ..proto.message import HeaderSplitter, split_field
 from .milter_client import MilterClient, MilterError
@@ -213,7 +215,9 @@ class MilterHook(Hook):
             note = f"{self.name}: {answer.reason or 'quarantined'}"
             return Verdict(Action.QUARANTINE, reason=note, edits=answer.modifications,
                            quarantine=(note,))
-        return refuse(answer.reply, reason=self.name)
+        # counted as milter_<result>, never by the milter's words (§11)
+        return Verdict(Action.REFUSE, answer.reply, label=f"milter_{action.value}",
+                       reason=self.name)
 
     def _failure(self, stage: str, result: str, reason: str) -> Verdict:
         self._record(stage, result, reason=reason)
@@ -221,8 +225,10 @@ class MilterHook(Hook):
         if action == "accept":
             self.off = True
             return CONTINUE
-        self.failed = refuse(MILTER_TEMPFAIL if action == "tempfail" else MILTER_REJECT,
-                             reason=self.name)
+        self.failed = Verdict(Action.REFUSE,
+                              MILTER_TEMPFAIL if action == "tempfail" else MILTER_REJECT,
+                              label=_FAILURE_LABELS.get(result, "milter_error"),
+                              reason=self.name)
         return self.failed
 
     def _record(self, stage: str, result: str, answer: M.Verdict | None = None,
@@ -242,6 +248,10 @@ class MilterHook(Hook):
         session.metrics.milter_results_total.labels(session.name, self.name, result).inc()
         session.facts.milter_log.append({"milter": self.name, "stage": stage,
                                          "result": result})
+
+
+# gateway_policy_rejections_total's reason when a failed milter's default_action refuses
+_FAILURE_LABELS = {"error": "milter_error", "timeout": "milter_timeout"}
 
 
 def _params(params: dict) -> list[str]:
