@@ -6,6 +6,8 @@ rspamd where the fault was seen with it).
   exactly as without milters (SPEC §9), for a body sent in parts with pauses;
 - metric labels: a milter's refusal is counted as `milter_<result>`, never by its words, and
   an upstream's relayed refusal is not a policy rejection (SPEC §11);
+- macros as Postfix sends them: {daemon_name} the gateway's hostname, {cert_subject} and
+  {cert_issuer} of a trusted client certificate, {auth_author} (SPEC §4.7);
 """
 from __future__ import annotations
 
@@ -311,3 +313,95 @@ def _mail_only(port):
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
         s.ehlo("client.test")
         return s.mail("alice@client.test")
+
+
+# --- item 15: macros as Postfix sends them (SPEC §4.7) ---------------------------------------
+
+async def test_macros_name_the_hostname_the_client_certificate_and_the_auth_author(
+        tmp_path, ca, server_cert, upstream_cert):
+    """{daemon_name} is the gateway's hostname; with a verified client certificate
+    {cert_subject} is its CN and {cert_issuer} its issuer's CN, else the issuer's O (as
+    Postfix's tls_issuer_CN); on an authenticated session MAIL FROM's AUTH= value is
+    {auth_author} (Postfix's sasl_sender), on an unauthenticated one it is not sent."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    from harness import client_context, config_dict, listener_dict, server_ssl_context
+
+    issued = ca.issue_cert("client.test", common_name="Client Test CN")
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    [org] = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    assert not ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+
+    script = Script()
+    ctx = client_context(server_cert.ca)
+    ctx.load_cert_chain(str(cert), str(key))
+
+    def sessions(port):
+        with smtplib.SMTP("localhost", port, timeout=30) as s:     # authenticated
+            s.starttls(context=ctx)
+            s.ehlo("client.test")
+            s.user, s.password = "alice", "s3cret"
+            assert s.auth("PLAIN", s.auth_plain)[0] == 235
+            assert s.mail("alice@client.test", ["AUTH=<alice@client.test>"])[0] == 250
+            assert s.rcpt("bob@example.test")[0] == 250
+            assert s.data(b"Subject: one\r\n\r\nbody\r\n")[0] == 250
+        with smtplib.SMTP("localhost", port, timeout=30) as s:     # not authenticated
+            s.starttls(context=ctx)
+            s.ehlo("client.test")
+            assert s.mail("carol@client.test", ["AUTH=<carol@client.test>"])[0] == 250
+            assert s.rcpt("bob@example.test")[0] == 250
+            assert s.data(b"Subject: two\r\n\r\nbody\r\n")[0] == 250
+
+    async with running_sink(ssl_context=server_ssl_context(upstream_cert),
+                            auth={"alice": "s3cret"}) as sink:
+        async with trio.open_nursery() as nursery:
+            from test_milter_gateway import _serve_milter
+            from milters import scripted_milter
+            address = await nursery.start(_serve_milter, scripted_milter(script))
+            listener = listener_dict(upstream_port=sink.port, cert="main", client_tls="verify",
+                                     profile="testca", upstream_tls="required",
+                                     auth="passthrough", milters=[_milter(address)])
+            config = config_dict([listener], server_cert=server_cert,
+                                 ca_file=server_cert.ca, spool_dir=str(tmp_path / "spool"))
+            async with running_gateway(config) as (gw, logs):
+                with trio.fail_after(30):
+                    await in_thread(lambda: sessions(gw.addresses["smtp"][1]))
+                    while len([s for s in script.sessions if b"E" in s]) < 2:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    first, second = script.sessions
+    assert first[b"C"]["{daemon_name}"] == "mx.test" and first[b"C"]["j"] == "mx.test"
+    helo = first[b"H"]
+    assert helo["{cert_subject}"] == "Client Test CN"
+    assert helo["{cert_issuer}"] == org.value
+    assert helo["{tls_version}"].startswith("TLSv1")
+    mail = first[b"M"]
+    assert (mail["{auth_type}"], mail["{auth_authen}"]) == ("PLAIN", "alice")
+    assert mail["{auth_author}"] == "<alice@client.test>"
+    assert second[b"H"]["{cert_issuer}"] == org.value
+    for name in ("{auth_type}", "{auth_authen}", "{auth_author}"):
+        assert name not in second[b"M"]
+    assert [m.auth_user for m in sink.messages] == ["alice", None]
+
+
+@pytest.mark.peers
+async def test_rspamd_authentication_results_name_the_gateways_hostname(
+        tmp_path, rspamd):  # noqa: F811
+    message = make_message()
+    async with running_sink() as sink:
+        milters = [{"name": "rspamd", "address": rspamd.address, **REAL}]
+        # the listener is called "inbound": rspamd must not take it for the authserv-id
+        config = _config(sink, milters, tmp_path)
+        config["listeners"][0]["name"] = "inbound"
+        async with running_gateway(config) as (gw, logs):
+            with trio.fail_after(60):
+                end = await in_thread(lambda: _send_in_parts(
+                    gw.addresses["inbound"][1], [message], 0, rcpt="bob@example.net"))
+    assert end[0] == 250, end
+    [msg] = sink.messages
+    head = msg.data.partition(b"\r\n\r\n")[0]
+    assert b"\r\nAuthentication-Results: mx.test;" in head, head
+    assert b"inbound" not in head

@@ -27,6 +27,7 @@ one, then end of headers, then the body.
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import trio
@@ -37,6 +38,7 @@ from ..proto import milter as M
 from ..proto.message import HeaderSplitter, split_field
 from .milter_client import MilterClient, MilterError
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MILTER_TEMPFAIL = (451, "4.7.1 Service unavailable - try again later")
 MILTER_REJECT = (550, "5.7.1 Message content rejected")
 MTA_NAME = f"mail-tls-gateway {__version__}"
@@ -74,8 +76,10 @@ class MilterHook(Hook):
 
     async def connect(self, facts) -> Verdict:
         session = self.session
+        # {daemon_name}: the gateway's hostname, Postfix's milter_macro_daemon_name default
+        # ($myhostname); rspamd takes its authserv-id from it
         macros = {"j": session.rt.hostname, "_": f"unknown [{facts.client_ip}]",
-                  "v": MTA_NAME, "{daemon_name}": session.name,
+                  "v": MTA_NAME, "{daemon_name}": session.rt.hostname,
                   "{daemon_addr}": session.listener.host,
                   "{client_addr}": facts.client_ip, "{client_port}": str(facts.client_port),
                   "{client_name}": "unknown"}
@@ -92,8 +96,11 @@ class MilterHook(Hook):
         if tls is not None:
             macros = {"{tls_version}": tls.version, "{cipher}": tls.cipher,
                       "{cipher_bits}": str(tls.bits)}
-            if tls.peer_subject:
-                macros["{cert_subject}"] = tls.peer_subject
+            if tls.verified:
+                # as Postfix: only for a trusted client certificate, its subject CN and its
+                # issuer's CN (the issuer's O when it has none)
+                macros["{cert_subject}"] = tls.peer_cn or ""
+                macros["{cert_issuer}"] = tls.issuer_cn or ""
         return await self._run("helo", lambda: self.client.helo(
             facts.helo or "unknown", macros=self._stage(macros)))
 
@@ -104,6 +111,11 @@ class MilterHook(Hook):
         if facts.auth_user is not None:
             macros.update({"{auth_type}": facts.auth_mechanism or "",
                            "{auth_authen}": facts.auth_user})
+            author = params.get("AUTH")
+            if author and author != "<>":
+                # MAIL FROM's AUTH= value as given (Postfix's sasl_sender); only on an
+                # authenticated session (elsewhere the gateway sends AUTH=<> on, RFC 4954)
+                macros["{auth_author}"] = _CONTROL.sub("?", author)
         args = [f"<{address}>", *_params(params)]
         return await self._run("mail", lambda: self.client.mail(
             args, macros=self._stage(macros)))
