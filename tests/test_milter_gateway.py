@@ -101,7 +101,8 @@ def _config(sink, milters, tmp_path, **gateway):
     spool = tmp_path / "spool"
     gateway.setdefault("spool_dir", str(spool))
     listener = listener_dict(upstream_port=sink.port, tls="off", client_tls="none",
-                             milters=milters, timeouts=gateway.pop("timeouts", {}))
+                             milters=milters, timeouts=gateway.pop("timeouts", {}),
+                             **gateway.pop("listener", {}))
     return config_dict([listener], **gateway)
 
 

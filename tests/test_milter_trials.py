@@ -8,6 +8,9 @@ rspamd where the fault was seen with it).
   an upstream's relayed refusal is not a policy rejection (SPEC §11);
 - macros as Postfix sends them: {daemon_name} the gateway's hostname, {cert_subject} and
   {cert_issuer} of a trusted client certificate, {auth_author} (SPEC §4.7);
+- a milter's changes are bounded: too many headers or recipients, a too-long header, a new
+  body or added headers past max_message_size fail the milter (default_action), nothing
+  oversized goes upstream, and reading stops at the bound (SPEC §4.7).
 """
 from __future__ import annotations
 
@@ -405,3 +408,156 @@ async def test_rspamd_authentication_results_name_the_gateways_hostname(
     head = msg.data.partition(b"\r\n\r\n")[0]
     assert b"\r\nAuthentication-Results: mx.test;" in head, head
     assert b"inbound" not in head
+
+
+# --- item 9: a milter's changes are bounded (SPEC §4.7) --------------------------------------
+
+TEMPFAIL_471 = (451, b"4.7.1 Service unavailable - try again later")
+
+
+def _cut_off(packets, sent):
+    """An end-of-message answer that writes *packets* until the gateway stops reading
+    (counted in *sent*), then CONTINUE."""
+    async def eom(peer):
+        try:
+            for packet in packets:
+                await peer.send(packet)
+                sent.append(len(packet))
+            await peer.send(CONTINUE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return True                  # the gateway hung up: stop serving
+    return eom
+
+
+def _no_data_upstream(sink) -> bool:
+    return sink.messages == [] and not any(
+        line.upper().startswith(b"DATA") for s in sink.sessions for line in s)
+
+
+@pytest.mark.parametrize("case", ["headers", "long_header", "recipients"])
+async def test_changes_beyond_the_bounds_fail_the_milter_and_nothing_goes_upstream(
+        tmp_path, case):
+    from milters import addheader, addrcpt
+    packets = {
+        "headers": [addheader("X-Many", str(i)) for i in range(1001)],
+        "long_header": [addheader("X-Long", "x" * 65536)],
+        "recipients": [addrcpt(f"<r{i}@example.test>") for i in range(1001)],
+    }[case]
+    sent: list[int] = []
+    script = Script(on={b"E": _cut_off(packets, sent)})
+    end, sink, logs = await _run(tmp_path, script, send=lambda port: _send_in_parts(
+        port, [BODY], 0))
+    assert end == TEMPFAIL_471
+    assert _no_data_upstream(sink)
+    [event] = logs.of("milter", stage="eom")
+    assert event["result"] == "error" and event["milter"] == "m0"
+
+
+async def test_changes_at_the_bounds_are_applied(tmp_path):
+    from milters import addheader, addrcpt
+    packets = ([addheader("X-Many", str(i)) for i in range(999)]
+               + [addheader("X-Long", "x" * (65536 - len("X-Long:")))]
+               + [addrcpt(f"<r{i}@example.test>") for i in range(1000)])
+    sent: list[int] = []
+    script = Script(on={b"E": _cut_off(packets, sent)})
+    end, sink, logs = await _run(tmp_path, script, send=lambda port: _send_in_parts(
+        port, [BODY], 0))
+    assert end[0] == 250, end
+    [msg] = sink.messages
+    assert len(msg.rcpts) == 1001
+    assert msg.data.count(b"\r\nX-Many: ") == 999 and b"\r\nX-Long: xxx" in msg.data
+
+
+async def test_a_body_replacement_over_max_message_size_is_cut_off_unread(tmp_path):
+    """The milter offers 64 MB of replacement body against max_message_size = 1 MB: the
+    gateway stops reading soon after the bound (its memory and spool stay bounded), the
+    milter counts as failed (451 4.7.1) and the upstream gets nothing."""
+    from milters import replbody
+    piece = replbody(b"y" * 65000 + b"\r\n")
+    sent: list[int] = []
+    script = Script(on={b"E": _cut_off([piece] * 1000, sent)})
+    end, sink, logs = await _run(
+        tmp_path, script, send=lambda port: _send_in_parts(port, [BODY], 0),
+        gateway={"listener": {"max_message_size": 1000000}, "milter_memory": 65536})
+    assert end == TEMPFAIL_471
+    assert _no_data_upstream(sink)
+    assert len(sent) < 1000 and sum(sent) < 8_000_000      # not read to the end
+    [event] = logs.of("milter", stage="eom")
+    assert event["result"] == "error"
+
+
+async def test_added_headers_that_take_the_message_over_max_message_size_fail(tmp_path):
+    from milters import addheader
+    # the message is ~1.7 KB, the bound 3000 octets; 20 headers of 100 octets go past it
+    packets = [addheader(f"X-Pad{i}", "p" * 90) for i in range(20)]
+    sent: list[int] = []
+    script = Script(on={b"E": _cut_off(packets, sent)})
+    end, sink, logs = await _run(
+        tmp_path, script, send=lambda port: _send_in_parts(port, [BODY], 0),
+        gateway={"listener": {"max_message_size": 3000}})
+    assert len(BODY) < 3000
+    assert end == TEMPFAIL_471
+    assert _no_data_upstream(sink)
+
+
+@pytest.mark.parametrize("default", ["accept", "reject"])
+async def test_a_milter_over_the_bounds_gets_its_default_action(tmp_path, default):
+    """accept: the message goes on without that milter's changes; reject: 550 5.7.1."""
+    from milters import addheader
+    packets = [addheader("X-Many", str(i)) for i in range(1001)]
+    sent: list[int] = []
+    script = Script(on={b"E": _cut_off(packets, sent)})
+    end, sink, logs = await _run(
+        tmp_path, script, send=lambda port: _send_in_parts(port, [BODY], 0),
+        milter_extra={"default_action": default})
+    if default == "accept":
+        assert end[0] == 250, end
+        [msg] = sink.messages
+        assert b"X-Many" not in msg.data and msg.data.endswith(BODY)
+    else:
+        assert end == (550, b"5.7.1 Message content rejected")
+        assert _no_data_upstream(sink)
+
+
+async def test_a_replacement_body_beyond_milter_memory_goes_to_the_spool(tmp_path,
+                                                                         monkeypatch):
+    from gateway.relay import spool as spool_mod
+    from milters import replbody
+    opened = []
+    real = spool_mod._unlinked_file
+
+    def unlinked(directory):
+        fd = real(directory)
+        opened.append(fd)
+        return fd
+    monkeypatch.setattr(spool_mod, "_unlinked_file", unlinked)
+    lines = b"".join(b"replaced line %06d\n" % i for i in range(40000))     # ~800 KB, LF
+    pieces = [replbody(lines[i:i + 60000]) for i in range(0, len(lines), 60000)]
+    script = Script(eom=pieces)
+    end, sink, logs = await _run(
+        tmp_path, script, send=lambda port: _send_in_parts(port, [BODY], 0),
+        gateway={"milter_memory": 65536})
+    assert end[0] == 250, end
+    assert opened                                     # the new body went to a spool file
+    body = sink.messages[0].data.partition(b"\r\n\r\n")[2]
+    assert body == lines.replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("pieces", [
+    [b"a\r", b"\nb\r", b"c\0d"], [b"x\n\n", b"\r", b"\r\n", b"y"], [b"\r"], [b""], [b"ok\r\n"],
+    [b"\0", b"\n"], [b"a\r\r\n", b"\r"],
+])
+def test_a_streamed_replacement_body_is_cleaned_as_the_whole_would_be(tmp_path, pieces):
+    from gateway.proto.message import clean_body
+    from gateway.relay.held_message import ReplacementBody
+    body = ReplacementBody(str(tmp_path), 4, 1000)       # 4 octets in memory: a file soon
+    try:
+        for piece in pieces:
+            body.write(piece)
+        body.finish()
+        spool = body.take()
+        assert b"".join(spool.chunks()) == clean_body(b"".join(pieces))
+        assert spool.size == len(clean_body(b"".join(pieces)))
+        spool.close()
+    finally:
+        body.close()

@@ -24,6 +24,13 @@ replycode; error or timeout for a failed milter's default_action), never by its 
 The message reaches the hook as text (`body()` chunks: CRLF lines, not dot-stuffed, the
 gateway's Received: first); the hook splits off the header fields itself and sends them one by
 one, then end of headers, then the body.
+
+Its changes are bounded (§4.7): the client core's `ChangeLimits` (1,000 header changes and
+added recipients, 64 KiB a header, the changes within `max_message_size`), the replacement
+body spooled as it arrives (`ReplacementBody`: memory up to `milter_memory`, then a file),
+and the message as changed — the header fields it saw with its header changes applied, and
+its body or the new one — at most `max_message_size`. Beyond any of them the milter failed
+(`error`): its `default_action`, none of its changes applied.
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ import trio
 from .. import __version__
 from ..policy.stages import CONTINUE, Action, Hook, Verdict
 from ..proto import milter as M
-from ..proto.message import HeaderSplitter, split_field
+from ..proto.message import HeaderSplitter, apply_header_edits, split_field
+from .held_message import ReplacementBody
 from .milter_client import MilterClient, MilterError
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -67,6 +75,12 @@ class MilterHook(Hook):
         self._eoh_sent = False
         self._in_message = False
         self.added: tuple[str, ...] = ()         # recipients its last end of message added
+        # the message as this milter was given it: header fields (bounded by the splitter's
+        # MAX_HEADER_BLOCK), the empty line after them, the body's size
+        self._seen_fields: list[bytes] = []
+        self._seen_separator = b""
+        self._seen_body = 0
+        self._new_body: ReplacementBody | None = None   # its end of message's new body
 
     @property
     def may_change(self) -> bool:
@@ -130,6 +144,9 @@ class MilterHook(Hook):
     async def data(self, facts) -> Verdict:
         self._splitter = HeaderSplitter()
         self._eoh_sent = False
+        self._seen_fields = []
+        self._seen_separator = b""
+        self._seen_body = 0
         return await self._run("data", lambda: self.client.data(
             macros=self._stage({"i": facts.queue_id or ""})))
 
@@ -150,8 +167,21 @@ class MilterHook(Hook):
                 return verdict
         self._splitter = None
         self._in_message = False
-        return await self._run("eom", lambda: self.client.eom(
-            macros=self._stage({"i": facts.queue_id or ""})))
+        self.added = ()
+        spool_dir, memory = self.session.rt.milter_spool
+        limit = self.session.listener.max_message_size
+        self._new_body = new_body = ReplacementBody(spool_dir, memory, limit)
+        verdict = CONTINUE
+        try:
+            verdict = await self._run(
+                "eom", lambda: self.client.eom(macros=self._stage({"i": facts.queue_id or ""}),
+                                               max_size=limit, on_body=new_body.write),
+                check=lambda answer: self._changed_size(answer, new_body, limit))
+        finally:
+            self._new_body = None
+            if not any(edit is new_body for edit in verdict.edits):
+                new_body.close()             # not handed over with the changes
+        return verdict
 
     async def abort(self, facts) -> None:
         self._splitter = None
@@ -171,6 +201,10 @@ class MilterHook(Hook):
     async def _content(self, facts, fields: list[bytes], body: bytes) -> Verdict:
         """Header fields, then end of headers once the block ended, then body bytes."""
         client = self.client
+        self._seen_fields.extend(fields)
+        self._seen_body += len(body)
+        if self._splitter is not None and self._splitter.eoh:
+            self._seen_separator = self._splitter.separator
         for raw in fields:
             name, value = split_field(raw)
             verdict = await self._run("header", lambda: client.header(name, value))
@@ -195,13 +229,34 @@ class MilterHook(Hook):
             return dict(self._macros)
         return macros
 
-    async def _run(self, stage: str, call) -> Verdict:
+    def _changed_size(self, answer: M.Verdict, new_body: ReplacementBody,
+                      limit: int) -> str | None:
+        """Why the message as *answer* changes it may not go on (over *limit* octets,
+        headers included), or None."""
+        if answer.action not in (M.Action.CONTINUE, M.Action.ACCEPT, M.Action.QUARANTINE):
+            return None                          # nothing of it is applied
+        try:
+            new_body.finish()
+        except M.ChangeLimitError as exc:
+            return exc.reason
+        fields = apply_header_edits(self._seen_fields, answer.modifications)
+        body = new_body.size if new_body.started else self._seen_body
+        separator = len(self._seen_separator) or (2 if body else 0)
+        size = sum(len(f) + 2 for f in fields) + separator + body
+        if size > limit:
+            return f"the message as changed has {size} octets (max_message_size {limit})"
+        return None
+
+    async def _run(self, stage: str, call, check=None) -> Verdict:
         if self.failed is not None:
             return self.failed
         if self.off:
             return CONTINUE
         try:
             answer = await call()
+            problem = check(answer) if check is not None else None
+            if problem is not None:
+                return self._failure(stage, "error", problem)
         except MilterError as exc:
             return self._failure(stage if exc.stage in ("open", "negotiate") else exc.stage,
                                  exc.result, exc.reason)
@@ -219,14 +274,17 @@ class MilterHook(Hook):
         if stage == "eom":
             self.added = tuple(m.address.strip().strip("<>") for m in answer.modifications
                                if isinstance(m, M.AddRecipient))
+        edits = answer.modifications
+        new_body = self._new_body
+        if stage == "eom" and new_body is not None and new_body.started:
+            edits += (new_body,)                 # the new body, spooled as it came
         if action in (M.Action.CONTINUE, M.Action.ACCEPT):
-            return Verdict(edits=answer.modifications) if answer.modifications else CONTINUE
+            return Verdict(edits=edits) if edits else CONTINUE
         if action is M.Action.DISCARD:
             return Verdict(Action.DISCARD, reason=self.name)
         if action is M.Action.QUARANTINE:
             note = f"{self.name}: {answer.reason or 'quarantined'}"
-            return Verdict(Action.QUARANTINE, reason=note, edits=answer.modifications,
-                           quarantine=(note,))
+            return Verdict(Action.QUARANTINE, reason=note, edits=edits, quarantine=(note,))
         # counted as milter_<result>, never by the milter's words (§11)
         return Verdict(Action.REFUSE, answer.reply, label=f"milter_{action.value}",
                        reason=self.name)
