@@ -364,7 +364,8 @@ class _MilterProcess(PeerProcess):
 class RspamdInstance(_MilterProcess):
     """rspamd in milter mode (its proxy worker, self_scan) on 127.0.0.1:port; the normal
     and controller workers on other free ports; no fuzzy storage. `milter_headers` adds
-    ``X-Spamd-Result`` to every message, local ones included. Ready once a GTUBE message is
+    ``X-Spamd-Result`` and ``Authentication-Results`` (its authserv-id: the MTA's
+    ``{daemon_name}``) to every message, local ones included. Ready once a GTUBE message is
     refused through the milter port (it compiles its regexps first: ~10-20 s)."""
     name = "rspamd"
     binary = "rspamd"
@@ -404,7 +405,8 @@ class RspamdInstance(_MilterProcess):
             "worker-fuzzy.inc": f'bind_socket = "127.0.0.1:{self.fuzzy_port}";\ncount = -1;\n',
         }
         if self.milter_headers:
-            files["milter_headers.conf"] = 'use = ["x-spamd-result"];\nskip_local = false;\n'
+            files["milter_headers.conf"] = ('use = ["x-spamd-result", "authentication-results"];'
+                                            '\nskip_local = false;\n')
         for name, text in files.items():
             path = d / "conf" / "override.d" / name
             path.write_text(text)

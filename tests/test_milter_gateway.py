@@ -44,9 +44,12 @@ class Script:
         self.args: dict[bytes, list[list[str]]] = {}
         self.connections = 0
         self.closed = trio.Event()
+        self.sessions: list[dict[bytes, dict[str, str]]] = []   # the macros per connection
 
     async def __call__(self, peer: FilterPeer) -> None:
         self.connections += 1
+        mine: dict[bytes, dict[str, str]] = {}
+        self.sessions.append(mine)
         try:
             await peer.negotiate(actions=self.actions, protocol=self.protocol,
                                  symlists=self.symlists)
@@ -54,9 +57,10 @@ class Script:
                 cmd, data = packet
                 if cmd == b"D":
                     parts = data[1:].split(b"\0")[:-1]
-                    self.macros.setdefault(data[:1], {}).update(
-                        {parts[i].decode(): parts[i + 1].decode()
-                         for i in range(0, len(parts) - 1, 2)})
+                    pairs = {parts[i].decode(): parts[i + 1].decode()
+                             for i in range(0, len(parts) - 1, 2)}
+                    self.macros.setdefault(data[:1], {}).update(pairs)
+                    mine.setdefault(data[:1], {}).update(pairs)
                     continue
                 self.commands.append(cmd)
                 if cmd in self.on:
@@ -97,7 +101,8 @@ def _config(sink, milters, tmp_path, **gateway):
     spool = tmp_path / "spool"
     gateway.setdefault("spool_dir", str(spool))
     listener = listener_dict(upstream_port=sink.port, tls="off", client_tls="none",
-                             milters=milters, timeouts=gateway.pop("timeouts", {}))
+                             milters=milters, timeouts=gateway.pop("timeouts", {}),
+                             **gateway.pop("listener", {}))
     return config_dict([listener], **gateway)
 
 
@@ -176,7 +181,8 @@ async def test_continue_everywhere_relays_the_message_and_the_milter_sees_it_all
     assert script.args[b"M"] == [["<alice@client.test>"]]
     assert script.args[b"R"] == [["<bob@example.test>"]]
     c = script.macros[b"C"]
-    assert c["j"] == "mx.test" and c["{daemon_name}"] == "smtp"
+    # {daemon_name} is the gateway's hostname (Postfix's $myhostname), not the listener
+    assert c["j"] == "mx.test" and c["{daemon_name}"] == "mx.test"
     assert c["{client_addr}"] == "127.0.0.1" and c["_"] == "unknown [127.0.0.1]"
     assert c["v"].startswith("mail-tls-gateway")
     assert script.macros[b"M"]["{mail_addr}"] == "alice@client.test"

@@ -599,3 +599,65 @@ def test_a_valid_end_of_message_answer_survives_any_chunking(noise_free, step):
     conn = _fresh("eom")
     [v] = feed(conn, PROGRESS + addheader("X-N", "1") + body + ACCEPT, step=step)[-1:]
     assert v.modifications == (M.AddHeader("X-N", " 1"), M.ReplaceBody(noise_free))
+
+
+# --- bounds on a milter's changes (SPEC §4.7) ------------------------------------------------
+
+@pytest.mark.parametrize("wire,why", [
+    (b"".join(addheader("X-N", str(i)) for i in range(1001)), "more than 1000 header changes"),
+    (b"".join(chgheader(1, "X-N", "") for i in range(1001)), "more than 1000 header changes"),
+    (addheader("X-Long", "x" * 65530), "a header of 65537 octets"),
+    (b"".join(addrcpt(f"<r{i}@x.test>") for i in range(1001)), "more than 1000 added recipients"),
+    (b"".join(addrcpt_par(f"<r{i}@x.test>") for i in range(1001)),
+     "more than 1000 added recipients"),
+    (addrcpt("<" + "a" * 5000 + "@x.test>"), "ADDRCPT: 5010 octets"),
+])
+def test_changes_beyond_the_bounds_break_the_conversation(wire, why):
+    conn = in_message()
+    conn.eom()
+    conn.receive_data(wire + CONTINUE)
+    with pytest.raises(ProtocolError, match=why):
+        while conn.next_event() is not NEED_DATA:
+            pass
+    with pytest.raises(ProtocolError):
+        conn.abort()                               # broken for good
+
+
+def test_changes_up_to_the_bounds_are_taken():
+    conn = in_message()
+    conn.eom()
+    wire = (b"".join(addheader("X-N", str(i)) for i in range(999))
+            + addheader("X-Long", "x" * (65536 - 7))
+            + b"".join(addrcpt(f"<r{i}@x.test>") for i in range(1000)) + CONTINUE)
+    [v] = feed(conn, wire)
+    assert len(v.modifications) == 2000
+    # the counts start again with the next message
+    conn.mail(["<a@x>"]); feed(conn, CONTINUE)
+    conn.eom()
+    [v] = feed(conn, addheader("X-Again", "1") + CONTINUE)
+    assert v.modifications == (M.AddHeader("X-Again", " 1"),)
+
+
+def test_max_size_bounds_header_changes_and_new_body_together():
+    conn = in_message()
+    conn.eom(max_size=1000)
+    conn.receive_data(addheader("X-A", "a" * 500) + replbody(b"b" * 400) + replbody(b"c" * 200)
+                      + CONTINUE)
+    with pytest.raises(ProtocolError, match="changes of more than 1000 octets"):
+        while conn.next_event() is not NEED_DATA:
+            pass
+
+
+def test_a_streamed_body_comes_out_piece_by_piece_before_the_verdict():
+    conn = in_message()
+    conn.eom(stream_body=True)
+    events = []
+    conn.receive_data(replbody(b"one\r\n") + addheader("X-A", "1") + replbody(b"two")
+                      + replbody(b"") + CONTINUE)
+    while (ev := conn.next_event()) is not NEED_DATA:
+        events.append(ev)
+        if isinstance(ev, M.Verdict):
+            break
+    assert events[:3] == [M.ReplaceBody(b"one\r\n"), M.ReplaceBody(b"two"), M.ReplaceBody(b"")]
+    assert events[3].modifications == (M.AddHeader("X-A", " 1"),)    # no body on the verdict
+

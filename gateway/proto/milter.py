@@ -40,6 +40,15 @@ a header, EOH or a body chunk ends the message's events; a refusal at RCPT refus
 recipient only; a refusal at MAIL, DATA, a header, EOH or the body ends the message's events.
 `abort()` (or the next `mail()`, which sends ABORT first when a transaction is open) starts over.
 
+A milter's changes are bounded (`ChangeLimits`, SPEC §4.7): at most 1,000 header changes
+(add, insert, change or delete) and 1,000 added recipients per message, one header of at most
+64 KiB (name, colon, value), an address of at most 4 KiB, and, given ``eom(max_size=N)``, N
+octets of header changes and replacement body together. Beyond them the milter broke its
+contract: `ChangeLimitError` (a `ProtocolError`), read no further. With
+``eom(stream_body=True)`` the replacement body is not kept: each REPLBODY comes out of
+`next_event()` as a `ReplaceBody` event before the verdict, for the caller to spool, so the
+core holds at most one packet of it.
+
 Text goes over the wire as UTF-8 with ``surrogateescape`` (bytes round-trip). After a
 `ProtocolError` the connection is broken: every later call raises it again.
 """
@@ -54,7 +63,8 @@ from typing import Mapping, Sequence
 from .. import errors as _errors
 
 __all__ = [
-    "ProtocolError", "NEED_DATA", "MAX_PACKET", "MAX_CHUNK", "VERSION",
+    "ProtocolError", "ChangeLimitError", "ChangeLimits", "NEED_DATA", "MAX_PACKET",
+    "MAX_CHUNK", "VERSION",
     "PacketDecoder", "encode_packet",
     "Action", "Verdict", "Negotiated", "Progress",
     "Modification", "AddHeader", "InsertHeader", "ChangeHeader", "ChangeFrom",
@@ -69,6 +79,20 @@ class ProtocolError(_errors.ProtocolError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
+
+
+class ChangeLimitError(ProtocolError):
+    """The milter's end-of-message changes went beyond `ChangeLimits`."""
+
+
+@dataclass(frozen=True)
+class ChangeLimits:
+    """Bounds on one end of message's changes (SPEC §4.7)."""
+    headers: int = 1000              # header changes: add, insert, change, delete
+    header_size: int = 65536         # octets of one header: name, colon, value
+    recipients: int = 1000           # added recipients
+    address_size: int = 4096         # octets of an address and its ESMTP parameters
+    size: int | None = None          # octets of header changes and new body (eom max_size)
 
 
 class _NeedData:
@@ -478,9 +502,15 @@ class MilterConnection:
     """One MTA-to-milter connection's protocol state (see the module docstring)."""
 
     def __init__(self, *, actions: int = ALL_ACTIONS, protocol: int = OFFERED_PROTOCOL,
-                 max_packet: int = MAX_PACKET):
+                 max_packet: int = MAX_PACKET, limits: ChangeLimits = ChangeLimits()):
         self.offered_actions = actions
         self.offered_protocol = protocol
+        self.limits = limits
+        self._max_size: int | None = limits.size
+        self._stream_body = False
+        self._headers_changed = 0
+        self._rcpts_added = 0
+        self._change_bytes = 0
         self._decoder = PacketDecoder(max_packet)
         self._state = _S_NEW
         self._error: ProtocolError | None = None
@@ -560,7 +590,7 @@ class MilterConnection:
                     event = self._reply(command, data)
                     if event is None:            # a modification: read on
                         continue
-                if not isinstance(event, Progress) and self._decoder.buffered:
+                if not isinstance(event, (Progress, ReplaceBody)) and self._decoder.buffered:
                     raise ProtocolError("milter sent data after its answer")
                 return event
         except ProtocolError as exc:
@@ -634,10 +664,17 @@ class MilterConnection:
             raise ValueError(f"a body chunk has 1..{MAX_CHUNK} octets, not {len(chunk)}")
         return self._stage(C_BODY, bytes(chunk), macros)
 
-    def eom(self, *, macros: Mapping[str, str] | None = None) -> bytes:
-        """End of message; its verdict carries the modifications."""
+    def eom(self, *, macros: Mapping[str, str] | None = None, max_size: int | None = None,
+            stream_body: bool = False) -> bytes:
+        """End of message; its verdict carries the modifications. *max_size*: octets of
+        header changes and replacement body allowed together (else `limits.size`);
+        *stream_body*: REPLBODY pieces come out of `next_event()` as `ReplaceBody` events
+        instead of riding on the verdict."""
         self._mods = []
         self._quarantine = None
+        self._max_size = max_size if max_size is not None else self.limits.size
+        self._stream_body = stream_body
+        self._headers_changed = self._rcpts_added = self._change_bytes = 0
         return self._stage(C_BODYEOB, b"", macros)
 
     def abort(self) -> bytes:
@@ -777,8 +814,7 @@ class MilterConnection:
             needed = _NEEDS_ACTION[command]
             if not self.actions & needed:
                 raise ProtocolError(f"modification {command!r} without negotiating it")
-            self._modification(command, data)
-            return None
+            return self._modification(command, data)
         if command not in _VERDICT_REPLIES:
             raise ProtocolError(f"unexpected reply {command!r} to {stage}")
         if command != R_REPLYCODE and data:
@@ -828,10 +864,41 @@ class MilterConnection:
                 self._msg_done = verdict
         return verdict
 
-    def _modification(self, command: bytes, data: bytes) -> None:
+    def _count(self, octets: int, *, header: bool = False, rcpt: bool = False) -> None:
+        """Account one change against `limits`; ChangeLimitError beyond them."""
+        limits = self.limits
+        if header:
+            self._headers_changed += 1
+            if self._headers_changed > limits.headers:
+                raise ChangeLimitError(f"more than {limits.headers} header changes")
+        if rcpt:
+            self._rcpts_added += 1
+            if self._rcpts_added > limits.recipients:
+                raise ChangeLimitError(f"more than {limits.recipients} added recipients")
+        self._change_bytes += octets
+        if self._max_size is not None and self._change_bytes > self._max_size:
+            raise ChangeLimitError(f"changes of more than {self._max_size} octets "
+                                   "(max_message_size)")
+
+    def _header_change(self, name: bytes, value: bytes, what: str) -> None:
+        octets = len(name) + 1 + len(value)
+        if octets > self.limits.header_size:
+            raise ChangeLimitError(f"{what}: a header of {octets} octets "
+                                   f"(limit {self.limits.header_size})")
+        self._count(octets, header=True)
+
+    def _address_change(self, data: bytes, what: str, *, rcpt: bool = False) -> None:
+        if len(data) > self.limits.address_size:
+            raise ChangeLimitError(f"{what}: {len(data)} octets "
+                                   f"(limit {self.limits.address_size})")
+        self._count(len(data), rcpt=rcpt)
+
+    def _modification(self, command: bytes, data: bytes):
+        """Record one change (None), or, streaming the body, a `ReplaceBody` event."""
         leadspc = bool(self.protocol & P_HDR_LEADSPC)
         if command == R_ADDHEADER:
             name, value = _cstrings(data, 2, "ADDHEADER")
+            self._header_change(name, value, "ADDHEADER")
             self._mods.append(AddHeader(_header_name(name, "ADDHEADER"),
                                         _header_value(value, leadspc, "ADDHEADER")))
         elif command in (R_INSHEADER, R_CHGHEADER):
@@ -840,6 +907,7 @@ class MilterConnection:
                 raise ProtocolError(f"{what}: too short")
             (index,) = _LEN.unpack_from(data)
             name, value = _cstrings(data[4:], 2, what)
+            self._header_change(name, value, what)
             if index > 0x7FFFFFFF:
                 raise ProtocolError(f"{what}: bad index {index}")
             hname = _header_name(name, what)
@@ -851,6 +919,7 @@ class MilterConnection:
                 self._mods.append(ChangeHeader(max(index, 1), hname, hvalue))
         elif command in (R_CHGFROM, R_ADDRCPT_PAR):
             what = "CHGFROM" if command == R_CHGFROM else "ADDRCPT_PAR"
+            self._address_change(data, what, rcpt=command == R_ADDRCPT_PAR)
             parts = _cstrings(data, None, what)
             if len(parts) > 2:
                 raise ProtocolError(f"{what}: {len(parts)} strings")
@@ -863,16 +932,18 @@ class MilterConnection:
             cls = ChangeFrom if command == R_CHGFROM else AddRecipient
             self._mods.append(cls(addr, args))
         elif command == R_ADDRCPT:
+            self._address_change(data, "ADDRCPT", rcpt=True)
             (addr,) = _cstrings(data, 1, "ADDRCPT")
             self._mods.append(AddRecipient(_address(addr, "ADDRCPT")))
         elif command == R_DELRCPT:
+            self._address_change(data, "DELRCPT")
             (addr,) = _cstrings(data, 1, "DELRCPT")
             self._mods.append(DeleteRecipient(_address(addr, "DELRCPT")))
         elif command == R_REPLBODY:
-            if data:
-                self._mods.append(ReplaceBody(data))
-            else:
-                self._mods.append(ReplaceBody(b""))
+            self._count(len(data))
+            if self._stream_body:
+                return ReplaceBody(data)
+            self._mods.append(ReplaceBody(data))
         elif command == R_QUARANTINE:
             reason = data[:-1] if data[-1:] == b"\0" else data
             if b"\0" in reason:

@@ -12,6 +12,7 @@
     v = await client.eoh()
     v = await client.body(chunk)                      # any size: sent in pieces <= 65,535
     v = await client.eom(macros={...})                # v.modifications: the changes
+    v = await client.eom(max_size=N, on_body=spool.write)   # the new body to on_body
     await client.abort()                              # between messages
     await client.quit()                               # never raises; closes the socket
 
@@ -20,6 +21,12 @@ returns at once without reading. Waits are bounded: connecting by `connect_timeo
 negotiation and the envelope stages by `command_timeout`, headers, body and end of message
 by `content_timeout` (as Postfix's milter_*_timeout); a PROGRESS from the milter restarts the
 wait. Each bound covers the whole stage, writing included.
+
+A milter's changes are bounded (`proto.milter.ChangeLimits`: headers, recipients, sizes; and
+``eom(max_size=...)``); one that goes beyond them fails like a protocol error, read no
+further. Given ``on_body``, the replacement body goes there piece by piece as it arrives
+(an exception from it ends the stage: a `ProtocolError` as a failure of the milter, anything
+else raised as it is), so no more than one packet of it is held here.
 
 Every failure — refused or unreachable address, timeout, protocol error, garbage, the milter
 closing mid-conversation — raises `MilterError` (``result`` is ``"timeout"`` or ``"error"``,
@@ -57,13 +64,15 @@ class MilterClient:
     def __init__(self, address: str, *, name: str | None = None,
                  connect_timeout: float = 30, command_timeout: float = 30,
                  content_timeout: float = 300,
-                 actions: int = M.ALL_ACTIONS, protocol: int = M.OFFERED_PROTOCOL):
+                 actions: int = M.ALL_ACTIONS, protocol: int = M.OFFERED_PROTOCOL,
+                 limits: M.ChangeLimits = M.ChangeLimits()):
         self.address = address
         self.name = name or address
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.content_timeout = content_timeout
-        self.core = M.MilterConnection(actions=actions, protocol=protocol)
+        self.core = M.MilterConnection(actions=actions, protocol=protocol, limits=limits)
+        self._on_body = None            # eom(on_body=...): where REPLBODY pieces go
         self.negotiated: Negotiated | None = None
         self._stream: trio.abc.Stream | None = None
         self._broken: MilterError | None = None
@@ -173,9 +182,19 @@ class MilterClient:
                 break
         return verdict
 
-    async def eom(self, *, macros: Mapping[str, str] | None = None) -> Verdict:
-        """End of message: the verdict, with the milter's changes in `modifications`."""
-        return await self._stage("eom", self.content_timeout, self.core.eom, macros=macros)
+    async def eom(self, *, macros: Mapping[str, str] | None = None,
+                  max_size: int | None = None, on_body=None) -> Verdict:
+        """End of message: the verdict, with the milter's changes in `modifications`.
+        *max_size*: octets of header changes and new body allowed together; *on_body*: a
+        callable that takes the replacement body piece by piece (then no `ReplaceBody`
+        rides on the verdict)."""
+        self._on_body = on_body
+        try:
+            return await self._stage("eom", self.content_timeout, self.core.eom,
+                                     macros=macros, max_size=max_size,
+                                     stream_body=on_body is not None)
+        finally:
+            self._on_body = None
 
     async def abort(self) -> None:
         """Forget the current message (no reply expected)."""
@@ -273,6 +292,9 @@ class MilterClient:
                         continue
                     if isinstance(event, M.Progress):
                         scope.deadline = trio.current_time() + timeout
+                        continue
+                    if isinstance(event, M.ReplaceBody):
+                        self._on_body(event.data)
                         continue
                     return event
             # only reached when the scope was cancelled by its deadline

@@ -89,6 +89,11 @@ async def transfer(session) -> None:
     s.core.respond(*GATEWAY_354)
     txn.data_started = True
     s._msg_bytes = 0
+    # the DATA clock, as without milters: a grace of `data` seconds from the 354, then the
+    # data_min_rate floor, time the gateway spends blocked on its milters not counted (§9)
+    s._data_start = trio.current_time()
+    s._data_blocked = 0.0
+    s._data_received = 0
     config = s.rt.milter_spool
     held = HeldMessage(config[0], config[1])
     keepalive = _Keepalive(leg)
@@ -121,13 +126,19 @@ async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
         if state.aborted is not None or state.spool is not None or state.stop is not None \
                 or txn.discard is not None:
             return                       # refused already: nothing more is held or sent
+        start = trio.current_time()
         try:
             held.feed(text)
         except SpoolError as exc:
             state.spool = exc
             s.log.event("spool_error", level="error", reason=str(exc))
             return
-        verdict = await policy.body(facts, text)
+        try:
+            verdict = await policy.body(facts, text)
+        finally:
+            # the spool and the first milter's answers are the gateway's time, not the
+            # client's: like time blocked writing upstream, not held against its rate
+            s._data_blocked += trio.current_time() - start
         if verdict.action in (Action.REFUSE, Action.DISCARD):
             state.stop = verdict
 
@@ -136,7 +147,7 @@ async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
     while True:
         event = core.next_event()
         for code, text in core.take_rejections():
-            s._rejected(code, text)
+            s._rejected(code, text, own=True)
         if event is S.NEED_DATA:
             await s._flush()
             core.receive_data(await s._receive())
@@ -162,6 +173,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
     policy = s.policy
     result = None
     reply = None
+    label = None                   # a milter's refusal: its policy_rejections label
     relay = False
     if end.aborted == "size" or state.aborted == "size":
         reply = R.TOO_BIG
@@ -174,6 +186,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
         reply = keepalive.failure.reply
     elif state.stop is not None:
         reply, result = _stopped(state.stop)
+        label = state.stop.label
     elif txn.discard is not None:
         reply, result = DISCARDED, "discarded"
     if reply is not None:
@@ -189,11 +202,12 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
                 verdict = None
                 reply = NO_SPOOL
         if scope.cancelled_caught:
-            reply = MILTER_TEMPFAIL
+            reply, label = MILTER_TEMPFAIL, "milter_timeout"
             await policy.abort(facts)
         elif verdict is not None:
             if verdict.action in (Action.REFUSE, Action.DISCARD):
                 reply, result = _stopped(verdict)
+                label = verdict.label
             else:
                 relay = True
     await keepalive.stop()
@@ -207,7 +221,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
     leg = s.leg
     if leg is not None and not leg.closed and leg.in_transaction:
         await leg.reset()            # refused or discarded: RSET, never DATA
-    await s._message_done(txn, reply, end.size, result)
+    await s._message_done(txn, reply, end.size, result, label=label)
 
 
 def _stopped(verdict):

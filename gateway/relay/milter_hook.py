@@ -19,23 +19,36 @@ later one of the session, `accept` goes on without it. Each verdict that decides
 (and every end of message) is logged as event `milter`, counted in
 `gateway_milter_results_total` and kept for the transaction's tracking record; its end of
 message observes the time its answers took since MAIL FROM in `gateway_milter_seconds`.
+A refusal is counted in `gateway_policy_rejections_total` as `milter_<result>` (reject,
+tempfail, replycode; error or timeout for a failed milter's default_action), never by
+its text.
 
 The message reaches the hook as text (`body()` chunks: CRLF lines, not dot-stuffed, the
 gateway's Received: first); the hook splits off the header fields itself and sends them one by
 one, then end of headers, then the body.
+
+Its changes are bounded (§4.7): the client core's `ChangeLimits` (1,000 header changes and
+added recipients, 64 KiB a header, the changes within `max_message_size`), the replacement
+body spooled as it arrives (`ReplacementBody`: memory up to `milter_memory`, then a file),
+and the message as changed — the header fields it saw with its header changes applied, and
+its body or the new one — at most `max_message_size`. Beyond any of them the milter failed
+(`error`): its `default_action`, none of its changes applied.
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import trio
 
 from .. import __version__
-from ..policy.stages import CONTINUE, Action, Hook, Verdict, refuse
+from ..policy.stages import CONTINUE, Action, Hook, Verdict
 from ..proto import milter as M
-from ..proto.message import HeaderSplitter, split_field
+from ..proto.message import HeaderSplitter, apply_header_edits, split_field
+from .held_message import ReplacementBody
 from .milter_client import MilterClient, MilterError
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MILTER_TEMPFAIL = (451, "4.7.1 Service unavailable - try again later")
 MILTER_REJECT = (550, "5.7.1 Message content rejected")
 MTA_NAME = f"mail-tls-gateway {__version__}"
@@ -65,6 +78,12 @@ class MilterHook(Hook):
         self._in_message = False
         self.added: tuple[str, ...] = ()         # recipients its last end of message added
         self._spent = 0.0                        # this message's time in its answers
+        # the message as this milter was given it: header fields (bounded by the splitter's
+        # MAX_HEADER_BLOCK), the empty line after them, the body's size
+        self._seen_fields: list[bytes] = []
+        self._seen_separator = b""
+        self._seen_body = 0
+        self._new_body: ReplacementBody | None = None   # its end of message's new body
 
     @property
     def may_change(self) -> bool:
@@ -74,8 +93,10 @@ class MilterHook(Hook):
 
     async def connect(self, facts) -> Verdict:
         session = self.session
+        # {daemon_name}: the gateway's hostname, Postfix's milter_macro_daemon_name default
+        # ($myhostname); rspamd takes its authserv-id from it
         macros = {"j": session.rt.hostname, "_": f"unknown [{facts.client_ip}]",
-                  "v": MTA_NAME, "{daemon_name}": session.name,
+                  "v": MTA_NAME, "{daemon_name}": session.rt.hostname,
                   "{daemon_addr}": session.listener.host,
                   "{client_addr}": facts.client_ip, "{client_port}": str(facts.client_port),
                   "{client_name}": "unknown"}
@@ -92,8 +113,11 @@ class MilterHook(Hook):
         if tls is not None:
             macros = {"{tls_version}": tls.version, "{cipher}": tls.cipher,
                       "{cipher_bits}": str(tls.bits)}
-            if tls.peer_subject:
-                macros["{cert_subject}"] = tls.peer_subject
+            if tls.verified:
+                # as Postfix: only for a trusted client certificate, its subject CN and its
+                # issuer's CN (the issuer's O when it has none)
+                macros["{cert_subject}"] = tls.peer_cn or ""
+                macros["{cert_issuer}"] = tls.issuer_cn or ""
         return await self._run("helo", lambda: self.client.helo(
             facts.helo or "unknown", macros=self._stage(macros)))
 
@@ -105,6 +129,11 @@ class MilterHook(Hook):
         if facts.auth_user is not None:
             macros.update({"{auth_type}": facts.auth_mechanism or "",
                            "{auth_authen}": facts.auth_user})
+            author = params.get("AUTH")
+            if author and author != "<>":
+                # MAIL FROM's AUTH= value as given (Postfix's sasl_sender); only on an
+                # authenticated session (elsewhere the gateway sends AUTH=<> on, RFC 4954)
+                macros["{auth_author}"] = _CONTROL.sub("?", author)
         args = [f"<{address}>", *_params(params)]
         return await self._run("mail", lambda: self.client.mail(
             args, macros=self._stage(macros)))
@@ -119,6 +148,9 @@ class MilterHook(Hook):
     async def data(self, facts) -> Verdict:
         self._splitter = HeaderSplitter()
         self._eoh_sent = False
+        self._seen_fields = []
+        self._seen_separator = b""
+        self._seen_body = 0
         return await self._run("data", lambda: self.client.data(
             macros=self._stage({"i": facts.queue_id or ""})))
 
@@ -139,8 +171,20 @@ class MilterHook(Hook):
                 return verdict
         self._splitter = None
         self._in_message = False
-        verdict = await self._run("eom", lambda: self.client.eom(
-            macros=self._stage({"i": facts.queue_id or ""})))
+        self.added = ()
+        spool_dir, memory = self.session.rt.milter_spool
+        limit = self.session.listener.max_message_size
+        self._new_body = new_body = ReplacementBody(spool_dir, memory, limit)
+        verdict = CONTINUE
+        try:
+            verdict = await self._run(
+                "eom", lambda: self.client.eom(macros=self._stage({"i": facts.queue_id or ""}),
+                                               max_size=limit, on_body=new_body.write),
+                check=lambda answer: self._changed_size(answer, new_body, limit))
+        finally:
+            self._new_body = None
+            if not any(edit is new_body for edit in verdict.edits):
+                new_body.close()             # not handed over with the changes
         self.session.metrics.milter_seconds.labels(self.session.name, self.name).observe(
             self._spent)
         return verdict
@@ -163,6 +207,10 @@ class MilterHook(Hook):
     async def _content(self, facts, fields: list[bytes], body: bytes) -> Verdict:
         """Header fields, then end of headers once the block ended, then body bytes."""
         client = self.client
+        self._seen_fields.extend(fields)
+        self._seen_body += len(body)
+        if self._splitter is not None and self._splitter.eoh:
+            self._seen_separator = self._splitter.separator
         for raw in fields:
             name, value = split_field(raw)
             verdict = await self._run("header", lambda: client.header(name, value))
@@ -187,7 +235,25 @@ class MilterHook(Hook):
             return dict(self._macros)
         return macros
 
-    async def _run(self, stage: str, call) -> Verdict:
+    def _changed_size(self, answer: M.Verdict, new_body: ReplacementBody,
+                      limit: int) -> str | None:
+        """Why the message as *answer* changes it may not go on (over *limit* octets,
+        headers included), or None."""
+        if answer.action not in (M.Action.CONTINUE, M.Action.ACCEPT, M.Action.QUARANTINE):
+            return None                          # nothing of it is applied
+        try:
+            new_body.finish()
+        except M.ChangeLimitError as exc:
+            return exc.reason
+        fields = apply_header_edits(self._seen_fields, answer.modifications)
+        body = new_body.size if new_body.started else self._seen_body
+        separator = len(self._seen_separator) or (2 if body else 0)
+        size = sum(len(f) + 2 for f in fields) + separator + body
+        if size > limit:
+            return f"the message as changed has {size} octets (max_message_size {limit})"
+        return None
+
+    async def _run(self, stage: str, call, check=None) -> Verdict:
         if self.failed is not None:
             return self.failed
         if self.off:
@@ -195,6 +261,9 @@ class MilterHook(Hook):
         started = trio.current_time()
         try:
             answer = await call()
+            problem = check(answer) if check is not None else None
+            if problem is not None:
+                return self._failure(stage, "error", problem)
         except MilterError as exc:
             return self._failure(stage if exc.stage in ("open", "negotiate") else exc.stage,
                                  exc.result, exc.reason)
@@ -214,15 +283,20 @@ class MilterHook(Hook):
         if stage == "eom":
             self.added = tuple(m.address.strip().strip("<>") for m in answer.modifications
                                if isinstance(m, M.AddRecipient))
+        edits = answer.modifications
+        new_body = self._new_body
+        if stage == "eom" and new_body is not None and new_body.started:
+            edits += (new_body,)                 # the new body, spooled as it came
         if action in (M.Action.CONTINUE, M.Action.ACCEPT):
-            return Verdict(edits=answer.modifications) if answer.modifications else CONTINUE
+            return Verdict(edits=edits) if edits else CONTINUE
         if action is M.Action.DISCARD:
             return Verdict(Action.DISCARD, reason=self.name)
         if action is M.Action.QUARANTINE:
             note = f"{self.name}: {answer.reason or 'quarantined'}"
-            return Verdict(Action.QUARANTINE, reason=note, edits=answer.modifications,
-                           quarantine=(note,))
-        return refuse(answer.reply, reason=self.name)
+            return Verdict(Action.QUARANTINE, reason=note, edits=edits, quarantine=(note,))
+        # counted as milter_<result>, never by the milter's words (§11)
+        return Verdict(Action.REFUSE, answer.reply, label=f"milter_{action.value}",
+                       reason=self.name)
 
     def _failure(self, stage: str, result: str, reason: str) -> Verdict:
         self._record(stage, result, reason=reason)
@@ -230,8 +304,10 @@ class MilterHook(Hook):
         if action == "accept":
             self.off = True
             return CONTINUE
-        self.failed = refuse(MILTER_TEMPFAIL if action == "tempfail" else MILTER_REJECT,
-                             reason=self.name)
+        self.failed = Verdict(Action.REFUSE,
+                              MILTER_TEMPFAIL if action == "tempfail" else MILTER_REJECT,
+                              label=_FAILURE_LABELS.get(result, "milter_error"),
+                              reason=self.name)
         return self.failed
 
     def _record(self, stage: str, result: str, answer: M.Verdict | None = None,
@@ -251,6 +327,10 @@ class MilterHook(Hook):
         session.metrics.milter_results_total.labels(session.name, self.name, result).inc()
         session.facts.milter_log.append({"milter": self.name, "stage": stage,
                                          "result": result})
+
+
+# gateway_policy_rejections_total's reason when a failed milter's default_action refuses
+_FAILURE_LABELS = {"error": "milter_error", "timeout": "milter_timeout"}
 
 
 def _params(params: dict) -> list[str]:

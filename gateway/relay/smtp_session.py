@@ -161,7 +161,7 @@ class SMTPSession:
         while True:
             event = core.next_event()
             for code, text in core.take_rejections():
-                self._rejected(code, text)
+                self._rejected(code, text, own=True)
             if event is S.NEED_DATA:
                 leg = self.leg
                 if leg is not None and leg.held_size and leg.in_data and not self._leg_broken:
@@ -530,12 +530,16 @@ class SMTPSession:
         self._rejected(*reply, label=label)
         self.core.respond(*reply, close=close)
 
-    def _rejected(self, code: int, text, label: str | None = None) -> None:
+    def _rejected(self, code: int, text, label: str | None = None, own: bool = False) -> None:
         """Log a refusal; count it as a policy rejection when a policy stage refused
-        (*label*) or the code is one of the refusals §4.5 makes final or closing."""
+        (*label*: the verdict's, from a fixed set) or when it is one of the gateway's own
+        replies (*own*: the SMTP core's; else one of proto.replies') with a code §4.5 makes
+        final or closing, as `<code>_<enhanced code>` of that fixed text. Label values never
+        come from client, milter or upstream text (§11): an upstream's refusal relayed to
+        the client is not a policy rejection (`gateway_messages_total` counts it)."""
         text = _text(text)
         self.log.event("reject", code=code, reason=text)
-        if label is None and code in _COUNTED_CODES:
+        if label is None and code in _COUNTED_CODES and (own or (code, text) in _OWN_REPLIES):
             label = f"{code}_{text.split(' ')[0]}"
         if label is not None:
             self.metrics.policy_rejections_total.labels(self.name, label).inc()
@@ -708,15 +712,15 @@ class SMTPSession:
         await self._message_done(txn, reply, event.size)
 
     async def _message_done(self, txn: Transaction, reply, size: int,
-                            result: str | None = None) -> None:
+                            result: str | None = None, label: str | None = None) -> None:
         """The answer to the final dot: the transaction ends (`_end`), the reply is sent; the
         leg dropped when it broke. *result* overrides the one the reply code gives
-        (`discarded`)."""
+        (`discarded`); *label*: a policy stage's refusal (a milter's), counted under it."""
         code = reply[0]
         if result is None:
             result = "accepted" if code // 100 == 2 else _refused(code)
         if result not in ("accepted", "discarded"):
-            self._rejected(code, reply[1])
+            self._rejected(code, reply[1], label=label)
         self._end(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
         leg = self.leg
         if leg is not None and (leg.closed or self._leg_broken):
@@ -857,6 +861,11 @@ class _AuthExchange:
 
 _DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals counted as policy
+# the gateway's own replies (proto.replies): the only texts a policy_rejections label is read
+# from, so its values form a fixed set (§11)
+_OWN_REPLIES = frozenset(v for v in vars(R).values()
+                         if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int)
+                         and isinstance(v[1], str))
 _HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)
 

@@ -64,6 +64,24 @@ class TLSInfo:
     verified: bool
     verify_error: str | None
     resumed: bool
+    # the peer's subject CN and its issuer's CN (or O), as Postfix reads them for the
+    # {cert_subject} / {cert_issuer} milter macros; "" when absent or not printable
+    peer_cn: str | None = None
+    issuer_cn: str | None = None
+
+
+def _name_text(name, attribute: str) -> str:
+    """The first *attribute* (``CN``, ``O``) of an X.509 name, or "" when it has none or
+    it holds a control character (Postfix's tls_text_name)."""
+    from cryptography.x509.oid import NameOID
+    oid = NameOID.COMMON_NAME if attribute == "CN" else NameOID.ORGANIZATION_NAME
+    values = name.get_attributes_for_oid(oid)
+    if not values:
+        return ""
+    value = values[0].value
+    if not isinstance(value, str) or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return ""
+    return value
 
 
 class _State(enum.Enum):
@@ -590,6 +608,9 @@ class TLSStream(trio.abc.Stream):
             verified=verified,
             verify_error=error,
             resumed=bool(session_reused(self._ssl)),
+            peer_cn=_name_text(cert.subject, "CN") if cert is not None else None,
+            issuer_cn=(_name_text(cert.issuer, "CN") or _name_text(cert.issuer, "O")
+                       if cert is not None else None),
         )
 
     def _check_name(self) -> str | None:
