@@ -195,6 +195,8 @@ def test_every_spec_name_is_exposed():
         m.milter_results_total.labels("l", "rspamd", "reject").inc()
         m.certificate_expiry.labels("main", "ecdsa").set(1.8e9)
         m.upstream_last_result.labels("l", "ok").set(1.7e9)
+        m.reload_sessions_cut_total.labels("l", "generation_cap").inc()
+        m.reloads_deferred_total.inc()
         body, _ = M.render()
         names = set()
         for line in body.decode().splitlines():
@@ -228,7 +230,7 @@ def test_the_exposition_follows_the_table():
         print(json.dumps({"families": families(body.decode()), "help": help_lines}))
     """)
     fams = out["families"]
-    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 23
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 25
     for spec in M.METRICS:
         family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
         assert fams[family]["type"] == spec.kind, spec

@@ -164,6 +164,7 @@ class GatewayConfig:
     log_format: str = "logfmt"
     tracking_log: str | None = None
     shutdown_grace: float = 30
+    reload_grace: float = 3600        # relayed IMAP sessions kept by a retired generation (§9)
     worker_timeout: float = 30        # heartbeat age after which a worker is replaced (§9)
     alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
     alert_sender: str | None = None          # default postmaster@<hostname>

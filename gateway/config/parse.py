@@ -42,8 +42,9 @@ LOG_FORMATS = ("logfmt", "json")
 
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
-                 "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
-                 "alert_interval", "spool_dir", "milter_memory", "worker_timeout")
+                 "tracking_log", "shutdown_grace", "reload_grace", "alert_recipients",
+                 "alert_sender", "alert_interval", "spool_dir", "milter_memory",
+                 "worker_timeout")
 _CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
                   "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
@@ -92,6 +93,7 @@ def _parse_gateway(t: Table | None) -> dict:
     out["log_format"] = t.str("log_format", "logfmt", choices=LOG_FORMATS)
     out["tracking_log"] = t.str("tracking_log", None)
     out["shutdown_grace"] = t.seconds("shutdown_grace", 30.0, zero_ok=True)
+    out["reload_grace"] = t.seconds("reload_grace", 3600.0, zero_ok=True)
     out["worker_timeout"] = t.seconds("worker_timeout", 30.0)
     recipients = t.str_list("alert_recipients", [])
     for i, addr in enumerate(recipients):
