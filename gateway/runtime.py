@@ -133,6 +133,11 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     if any(listener.milters for listener in config.listeners):
         # still privileged here (a worker drops privileges after this): 0700, the workers'
         prepare_spool_dir(config.spool_dir, config.user, config.group)
+    store = None
+    if config.alert_recipients:       # the alert limiter all workers share (§8)
+        from .state import StateStore, prepare_state_dir
+        prepare_state_dir(config.state_dir, config.user, config.group)
+        store = StateStore(config.state_dir)
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
@@ -154,7 +159,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
                 settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
                 recipients=config.alert_recipients, hostname=config.hostname,
                 listener=listener.name, log=log.bind(listener=listener.name),
-                interval=config.alert_interval)
+                interval=config.alert_interval, store=store)
         runtimes.append(ListenerRuntime(
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
             index, state, stages=StagePolicy(listener, session_hooks=milter_factories(listener)),

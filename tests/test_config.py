@@ -306,6 +306,7 @@ ERRORS = [
     ("milter-on-imap", L(1, milters=[{"name": "a", "address": "unix:/x"}]),
      "listeners[1].milters", "SMTP listeners only"),
     ("spool-dir-relative", G(spool_dir="spool"), "gateway.spool_dir", "absolute path"),
+    ("state-dir-relative", G(state_dir="state"), "gateway.state_dir", "absolute path"),
     ("milter-memory-negative", G(milter_memory=-1), "gateway.milter_memory", ""),
 ]
 
@@ -351,6 +352,7 @@ def test_defaults():
     assert config.tracking_log is None
     assert config.shutdown_grace == 30
     assert config.reload_grace == 3600
+    assert config.state_dir == "/var/lib/gateway"
     lst = config.listeners[0]
     assert (lst.protocol, lst.type, lst.host, lst.port) == ("smtp", "public", "0.0.0.0", 25)
     assert (lst.tls, lst.client_tls, lst.certificate, lst.profile) == \

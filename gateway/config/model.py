@@ -170,6 +170,7 @@ class GatewayConfig:
     alert_sender: str | None = None          # default postmaster@<hostname>
     alert_interval: float = 3600             # at most one e-mail per domain and reason
     spool_dir: str = "/var/lib/gateway/spool"   # messages held for milters beyond memory
+    state_dir: str = "/var/lib/gateway"      # state.sqlite: what workers share (alerts, §8)
     milter_memory: int = 1048576             # octets of one message held in memory (§4.7)
     certificates: dict[str, Certificate] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)   # predefined + operator

@@ -43,7 +43,7 @@ LOG_FORMATS = ("logfmt", "json")
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
                  "tracking_log", "shutdown_grace", "reload_grace", "alert_recipients",
-                 "alert_sender", "alert_interval", "spool_dir", "milter_memory",
+                 "alert_sender", "alert_interval", "spool_dir", "state_dir", "milter_memory",
                  "worker_timeout")
 _CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
@@ -110,6 +110,10 @@ def _parse_gateway(t: Table | None) -> dict:
     if not spool_dir.startswith("/"):
         raise ConfigError(t.p("spool_dir"), f'"{spool_dir}" must be an absolute path')
     out["spool_dir"] = spool_dir
+    state_dir = t.str("state_dir", "/var/lib/gateway")
+    if not state_dir.startswith("/"):
+        raise ConfigError(t.p("state_dir"), f'"{state_dir}" must be an absolute path')
+    out["state_dir"] = state_dir
     out["milter_memory"] = t.int("milter_memory", 1048576, minimum=0)
     return out
 
