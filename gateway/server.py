@@ -338,8 +338,9 @@ class Drain:
                 per_listener[rt.listener.name] = per_listener.get(rt.listener.name, 0) + 1
         for name, n in per_listener.items():
             state.metrics.reload_sessions_cut_total.labels(name, reason).inc(n)
-        self.log.event("reload_sessions_cut", level="warning" if per_listener else "info",
-                       reason=reason, sessions=sum(per_listener.values()))
+        if per_listener:
+            self.log.event("reload_sessions_cut", level="warning", reason=reason,
+                           sessions=sum(per_listener.values()))
         state.imap_deadline = trio.current_time() + self.config.shutdown_grace
         state.drain_imap()
         for scope, rt in list(state.session_scopes.items()):
