@@ -16,10 +16,14 @@ with the row. Each has room for every connection the listeners allow together (`
 the sum of their max_connections: one worker may get them all), so filling it from many
 addresses cannot switch the limit off (SPEC §2).
 
+Per row also the supervisor's order to its worker (`ORDER_RETIRE`, `ORDER_CUT`), which the
+retire signal only announces: two signals sent before the worker reads them arrive as one,
+the order in memory is never lost.
+
 The rows are a fixed number, allocated before the first fork (every worker must see the same
 memory): the supervisor takes `ROWS_PER_SLOT` rows per worker slot, so that several
-generations of workers retired by reloads may drain at once, and defers a reload rather than
-run out (supervisor.py).
+generations of workers retired by reloads may drain at once (at most 4 of them keeping IMAP
+sessions, SPEC §9), and defers a reload rather than run out (supervisor.py).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from multiprocessing.sharedctypes import RawArray
 from .perip import DEFAULT_SLOTS, PerIPTable, slots_for
 
 ROWS_PER_SLOT = 8      # a serving generation and up to 7 draining ones
+ORDER_SERVE, ORDER_RETIRE, ORDER_CUT = 0, 1, 2   # ORDER_CUT: retired, and its IMAP sessions end
 
 
 class ConnectionCounts:
@@ -47,6 +52,7 @@ class ConnectionCounts:
         self._health = RawArray("d", 2)              # [beat age still healthy, stopping]
         self._pids = RawArray("q", rows)             # the worker of each row, 0: none
         self._generations = RawArray("q", rows)      # the configuration generation it serves
+        self._orders = RawArray("q", rows)           # the supervisor's ORDER_* to the worker
         self.per_ip = PerIPTable(                    # connections per client address (§2)
             rows, DEFAULT_SLOTS if capacity is None else slots_for(capacity))
 
@@ -69,12 +75,23 @@ class ConnectionCounts:
         self._beats[row] = 0.0
         self._pids[row] = 0
         self._generations[row] = 0
+        self._orders[row] = ORDER_SERVE
         self.per_ip.clear_row(row)
 
     def set_worker(self, row: int, pid: int, generation: int) -> None:
         """*pid* serves configuration *generation* (0: the start, +1 per reload) in *row*."""
         self._pids[row] = pid
         self._generations[row] = generation
+
+    def row_sessions(self, row: int, listeners) -> int:
+        """Connections open in *row* on the *listeners* (indices)."""
+        return sum(self._a[row * self.listeners + i] for i in listeners)
+
+    def set_order(self, row: int, order: int) -> None:
+        self._orders[row] = order
+
+    def order(self, row: int) -> int:
+        return self._orders[row]
 
     def workers(self, now: float | None = None) -> list[dict]:
         """`/status`'s worker rows: pid, generation, heartbeat age (None before the first

@@ -103,6 +103,12 @@ METRICS = (
     Spec("config_last_reload_success_timestamp_seconds", "gauge",
          "gateway_config_last_reload_success_timestamp_seconds",
          "When the configuration was last applied (start or reload)", (), "livemax"),
+    Spec("reload_sessions_cut_total", "counter", "gateway_reload_sessions_cut_total",
+         "IMAP sessions a retired generation ended with BYE (reason: reload_grace passed, "
+         "generation_cap: more than 4 retired generations kept sessions)",
+         ("listener", "reason")),
+    Spec("reloads_deferred_total", "counter", "gateway_reloads_deferred_total",
+         "Reloads that waited for a draining generation to free a worker row"),
     Spec("milter_results_total", "counter", "gateway_milter_results_total",
          "Milter verdicts and failures, by result", ("listener", "milter", "result")),
     # observed at a milter's end of message: its answers from MAIL FROM on, summed

@@ -2,6 +2,7 @@
 mailer, the TLS contexts from listener_tls) and the state all sessions of the process share."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,9 +26,15 @@ class WorkerState:
     """What every session of one process shares: draining (SPEC §9) and connection counts."""
 
     def __init__(self, counts=None, row: int = 0, metrics=None):
-        self.draining = False
-        self.idle_scopes: set[trio.CancelScope] = set()
-        self.drain_hooks: set = set()            # called once when the drain begins
+        self.draining = False                    # SMTP: idle sessions answer 421 4.3.2
+        self.idle_grace = 0.0                    # ... once silent that long (a retirement)
+        self.idle_scopes: set[trio.CancelScope] = set()      # SMTP sessions waiting idle
+        self.imap_draining = False               # IMAP: sessions say BYE (drain_imap)
+        self.imap_idle_scopes: set[trio.CancelScope] = set()  # IMAP waits before login
+        self.drain_hooks: set = set()            # relayed IMAP sessions: called at drain_imap
+        self.session_scopes: dict = {}           # each session's cancel scope -> its runtime
+        self.retired_at: float | None = None     # trio time a reload retired this worker
+        self.imap_deadline = math.inf            # IMAP sessions end by then (after a cut)
         self.counts = counts if counts is not None else ConnectionCounts(1, 1)
         self.row = row
         self.metrics = metrics if metrics is not None else NullMetrics()
@@ -48,10 +55,34 @@ class WorkerState:
             self.no_sessions = trio.Event()
 
     def drain(self) -> None:
-        """Stop idle sessions (they answer 421 4.3.2); busy ones stop when next idle;
-        relayed IMAP sessions say BYE at their next response boundary (`drain_hooks`)."""
+        """A shutdown: drain_smtp() and drain_imap()."""
+        self.drain_smtp()
+        self.drain_imap()
+
+    def drain_smtp(self, idle_grace: float = 0.0) -> None:
+        """Stop idle SMTP sessions (they answer 421 4.3.2); busy ones stop when next idle.
+        With *idle_grace* (a retirement) a session waiting for a command outside a
+        transaction is idle once it has been silent that long: a client in the middle of
+        its exchange (EHLO, STARTTLS, QUIT after its message) is not cut."""
         self.draining = True
+        self.idle_grace = idle_grace
+        if not idle_grace:
+            for scope in list(self.idle_scopes):
+                scope.cancel()
+            return
+        when = trio.current_time() + idle_grace
         for scope in list(self.idle_scopes):
+            if self.watchdog.running:
+                self.watchdog.watch(scope, when)
+            else:
+                scope.deadline = min(scope.deadline, when)
+
+    def drain_imap(self) -> None:
+        """IMAP sessions before login say BYE; relayed ones say BYE at their next response
+        boundary (`drain_hooks`). A retired worker does this only when reload_grace passes
+        or the supervisor says so (SPEC §9)."""
+        self.imap_draining = True
+        for scope in list(self.imap_idle_scopes):
             scope.cancel()
         for hook in list(self.drain_hooks):
             hook()
@@ -102,6 +133,11 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
     if any(listener.milters for listener in config.listeners):
         # still privileged here (a worker drops privileges after this): 0700, the workers'
         prepare_spool_dir(config.spool_dir, config.user, config.group)
+    store = None
+    if config.alert_recipients:       # the alert limiter all workers share (§8)
+        from .state import StateStore, prepare_state_dir
+        prepare_state_dir(config.state_dir, config.user, config.group)
+        store = StateStore(config.state_dir)
     for index, (listener, ltls) in enumerate(zip(config.listeners, tls_list)):
         up = listener.upstream
         server_ctx, strength_ctx, client_ctx = (ltls.server_ctx, ltls.strength_ctx,
@@ -123,7 +159,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
                 settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
                 recipients=config.alert_recipients, hostname=config.hostname,
                 listener=listener.name, log=log.bind(listener=listener.name),
-                interval=config.alert_interval)
+                interval=config.alert_interval, store=store)
         runtimes.append(ListenerRuntime(
             listener, config.hostname, server_ctx, settings, log.bind(listener=listener.name),
             index, state, stages=StagePolicy(listener, session_hooks=milter_factories(listener)),

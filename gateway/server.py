@@ -8,6 +8,7 @@ supervisor, before it forks), the listeners' runtimes in runtime.
 """
 from __future__ import annotations
 
+import math
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from .relay.watchdog import tick_for
 from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
+RETIRE_IDLE = 2.0       # seconds: on a retired worker, an SMTP session silent that long
+                        # outside a transaction is idle and answered 421 4.3.2 (SPEC §9)
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
 IMAP_TOO_MANY_FROM_ADDRESS = b"* BYE Too many connections from your address\r\n"
 
@@ -45,15 +48,35 @@ class Gateway:
     demo_certificate: bool = False
     accept_scope: trio.CancelScope | None = None
     retiring: bool = False
+    drain: "Drain | None" = None         # once accepting has stopped
+    _cut: str | None = None              # an IMAP cut asked for before the drain began
 
     def stop_accepting(self, *, retire: bool = False) -> None:
         """Begin the drain: no new connections; serve() returns when sessions are done.
 
-        A shutdown answers idle sessions 421 4.3.2 at once. A retirement (a reload replaced
-        this worker) lets every session go on for up to shutdown_grace, then drains."""
+        A shutdown answers idle sessions 421 4.3.2 at once, relayed IMAP sessions get BYE,
+        and whatever is left after shutdown_grace is cut. A retirement (a reload replaced this
+        worker, SPEC §9) answers idle SMTP sessions 421 4.3.2, lets SMTP transactions in
+        flight finish (up to upstream_data_done) and keeps IMAP sessions until they end or
+        reload_grace passes. A shutdown after a retirement drains at once as a shutdown."""
+        if self.drain is not None:
+            if not retire:
+                self.drain.shutdown()
+            return
+        if self.accept_scope is not None and self.accept_scope.cancel_called:
+            self.retiring = self.retiring and retire      # a shutdown overrides a retirement
+            return
         self.retiring = retire
         if self.accept_scope is not None:
             self.accept_scope.cancel()
+
+    def cut_imap(self, reason: str) -> None:
+        """A retired worker's IMAP sessions end now, with BYE (the supervisor's cap on the
+        generations that keep them); nothing while this process is not retired."""
+        if self.drain is not None:
+            self.drain.cut_imap(reason)
+        else:
+            self._cut = reason
 
 
 async def _handle(rt: ListenerRuntime, sock) -> None:
@@ -119,16 +142,21 @@ async def _session(rt: ListenerRuntime, sock) -> None:
                     await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
                                   IMAP_TOO_MANY_FROM_ADDRESS)
                     return
-        try:
-            if rt.listener.protocol == "smtp":
-                await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
-            else:
-                await IMAPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
-        except Exception as exc:           # a bug in one session must not end the worker
-            log.event("session_error", level="error", message=repr(exc))
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                await stream.aclose()
+        # the session's own scope: a retirement gives SMTP and IMAP sessions different ends
+        with trio.CancelScope(deadline=session_deadline(rt)) as own:
+            state.session_scopes[own] = rt
+            try:
+                if rt.listener.protocol == "smtp":
+                    await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
+                else:
+                    await IMAPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
+            except Exception as exc:           # a bug in one session must not end the worker
+                log.event("session_error", level="error", message=repr(exc))
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await stream.aclose()
+            finally:
+                del state.session_scopes[own]
     finally:
         counts.add(state.row, rt.index, -1)
         if ip_key is not None:
@@ -227,28 +255,111 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
                                      rt.log)
             task_status.started(gateway)
         # accepting stopped: drain
-        log.event("draining", grace=config.shutdown_grace, retire=gateway.retiring)
+        if gateway.retiring:
+            log.event("draining", grace=config.shutdown_grace, retire=True,
+                      reload_grace=config.reload_grace)
+        else:
+            log.event("draining", grace=config.shutdown_grace, retire=False)
         reaper.cancel()
         handlers.start_soon(state.pool.close_all)
+        grace_scope = trio.CancelScope()        # the reload_grace timer of a retirement
 
         async def stop_watch_when_idle():
             while state.sessions:
                 await state.no_sessions.wait()
             watch_scope.cancel()
+            grace_scope.cancel()                # no session left: the worker may exit
         handlers.start_soon(stop_watch_when_idle)
+        gateway.drain = Drain(config, state, handlers, log, grace_scope)
         if gateway.retiring:
-            handlers.start_soon(_retire, state, handlers.cancel_scope, config.shutdown_grace)
+            gateway.drain.retire()
+            if gateway._cut is not None:
+                gateway.drain.cut_imap(gateway._cut)
         else:
-            state.drain()
-            handlers.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+            gateway.drain.shutdown()
 
 
-async def _retire(state: WorkerState, scope: trio.CancelScope, grace: float) -> None:
-    with trio.move_on_after(grace):
-        while state.sessions:
-            await state.no_sessions.wait()
-    state.drain()
-    scope.deadline = trio.current_time() + 5
+def session_deadline(rt: ListenerRuntime) -> float:
+    """When a session of *rt* that starts now must end: never while serving; on a retired
+    worker, an SMTP session when upstream_data_done has passed since the retirement, an IMAP
+    one when its cut (reload_grace, the supervisor's cap) is shutdown_grace old."""
+    state = rt.state
+    if rt.listener.protocol == "smtp":
+        if state.retired_at is None:
+            return math.inf
+        return state.retired_at + rt.listener.timeouts.upstream_data_done
+    return state.imap_deadline
+
+
+class Drain:
+    """The end of a process' serving, once accepting has stopped (SPEC §9).
+
+    `shutdown()`: every session drains at once (idle SMTP ones answer 421 4.3.2, IMAP ones
+    say BYE) and what is left after shutdown_grace is cancelled. `retire()` (a reload
+    replaced the worker): SMTP sessions drain (a session silent for RETIRE_IDLE outside a
+    transaction answers 421 4.3.2, so a client in the middle of its exchange is not cut),
+    a transaction in flight gets up to upstream_data_done; IMAP sessions stay until they
+    end or reload_grace passes, then `cut_imap()`, which the supervisor may also ask for
+    sooner (its cap of retired generations keeping sessions); a cut session is closed
+    without a word shutdown_grace later if it never reached a response boundary. serve()
+    returns when no session is left, so a retired worker with no IMAP sessions exits as
+    soon as its SMTP work is done."""
+
+    def __init__(self, config: GatewayConfig, state: WorkerState, handlers: trio.Nursery,
+                 log, grace_scope: trio.CancelScope):
+        self.config = config
+        self.state = state
+        self.handlers = handlers
+        self.log = log
+        self.grace_scope = grace_scope
+        self.imap_cut = False
+        self.down = False
+
+    def retire(self) -> None:
+        state = self.state
+        state.retired_at = trio.current_time()
+        state.drain_smtp(RETIRE_IDLE)
+        for scope, rt in list(state.session_scopes.items()):
+            if rt.listener.protocol == "smtp":
+                scope.deadline = min(scope.deadline, session_deadline(rt))
+        self.handlers.start_soon(self._reload_grace)
+
+    async def _reload_grace(self) -> None:
+        with self.grace_scope:
+            await trio.sleep(self.config.reload_grace)
+            self.cut_imap("reload_grace")
+
+    def cut_imap(self, reason: str) -> None:
+        """The retired worker's IMAP sessions say BYE now (counted and logged with *reason*:
+        "reload_grace" or "generation_cap")."""
+        if self.imap_cut or self.down:
+            return
+        self.imap_cut = True
+        self.grace_scope.cancel()
+        state = self.state
+        per_listener: dict[str, int] = {}
+        for rt in state.session_scopes.values():
+            if rt.listener.protocol == "imap":
+                per_listener[rt.listener.name] = per_listener.get(rt.listener.name, 0) + 1
+        for name, n in per_listener.items():
+            state.metrics.reload_sessions_cut_total.labels(name, reason).inc(n)
+        if per_listener:
+            self.log.event("reload_sessions_cut", level="warning", reason=reason,
+                           sessions=sum(per_listener.values()))
+        state.imap_deadline = trio.current_time() + self.config.shutdown_grace
+        state.drain_imap()
+        for scope, rt in list(state.session_scopes.items()):
+            if rt.listener.protocol == "imap":
+                scope.deadline = min(scope.deadline, state.imap_deadline)
+
+    def shutdown(self) -> None:
+        if self.down:
+            return
+        self.down = True
+        self.grace_scope.cancel()
+        self.state.drain()
+        scope = self.handlers.cancel_scope
+        scope.deadline = min(scope.deadline, trio.current_time() + self.config.shutdown_grace)
 
 
 async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=None,
@@ -259,17 +370,31 @@ async def serve_until_signal(config: GatewayConfig, log, *, sockets=None, state=
         state = WorkerState(ConnectionCounts.for_config(config))
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
-                                                  state=state, runtimes=runtimes))
+            gateway = await nursery.start(serve_then_cancel, nursery.cancel_scope, config, log,
+                                          sockets, state, runtimes)
             await until_stopped(signals, gateway, state, log)
+
+
+async def serve_then_cancel(scope: trio.CancelScope, config, log, sockets, state, runtimes,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """serve(), then cancel *scope* (the signal loop beside it): a retired process that has
+    drained exits without waiting for another signal."""
+    await serve(config, log, sockets=sockets, state=state, runtimes=runtimes,
+                task_status=task_status)
+    scope.cancel()
 
 
 SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, RETIRE_SIGNAL, REOPEN_SIGNAL)
 
 
-async def until_stopped(signals, gateway: Gateway, state: WorkerState, log) -> None:
-    """Act on the signals of a serving process until one stops it: SIGUSR1 reopens the
-    event log (log_file) and the tracking log and serving goes on; SIGTERM/SIGINT drain, SIGUSR2 retires (§9)."""
+async def until_stopped(signals, gateway: Gateway, state: WorkerState, log,
+                        cut_ordered=None) -> None:
+    """Act on the signals of a serving process until it is drained (the caller cancels this
+    then) or shut down: SIGUSR1 reopens the event log (log_file) and the
+    tracking log and serving goes on; SIGTERM/SIGINT
+    drain (§9); SIGUSR2 retires, and on a retired process cuts its IMAP sessions when
+    *cut_ordered()* says the supervisor asked for it (a worker: the order in the shared
+    counts, since two signals may arrive as one; else a second SIGUSR2 cuts)."""
     async for signum in signals:
         if signum == REOPEN_SIGNAL:          # logrotate moved the files: reopen, serve on
             reopen = getattr(log, "reopen", None)    # the event log (log_file), then tracking
@@ -278,6 +403,14 @@ async def until_stopped(signals, gateway: Gateway, state: WorkerState, log) -> N
             if state.tracking is not None:
                 state.tracking.reopen()
             continue
+        if signum == RETIRE_SIGNAL:
+            retired = gateway.retiring
+            if not retired:
+                log.event("shutdown", signal=signal.Signals(signum).name)
+                gateway.stop_accepting(retire=True)
+            if cut_ordered() if cut_ordered is not None else retired:
+                gateway.cut_imap("generation_cap")
+            continue
         log.event("shutdown", signal=signal.Signals(signum).name)
-        gateway.stop_accepting(retire=signum == RETIRE_SIGNAL)
+        gateway.stop_accepting()
         break

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .config import ConfigError, GatewayConfig, check_files, load_config
-from .conncount import ROWS_PER_SLOT, ConnectionCounts
+from .conncount import ORDER_CUT, ORDER_RETIRE, ROWS_PER_SLOT, ConnectionCounts
 from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
 from .notify import Notifier
 
@@ -39,6 +39,7 @@ HELD = {RETIRE_SIGNAL}        # held in the supervisor so a new worker inherits 
 RELOAD_FIXED = ("user", "group", "metrics", "log_file", "pid_file")   # and `workers`, `bind`
 HELPER_RESTART = 1.0           # seconds before a dead helper process is started again
 STOP_HELPERS = 5.0             # seconds a helper gets to exit on SIGTERM at the end
+RETAINED_GENERATIONS = 4       # retired generations that may keep IMAP sessions (§9)
 
 
 @dataclass
@@ -47,7 +48,10 @@ class WorkerInfo:
     slot: int
     row: int
     started: float
+    generation: int = 0
+    imap: tuple[int, ...] = ()     # the indices of its IMAP listeners
     retiring: bool = False
+    cut: bool = False              # retired, and told to end its IMAP sessions (the cap)
     killed: bool = False           # SIGKILLed for a stale heartbeat, not reaped yet
 
 
@@ -354,7 +358,8 @@ class Supervisor:
                     pass
             finally:
                 os._exit(code)
-        self.workers[pid] = WorkerInfo(pid, slot, row, time.monotonic())
+        imap = tuple(i for i, lst in enumerate(self.config.listeners) if lst.protocol == "imap")
+        self.workers[pid] = WorkerInfo(pid, slot, row, time.monotonic(), self.generation, imap)
         self.counts.set_worker(row, pid, self.generation)
         self.counts.set_slot(slot, row)                # the slot's worker from now on
         self.log.event("worker_start", worker_pid=pid, slot=slot)
@@ -474,6 +479,8 @@ class Supervisor:
                 self.reload_pending = False
                 self._reload()
             self._watch()
+            if not self.stopping:
+                self._cap_retained()
             timeout = min(0.5, beat_interval(self.config.worker_timeout) / 2)
             if self.respawn_at or self.helper_due or self.stopping:
                 timeout = min(timeout, 0.2)
@@ -549,6 +556,8 @@ class Supervisor:
                 self.log.event("reload_deferred", level="warning", draining=draining,
                                message="older generations still draining; the reload runs "
                                        "when one has finished")
+                if self.metrics is not None:
+                    self.metrics.reloads_deferred_total.inc()
             self.reload_pending = True
             return None
         try:
@@ -582,9 +591,34 @@ class Supervisor:
         for info in old:                   # new worker first, then retire the old one
             self._spawn(info.slot)
             info.retiring = True
+            self.counts.set_order(info.row, ORDER_RETIRE)
             _kill(info.pid, RETIRE_SIGNAL)         # finish, then exit
         self.log.event("reloaded", workers=len(old))
+        self._cap_retained()
         return True
+
+    def _cap_retained(self) -> None:
+        """At most RETAINED_GENERATIONS retired generations keep IMAP sessions (SPEC §9): a
+        SIGHUP storm must not keep dozens of generations, and their rows, for reload_grace.
+        Beyond that the oldest one's workers are told to end theirs (BYE), logged here and
+        counted by the workers (gateway_reload_sessions_cut_total, reason generation_cap)."""
+        keeping: dict[int, list[WorkerInfo]] = {}
+        for info in self.workers.values():
+            if info.retiring and not info.cut and not info.killed and info.imap \
+                    and self.counts.row_sessions(info.row, info.imap) > 0:
+                keeping.setdefault(info.generation, []).append(info)
+        while len(keeping) > RETAINED_GENERATIONS:
+            oldest = min(keeping)
+            workers = keeping.pop(oldest)
+            sessions = sum(self.counts.row_sessions(w.row, w.imap) for w in workers)
+            self.log.event("generation_cut", level="warning", generation=oldest,
+                           workers=len(workers), sessions=sessions, reason="generation_cap",
+                           message=f"more than {RETAINED_GENERATIONS} retired generations "
+                                   "keep IMAP sessions; the oldest one's are ended")
+            for info in workers:
+                info.cut = True
+                self.counts.set_order(info.row, ORDER_CUT)
+                _kill(info.pid, RETIRE_SIGNAL)
 
 
 def _kill(pid: int, sig: int) -> None:

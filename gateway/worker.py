@@ -6,7 +6,8 @@ inherited, builds its listeners' runtimes around those contexts (upstream settin
 policy, alert mail) and opens the tracking log, then drops privileges, asks to die with the
 supervisor (after the drop: a credential change
 clears PR_SET_PDEATHSIG), then serves; SIGTERM stops accepting and drains, the retire signal
-(SIGUSR2: a reload replaced it) stops accepting and retires. A start that fails exits with
+(SIGUSR2: a reload replaced it) stops accepting and retires (server.Drain), and a later one
+cuts its IMAP sessions when the supervisor's order says so. A start that fails exits with
 BOOT_ERROR, and the supervisor stops instead of respawning it. From inside its event loop it beats a heartbeat in
 the shared memory of the connection counts, which the supervisor watches (worker_timeout).
 
@@ -138,23 +139,27 @@ async def heartbeat(counts, row: int, interval: float) -> None:
 
 
 async def serve_worker(config, log, *, sockets, state, runtimes, interval: float) -> None:
-    """server.serve() with the heartbeat, until SIGTERM/SIGINT (drain) or SIGUSR2 (retire);
-    SIGUSR1 reopens the tracking log (server.until_stopped).
+    """server.serve() with the heartbeat, until drained: SIGTERM/SIGINT drain, SIGUSR2
+    retires (and, once retired, cuts the IMAP sessions when the supervisor's order in the
+    shared counts says so); SIGUSR1 reopens the tracking log (server.until_stopped).
 
     (server.serve_until_signal, plus: the signals held since the fork are let in once trio
     listens, and the inherited listening sockets are closed once serve() has its own
     duplicates, so that when accepting stops nothing of this process keeps them listening:
     new clients are refused, not left queued on a socket nobody accepts from.)"""
-    from .server import SERVE_SIGNALS, serve, until_stopped
+    from .conncount import ORDER_CUT
+    from .server import SERVE_SIGNALS, serve_then_cancel, until_stopped
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         async with trio.open_nursery() as outer:
             async with trio.open_nursery() as nursery:
-                gateway = await nursery.start(partial(serve, config, log, sockets=sockets,
-                                                      state=state, runtimes=runtimes))
+                gateway = await nursery.start(serve_then_cancel, nursery.cancel_scope, config,
+                                              log, sockets, state, runtimes)
                 # the first beat says "serving" (the supervisor's READY=1 waits for it)
                 outer.start_soon(heartbeat, state.counts, state.row, interval)
                 for sock in sockets:
                     sock.close()
-                await until_stopped(signals, gateway, state, log)
+                await until_stopped(
+                    signals, gateway, state, log,
+                    cut_ordered=lambda: state.counts.order(state.row) == ORDER_CUT)
             outer.cancel_scope.cancel()               # drained: the last beat is done

@@ -290,6 +290,8 @@ ERRORS = [
     ("timeout-type", L(0, timeouts={"data": "3m"}), "listeners[0].timeouts.data", "seconds"),
     ("timeouts-not-table", L(0, timeouts=30), "listeners[0].timeouts", "table"),
     ("shutdown-grace-negative", G(shutdown_grace=-1), "gateway.shutdown_grace", "positive"),
+    ("reload-grace-negative", G(reload_grace=-1), "gateway.reload_grace", "positive"),
+    ("reload-grace-type", G(reload_grace="1h"), "gateway.reload_grace", "seconds"),
     ("hostname-bad", G(hostname="mx example"), "gateway.hostname", "host name"),
     # milters (SPEC 4.7)
     ("milter-address", L(0, milters=[{"name": "rs", "address": "tcp:1.2.3.4:5"}]),
@@ -314,6 +316,7 @@ ERRORS = [
     ("milter-on-imap", L(1, milters=[{"name": "a", "address": "unix:/x"}]),
      "listeners[1].milters", "SMTP listeners only"),
     ("spool-dir-relative", G(spool_dir="spool"), "gateway.spool_dir", "absolute path"),
+    ("state-dir-relative", G(state_dir="state"), "gateway.state_dir", "absolute path"),
     ("milter-memory-negative", G(milter_memory=-1), "gateway.milter_memory", ""),
 ]
 
@@ -354,6 +357,8 @@ def test_defaults():
     assert config.log_format == "logfmt"
     assert config.tracking_log is None
     assert config.shutdown_grace == 30
+    assert config.reload_grace == 3600
+    assert config.state_dir == "/var/lib/gateway"
     lst = config.listeners[0]
     assert (lst.protocol, lst.type, lst.host, lst.port) == ("smtp", "public", "0.0.0.0", 25)
     assert (lst.tls, lst.client_tls, lst.certificate, lst.profile) == \
@@ -560,6 +565,7 @@ def test_example_file_parses():
     assert [m.name for m in by["inbound"].milters] == ["rspamd", "opendkim"]
     assert by["inbound"].milters[1].default_action == "accept"
     assert config.spool_dir == "/var/lib/gateway/spool" and config.milter_memory == 1048576
+    assert config.reload_grace == 3600
     assert {"partners", "clientcerts", "legacy"} <= set(config.profiles)
     assert config.source and config.source.endswith("gateway.example.toml")
 

@@ -1,6 +1,6 @@
-"""A relayed IMAP session cut by a drain (SIGTERM, or a reload retiring the worker) gets
-`* BYE [UNAVAILABLE] Server shutting down` at a response boundary, and nothing inside a
-response (SPEC §9, issue #14 item 8)."""
+"""A relayed IMAP session cut by a drain (SIGTERM, or a reload retiring the worker once
+reload_grace has passed) gets `* BYE [UNAVAILABLE] Server shutting down` at a response
+boundary, and nothing inside a response (SPEC §9, issue #14 item 8, issue #21 item 11)."""
 from __future__ import annotations
 
 import imaplib
@@ -52,9 +52,10 @@ def test_compress_means_never_again():
 @pytest.mark.parametrize("retire", [False, True], ids=["shutdown", "reload-retire"])
 async def test_drain_says_bye_to_a_relayed_dovecot_session(dovecot, server_cert, retire):
     """A shutdown says BYE at once; a worker retired by a reload lets the session run for
-    shutdown_grace, then says BYE."""
+    reload_grace (not shutdown_grace), then says BYE, logged and counted as a cut."""
     data = gateway_config(imap_listener("imap", dovecot.port), server_cert)
     data["gateway"]["shutdown_grace"] = 1
+    data["gateway"]["reload_grace"] = 2
     async with running_gateway(data) as (gw, logs):
         port = gw.addresses["imap"][1]
         ctx = client_context(server_cert.ca)
@@ -81,8 +82,9 @@ async def test_drain_says_bye_to_a_relayed_dovecot_session(dovecot, server_cert,
                 gw.stop_accepting(retire=retire)
             waited = trio.current_time() - start
     assert result == [BYE]
-    assert (waited >= 1) is retire
+    assert (waited >= 2) is retire
     assert logs.of("reject", code="BYE", reason="shutting down")
+    assert len(logs.of("reload_sessions_cut", reason="reload_grace", sessions=1)) == retire
 
 
 async def test_drain_never_cuts_into_a_literal(server_cert):

@@ -328,7 +328,7 @@ def test_the_exposition_follows_the_table():
         print(json.dumps({"families": families(body.decode()), "help": help_lines}))
     """)
     fams = out["families"]
-    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 24
+    assert len(M.METRICS) == len(M.METRIC_NAMES) == len(M.ATTRIBUTES) == 26
     for spec in M.METRICS:
         family = spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name
         assert fams[family]["type"] == spec.kind, spec

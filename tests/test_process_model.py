@@ -38,6 +38,19 @@ def greeted(port: int) -> socket.socket:
     return sock
 
 
+def in_transaction(port: int) -> socket.socket:
+    """A client that said MAIL FROM and waits in the transaction (the caller closes it)."""
+    sock = greeted(port)
+    f = sock.makefile("rb")
+    sock.sendall(b"EHLO client.test\r\n")
+    while (line := f.readline())[3:4] == b"-":
+        pass
+    assert line.startswith(b"250 "), line
+    sock.sendall(b"MAIL FROM:<alice@client.test>\r\n")
+    assert f.readline().startswith(b"250"), "MAIL FROM"
+    return sock
+
+
 def noop(sock: socket.socket) -> bytes:
     sock.sendall(b"NOOP\r\n")
     return sock.makefile("rb").readline()
@@ -57,24 +70,27 @@ def leftovers(tmpdir) -> list[str]:
 # --- 1. reloads while older generations drain ---------------------------------------------
 
 async def test_sighups_back_to_back_while_a_generation_drains(tmp_path, server_cert, ports):
-    """Two SIGHUPs back to back while the first generation still drains an idle session
-    (the supervisor used to die of StopIteration: a fixed table of 2 × workers rows), and a
-    third after them: the supervisor lives and serves, and the second generation, retired
-    at once (maybe before it listened: its retire signal waits until it does), exits."""
+    """Two SIGHUPs back to back while the first generation still drains a transaction in
+    flight (the supervisor used to die of StopIteration: a fixed table of 2 × workers rows),
+    and a third after them: the supervisor lives and serves, and the second generation,
+    retired at once (maybe before it listened: its retire signal waits until it does),
+    exits. An idle session on the first generation gets 421 4.3.2 at once (SPEC §9)."""
     port, metrics_port = ports
     async with running_sink() as sink:
         cfg = tmp_path / "gw.toml"
         write_config(cfg, port=port, sink_port=sink.port, metrics_port=metrics_port,
                      server_cert=server_cert, workers=1, grace=30)
         gw = GatewayProcess(cfg)
-        idle = None
+        idle = busy = None
         try:
             with trio.fail_after(60):
                 await in_thread(lambda: gw.wait_for(r"event=listening"))
                 first = gw.worker_pids()[0]
-                idle = await in_thread(greeted, port)         # held on generation 1
+                busy = await in_thread(in_transaction, port)  # held on generation 1
+                idle = await in_thread(greeted, port)         # ... but not this one
                 gw.proc.send_signal(signal.SIGHUP)
                 await in_thread(lambda: gw.wait_for(r"event=reloaded"))
+                told = await in_thread(idle.makefile("rb").readline)
                 gw.proc.send_signal(signal.SIGHUP)            # (a pending SIGHUP is one)
                 await in_thread(lambda: gw.wait_for(r"event=reloaded", count=2))
                 # generation 2 retires and exits; generation 1 still drains the idle session
@@ -84,22 +100,25 @@ async def test_sighups_back_to_back_while_a_generation_drains(tmp_path, server_c
                 await in_thread(lambda: gw.wait_for(r"event=reloaded", count=3))
                 await in_thread(lambda: gw.wait_for(r"event=worker_exit", count=2))
                 again = await in_thread(plaintext_mail, port)
-                still_open = await in_thread(noop, idle)
+                still_open = await in_thread(noop, busy)
                 alive = gw.proc.poll() is None
                 draining = first in gw.worker_pids()
         finally:
-            if idle is not None:
-                idle.close()
+            for sock in (idle, busy):
+                if sock is not None:
+                    sock.close()
             assert gw.stop() == 0
     assert alive and draining
+    assert told == b"421 4.3.2 Service shutting down\r\n"
     assert served[0] == 250 and again[0] == 250
     assert still_open.startswith(b"250")
     assert "StopIteration" not in "".join(gw.lines)
 
 
 async def test_a_reload_waits_when_every_row_is_draining(tmp_path, server_cert, ports):
-    """8 rows per worker slot: with one slot, 7 generations may drain at once; the next
-    reload is deferred (logged), not a failure, and runs once a generation has drained."""
+    """8 rows per worker slot: with one slot, 7 generations may drain at once (each with
+    a transaction in flight); the next reload is deferred (logged and counted), not a
+    failure, and runs once a generation has drained."""
     port, metrics_port = ports
     async with running_sink() as sink:
         cfg = tmp_path / "gw.toml"
@@ -111,14 +130,15 @@ async def test_a_reload_waits_when_every_row_is_draining(tmp_path, server_cert, 
             with trio.fail_after(90):
                 await in_thread(lambda: gw.wait_for(r"event=listening"))
                 for n in range(1, 8):                 # generations 1..7 each hold a session
-                    idle.append(await in_thread(greeted, port))
+                    idle.append(await in_thread(in_transaction, port))
                     gw.proc.send_signal(signal.SIGHUP)
                     await in_thread(lambda: gw.wait_for(r"event=reloaded", count=n))
                     await in_thread(lambda: gw.wait_for(r"event=listening", count=n + 1))
-                idle.append(await in_thread(greeted, port))   # generation 8, serving
+                idle.append(await in_thread(in_transaction, port))   # generation 8, serving
                 gw.proc.send_signal(signal.SIGHUP)
                 await in_thread(lambda: gw.wait_for(r"event=reload_deferred"))
                 served = await in_thread(plaintext_mail, port)
+                deferred = await in_thread(scrape, metrics_port)
                 assert gw.count(r"event=reloaded") == 7
                 idle.pop(0).close()                   # generation 1 has drained ...
                 await in_thread(lambda: gw.wait_for(r"event=reloaded", count=8))  # ... so
@@ -129,6 +149,7 @@ async def test_a_reload_waits_when_every_row_is_draining(tmp_path, server_cert, 
                 sock.close()
             assert gw.stop() == 0
     assert served[0] == 250 and after[0] == 250
+    assert total(deferred, "gateway_reloads_deferred_total") == 1
     assert gw.count(r"event=worker_exit") == 9
 
 

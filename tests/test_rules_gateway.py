@@ -129,7 +129,8 @@ async def test_required_rule_to_postfix_without_starttls_tempfails_alerts_and_tr
         data = config_dict([listener_dict(upstream_port=up_port, upstream_tls="preferred",
                                           rules=rules)],
                            tracking_log=str(tracking),
-                           alert_recipients=["postmaster@example.test"])
+                           alert_recipients=["postmaster@example.test"],
+                           state_dir=str(tmp_path / "state"))
         async with running_gateway(data) as (gw, logs):
             port = gw.addresses["smtp"][1]
 

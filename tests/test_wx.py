@@ -196,6 +196,7 @@ class Example:
                 milter["address"] = f"inet:127.0.0.1:{free_port()}"
                 milter["default_action"] = "accept"
         data["gateway"]["spool_dir"] = str(directory / "tmp" / "spool")   # any user may create it
+        data["gateway"]["state_dir"] = str(directory / "tmp" / "state")   # (alert limiter)
         self.data = data
         self.path = directory / "gateway.toml"
         self.path.write_text(to_toml(data))

@@ -94,4 +94,31 @@ def check_files(config: GatewayConfig, warnings: list[str] | None = None) -> lis
         directory = os.path.dirname(os.path.abspath(config.tracking_log))
         if not os.path.isdir(directory):
             problems.append(f"gateway.tracking_log: directory {directory} does not exist")
+    if config.alert_recipients:             # the alert limiter lives there (§8)
+        problem = _state_dir_problem(config.state_dir)
+        if problem:
+            problems.append(f"gateway.state_dir: {problem}")
     return problems
+
+
+def _state_dir_problem(path: str) -> str | None:
+    """Why the gateway could not keep its state database in *path* (created at start when
+    missing, then given to the workers' user), or None."""
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            return f"{path} is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable"
+        database = os.path.join(path, "state.sqlite")
+        if os.path.lexists(database) and (not os.path.isfile(database)
+                                          or not os.access(database, os.R_OK | os.W_OK)):
+            return f"{database} is not a writable file"
+        return None
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot create {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {parent} is not writable"
+    return None

@@ -166,11 +166,13 @@ class GatewayConfig:
     pid_file: str = ""                # written after binding, removed at exit (§9)
     tracking_log: str | None = None
     shutdown_grace: float = 30
+    reload_grace: float = 3600        # relayed IMAP sessions kept by a retired generation (§9)
     worker_timeout: float = 30        # heartbeat age after which a worker is replaced (§9)
     alert_recipients: tuple[str, ...] = ()   # alert e-mail (§8); empty: none is sent
     alert_sender: str | None = None          # default postmaster@<hostname>
     alert_interval: float = 3600             # at most one e-mail per domain and reason
     spool_dir: str = "/var/lib/gateway/spool"   # messages held for milters beyond memory
+    state_dir: str = "/var/lib/gateway"      # state.sqlite: what workers share (alerts, §8)
     milter_memory: int = 1048576             # octets of one message held in memory (§4.7)
     certificates: dict[str, Certificate] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)   # predefined + operator

@@ -43,9 +43,9 @@ LOG_FORMATS = ("logfmt", "json")
 
 _TOP_KEYS = ("gateway", "certificates", "tls_profiles", "listeners")
 _GATEWAY_KEYS = ("hostname", "workers", "user", "group", "metrics", "log_format",
-                 "tracking_log", "shutdown_grace", "alert_recipients", "alert_sender",
-                 "alert_interval", "spool_dir", "milter_memory", "worker_timeout",
-                 "log_file", "pid_file")
+                 "tracking_log", "shutdown_grace", "reload_grace", "alert_recipients",
+                 "alert_sender", "alert_interval", "spool_dir", "state_dir", "milter_memory",
+                 "worker_timeout", "log_file", "pid_file")
 _CERT_KEYS = ("cert", "key", "rsa_cert", "rsa_key")
 _LISTENER_KEYS = ("name", "protocol", "type", "bind", "tls", "client_tls", "certificate",
                   "certificates", "profile", "max_connections", "backlog", "esmtp", "max_message_size",
@@ -142,12 +142,15 @@ def _parse_gateway(t: Table | None, errors: Collector) -> dict:
     out["pid_file"] = v(pid_file, fallback="")
     out["tracking_log"] = v(t.str, "tracking_log", None)
     out["shutdown_grace"] = v(t.seconds, "shutdown_grace", 30.0, zero_ok=True, fallback=30.0)
+    out["reload_grace"] = v(t.seconds, "reload_grace", 3600.0, zero_ok=True, fallback=3600.0)
     out["worker_timeout"] = v(t.seconds, "worker_timeout", 30.0, fallback=30.0)
     out["alert_recipients"] = v(alert_recipients, fallback=())
     out["alert_sender"] = v(alert_sender)
     out["alert_interval"] = v(t.seconds, "alert_interval", 3600.0, fallback=3600.0)
     out["spool_dir"] = v(absolute, "spool_dir", "/var/lib/gateway/spool",
                          fallback="/var/lib/gateway/spool")
+    out["state_dir"] = v(absolute, "state_dir", "/var/lib/gateway",
+                         fallback="/var/lib/gateway")
     out["milter_memory"] = v(t.int, "milter_memory", 1048576, minimum=0, fallback=1048576)
     return out
 

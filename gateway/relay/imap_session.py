@@ -11,7 +11,8 @@ Draining (SPEC §9): a session still before login gets `* BYE Server shutting do
 session gets `* BYE [UNAVAILABLE] Server shutting down` at the next point where the
 server→client stream is between responses (`proto.imap_boundary`; never inside a line or a
 literal, never once COMPRESS may be on), else it runs on until `shutdown_grace` closes it
-without a word. The same holds for a worker a reload retires (after its grace).
+without a word. A worker a reload retires keeps its IMAP sessions: they drain so only when
+`reload_grace` passes or the supervisor cuts the generation (`WorkerState.drain_imap`).
 """
 from __future__ import annotations
 
@@ -137,10 +138,10 @@ class IMAPSession:
     async def _receive(self):
         """Client bytes before login; None when imap_login is over; _SHUTDOWN when draining."""
         state = self.rt.state
-        if state.draining:
+        if state.imap_draining:
             return _SHUTDOWN
         with trio.CancelScope() as drain_scope:
-            state.idle_scopes.add(drain_scope)
+            state.imap_idle_scopes.add(drain_scope)
             try:
                 with trio.move_on_at(self._deadline):
                     try:
@@ -151,7 +152,7 @@ class IMAPSession:
                     return data
                 return None
             finally:
-                state.idle_scopes.discard(drain_scope)
+                state.imap_idle_scopes.discard(drain_scope)
         return _SHUTDOWN
 
     async def _flush(self) -> None:
@@ -285,7 +286,7 @@ class IMAPSession:
                 scope.cancel()
 
             state.drain_hooks.add(on_drain)
-            if state.draining:
+            if state.imap_draining:
                 on_drain()
             try:
                 nursery.start_soon(pump, self.stream, leg.stream, to_upstream, True)

@@ -199,7 +199,7 @@ class SMTPSession:
         state = self.rt.state
         in_data = core.in_data
         idle = not core.in_transaction and not in_data
-        if idle and state.draining:
+        if idle and state.draining and not state.idle_grace:
             return _SHUTDOWN
         now = trio.current_time()
         if in_data:
@@ -220,6 +220,9 @@ class SMTPSession:
         else:
             self._line_start = None
             deadline = now + t.command
+        if idle and state.draining:
+            # a retired worker (§9): a session silent that long outside a transaction is idle
+            deadline = min(deadline, now + state.idle_grace)
         scope = self._rx_scope
         self._rx_idle = idle
         watchdog = state.watchdog
