@@ -42,9 +42,9 @@ async def test_tracking_records_and_track_filters(tmp_path, server_cert):
     table = track("-f", str(log_path))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].startswith("TIME") and len(lines) == 4
-    assert lines[1].split()[6:8] == ["TLSv1.3", "plain"]          # client, upstream legs
-    assert lines[2].split()[6:8] == ["plain", "plain"]
+    assert lines[0].startswith("ID ") and "TIME" in lines[0] and len(lines) == 4
+    assert lines[1].split()[7:9] == ["TLSv1.3", "plain"]          # client, upstream legs (after ID)
+    assert lines[2].split()[7:9] == ["plain", "plain"]
     assert lines[3].endswith(records[2]["reply"])                 # the whole reply
 
     def rows(*args):
@@ -87,7 +87,7 @@ async def test_tls_required_upstream_refusal_is_tracked_as_tempfail(tmp_path):
     assert record["upstream_tls"] is None and record.get("upstream_leg") is None
     out = track("-f", str(log_path))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[1].split()[6:8] == ["plain", "-"]
+    assert out.stdout.splitlines()[1].split()[7:9] == ["plain", "-"]     # after the ID column
 
     def ids(*args):
         done = track("-f", str(log_path), "--json", *args)

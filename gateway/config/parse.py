@@ -8,7 +8,9 @@ import re
 import socket
 from types import SimpleNamespace
 import tomllib
+from dataclasses import MISSING as dataclass_missing
 from dataclasses import fields
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -613,10 +615,12 @@ def parse_config(data: dict, *, source: str | None = None) -> GatewayConfig:
     except ConfigError as exc:
         # what could be read, for the file checks (SPEC §12: a wrong value does not hide a
         # missing certificate): check_files(exc.partial)
-        exc.partial = SimpleNamespace(
-            certificates={n: c for n, c in certificates.items() if c.cert},
-            profiles=profiles, user=(gateway or {}).get("user"),
-            group=(gateway or {}).get("group"), tracking_log=(gateway or {}).get("tracking_log"))
+        known = {f.name: f.default for f in dataclass_fields(GatewayConfig)
+                 if f.default is not dataclass_missing}
+        known.update(gateway or {})
+        known.update(certificates={n: c for n, c in certificates.items() if c.cert},
+                     profiles=profiles, listeners=tuple(lst for _, lst in listeners))
+        exc.partial = SimpleNamespace(**known)
         raise
     if gateway is None:                   # pragma: no cover - its error was raised above
         raise AssertionError("unreachable")
