@@ -5,6 +5,9 @@ warning and the gateway uses its pure-Python twin (`gateway --version` says whic
 CI sets GATEWAY_REQUIRE_NATIVE=1 so that a missing extension fails the tests there.
 
 Development: `python setup.py build_ext --inplace` puts gateway/_native*.so in the tree.
+
+The manual pages (man/) are installed under the environment's share/man, so that
+`MANPATH=<venv>/share/man: man gateway` finds them (see the README's "Manual pages").
 """
 import sys
 
@@ -38,7 +41,12 @@ class OptionalBuildExt(build_ext):
         return files + [f for f in NATIVE_FILES if f not in files]
 
 
+# The manual pages: gateway(8) and gateway.toml(5), installed as <prefix>/share/man/manN/.
+MAN_PAGES = [("share/man/man8", ["man/gateway.8"]), ("share/man/man5", ["man/gateway.toml.5"])]
+
+
 setup(
     cffi_modules=["_native/build.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
+    data_files=MAN_PAGES,
 )

@@ -6,6 +6,8 @@
 # dovecot-core alone serves the AUTH tests' SASL (tests/dovecot.py DovecotAuth: `protocols =
 # none`, the auth service on a loopback inet_listener); it comes with dovecot-imapd and is
 # named below so that it stays if the IMAP package goes.
+# man-db (with groff-base) renders the manual pages for tests/test_manpages.py
+# (`man --warnings -l`).
 # promtool (tests/test_prometheus_rules.py checks deploy/prometheus/alerts.yml) comes with
 # Debian's prometheus package, installed without its recommends (node exporter and friends):
 # 9 packages instead of 31. Its prometheus service is kept stopped and disabled like the rest.
@@ -23,7 +25,7 @@ export DEBIAN_FRONTEND=noninteractive
 SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server prometheus)
 # build tools for the venv and the native core, then the real peers the tests talk to
 PACKAGES=(python3-venv python3-dev gcc postfix dovecot-core dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
-          rspamd opendkim opendkim-tools)
+          rspamd opendkim opendkim-tools man-db)
 # only what is needed of these (see above)
 NO_RECOMMENDS=(prometheus)
 

@@ -588,8 +588,11 @@ def test_systemd_reads_the_unit_and_the_drop_in_without_complaint(tmp_path):
     shutil.copy(UNIT, tmp_path / UNIT.name)
     (tmp_path / f"{UNIT.name}.d").mkdir()
     shutil.copy(ROOT_DROPIN, tmp_path / f"{UNIT.name}.d" / ROOT_DROPIN.name)
+    # Documentation= names the manual pages; verify runs `man` for each: they are found where
+    # pip installed them (the README's manpath)
+    env = dict(os.environ, MANPATH=f"{sys.prefix}/share/man:")
     res = subprocess.run([analyze, "verify", str(tmp_path / UNIT.name)], capture_output=True,
-                         text=True, timeout=TIMEOUT)
+                         text=True, timeout=TIMEOUT, env=env)
     # the only complaint allowed: the gateway is not installed in /opt on this machine
     complaints = [ln for ln in (res.stdout + res.stderr).splitlines()
                   if ln.strip() and "/opt/mail-tls-gateway/.venv/bin/gateway is not executable"
