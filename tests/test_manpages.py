@@ -45,14 +45,6 @@ MAN5 = ROOT / "man" / "gateway.toml.5"
 # the installed package's sources: what the tests run is what is checked
 SOURCE = Path(gateway.__file__).resolve().parent
 
-# Documented ahead of the code on purpose: keys other branches add (SPEC §9 reload_grace,
-# §12.1 state_dir). A key here may be documented without the parser accepting it yet; once
-# the parser accepts it, it is checked like any other (drop it from here then).
-PENDING_KEYS = {"[gateway]": {"reload_grace", "state_dir"}}
-# Label values being renamed to the SPEC's names (§11) on another branch: the page documents
-# the new name; until the rename lands the code's old one is accepted through it.
-RENAMED_LABELS = {"untrusted_proxy": "proxy_untrusted", "bad_proxy_header": "proxy_malformed"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading the pages
@@ -222,11 +214,13 @@ def calls(name: str, files=None):
 
 def constants(node) -> set[str]:
     """The string values an argument can take when they are written at the call: a constant,
-    or either branch of a conditional expression."""
+    either branch of a conditional expression, any operand of `or` / `and`."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return {node.value}
     if isinstance(node, ast.IfExp):
         return constants(node.body) | constants(node.orelse)
+    if isinstance(node, ast.BoolOp):                  # `result or ("a" if x else "b")`
+        return set().union(*(constants(v) for v in node.values))
     return set()
 
 
@@ -302,7 +296,7 @@ def test_keys_documented_both_ways(section):
     documented = documented_keys(section)
     assert sorted(accepted - documented) == [], f"{section}: keys the parser accepts that " \
                                                 "gateway.toml(5) does not describe"
-    unbuilt = documented - accepted - PENDING_KEYS.get(section, set())
+    unbuilt = documented - accepted
     assert sorted(unbuilt) == [], f"{section}: keys gateway.toml(5) describes that the " \
                                   "parser does not accept"
 
@@ -419,6 +413,8 @@ def _policy_labels() -> set[str]:
             reply = reply_of(node.value, smtp_session)
             if reply and reply[0] in _COUNTED_CODES:
                 out.add(label(reply))
+    # a milter's refusals: milter_<result>, whatever its words
+    out |= _milter_policy_labels()
     # IMAP: f"imap_{reason}", with the reasons assigned in imap_session.py
     rel = "relay/imap_session.py"
     tree = dict((str(p.relative_to(SOURCE)), t) for p, t in SOURCES)[rel]
@@ -430,6 +426,42 @@ def _policy_labels() -> set[str]:
         arg = node.args[1] if len(node.args) > 1 else None
         if isinstance(arg, ast.JoinedStr) and isinstance(arg.values[0], ast.Constant):
             out |= {arg.values[0].value + r for r in reasons}
+    return out
+
+
+def _milter_policy_labels() -> set[str]:
+    """The labels the milter hook gives the refusals it returns, asked of the hook itself:
+    for every verdict a milter can answer, and for every way it can fail (the results of
+    its failures) under a default_action that refuses; plus the session's own deadline."""
+    from types import SimpleNamespace
+
+    from gateway.policy.stages import Action
+    from gateway.relay.milter_hook import MilterHook
+    out: set[str] = set()
+    stub = SimpleNamespace(name="m", _new_body=None, added=(), off=False, failed=None,
+                           _record=lambda *args, **kwargs: None)
+    for action in milter.Action:
+        answer = milter.Verdict(action, "mail", reply=(550, "5.7.1 Whatever the milter says"))
+        verdict = MilterHook._verdict(stub, "mail", answer)
+        if verdict.action is Action.REFUSE:
+            out.add(verdict.label)
+    results = arg_values("_failure", 1, {"relay/milter_hook.py"})
+    results |= arg_values("_fail", 2, {"relay/milter_client.py"})
+    import inspect
+    results.add(inspect.signature(MilterError).parameters["result"].default)
+    for default_action in ("tempfail", "reject"):
+        stub.spec = SimpleNamespace(default_action=default_action)
+        for result in results:
+            out.add(MilterHook._failure(stub, "mail", result, "why").label)
+    # `reply, label = MILTER_TEMPFAIL, "milter_timeout"`: the deadline after the final dot
+    for path, tree in SOURCES:
+        if path.name == "milter_data.py":
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple) \
+                        and isinstance(node.value, ast.Tuple):
+                    for target, value in zip(node.targets[0].elts, node.value.elts):
+                        if _name(target) == "label":
+                            out |= constants(value)
     return out
 
 
@@ -450,8 +482,12 @@ def fixed_label_values() -> dict[tuple[str, str], set[str]]:
             values = label_values(spec.attribute, i)
             if values:
                 add(spec.attribute, label, values)
-    add("connections_rejected_total", "reason",
-        {RENAMED_LABELS.get(v, v) for v in arg_values("rejected", 0, {"net/proxy_stream.py"})})
+    add("connections_rejected_total", "reason", arg_values("rejected", 0, {"net/proxy_stream.py"}))
+    add("connections_rejected_total", "reason", M.REJECT_REASONS)    # each at 0 from the start
+    for attribute in ("connections_total", "connections_active", "connections_rejected_total",
+                      "messages_total", "message_bytes_total"):
+        add(attribute, "type", P.LISTENER_TYPES)                     # the listener's `type`
+    add("reload_sessions_cut_total", "reason", arg_values("cut_imap", 0))
     add("messages_total", "result", RESULTS)
     add("tls_alerts_total", "reason", upstream.TLS_ALERT_REASONS)
     fallbacks = {v for _, node in calls("get") if _name(node.func.value) == "FAILURE_KINDS"
@@ -489,8 +525,14 @@ def test_label_values_found_in_the_code():
         values["gateway_auth_total", "result"]
     assert {"accept", "continue", "reject", "tempfail", "replycode", "discard",
             "quarantine", "error", "timeout"} == values["gateway_milter_results_total", "result"]
-    assert {"530_5.7.0", "421_4.7.1", "452_4.5.3", "imap_tls_required"} <= \
+    assert {"530_5.7.0", "421_4.7.1", "452_4.5.3", "imap_tls_required", "milter_reject",
+            "milter_tempfail", "milter_replycode", "milter_error", "milter_timeout"} <= \
         values["gateway_policy_rejections_total", "reason"]
+    assert {"reload_grace", "generation_cap"} == \
+        values["gateway_reload_sessions_cut_total", "reason"]
+    assert {"public", "private"} == values["gateway_messages_total", "type"]
+    assert {"proxy_untrusted", "proxy_malformed"} <= \
+        values["gateway_connections_rejected_total", "reason"]
     assert {"unavailable", "lost", "other"} <= values["gateway_upstream_errors_total", "reason"]
     assert {"client", "upstream"} == values["gateway_tls_handshakes_total", "side"]
     assert {"ok", "error"} == values["gateway_tls_handshakes_total", "result"]
