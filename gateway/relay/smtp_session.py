@@ -20,7 +20,7 @@ import trio
 
 from ..clock import per_second
 from ..errors import TLSError
-from ..policy.levels import ClientLevel
+from ..levels import ClientLevel
 from ..policy.stages import Action, Facts, Verdict
 from ..proto import replies as R
 from ..proto import smtp_server as S
