@@ -21,6 +21,7 @@ import time
 
 import trio
 
+from .levels import UpstreamLevel
 from .relay.upstream import UpstreamFailure, UpstreamLeg, UpstreamSettings
 
 SEND_TIMEOUT = 60.0          # the whole delivery of one alert, connect to final reply
@@ -134,7 +135,7 @@ class AlertMailer:
                        recipients=",".join(self.recipients), reply=reply)
 
     async def send(self, domains, reason: str, detail: str) -> str:
-        leg = await UpstreamLeg.open(self.settings, "preferred")
+        leg = await UpstreamLeg.open(self.settings, UpstreamLevel.PREFERRED)
         try:
             reply = await leg.command(f"MAIL FROM:<{self.sender}>")
             if reply.code != 250:

@@ -179,10 +179,7 @@ def wx_warnings(config) -> list[str]:
     if NATIVE_VERIFY:
         return []
     names = [lst.name for lst in config.listeners
-             if lst.client_tls == "verify" or any(r.client_tls == "verify"
-                                                  for r in lst.client_rules)
-             or lst.upstream.tls == "verify" or any(r.recipient_encryption == "verify"
-                                                    for r in lst.rules)]
+             if lst.verifies_clients or lst.verifies_upstream]
     if not names:
         return []
     return [f"the native core is not in use, so certificate verification (listeners "

@@ -22,8 +22,7 @@ from .tls.sni import SNISelector
 def _needs_server_tls(listener: Listener) -> bool:
     if listener.tls == "implicit":
         return True
-    return listener.tls == "starttls" and (listener.client_tls != "none" or any(
-        r.client_tls not in (None, "none") for r in listener.client_rules))
+    return listener.tls == "starttls" and listener.offers_client_tls
 
 
 @dataclass
@@ -101,8 +100,7 @@ def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
         sni = {}
         loaded = []
         if _needs_server_tls(listener):
-            verify_clients = listener.client_tls == "verify" or any(
-                r.client_tls == "verify" for r in listener.client_rules)
+            verify_clients = listener.verifies_clients
             entries = [certificate_entry(config.certificates[name])
                        for name in listener.certificate_names]
             if not entries:
@@ -130,10 +128,8 @@ def build_tls(config: GatewayConfig, log) -> tuple[list[ListenerTLS], bool]:
                     strength_ctx[strength] = make(narrowed)
         up = listener.upstream
         up_cert = config.certificates.get(up.certificate) if up.certificate else None
-        verify_upstream = up.tls == "verify" or any(
-            r.recipient_encryption == "verify" for r in listener.rules)
         client_ctx = tls_context.client_context(
-            config.profiles[up.profile], verify=verify_upstream,
+            config.profiles[up.profile], verify=listener.verifies_upstream,
             pairs=certificate_entry(up_cert)[0] if up_cert else None)
         if up_cert is not None:           # the upstream leg's client certificate
             loaded += _loaded_pairs(up_cert)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .config import ClientRule, Listener, Rule
+from .levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from .rulematch import DomainPatternMatcher, DomainRuleMatcher, NetworkMatcher
 from .tls.grades import grade_suites
 
@@ -48,8 +49,8 @@ def domain_of(address: str) -> str:
 @dataclass(frozen=True)
 class Decision:
     rule: int | None                  # index in listener.rules, None for the default rule
-    sender_encryption: str            # required | optional | none
-    recipient_encryption: str         # upstream level before `allowed` is resolved
+    sender_encryption: SenderEncryption
+    recipient_encryption: UpstreamLevel   # before `allowed` is resolved
 
 
 class EncryptionPolicy:
@@ -57,7 +58,7 @@ class EncryptionPolicy:
 
     def __init__(self, listener: Listener):
         self.rules: tuple[Rule, ...] = listener.rules
-        self.default = Decision(None, "optional", listener.upstream.tls)
+        self.default = Decision(None, SenderEncryption.OPTIONAL, listener.upstream.tls)
         self._matcher = DomainRuleMatcher(
             [(r.enabled, r.sender, r.recipient) for r in self.rules]) if self.rules else None
 
@@ -88,7 +89,8 @@ class ClientPolicy:
         i = self._nets.match(ip)
         return self.network_rules[i] if i >= 0 else None
 
-    def at_connect(self, level: str, ip: str, log=None) -> tuple[str, str | None]:
+    def at_connect(self, level: ClientLevel, ip: str,
+                   log=None) -> tuple[ClientLevel, CipherGrade | None]:
         """The connection's (client level, cipher strength): the listener's *level* unless a
         rule by client network sets them (logged as `client_rule`)."""
         rule = self.for_client(ip)

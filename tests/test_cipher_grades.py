@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from gateway.config import ConfigError, parse_config
-from gateway.policy.levels import CipherGrade
+from gateway.levels import CipherGrade
 from gateway.tls.grades import expand, grade_suites, narrow
 from gateway.tls.profiles import MOZILLA_INTERMEDIATE, MOZILLA_OLD, PREDEFINED, clone
 

@@ -6,13 +6,16 @@ Relative imports are resolved; importing `gateway.x.y` is an edge to `gateway.x`
 an edge to `gateway.x.y` when that is a module. Edges to a module's own enclosing packages are
 left out: Python has always started importing those before the module itself runs.
 
-Three rules:
+The rules:
 - the sans-IO cores in gateway/proto/ never reach trio, socket, ssl or OpenSSL, not even
   through another gateway module;
 - the supervisor never reaches gateway/relay/ or gateway/proto/: it builds TLS contexts, binds
   sockets and forks, and only the forked child enters the worker (gateway.worker, whose
   imports are therefore not followed);
-- the module graph has no import cycle.
+- the module graph has no import cycle, and neither has the graph of gateway's folders (each
+  package directly under gateway/, each module loose at its top, as one node);
+- no level word (`verify`, `none`, ...) is compared as a string outside the level module and
+  the configuration parser: a decision reads the level's members and properties.
 """
 from __future__ import annotations
 
@@ -232,3 +235,89 @@ def test_known_cycles_are_still_there():
     edges, _ = _graph()
     present = {frozenset(c) for c in _components(edges)}
     assert [sorted(c) for c in KNOWN_CYCLES if c not in present] == []
+
+
+def _unit(module: str) -> str:
+    """The folder of *module*: its package directly under gateway/, or the loose module."""
+    return ".".join(module.split(".")[:2])
+
+
+def _folder_graph(edges) -> tuple[dict, dict]:
+    """(folder -> folders it imports, (folder, folder) -> the module edges behind it)."""
+    graph: dict[str, set[str]] = {_unit(m): set() for m in edges}
+    why: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for module, targets in edges.items():
+        for target in targets:
+            a, b = _unit(module), _unit(target)
+            if a != b and a != "gateway" and b != "gateway":   # gateway/__init__ is no folder
+                graph[a].add(b)
+                why.setdefault((a, b), []).append((module, target))
+    return graph, why
+
+
+def test_no_folder_loops():
+    """A loop between folders (policy -> rules -> config -> policy) means a folder's job is
+    split between two places, even when no module cycle shows it."""
+    graph, why = _folder_graph(_graph()[0])
+    assert ("gateway.relay", "gateway.proto") in why          # the reader sees folders
+    loops = _components(graph)
+    lines = []
+    for component in loops:
+        chain = _cycle_in(graph, component)
+        lines.append(" -> ".join(chain) + "   (" + "; ".join(
+            f"{why[a, b][0][0]} imports {why[a, b][0][1]}"
+            for a, b in zip(chain, chain[1:])) + ")")
+    assert not loops, "folder loops:\n" + "\n".join(lines)
+
+
+LEVEL_MODULES = {"gateway.levels", "gateway.config.parse"}
+LEVEL_WORDS = {"none", "optional", "required", "verify", "preferred", "allowed", "medium",
+               "high"}
+LEVEL_NAMES = {"level", "tls", "client_tls", "recipient_encryption", "sender_encryption",
+               "cipher_strength"}
+
+
+def _level_named(node: ast.expr) -> bool:
+    """Is *node* a name or attribute named like a level (`level`, `rule.client_tls`,
+    `facts.client_level`, ...)?"""
+    name = (node.id if isinstance(node, ast.Name) else
+            node.attr if isinstance(node, ast.Attribute) else None)
+    return name is not None and (name in LEVEL_NAMES or name.endswith("_level"))
+
+
+def _level_words(node: ast.expr) -> set[str]:
+    """The level words *node* spells: a string constant, or a tuple/list/set of them."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {i.value for i in items
+            if isinstance(i, ast.Constant) and i.value in LEVEL_WORDS}
+
+
+def _level_word_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        for a, b in zip(sides, sides[1:]):
+            for named, other in ((a, b), (b, a)):
+                words = _level_words(other)
+                if words and _level_named(named):
+                    found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_the_level_word_scan_sees_comparisons():
+    tree = ast.parse('if lst.client_tls == "verify" or "none" != facts.client_level: pass\n'
+                     'ok = level in ("required", "verify")\n'
+                     'fine = listener.tls == "starttls" or protocol == "none"\n')
+    assert sorted(line for line, _ in _level_word_comparisons(tree)) == [1, 1, 2]
+
+
+def test_no_level_word_compared_as_a_string():
+    found = []
+    for name, path in _sources().items():
+        if name in LEVEL_MODULES:
+            continue
+        for line, text in _level_word_comparisons(ast.parse(path.read_text(), str(path))):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
+    assert not found, "level words compared as strings:\n" + "\n".join(sorted(found))

@@ -1,4 +1,4 @@
-"""TLS levels and cipher grades as types (gateway.policy.levels; SPEC §3.1-§3.3, §4.3)."""
+"""TLS levels and cipher grades as types (gateway.levels; SPEC §3.1-§3.3, §4.3)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import ClientRule, Listener, Rule, Upstream, parse_config
 from gateway.errors import ConfigError
-from gateway.policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from gateway.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from gateway.tls.profiles import CIPHER_STRENGTH, PREDEFINED, clone
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +281,34 @@ def test_profile_grade_typo_message():
         parse_config(data)
     assert info.value.path == "tls_profiles.withca.cipher_strength"
     assert info.value.message == 'must be one of "medium", "high" (got "HIGH")'
+
+
+def test_level_properties():
+    assert [lvl.verifies for lvl in ClientLevel] == [False, False, False, True]
+    assert [lvl.verifies for lvl in UpstreamLevel] == [False, False, False, False, True]
+    assert [lvl.asks_tls for lvl in UpstreamLevel] == [False, True, True, True, True]
+    assert [lvl.falls_back for lvl in UpstreamLevel] == [False, True, False, False, False]
+
+
+@pytest.mark.parametrize("kwargs, offers, clients, upstream", [
+    (dict(), True, False, False),
+    (dict(client_tls="none"), False, False, False),
+    (dict(client_tls="none", client_rules=(ClientRule("10.0.0.0/8", "optional"),)),
+     True, False, False),
+    (dict(client_tls="none", client_rules=(ClientRule("*.example", cipher_strength="high"),)),
+     False, False, False),
+    (dict(client_tls="verify"), True, True, False),
+    (dict(client_rules=(ClientRule("10.0.0.0/8", "verify"),)), True, True, False),
+    (dict(up_tls="verify"), True, False, True),
+    (dict(rules=(Rule(recipient="a.example", recipient_encryption="verify"),)),
+     True, False, True),
+    (dict(rules=(Rule(recipient="a.example", recipient_encryption="required"),)),
+     True, False, False),
+])
+def test_listener_needs_verify(kwargs, offers, clients, upstream):
+    """The listener's "does any level offer TLS / need a verified certificate" predicates,
+    which the TLS contexts, `gateway policy` and the W^X warning read."""
+    up = Upstream(host="mx.up", port=25, tls=kwargs.pop("up_tls", "preferred"))
+    lst = Listener(name="x", protocol="smtp", host="::", port=25, upstream=up, **kwargs)
+    assert (lst.offers_client_tls, lst.verifies_clients, lst.verifies_upstream) == \
+        (offers, clients, upstream)

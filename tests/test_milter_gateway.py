@@ -45,6 +45,7 @@ class Script:
         self.connections = 0
         self.closed = trio.Event()
         self.sessions: list[dict[bytes, dict[str, str]]] = []   # the macros per connection
+        self.macro_log: list[tuple[bytes, dict[str, str]]] = []  # every MACRO packet, in order
 
     async def __call__(self, peer: FilterPeer) -> None:
         self.connections += 1
@@ -61,6 +62,7 @@ class Script:
                              for i in range(0, len(parts) - 1, 2)}
                     self.macros.setdefault(data[:1], {}).update(pairs)
                     mine.setdefault(data[:1], {}).update(pairs)
+                    self.macro_log.append((data[:1], pairs))
                     continue
                 self.commands.append(cmd)
                 if cmd in self.on:
@@ -191,6 +193,42 @@ async def test_continue_everywhere_relays_the_message_and_the_milter_sees_it_all
     [event] = logs.of("milter", stage="eom")
     assert (event["milter"], event["result"]) == ("m0", "continue")
     assert logs.of("message", result="accepted")
+
+
+async def test_one_id_per_transaction_for_the_milter_tracking_received_and_log(tmp_path):
+    """Each transaction has one id, made at MAIL FROM: the milter's `i` macro, the tracking
+    record's id, the `id` of the Received header the upstream gets and the `message` event's
+    id are the same; a refused transaction between two messages has its own (§4.7, §7)."""
+    import json
+    import re
+
+    def send(port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.ehlo("client.test")
+            s.sendmail("alice@client.test", ["bob@example.test"], BODY)
+            assert s.mail("alice@client.test")[0] == 250
+            assert s.rcpt("nobody@example.test")[0] == 550      # the sink refuses it
+            s.rset()
+            s.sendmail("alice@client.test", ["bob@example.test"], BODY)
+
+    script = Script()
+    track = tmp_path / "track.log"
+    _, sink, logs = await _run(tmp_path, script, send=send,
+                               sink_kw={"reject_rcpt": {"nobody@example.test"}},
+                               gateway={"tracking_log": str(track)})
+    at_mail = [m["i"] for cmd, m in script.macro_log if cmd == b"M"]
+    at_eom = [m["i"] for cmd, m in script.macro_log if cmd == b"E"]
+    assert len(at_mail) == 3 and len(set(at_mail)) == 3 and all(at_mail), at_mail
+    first, refused, last = at_mail
+    assert at_eom == [first, last]
+    received = [re.search(rb"\(mail-tls-gateway\) with \S+ id (\S+)", m.data).group(1).decode()
+                for m in sink.messages]
+    assert received == [first, last]
+    tracked = [json.loads(line) for line in track.read_text().splitlines()]
+    assert [(r["id"], r["result"]) for r in tracked] == [
+        (first, "accepted"), (refused, "rejected"), (last, "accepted")]
+    assert [(e.get("id"), e["result"]) for e in logs.of("message")] == [
+        (first, "accepted"), (refused, "rejected"), (last, "accepted")]
 
 
 @pytest.mark.parametrize("stage,packet,expect", [

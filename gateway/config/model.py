@@ -1,13 +1,13 @@
 """The typed configuration: frozen dataclasses the parser builds and the gateway reads.
 
-Levels and grades are the types of `gateway.policy.levels`; a level given as its word (by a
+Levels and grades are the types of `gateway.levels`; a level given as its word (by a
 test or a tool building a configuration by hand) becomes the member on construction.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..tls.profiles import Profile
 
 
@@ -143,6 +143,26 @@ class Listener:
 
     def __post_init__(self):
         _as_levels(self, client_tls=ClientLevel)
+
+    @property
+    def offers_client_tls(self) -> bool:
+        """Does the listener's level, or a client rule's, offer TLS to a client?"""
+        return self.client_tls.offers_tls or any(
+            r.client_tls is not None and r.client_tls.offers_tls for r in self.client_rules)
+
+    @property
+    def verifies_clients(self) -> bool:
+        """Needs client verify: does the listener's level, or a client rule's, ask for a
+        client certificate that verifies (so the server context requests one)?"""
+        return self.client_tls.verifies or any(
+            r.client_tls is not None and r.client_tls.verifies for r in self.client_rules)
+
+    @property
+    def verifies_upstream(self) -> bool:
+        """Needs upstream verify: does the upstream's level, or a rule's recipient
+        encryption, ask for an upstream certificate that verifies?"""
+        return self.upstream.tls.verifies or any(
+            r.recipient_encryption.verifies for r in self.rules)
 
     @property
     def certificate_names(self) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..policy.levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..tls.grades import narrow
 from ..tls.profiles import PREDEFINED, Profile
 from .model import (Certificate, ClientRule, GatewayConfig, Listener, Milter, Rule, Timeouts,

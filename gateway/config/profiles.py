@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from ..policy.levels import CipherGrade
+from ..levels import CipherGrade
 from ..tls.profiles import PREDEFINED, TLS_VERSIONS, Profile, clone
 from .table import Collector, Table, describe, key_path, quoted
 

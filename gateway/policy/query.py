@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..proto import replies as R
 from ..rules import cipher_meets, domain_of
-from .levels import ClientLevel, UpstreamLevel
+from ..levels import ClientLevel, UpstreamLevel
 from .stages import Facts, StagePolicy, resolve, run_now
 
 UPSTREAM_FACTS = ("offered", "absent", "failed")
@@ -190,8 +190,7 @@ def ask(config, q: Question) -> dict:
     tls = None
     if use_tls:
         cipher = q.cipher or DEFAULT_CIPHER
-        requested = listener.client_tls == "verify" or any(
-            r.client_tls == "verify" for r in listener.client_rules)
+        requested = listener.verifies_clients
         if q.client_cert != "none" and not requested:
             notes.append("this listener requests no client certificate: none is verified")
         tls = ClientTLS("TLSv1.3" if cipher.startswith("TLS_") else "TLSv1.2", cipher,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..proto import replies as R
-from .levels import ClientLevel, SenderEncryption, UpstreamLevel
+from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..rules import ClientPolicy, EncryptionPolicy, cipher_meets
 
 
@@ -81,8 +81,8 @@ class Facts:
     listener: str
     client_ip: str
     client_port: int = 0
-    client_level: str = "optional"       # after the connect stage's client rule
-    cipher_strength: str | None = None   # likewise
+    client_level: ClientLevel = ClientLevel.OPTIONAL   # after the connect stage's client rule
+    cipher_strength: CipherGrade | None = None         # likewise
     tls: object = None                   # client leg TLSInfo (.version .cipher .verified)
     helo: str | None = None
     auth_user: str | None = None
@@ -183,7 +183,7 @@ class StagePolicy:
     def auth_rules(self, facts: Facts) -> Verdict:
         """AUTH (§4.6): at `verify` the client certificate is checked before any credential
         goes upstream (as at MAIL FROM)."""
-        if facts.client_level == "verify" and not (facts.tls and facts.tls.verified):
+        if ClientLevel(facts.client_level).verifies and not (facts.tls and facts.tls.verified):
             return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
         return CONTINUE
 
@@ -199,10 +199,10 @@ class StagePolicy:
         rule = self.client_rules.for_sender(address)
         if rule is not None:
             # a rule by sender domain can only tighten (§4.3)
-            if rule.client_tls is not None and ClientLevel(rule.client_tls).requires_tls \
-                    and tls is None:
+            level = rule.client_tls
+            if level is not None and level.requires_tls and tls is None:
                 return refuse(R.MUST_USE_TLS)
-            if rule.client_tls == "verify" and not tls.verified:
+            if level is not None and level.verifies and not tls.verified:
                 return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
             if tls is not None and not cipher_meets(tls, rule.cipher_strength):
                 return refuse(R.STRONGER_CIPHER)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import trio
 
 from ..errors import TLSError
-from ..policy.levels import ClientLevel
+from ..levels import ClientLevel
 from ..policy.stages import Facts
 from ..proto import imap_server as S
 from ..proto.imap_boundary import ResponseBoundary
@@ -62,7 +62,7 @@ class IMAPSession:
             hostname=rt.hostname,
             offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
             require_tls=level.requires_tls,
-            require_client_cert=level is ClientLevel.VERIFY)
+            require_client_cert=level.verifies)
 
     # --- the session ------------------------------------------------------------------------
 

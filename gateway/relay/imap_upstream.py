@@ -87,7 +87,7 @@ class IMAPUpstreamLeg(UpstreamLegBase):
         if self.client.has_leftover():
             # response injection (CVE-2021-38371 class): bytes after the one answer (§6)
             self._tls_failed("response injection after STARTTLS")
-        await self._handshake(fallback=self.level == "preferred")
+        await self._handshake(fallback=self.level.falls_back)
         self.client.reset()                  # plaintext capabilities forgotten
         await self.capability()
 

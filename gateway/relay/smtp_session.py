@@ -20,7 +20,7 @@ import trio
 
 from ..clock import per_second
 from ..errors import TLSError
-from ..policy.levels import ClientLevel
+from ..levels import ClientLevel
 from ..policy.stages import Action, Facts, Verdict
 from ..proto import replies as R
 from ..proto import smtp_server as S
@@ -41,6 +41,7 @@ def relayed(reply) -> tuple[int, list[str]]:
 @dataclass
 class Transaction:
     mail: S.Mail
+    id: str                                    # made at MAIL FROM: tracking, macro i, Received
     rcpts: list[str] = field(default_factory=list)
     failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
     # a level whose TLS could not be had (451 4.7.5): its later RCPTs get that reply, the
@@ -85,7 +86,7 @@ class SMTPSession:
         self._msg_bytes = 0
         self._leg_broken = False
         self._leg_from_pool = False       # the leg came from the pool, no transaction yet
-        self._tracked = 0
+        self._transactions = 0            # MAIL FROMs so far: the transactions' ids count them
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
         self._auth_failures = 0
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
@@ -336,21 +337,25 @@ class SMTPSession:
             await self.leg.reset()
 
     async def _on_Mail(self, event: S.Mail) -> None:
+        # the transaction's one id (§7): its tracking record, the milters' macro i, the
+        # Received header and the `message` event all carry it
+        self._transactions += 1
+        txn_id = self.facts.queue_id = f"{self.conn_id}.{self._transactions}"
         if self._hooks:
             self._track_unsent()
             self.facts.milter_log = []
-            self.facts.queue_id = f"{self.conn_id}.{self._tracked + 1}"
         verdict = await self.policy.mail(self.facts, event.address, event.params)
         if verdict.refused:
             self._refuse_by(verdict)
             # a refusal at MAIL FROM is counted and tracked too (§7, §11)
             code, text = verdict.reply
-            self._end(Transaction(event), _refused(code), f"{code} {_text(text)}", 0, [])
+            self._end(Transaction(event, txn_id), _refused(code), f"{code} {_text(text)}",
+                      0, [])
             return
         if self.leg is not None:
             await self.leg.reset()
         self._track_unsent()
-        self.txn = Transaction(event)
+        self.txn = Transaction(event, txn_id)
         if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
             self.txn.discard = verdict.reason
         self.facts.sender = event.address
@@ -762,20 +767,19 @@ class SMTPSession:
             self.metrics.message_bytes_total.labels(self.name, self.type).inc(size)
         leg = self.leg
         self.log.event(
-            "message", result=result, mail_from=txn.mail.address, rcpts=",".join(rcpts),
+            "message", id=txn.id, result=result, mail_from=txn.mail.address, rcpts=",".join(rcpts),
             size=size, reply=reply, client_tls=self.tls.version if self.tls else "none",
             upstream_tls=(leg.tls.version if leg is not None and leg.tls else "none"),
         )
         self._track(txn, result, reply, size, rcpts)
 
     def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
-        self._tracked += 1               # ids count transactions (a milter's macro i too)
         tracking = self.rt.state.tracking
         if tracking is None:
             return
         leg = self.leg
         tracking.write(TrackingRecord(
-            id=f"{self.conn_id}.{self._tracked}", time=now_rfc3339(), listener=self.name,
+            id=txn.id, time=now_rfc3339(), listener=self.name,
             client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
             mail_from=txn.mail.address, recipients=list(rcpts), size=size,
             client_tls=f"{self.tls.version} {self.tls.cipher}" if self.tls else None,
@@ -808,11 +812,10 @@ class SMTPSession:
             esmtp += "S"
         if self.core.authenticated:
             esmtp += "A"                # ESMTPSA (ESMTPA on plaintext), as Postfix writes
-        msg_id = f"{self.conn_id}.{self.messages + 1}"
         for_part = (f"\n\tfor <{_header_text(self.txn.rcpts[0])}>"
                     if len(self.txn.rcpts) == 1 else "")
         date = _received_date(int(time.time()))
-        lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {msg_id}"
+        lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {self.txn.id}"
                      f"{for_part}; {date}")
         text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
         return text.encode("utf-8", "surrogateescape")

@@ -13,6 +13,7 @@ import dataclasses
 import trio
 
 from ..errors import TLSError
+from ..levels import UpstreamLevel
 from ..tls.stream import TLSStream
 
 _FAILURES = (TLSError, trio.TooSlowError, trio.BrokenResourceError)
@@ -57,7 +58,7 @@ async def upstream_handshake(stream, settings, level: str) -> tuple[TLSStream, f
     unless the profile turns resumption off; see remember_upstream_session()."""
     tls = TLSStream(stream, settings.tls_context, server_side=False,
                     server_hostname=settings.server_name or settings.host,
-                    verify_hostname=level == "verify")
+                    verify_hostname=UpstreamLevel(level).verifies)
     cached = settings.last_tls_session if settings.tls_resumption else None
     if cached is not None:
         tls.offer_session(cached[0])

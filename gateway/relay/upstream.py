@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import ProtocolError, TLSError
-from ..policy.levels import UpstreamLevel
+from ..levels import UpstreamLevel
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
 from ..net.sockstream import open_tcp
@@ -83,9 +83,9 @@ class UpstreamLegBase:
     the `preferred` fallback, the TLS handshake and closing. A subclass provides
     `_open(try_tls=..., **kwargs)` (connect, greeting, STARTTLS as the level asks)."""
 
-    def __init__(self, settings: UpstreamSettings, level: str):
+    def __init__(self, settings: UpstreamSettings, level: UpstreamLevel | str):
         self.settings = settings
-        self.level = level
+        self.level = UpstreamLevel(level)
         self.stream = None
         self.tls = None                 # TLSInfo once encrypted
         self.tls_offered = False
@@ -97,7 +97,7 @@ class UpstreamLegBase:
 
     @property
     def requires_tls(self) -> bool:
-        return UpstreamLevel(self.level).requires_tls
+        return self.level.requires_tls
 
     @classmethod
     async def open(cls, settings: UpstreamSettings, level: str, *, on_tls_error=None,
@@ -141,7 +141,7 @@ class UpstreamLegBase:
             raise UpstreamFailure(R.UPSTREAM_UNAVAILABLE, f"connect: {exc or 'timeout'}")
 
     def _tls_failed(self, reason: str):
-        if self.level == "preferred":
+        if self.level.falls_back:
             raise TLSFallback(reason)
         raise UpstreamFailure(R.UPSTREAM_TLS_FAILED, reason, tls_required=self.requires_tls)
 
@@ -179,7 +179,7 @@ class UpstreamLegBase:
             # recorded at every level: a leg opened at `none` never asked, but a later
             # `preferred` recipient must not ride it in the clear when TLS was there (§4.3)
             self.tls_offered = True
-        if self.settings.mode == "starttls" and self.level != "none" and try_tls:
+        if self.settings.mode == "starttls" and self.level.asks_tls and try_tls:
             if offered:
                 self.tls_offered = True
                 await self._starttls()
@@ -187,7 +187,7 @@ class UpstreamLegBase:
                 await self._goodbye()
                 raise UpstreamFailure(R.UPSTREAM_TLS_NOT_OFFERED, "STARTTLS not offered",
                                       tls_required=True)
-        if self.level == "verify" and not (self.tls and self.tls.verified):
+        if self.level.verifies and not (self.tls and self.tls.verified):
             await self._goodbye()
             why = (self.tls.verify_error if self.tls else None) or "not verified"
             raise UpstreamFailure(R.UPSTREAM_NOT_TRUSTED, f"certificate: {why}",
@@ -301,7 +301,7 @@ class UpstreamLeg(UpstreamLegBase):
         if self.client.has_leftover():
             # response injection (CVE-2021-38371 class): bytes after the one reply (§6)
             self._tls_failed("response injection after STARTTLS")
-        await self._handshake(fallback=self.level == "preferred")
+        await self._handshake(fallback=self.level.falls_back)
         self.client.reset()
         await self._ehlo()
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from OpenSSL import SSL
 
-from ..policy.levels import CipherGrade
+from ..levels import CipherGrade
 
 _SECLEVEL_RE = re.compile(r"@SECLEVEL=(\d+)")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..policy.levels import CipherGrade
+from ..levels import CipherGrade
 
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 
@@ -32,7 +32,7 @@ MOZILLA_OLD = (
 TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 DEFAULT_GROUPS = "X25519MLKEM768:X25519:prime256v1:secp384r1"
 
-# cipher_strength → OpenSSL grade, as Postfix maps it (gateway.policy.levels.CipherGrade).
+# cipher_strength → OpenSSL grade, as Postfix maps it (gateway.levels.CipherGrade).
 CIPHER_STRENGTH = {grade: grade.openssl for grade in CipherGrade}
 
 

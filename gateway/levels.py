@@ -1,6 +1,8 @@
 """The TLS levels of both legs, a rule's sender encryption and the cipher grades (SPEC §3, §4.3).
 
-Each is an `enum.StrEnum`: a member equals its configuration word (``ClientLevel.VERIFY ==
+The vocabulary sits below `config/`, `tls/` and `policy/`, which all read it, and imports none
+of them. A decision reads a level through its members and properties, never by its word: the
+words belong to this module and to the configuration parser. Each is an `enum.StrEnum`: a member equals its configuration word (``ClientLevel.VERIFY ==
 "verify"``) and formats as it, so logs, metrics and `gateway check` print the same words.
 Order comparisons (`<`) on members are string comparisons: rank with `stricter_than`.
 """
@@ -28,6 +30,11 @@ class ClientLevel(enum.StrEnum):
         """Must the client leg be encrypted before mail is accepted?"""
         return self in (ClientLevel.REQUIRED, ClientLevel.VERIFY)
 
+    @property
+    def verifies(self) -> bool:
+        """Must the client present a certificate that verifies?"""
+        return self is ClientLevel.VERIFY
+
     def stricter_than(self, other: ClientLevel | str) -> bool:
         """Is this level stricter than *other* (a member or its word)?"""
         return _rank(self) > _rank(ClientLevel(other))
@@ -47,6 +54,21 @@ class UpstreamLevel(enum.StrEnum):
     def requires_tls(self) -> bool:
         """Must the upstream leg be encrypted? (`allowed` must be resolved first.)"""
         return self in (UpstreamLevel.REQUIRED, UpstreamLevel.VERIFY)
+
+    @property
+    def verifies(self) -> bool:
+        """Must the upstream's certificate chain and name verify?"""
+        return self is UpstreamLevel.VERIFY
+
+    @property
+    def asks_tls(self) -> bool:
+        """Does a leg at this level send STARTTLS when it is offered? (all but `none`)"""
+        return self is not UpstreamLevel.NONE
+
+    @property
+    def falls_back(self) -> bool:
+        """May a leg at this level go on in plaintext when TLS fails? (`preferred`)"""
+        return self is UpstreamLevel.PREFERRED
 
     def resolve(self, client_tls: bool) -> UpstreamLevel:
         """`allowed` mirrors the client leg: `required` when it is TLS (*client_tls*), else
