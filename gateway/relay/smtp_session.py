@@ -123,9 +123,11 @@ class SMTPSession:
             if self.listener.pregreet_wait and not await self._pregreet():
                 return
             if self._hooks:
-                # a refusal here answers every MAIL of the session (the hooks keep it)
-                await self.policy.connect(self.facts)
-            self.core.greeting()
+                verdict = await self.policy.connect(self.facts)
+                if verdict.refused:
+                    self._refuse_session(verdict)
+            if not self.core.closed:
+                self.core.greeting()
             await self._flush()
             # one scope for every wait on the client (see _receive), not one per read
             with trio.CancelScope() as self._rx_scope:
@@ -321,7 +323,9 @@ class SMTPSession:
         self.facts.helo = event.name
         await self._end_transaction()
         if self._hooks:
-            await self.policy.helo(self.facts)
+            verdict = await self.policy.helo(self.facts)
+            if verdict.refused:
+                self._refuse_session(verdict)
 
     async def _on_Reset(self, event) -> None:
         await self._end_transaction()
@@ -525,6 +529,18 @@ class SMTPSession:
     def _refuse_by(self, verdict: Verdict) -> None:
         """A policy stage's refusal: answered, logged and counted by the verdict's label."""
         self._refuse(verdict.reply, close=verdict.close, label=verdict.label)
+
+    def _refuse_session(self, verdict: Verdict) -> None:
+        """A refusal at connect or HELO (§4.7): logged and counted once, by the verdict's
+        label; the core then answers every later command but QUIT, NOOP and RSET with it,
+        so nothing of the session reaches the upstream. A closing one (or a 421) is sent
+        at once and ends the session."""
+        code, text = verdict.reply
+        self._rejected(code, text, label=verdict.label)
+        if verdict.close or code == 421:
+            self.core.respond(code, text, close=True)
+        else:
+            self.core.refuse_session(code, text)
 
     def _refuse(self, reply: tuple[int, str], close: bool = False, label: str | None = None
                 ) -> None:
