@@ -87,7 +87,6 @@ class SMTPSession:
         self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._tracked = 0
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
-        self._auth_failures = 0
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._rx_scope: trio.CancelScope | None = None
@@ -405,9 +404,11 @@ class SMTPSession:
             if leg is None:
                 await self._flush()
                 self.leg = leg = await self._open_leg(level)
-            if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
-                self._refuse(R.NO_SMTPUTF8_UPSTREAM)
-                return
+            if "SMTPUTF8" in txn.mail.params:
+                verdict = self.policy.upstream_extensions(leg)
+                if verdict.refused:
+                    self._refuse_by(verdict)
+                    return
             if not leg.in_transaction:
                 mail, reply = await self._start_transaction(txn, event, level)
                 leg = self.leg               # the envelope reached the upstream on this leg
@@ -640,9 +641,9 @@ class SMTPSession:
         self._auth_done(result or ("cancelled" if cancelled else "failure"))
         self.core.respond(*(answer or relayed(reply)))
         if not cancelled:
-            self._auth_failures += 1
-            if self._auth_failures >= 3:
-                self._refuse(R.AUTH_TOO_MANY_FAILURES, close=True)
+            verdict = self.policy.auth_failed(self.facts)
+            if verdict.refused:
+                self._refuse_by(verdict)
 
     def _auth_done(self, result: str) -> "_AuthExchange":
         """The exchange is over: logged and counted (never its lines); returns it."""
