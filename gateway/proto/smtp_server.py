@@ -193,6 +193,24 @@ class SMTPServer:
         self._flags = 0                # scan flags of the command line being handled
         self._refusal: tuple[int, str] | None = None   # refuse_session()'s reply
 
+    @classmethod
+    def for_listener(cls, listener, hostname: str, level) -> "SMTPServer":
+        """The core a session of *listener* (its configuration) starts with, at the client
+        *level* its connect stage set (a `ClientLevel`: `offers_tls`, `requires_tls`). The
+        sessions and `gateway policy` both start here."""
+        return cls(
+            hostname=hostname,
+            esmtp=listener.esmtp,
+            max_message_size=listener.max_message_size,
+            smtputf8=listener.smtputf8,
+            dsn=listener.dsn,
+            max_recipients=listener.max_recipients,
+            bare_newline=listener.bare_newline,
+            auth_mechanisms=listener.auth_mechanisms if listener.auth != "off" else (),
+            offer_starttls=listener.tls == "starttls" and level.offers_tls,
+            require_tls=level.requires_tls,
+        )
+
     # --- I/O side ---------------------------------------------------------------------------
 
     def greeting(self) -> None:

@@ -95,19 +95,7 @@ class SMTPSession:
         self._data_start = 0.0                  # DATA: when the 354 went out,
         self._data_blocked = 0.0                # the time spent blocked writing upstream,
         self._data_received = 0                 # and the client's bytes since
-        self.core = S.SMTPServer(
-            hostname=rt.hostname,
-            esmtp=self.listener.esmtp,
-            max_message_size=self.listener.max_message_size,
-            smtputf8=self.listener.smtputf8,
-            dsn=self.listener.dsn,
-            max_recipients=self.listener.max_recipients,
-            bare_newline=self.listener.bare_newline,
-            auth_mechanisms=(self.listener.auth_mechanisms
-                             if self.listener.auth != "off" else ()),
-            offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
-            require_tls=level.requires_tls,
-        )
+        self.core = S.SMTPServer.for_listener(self.listener, rt.hostname, level)
 
     # --- the session ------------------------------------------------------------------------
 
