@@ -37,6 +37,9 @@ RETIRE_IDLE = 2.0       # seconds: on a retired worker, an SMTP session silent t
                         # outside a transaction is idle and answered 421 4.3.2 (SPEC §9)
 IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
 IMAP_TOO_MANY_FROM_ADDRESS = b"* BYE Too many connections from your address\r\n"
+# the IMAP answer to a connection-limit verdict, by its label
+_IMAP_LIMIT_REPLIES = {"max_connections": IMAP_TOO_MANY_CONNECTIONS,
+                       "per_ip": IMAP_TOO_MANY_FROM_ADDRESS}
 
 
 @dataclass
@@ -120,28 +123,21 @@ async def _session(rt: ListenerRuntime, sock) -> None:
     m.connections_active.labels(name, ltype).inc()
     ip_key = None                   # the per-address count this session holds (§2)
     try:
-        if counts.total(rt.index) > rt.listener.max_connections:
-            log.event("reject", code=421, reason="too many connections")
-            m.connections_rejected_total.labels(name, ltype, "max_connections").inc()
-            await _refuse(rt, stream, R.TOO_MANY_CONNECTIONS, IMAP_TOO_MANY_CONNECTIONS)
-            return
-        if rt.listener.max_connections_per_ip:
+        verdict = rt.stages.admit(counts.total(rt.index))
+        if not verdict.refused and rt.listener.max_connections_per_ip:
             key = _per_ip_key(rt, peer[0], own_address)
             if key is not None:
                 held = counts.per_ip.add(state.row, rt.index, key)
                 if held < 0:        # no room to count it: past every max_connections (§2)
                     _report_full(counts.per_ip, log)
-                    log.event("reject", code=421, reason="too many connections")
-                    m.connections_rejected_total.labels(name, ltype, "max_connections").inc()
-                    await _refuse(rt, stream, R.TOO_MANY_CONNECTIONS, IMAP_TOO_MANY_CONNECTIONS)
-                    return
-                ip_key = key
-                if held > rt.listener.max_connections_per_ip:
-                    log.event("reject", code=421, reason="too many connections from address")
-                    m.connections_rejected_total.labels(name, ltype, "per_ip").inc()
-                    await _refuse(rt, stream, R.TOO_MANY_FROM_ADDRESS,
-                                  IMAP_TOO_MANY_FROM_ADDRESS)
-                    return
+                else:
+                    ip_key = key
+                verdict = rt.stages.admit_address(held)
+        if verdict.refused:
+            log.event("reject", code=verdict.reply[0], reason=verdict.reason)
+            m.connections_rejected_total.labels(name, ltype, verdict.label).inc()
+            await _refuse(rt, stream, verdict)
+            return
         # the session's own scope: a retirement gives SMTP and IMAP sessions different ends
         with trio.CancelScope(deadline=session_deadline(rt)) as own:
             state.session_scopes[own] = rt
@@ -165,13 +161,13 @@ async def _session(rt: ListenerRuntime, sock) -> None:
         m.connections_active.labels(name, ltype).dec()
 
 
-async def _refuse(rt: ListenerRuntime, stream, smtp_reply, imap_reply: bytes) -> None:
+async def _refuse(rt: ListenerRuntime, stream, verdict) -> None:
     """Over a connection limit: the protocol's reply, none on an implicit listener; close."""
     with trio.move_on_after(5):
         if rt.listener.tls != "implicit":
             try:
-                await stream.send_all(R.render(*smtp_reply) if rt.listener.protocol == "smtp"
-                                      else imap_reply)
+                await stream.send_all(R.render(*verdict.reply) if rt.listener.protocol == "smtp"
+                                      else _IMAP_LIMIT_REPLIES[verdict.label])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
     await stream.aclose()

@@ -181,7 +181,7 @@ class _Conn:
             self.helo = arg.strip().decode("utf-8", "replace") or None
             self.reset()
             caps = [host, b"PIPELINING", b"SIZE %d" % self.sink.max_size, b"8BITMIME",
-                    b"ENHANCEDSTATUSCODES", b"SMTPUTF8"]
+                    b"ENHANCEDSTATUSCODES"] + ([b"SMTPUTF8"] if self.sink.smtputf8 else [])
             if self.sink.ssl_context is not None and self.sink.offer_starttls and not self.tls:
                 caps.append(b"STARTTLS")
             if self.sink.xclient:
@@ -336,12 +336,15 @@ class Sink:
                  data_reply: bytes | None = None,
                  on_message: Callable[[SinkMessage], Any] | None = None,
                  keep_messages: bool = True, max_size: int = MAX_SIZE,
-                 idle_timeout: float = IDLE_TIMEOUT, auth: dict[str, str] | None = None):
+                 idle_timeout: float = IDLE_TIMEOUT, auth: dict[str, str] | None = None,
+                 smtputf8: bool = True):
         """`starttls_reply`: raw bytes sent instead of the normal 220 to STARTTLS (the TLS
         handshake follows when they start with "220"); `reject_rcpt`: addresses answered
         `550 5.1.1 No such user`; `data_reply`: raw final reply to DATA (the message is still
         recorded); `on_message`: called with each message; `keep_messages=False` only counts
-        messages (`message_count`), for long benchmark runs."""
+        messages (`message_count`), for long benchmark runs; `smtputf8=False`: SMTPUTF8 is
+        not offered."""
+        self.smtputf8 = smtputf8
         self.hostname = hostname
         self.auth = dict(auth or {})      # AUTH PLAIN/LOGIN users (offered after STARTTLS)
         self.ssl_context = ssl_context

@@ -545,6 +545,46 @@ async def test_metrics_of_an_imap_session(dovecot, server_cert):
     assert v[("policy_rejections_total", ("imap", "imap_tls_required"))] == 1
 
 
+async def test_a_refusal_at_the_connect_stage_ends_the_session_with_bye(server_cert,
+                                                                       monkeypatch):
+    """SPEC §13: IMAP sessions go through the same stages as SMTP ones. A hook joined to the
+    listener's policy refuses at connect: the client gets `* BYE` with the refusal's text,
+    the upstream never hears of the session, and the refusal is counted under the verdict's
+    fixed label."""
+    from gateway import runtime
+    from gateway.config import parse_config
+    from gateway.logs import EventLog
+    from gateway.policy.stages import Action, Hook, Verdict
+    from gateway.runtime import WorkerState
+    from gateway.server import serve
+    from harness import LogCapture
+
+    class Refusing(Hook):
+        async def connect(self, facts):
+            return Verdict(Action.REFUSE, (554, "5.7.1 Go away"), label="milter_reject")
+
+    monkeypatch.setattr(runtime, "milter_factories", lambda listener: (lambda s: Refusing(),))
+    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    metrics = RecordingMetrics()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, fake.handler, 0,
+                                                host="127.0.0.1"))
+        config = parse_config(gateway_config(imap_listener(
+            "imap", listeners[0].socket.getsockname()[1], client_tls="optional",
+            upstream_tls="none"), server_cert))
+        gw = await nursery.start(partial(serve, config, EventLog(fmt="json", stream=LogCapture()),
+                                         state=WorkerState(metrics=metrics)))
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream(*gw.addresses["imap"])
+            got = b""
+            while chunk := await stream.receive_some(4096):
+                got += chunk
+        nursery.cancel_scope.cancel()
+    assert got == b"* BYE Go away\r\n"
+    assert fake.connections == 0
+    assert metrics.values[("policy_rejections_total", ("imap", "milter_reject"))] == 1
+
+
 async def test_shutdown_says_bye_before_login(server_cert):
     fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
     async with trio.open_nursery() as nursery:

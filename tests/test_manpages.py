@@ -415,17 +415,11 @@ def _policy_labels() -> set[str]:
                 out.add(label(reply))
     # a milter's refusals: milter_<result>, whatever its words
     out |= _milter_policy_labels()
-    # IMAP: f"imap_{reason}", with the reasons assigned in imap_session.py
-    rel = "relay/imap_session.py"
-    tree = dict((str(p.relative_to(SOURCE)), t) for p, t in SOURCES)[rel]
-    reasons = set()
-    for n in ast.walk(tree):
-        if isinstance(n, ast.Assign) and any(_name(t) == "reason" for t in n.targets):
-            reasons |= constants(n.value)
-    for _, node in calls("labels", {rel}):
-        arg = node.args[1] if len(node.args) > 1 else None
-        if isinstance(arg, ast.JoinedStr) and isinstance(arg.values[0], ast.Constant):
-            out |= {arg.values[0].value + r for r in reasons}
+    # IMAP's login gate: the labels of the login stage's verdicts, asked of the stage itself
+    from types import SimpleNamespace
+    for tls in (None, SimpleNamespace(verified=False)):
+        facts = stages.Facts("imap", "192.0.2.1", client_level="verify", tls=tls)
+        out.add(stages.StagePolicy.login(None, facts).label)
     return out
 
 

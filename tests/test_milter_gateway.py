@@ -310,6 +310,49 @@ async def test_reject_at_connect_refuses_every_mail(tmp_path):
     assert sink.messages == []
 
 
+_AFTER_REFUSAL = [("MAIL", "FROM:<alice@client.test>"), ("RCPT", "TO:<bob@example.test>"),
+                  ("DATA", ""), ("VRFY", "bob"), ("STARTTLS", ""), ("BDAT", "5 LAST"),
+                  ("AUTH", "PLAIN AGFsaWNlAHNlY3JldA=="), ("XYZZY", ""), ("NOOP", ""),
+                  ("RSET", ""), ("HELO", "again.test"), ("NOOP", "")]
+
+
+@pytest.mark.parametrize("stage,packet,reply", [
+    (b"C", REJECT, (550, b"5.7.1 Command rejected")),
+    (b"C", TEMPFAIL, (451, b"4.7.1 Service unavailable - try again later")),
+    (b"H", REJECT, (550, b"5.7.1 Command rejected")),
+    (b"H", replycode("554 5.7.1 Go away"), (554, b"5.7.1 Go away")),
+])
+async def test_a_refusal_at_connect_or_helo_answers_every_later_command(
+        tmp_path, stage, packet, reply):
+    """SPEC §4.7: a milter's refusal at connect or HELO answers every later command but
+    QUIT, NOOP and RSET with its reply, as Postfix does; nothing of the session goes
+    upstream (the sink sees no connection) and the milter gets no envelope."""
+    script = Script(at={stage: packet})
+
+    def send(port):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            got = [("EHLO", s.ehlo("client.test"))]
+            got += [(cmd, s.docmd(cmd, arg)) for cmd, arg in _AFTER_REFUSAL]
+            got.append(("QUIT", s.docmd("QUIT")))
+            return got
+
+    got, sink, logs = await _run(tmp_path, script, send=send)
+    served = {"NOOP": 250, "RSET": 250, "QUIT": 221}
+    for cmd, answer in got:
+        if cmd in served:
+            assert answer[0] == served[cmd], (cmd, answer)
+        elif cmd == "EHLO" and stage == b"H":
+            assert answer[0] == 250               # the HELO the milter refused was answered
+        else:
+            assert answer == reply, (cmd, answer)
+    assert sink.connections == 0 and sink.messages == []
+    assert b"M" not in script.commands and b"R" not in script.commands
+    [event] = logs.of("milter", stage={b"C": "connect", b"H": "helo"}[stage])
+    assert event["result"] in ("reject", "tempfail", "replycode")
+    # counted once, under its fixed label (never the milter's words)
+    assert len([e for e in logs.of("reject") if e["code"] == reply[0]]) == 1
+
+
 # --- changes --------------------------------------------------------------------------------
 
 async def test_header_changes_and_progress(tmp_path):

@@ -145,6 +145,9 @@ OFFERED = [
     # a leg opened at none to an upstream that offers STARTTLS can't carry a preferred
     # recipient (no silent downgrade, SPEC §4.3)
     Case("127.0.0.1", True, "alice@client.test", ["dave@legacy.test", "zed@other.test"]),
+    # the command runs the server core a session runs: its syntax checks answer too
+    Case("127.0.0.1", True, "alice@client.test", ["bob", "carol@other.test"]),
+    Case("127.0.0.1", True, "alice", ["carol@other.test"]),
 ]
 ABSENT = [
     Case("127.0.0.1", True, "alice@client.test", ["zed@off.test", "bob@secure.test"]),

@@ -2,6 +2,7 @@
 fit at RCPT, hooks joining in order, and labels taken from the verdict."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -210,3 +211,33 @@ def test_run_now_refuses_a_stage_that_waits():
     p = _policy(hooks=(Waits(),))
     with pytest.raises(RuntimeError):
         run_now(p.mail(_facts(p), "a@x.test", {}))
+
+
+def test_connection_limits_are_verdicts_with_fixed_labels():
+    p = StagePolicy(dataclasses.replace(_policy().listener, max_connections_per_ip=2))
+    assert p.admit(p.listener.max_connections) is CONTINUE
+    over = p.admit(p.listener.max_connections + 1)
+    assert (over.reply, over.close, over.label) == (R.TOO_MANY_CONNECTIONS, True,
+                                                    "max_connections")
+    assert p.admit_address(2) is CONTINUE
+    assert (p.admit_address(3).reply, p.admit_address(3).label) == (R.TOO_MANY_FROM_ADDRESS,
+                                                                    "per_ip")
+    assert p.admit_address(-1).label == "max_connections"     # no room to count it
+
+
+def test_auth_failures_smtputf8_and_the_imap_login_gate_are_verdicts():
+    p = _policy(client_tls="verify")
+    f = _facts(p)
+    assert p.auth_failed(f) is CONTINUE and p.auth_failed(f) is CONTINUE
+    third = p.auth_failed(f)
+    assert (third.reply, third.close, third.label) == (R.AUTH_TOO_MANY_FAILURES, True,
+                                                       "421_4.7.0")
+    assert p.upstream_extensions(SimpleNamespace(extensions={"SMTPUTF8"})) is CONTINUE
+    no = p.upstream_extensions(SimpleNamespace(extensions=set()))
+    assert (no.reply, no.label) == (R.NO_SMTPUTF8_UPSTREAM, "553_5.6.7")
+    assert p.login(f).label == "imap_tls_required"
+    f.tls = TLS13
+    assert (p.login(f).reply, p.login(f).label) == (
+        ("NO", "[PRIVACYREQUIRED] Client certificate required"), "imap_client_cert")
+    f.tls = TLS_VERIFIED
+    assert p.login(f) is CONTINUE

@@ -530,3 +530,26 @@ async def test_quit_over_tls_gets_221_then_a_clean_close_notify(server_cert):
                 reply = await in_thread(session)
     assert reply.startswith(b"221 ") and reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1
     assert logs.of("conn_close")
+
+
+async def test_smtputf8_towards_an_upstream_without_it_is_refused_at_rcpt():
+    """SPEC §4.1: a transaction that uses SMTPUTF8 on a leg whose upstream lacks it gets
+    `553 5.6.7` at RCPT, a verdict of the RCPT stage (logged as a reject); without
+    SMTPUTF8 the same upstream relays."""
+    async with running_sink(smtputf8=False) as sink:
+        data = config_dict([listener_dict(upstream_port=sink.port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+
+            def talk():
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                    s.ehlo("client.test")
+                    mail = s.docmd("MAIL", "FROM:<alice@client.test> SMTPUTF8")
+                    return mail, s.docmd("RCPT", "TO:<bob@example.test>")
+            with trio.fail_after(30):
+                mail, rcpt = await in_thread(talk)
+                code, _ = await in_thread(lambda: smtp_send(port))
+    assert mail[0] == 250
+    assert rcpt == (553, b"5.6.7 SMTPUTF8 not supported by the upstream server")
+    assert [e["code"] for e in logs.of("reject")] == [553]
+    assert code == 250 and len(sink.messages) == 1

@@ -7,11 +7,14 @@ connect, MAIL FROM, each RCPT TO against the upstream leg the first accepted rec
 hooks), and the upstream's own replies are not known: an accepted recipient is "accepted at
 level X", for the upstream to answer.
 
-What the command cannot take from the policy it takes from the session's order of checks:
-before TLS at `required`/`verify` the server core answers MAIL `530 5.7.0 Must issue a
-STARTTLS command first`; a recipient whose level's TLS could not be had gets that failure,
-and so does every later one at that level, while one at another level may open a leg of its
-own (§4.3); more than `max_recipients` gets `452 4.5.3 Too many recipients`.
+What the policy does not decide, the listener's own server core does, as in a session: the
+command drives `SMTPServer.for_listener` with the commands a session would send (EHLO, AUTH,
+MAIL, each RCPT) and answers the events it hands on with the stages, so the pre-TLS gate
+(`530 5.7.0 Must issue a STARTTLS command first`), AUTH's 502 and 538, the address syntax
+and `max_recipients` (`452 4.5.3 Too many recipients`) are the core's own answers. Only the
+upstream is modelled: a recipient whose level's TLS could not be had gets that failure, and
+so does every later one at that level, while one at another level may open a leg of its own
+(§4.3).
 
 The hypothetical upstream leg (`--upstream-tls`): `offered` — STARTTLS offered, the handshake
 succeeds and the certificate verifies (a TLS leg that satisfies every level); `absent` — no
@@ -26,6 +29,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from ..proto import replies as R
+from ..proto.smtp_server import ConnectionClosed, SMTPServer
 from ..rules import cipher_meets, domain_of
 from ..levels import ClientLevel, UpstreamLevel
 from .stages import Facts, StagePolicy, resolve, run_now
@@ -138,8 +142,42 @@ def _listener(config, name: str):
     raise QueryError(f"no listener {name!r} (listeners: {names})")
 
 
-def ask(config, q: Question) -> dict:
-    """The answer to *q* under *config*: a JSON-ready dict (see format_text for its parts)."""
+class _Dialogue:
+    """The listener's own SMTP server core (`SMTPServer.for_listener`, as a session starts
+    it), driven with the question's commands. The core answers what is pure protocol itself
+    — the pre-TLS gate, AUTH's 502 and 538, the recipient limit, syntax — exactly as in a
+    session; the events it hands on, the stages answer."""
+
+    def __init__(self, listener, level: ClientLevel, tls: bool):
+        self.core = SMTPServer.for_listener(listener, "gateway.invalid", level)
+        if tls:                       # implicit, or after STARTTLS: the client greets again
+            self.core.tls_established()
+        self.say(("EHLO" if listener.esmtp else "HELO") + " client.invalid")
+
+    def say(self, line: str):
+        """One command line: (the core's own refusal, None) or (None, its event)."""
+        core = self.core
+        core.receive_data(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        event = core.next_event()
+        refused = core.take_rejections()
+        core.data_to_send()
+        if refused:
+            return refused[-1], None
+        if isinstance(event, ConnectionClosed):   # after too many errors: closed
+            return R.TOO_MANY_ERRORS, None
+        return None, event
+
+    def answer(self, reply, close: bool = False) -> None:
+        """The session's answer to the event the core handed on."""
+        self.core.respond(*reply, close=close)
+        self.core.data_to_send()
+
+    @property
+    def closed(self) -> bool:
+        return self.core.closed
+
+
+def _check_question(config, q: Question):
     listener = _listener(config, q.listener)
     try:
         ipaddress.ip_address(q.client)
@@ -149,6 +187,12 @@ def ask(config, q: Question) -> dict:
         raise QueryError(f"--upstream-tls: one of {', '.join(UPSTREAM_FACTS)}")
     if q.client_cert not in CLIENT_CERTS:
         raise QueryError(f"--client-cert: one of {', '.join(CLIENT_CERTS)}")
+    return listener
+
+
+def ask(config, q: Question) -> dict:
+    """The answer to *q* under *config*: a JSON-ready dict (see format_text for its parts)."""
+    listener = _check_question(config, q)
     policy = StagePolicy(listener)             # no hooks: milters are not consulted
     facts = Facts(listener.name, q.client)
     notes: list[str] = []
@@ -160,6 +204,7 @@ def ask(config, q: Question) -> dict:
 
     # connect: the client rule by network sets the level and the cipher grade
     policy.client_level(facts)
+    run_now(policy.connect(facts))
     level = ClientLevel(facts.client_level)
     offers = listener.tls == "starttls" and level.offers_tls and listener.esmtp
     answer["connect"] = {
@@ -167,16 +212,50 @@ def ask(config, q: Question) -> dict:
         "client_level": str(level),
         "cipher_strength": str(facts.cipher_strength) if facts.cipher_strength else None,
         "starttls_offered": offers}
-    recipients: list[dict] = answer["recipients"]
 
-    def unanswered(why: str) -> dict:
-        for rcpt in q.rcpts:
-            recipients.append({"address": rcpt, "rule": None, "upstream_level": None,
-                               "reply": why, "accepted": False})
-        answer["accepted"] = False
-        return answer
+    tls = _client_tls(listener, q, facts, offers, level, answer)
+    if tls is False:
+        return _unanswered(answer, q, "not reached (the TLS handshake fails)")
+    facts.tls = tls
+    dialogue = _Dialogue(listener, level, tls is not None)
 
-    # the client leg's TLS
+    leg = None
+    if q.auth_user is not None:
+        leg = _auth(listener, policy, facts, q, dialogue, answer, notes)
+        if dialogue.closed:
+            answer["mail"] = None
+            return _unanswered(answer, q, "not reached (the connection was closed)")
+
+    # MAIL FROM: the core's checks, then the stage's
+    sender_rule = policy.client_rules.for_sender(q.sender)
+    mail = {"sender": q.sender or "<>", "sender_rule": _client_rule(listener, sender_rule)}
+    answer["mail"] = mail
+    refused, event = dialogue.say(f"MAIL FROM:<{q.sender}>")
+    if event is not None:
+        verdict = run_now(policy.mail(facts, event.address, event.params))
+        refused = verdict.reply if verdict.refused else None
+        dialogue.answer(refused or R.MAIL_OK, close=verdict.close)
+    mail["reply"] = _reply(refused or R.MAIL_OK)
+    if refused is not None:
+        return _unanswered(answer, q, "not reached (the connection was closed)"
+                           if dialogue.closed else "503 5.5.1 Error: need MAIL command")
+    facts.sender = q.sender
+    _recipients(listener, policy, facts, q, dialogue, leg, answer)
+    return answer
+
+
+def _unanswered(answer: dict, q: Question, why: str) -> dict:
+    for rcpt in q.rcpts:
+        answer["recipients"].append({"address": rcpt, "rule": None, "upstream_level": None,
+                                     "reply": why, "accepted": False})
+    answer["accepted"] = False
+    return answer
+
+
+def _client_tls(listener, q: Question, facts: Facts, offers: bool, level, answer: dict):
+    """The client leg's TLS as the question has it (None: plaintext; False: the handshake
+    fails on the cipher grade)."""
+    notes = answer["notes"]
     use_tls = q.tls
     if listener.tls == "implicit" and not use_tls:
         notes.append("an implicit-TLS listener: every session is TLS")
@@ -187,99 +266,75 @@ def ask(config, q: Question) -> dict:
                f"client level {level}: STARTTLS is not offered")
         notes.append(f"{why}; the session is plaintext")
         use_tls = False
-    tls = None
-    if use_tls:
-        cipher = q.cipher or DEFAULT_CIPHER
-        requested = listener.verifies_clients
-        if q.client_cert != "none" and not requested:
-            notes.append("this listener requests no client certificate: none is verified")
-        tls = ClientTLS("TLSv1.3" if cipher.startswith("TLS_") else "TLSv1.2", cipher,
-                        q.client_cert == "verified" and requested)
-        answer["tls"] = {"version": tls.version, "cipher": tls.cipher,
-                         "client_cert": q.client_cert, "verified": tls.verified}
-        if not cipher_meets(tls, facts.cipher_strength):
-            answer["tls"]["handshake"] = (f"fails: {cipher} is not of cipher grade "
-                                          f"{facts.cipher_strength}")
-            answer["mail"] = None
-            return unanswered("not reached (the TLS handshake fails)")
-    else:
+    if not use_tls:
         answer["tls"] = None
-    facts.tls = tls
+        return None
+    cipher = q.cipher or DEFAULT_CIPHER
+    requested = listener.verifies_clients
+    if q.client_cert != "none" and not requested:
+        notes.append("this listener requests no client certificate: none is verified")
+    tls = ClientTLS("TLSv1.3" if cipher.startswith("TLS_") else "TLSv1.2", cipher,
+                    q.client_cert == "verified" and requested)
+    answer["tls"] = {"version": tls.version, "cipher": tls.cipher,
+                     "client_cert": q.client_cert, "verified": tls.verified}
+    if not cipher_meets(tls, facts.cipher_strength):
+        answer["tls"]["handshake"] = (f"fails: {cipher} is not of cipher grade "
+                                      f"{facts.cipher_strength}")
+        answer["mail"] = None
+        return False
+    return tls
 
-    # AUTH (SPEC §4.6): its leg opens at once at upstream.tls and carries the transactions
+
+def _auth(listener, policy, facts: Facts, q: Question, dialogue: _Dialogue, answer: dict,
+          notes: list) -> Leg | None:
+    """AUTH (SPEC §4.6): the core's gate (502 without AUTH, 538 before TLS), the stage's
+    certificate check, then its leg at upstream.tls, which carries the transactions."""
+    auth = {"user": q.auth_user}
+    answer["auth"] = auth
     leg = None
-    if q.auth_user is not None:
-        auth = {"user": q.auth_user}
-        answer["auth"] = auth
-        upstream_level = policy.session_leg_level(facts)
-        if listener.auth == "off":
-            auth["reply"] = _reply(R.NOT_IMPLEMENTED)
-        elif tls is None:
-            auth["reply"] = _reply(R.AUTH_NEEDS_TLS)
+    mechanism = (listener.auth_mechanisms or ("PLAIN",))[0]
+    refused, event = dialogue.say(f"AUTH {mechanism}")
+    if event is not None:
+        verdict = policy.auth_rules(facts)
+        if verdict.refused:
+            refused = verdict.reply
+            dialogue.answer(refused, close=verdict.close)
         else:
-            verdict = policy.auth_rules(facts)
-            if verdict.refused:
-                auth["reply"] = _reply(verdict.reply)
-                answer["mail"] = None
-                return unanswered("not reached (the connection was closed)")
-            leg, failure = open_leg(upstream_level, q.upstream_tls, listener.upstream.mode)
-            if failure is not None:
-                auth["reply"] = _reply(failure)
+            upstream_level = policy.session_leg_level(facts)
+            leg, refused = open_leg(upstream_level, q.upstream_tls, listener.upstream.mode)
+            if refused is not None:
+                dialogue.answer(refused)
             else:
+                dialogue.answer(_AUTH_OK)
                 auth["reply"] = "relayed to the upstream (its answer decides)"
                 auth["upstream_level"] = str(upstream_level)
                 auth["leg"] = leg.describe()
                 facts.auth_user = q.auth_user
-        if facts.auth_user is None:
-            notes.append("AUTH did not succeed: the session goes on unauthenticated")
+    if refused is not None:
+        auth["reply"] = _reply(refused)
+    if facts.auth_user is None:
+        notes.append("AUTH did not succeed: the session goes on unauthenticated")
+    return leg
 
-    # MAIL FROM
-    sender_rule = policy.client_rules.for_sender(q.sender)
-    mail = {"sender": q.sender or "<>", "sender_rule": _client_rule(listener, sender_rule)}
-    answer["mail"] = mail
-    if level.requires_tls and tls is None:
-        verdict_reply, close = R.MUST_STARTTLS, False      # the server core, before the policy
-    else:
-        verdict = run_now(policy.mail(facts, q.sender, {}))
-        verdict_reply = verdict.reply if verdict.refused else R.MAIL_OK
-        close = verdict.close
-    mail["reply"] = _reply(verdict_reply)
-    if verdict_reply is not R.MAIL_OK:
-        return unanswered("not reached (the connection was closed)" if close
-                          else "503 5.5.1 Error: need MAIL command")
-    facts.sender = q.sender
 
-    # RCPT TO, each against the leg the first accepted recipient opened
+def _recipients(listener, policy, facts: Facts, q: Question, dialogue: _Dialogue, leg,
+                answer: dict) -> None:
+    """RCPT TO, each through the core and the stage, against the leg the first accepted
+    recipient opened; a level whose TLS could not be had is not tried again (§4.3)."""
     failed: dict = {}                           # level -> its failure (451 4.7.5)
     accepted = 0
     for rcpt in q.rcpts:
         entry: dict = {"address": rcpt, "rule": None, "upstream_level": None,
                        "accepted": False}
-        recipients.append(entry)
-        if facts.auth_user is None and policy.encryption is not None:
-            decision = policy.encryption.decide(q.sender, rcpt)
-            if decision.rule is None:
-                entry["rule"] = {"index": None, "text": "default: sender optional, recipient "
-                                 f"{listener.upstream.tls} (upstream.tls)"}
-            else:
-                entry["rule"] = {"index": decision.rule,
-                                 "text": rule_text(listener.rules[decision.rule])}
-            skipped = [i for i, r in enumerate(listener.rules)
-                       if not r.enabled and (decision.rule is None or i < decision.rule)
-                       and _pattern_matches(r.sender, domain_of(q.sender))
-                       and _pattern_matches(r.recipient, domain_of(rcpt))]
-            if skipped:
-                entry["disabled_rules_matching"] = skipped
-            entry["upstream_level"] = str(resolve(decision.recipient_encryption,
-                                                  tls is not None))
-        elif facts.auth_user is not None:
-            entry["rule"] = {"index": None, "text": "authenticated: the encryption rules do "
-                             "not apply (the submission upstream applies its own policy)"}
-        if accepted >= listener.max_recipients:
-            entry["reply"] = _reply(R.TOO_MANY_RECIPIENTS)
+        answer["recipients"].append(entry)
+        _describe_rule(listener, policy, facts, q, rcpt, entry)
+        refused, event = dialogue.say(f"RCPT TO:<{rcpt}>")
+        if event is None:
+            entry["reply"] = _reply(refused)
             continue
-        verdict = run_now(policy.rcpt(facts, rcpt, {}, leg))
+        verdict = run_now(policy.rcpt(facts, event.address, event.params, leg))
         if verdict.refused:
+            dialogue.answer(verdict.reply)
             entry["reply"] = _reply(verdict.reply)
             continue
         rcpt_level = verdict.level if verdict.level is not None else leg.level
@@ -287,22 +342,55 @@ def ask(config, q: Question) -> dict:
         if verdict.new_leg:
             leg = None
         if leg is None:
-            if rcpt_level in failed:            # no second try at a level that failed
-                entry["reply"] = _reply(failed[rcpt_level])
-                continue
-            leg, failure = open_leg(rcpt_level, q.upstream_tls, listener.upstream.mode)
+            failure = failed.get(rcpt_level)    # no second try at a level that failed
+            if failure is None:
+                leg, failure = open_leg(rcpt_level, q.upstream_tls, listener.upstream.mode)
             if failure is not None:
                 failed[rcpt_level] = failure
+                dialogue.answer(failure)
                 entry["reply"] = _reply(failure)
                 continue
             entry["leg"] = f"opens the upstream leg at {rcpt_level}: {leg.describe()}"
+        dialogue.answer(_RCPT_OK)
         leg.in_transaction = True
         facts.recipients.append(rcpt)           # the first one fixed the leg (§4.3)
         accepted += 1
         entry["accepted"] = True
         entry["reply"] = f"accepted at level {rcpt_level}"
     answer["accepted"] = bool(q.rcpts) and accepted == len(q.rcpts)
-    return answer
+
+
+def _describe_rule(listener, policy, facts: Facts, q: Question, rcpt: str,
+                   entry: dict) -> None:
+    """The encryption rule the recipient matches, for the answer (the stage decides)."""
+    if facts.auth_user is not None:
+        entry["rule"] = {"index": None, "text": "authenticated: the encryption rules do "
+                         "not apply (the submission upstream applies its own policy)"}
+        return
+    if policy.encryption is None:
+        return
+    decision = policy.encryption.decide(q.sender, rcpt)
+    if decision.rule is None:
+        entry["rule"] = {"index": None, "text": "default: sender optional, recipient "
+                         f"{listener.upstream.tls} (upstream.tls)"}
+    else:
+        entry["rule"] = {"index": decision.rule,
+                         "text": rule_text(listener.rules[decision.rule])}
+    skipped = [i for i, r in enumerate(listener.rules)
+               if not r.enabled and (decision.rule is None or i < decision.rule)
+               and _pattern_matches(r.sender, domain_of(q.sender))
+               and _pattern_matches(r.recipient, domain_of(rcpt))]
+    if skipped:
+        entry["disabled_rules_matching"] = skipped
+    entry["upstream_level"] = str(resolve(decision.recipient_encryption,
+                                          facts.tls is not None))
+
+
+# the core's state follows the upstream's answer code (235 to AUTH, 250 to RCPT); its text,
+# the upstream's own, is not known here and goes nowhere
+_UPSTREAM_TEXT = "(the upstream's)"
+_AUTH_OK = (235, _UPSTREAM_TEXT)
+_RCPT_OK = (250, _UPSTREAM_TEXT)
 
 
 def _rule_of(rule: dict | None) -> str:

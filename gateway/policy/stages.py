@@ -13,6 +13,14 @@ hooks answer (connect, HELO, abort, close). A hook that
 needs the message body says so (`wants_body`); `eom()` answers may discard, quarantine or
 carry edits. Metric labels come from the verdict (`Verdict.label`), not from reply text.
 
+The checks around the stages are verdicts too, each with its fixed label: the connection
+limits before any session (`admit`, `admit_address`: `max_connections`, `per_ip`), a
+refusal at connect or HELO (the session then answers every later command with it, §4.7),
+AUTH's failure count (`auth_failed`), SMTPUTF8 towards an upstream without it
+(`upstream_extensions`) and IMAP's LOGIN gate (`login`: `imap_tls_required`,
+`imap_client_cert`). IMAP sessions go through the connect stage and the login gate as SMTP
+sessions go through theirs.
+
 Hooks that hold state per client session (a milter's connection) join through factories:
 `StagePolicy(listener, session_hooks=(factory, ...))`, and each session works with
 `policy.for_session(session)`, a copy holding that session's own hooks (without factories
@@ -35,6 +43,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..proto import replies as R
+from ..proto.imap_server import PRIVACY_CERT, PRIVACY_TLS
 from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
 from ..rules import ClientPolicy, EncryptionPolicy, cipher_meets
 
@@ -49,7 +58,7 @@ class Action(Enum):
 @dataclass(frozen=True)
 class Verdict:
     action: Action = Action.CONTINUE
-    reply: tuple[int, object] | None = None
+    reply: tuple[int | str, object] | None = None   # (code, text); IMAP: ("NO", text)
     close: bool = False
     label: str | None = None     # gateway_policy_rejections_total's reason for a refusal
     level: str | None = None     # RCPT: the recipient's upstream level, `allowed` resolved
@@ -74,6 +83,22 @@ def refuse(reply: tuple[int, object], *, close: bool = False, reason: str = "") 
     return Verdict(Action.REFUSE, reply, close, f"{code}_{first.split(' ')[0]}", reason=reason)
 
 
+# Connection limits (§2): refused before any session, counted in
+# gateway_connections_rejected_total under these labels.
+TOO_MANY_CONNECTIONS = Verdict(Action.REFUSE, R.TOO_MANY_CONNECTIONS, True, "max_connections",
+                               reason="too many connections")
+TOO_MANY_FROM_ADDRESS = Verdict(Action.REFUSE, R.TOO_MANY_FROM_ADDRESS, True, "per_ip",
+                                reason="too many connections from address")
+NO_SMTPUTF8_UPSTREAM = refuse(R.NO_SMTPUTF8_UPSTREAM)                # §4.1
+AUTH_TOO_MANY_FAILURES = refuse(R.AUTH_TOO_MANY_FAILURES, close=True)  # §4.6
+MAX_AUTH_FAILURES = 3
+# IMAP's privacy gate at LOGIN/AUTHENTICATE (§5): the reply after the tag, and its label
+IMAP_TLS_REQUIRED = Verdict(Action.REFUSE, tuple(PRIVACY_TLS.split(" ", 1)),
+                            label="imap_tls_required")
+IMAP_CLIENT_CERT = Verdict(Action.REFUSE, tuple(PRIVACY_CERT.split(" ", 1)),
+                           label="imap_client_cert")
+
+
 @dataclass
 class Facts:
     """What the policy knows of one session, filled in by the session as stages pass (and by
@@ -91,6 +116,7 @@ class Facts:
     auth_mechanism: str | None = None    # the SASL mechanism of a successful AUTH
     queue_id: str | None = None          # the open transaction's tracking id
     milter_log: list = field(default_factory=list)   # this transaction's milter verdicts
+    auth_failures: int = 0               # failed AUTH exchanges of the session (§4.6)
 
 
 class Hook:
@@ -164,6 +190,21 @@ class StagePolicy:
         facts.client_level, facts.cipher_strength = self.client_rules.at_connect(
             self.listener.client_tls, facts.client_ip, log)
 
+    def admit(self, active: int) -> Verdict:
+        """The listener's `max_connections` (§2), *active* counting this connection."""
+        if active > self.listener.max_connections:
+            return TOO_MANY_CONNECTIONS
+        return CONTINUE
+
+    def admit_address(self, held: int) -> Verdict:
+        """`max_connections_per_ip` (§2): *held* connections from this client's address,
+        this one included (-1: the worker's table had no room to count it)."""
+        if held < 0:
+            return TOO_MANY_CONNECTIONS
+        if held > self.listener.max_connections_per_ip:
+            return TOO_MANY_FROM_ADDRESS
+        return CONTINUE
+
     async def connect(self, facts: Facts) -> Verdict:
         for hook in self.hooks:
             verdict = await hook.connect(facts)
@@ -185,6 +226,26 @@ class StagePolicy:
         goes upstream (as at MAIL FROM)."""
         if ClientLevel(facts.client_level).verifies and not (facts.tls and facts.tls.verified):
             return refuse(R.UNVERIFIED_CLIENT_CERT, close=True)
+        return CONTINUE
+
+    def auth_failed(self, facts: Facts) -> Verdict:
+        """An AUTH the upstream refused (a cancelled one does not count): the third in a
+        session ends it with `421 4.7.0` (§4.6)."""
+        facts.auth_failures += 1
+        if facts.auth_failures >= MAX_AUTH_FAILURES:
+            return AUTH_TOO_MANY_FAILURES
+        return CONTINUE
+
+    def login(self, facts: Facts) -> Verdict:
+        """IMAP's LOGIN/AUTHENTICATE gate (§5), decided again after each TLS handshake:
+        before TLS at `required`/`verify` `NO [PRIVACYREQUIRED] TLS is required`; at
+        `verify` without a verified client certificate `... Client certificate required`."""
+        level = ClientLevel(facts.client_level)
+        tls = facts.tls
+        if level.requires_tls and tls is None:
+            return IMAP_TLS_REQUIRED
+        if level is ClientLevel.VERIFY and not (tls is not None and tls.verified):
+            return IMAP_CLIENT_CERT
         return CONTINUE
 
     def mail_rules(self, facts: Facts, address: str) -> Verdict:
@@ -262,6 +323,13 @@ class StagePolicy:
                 verdict = Verdict(Action.DISCARD, level=verdict.level, rule=verdict.rule,
                                   new_leg=verdict.new_leg, reason=answer.reason)
         return verdict
+
+    def upstream_extensions(self, leg) -> Verdict:
+        """A transaction that uses SMTPUTF8 on a *leg* whose upstream lacks it (§4.1); asked
+        only of transactions that use it."""
+        if "SMTPUTF8" not in leg.extensions:
+            return NO_SMTPUTF8_UPSTREAM
+        return CONTINUE
 
     def session_leg_level(self, facts: Facts) -> UpstreamLevel:
         """The level of a leg a session opens for itself, not for a recipient: an IMAP login's,

@@ -77,7 +77,11 @@ class IMAPServer:
         self._out: list[bytes] = []
         self._awaiting = None
         self._auth_tag: str | None = None   # AUTHENTICATE PLAIN waiting for its response
-        self._rejections: list[str] = []
+        self._rejections: list[tuple[str, str | None]] = []
+        # the LOGIN/AUTHENTICATE gate the session set from its policy (gate_login); until it
+        # does, the core's own from require_tls / require_client_cert
+        self._gate: tuple[str, str | None] | None = None
+        self._gate_set = False
 
     # --- I/O side ---------------------------------------------------------------------------
 
@@ -102,8 +106,9 @@ class IMAPServer:
             caps.append("AUTH=PLAIN")
         return " ".join(caps)
 
-    def take_rejections(self) -> list[str]:
-        """Refusals the core sent by itself since the last call (for the session's logs)."""
+    def take_rejections(self) -> list[tuple[str, str | None]]:
+        """Refusals the core sent by itself since the last call, each with its metric label
+        (the login gate's, from the policy) or None (for the session's logs)."""
         out, self._rejections = self._rejections, []
         return out
 
@@ -123,6 +128,13 @@ class IMAPServer:
         """After `starttls_ok()` is flushed: discard plaintext already received (§4.2, §5).
         Returns the number of bytes discarded (non-zero: a command-injection attempt)."""
         return len(self._reader.take_buffer())
+
+    def gate_login(self, refusal: tuple[str, str | None] | None) -> None:
+        """The policy's answer to LOGIN/AUTHENTICATE for the session as it stands (§5): None
+        lets them through, else (the response after the tag, its label) refuses each one.
+        The session sets it at connect and again after the TLS handshake."""
+        self._gate = refusal
+        self._gate_set = True
 
     def tls_established(self, verified: bool = False) -> None:
         self.tls_active = True
@@ -180,9 +192,9 @@ class IMAPServer:
     def _send(self, line: str) -> None:
         self._out.append(line.encode("utf-8", "surrogateescape") + b"\r\n")
 
-    def _reject(self, line: str, *, bad: bool = True) -> None:
+    def _reject(self, line: str, *, bad: bool = True, label: str | None = None) -> None:
         self._send(line)
-        self._rejections.append(line)
+        self._rejections.append((line, label))
         if bad:
             self.errors += 1
             if self.errors >= self.max_errors:
@@ -229,13 +241,20 @@ class IMAPServer:
 
     def _privacy(self, tag: str) -> bool:
         """The TLS/certificate gate of LOGIN and AUTHENTICATE; True if it refused."""
+        gate = self._gate if self._gate_set else self._own_gate()
+        if gate is None:
+            return False
+        text, label = gate
+        self._reject(f"{tag} {text}", bad=False, label=label)
+        return True
+
+    def _own_gate(self) -> tuple[str, None] | None:
+        """The gate without a session's policy (the core alone)."""
         if self.require_tls and not self.tls_active:
-            self._reject(f"{tag} {PRIVACY_TLS}", bad=False)
-            return True
+            return PRIVACY_TLS, None
         if self.require_client_cert and not self.client_verified:
-            self._reject(f"{tag} {PRIVACY_CERT}", bad=False)
-            return True
-        return False
+            return PRIVACY_CERT, None
+        return None
 
     def _login(self, tag: str, line: W.Line):
         try:

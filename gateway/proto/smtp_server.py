@@ -127,6 +127,8 @@ _NEEDS_EHLO = "\0needs-ehlo"   # a params key no check accepts
 _NOT_IMPLEMENTED = {"BDAT", "ETRN", "VRFY", "EXPN", "XCLIENT", "TURN", "ATRN", "HELP",
                     "XFORWARD", "SEND", "SOML", "SAML"}
 _ALLOWED_BEFORE_TLS = {"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"}
+# the commands a session refused at connect or HELO still serves (§4.7)
+_SERVED_AFTER_REFUSAL = frozenset(("QUIT", "NOOP", "RSET"))
 # a line with any of these is never relayed as a SASL response nor kept as a HELO name (§4.4,
 # §4.6): a CR not before the line's LF, a LF without its CR (the line is not a CRLF line), NUL
 _BARE = native.BARE_CR | native.BARE_LF | native.NUL
@@ -189,6 +191,25 @@ class SMTPServer:
         self._rejections: list[tuple[int, str]] = []
         self._sasl = False             # inside an AUTH exchange: lines are AuthResponses
         self._flags = 0                # scan flags of the command line being handled
+        self._refusal: tuple[int, str] | None = None   # refuse_session()'s reply
+
+    @classmethod
+    def for_listener(cls, listener, hostname: str, level) -> "SMTPServer":
+        """The core a session of *listener* (its configuration) starts with, at the client
+        *level* its connect stage set (a `ClientLevel`: `offers_tls`, `requires_tls`). The
+        sessions and `gateway policy` both start here."""
+        return cls(
+            hostname=hostname,
+            esmtp=listener.esmtp,
+            max_message_size=listener.max_message_size,
+            smtputf8=listener.smtputf8,
+            dsn=listener.dsn,
+            max_recipients=listener.max_recipients,
+            bare_newline=listener.bare_newline,
+            auth_mechanisms=listener.auth_mechanisms if listener.auth != "off" else (),
+            offer_starttls=listener.tls == "starttls" and level.offers_tls,
+            require_tls=level.requires_tls,
+        )
 
     # --- I/O side ---------------------------------------------------------------------------
 
@@ -258,6 +279,14 @@ class SMTPServer:
     def close(self) -> None:
         """The session ends here (a failed TLS handshake, say): no more input is processed."""
         self.closed = True
+
+    def refuse_session(self, code: int, text) -> None:
+        """A refusal at connect or HELO (a hook's, §4.7): from now on every command but
+        QUIT, NOOP and RSET gets this reply, as Postfix does, and no event that could reach
+        the upstream comes out. The commands take another path (`_refused_command`), so a
+        session never refused does no extra work per command."""
+        self._refusal = (code, text)
+        self._command = self._refused_command
 
     def tls_established(self) -> None:
         self.tls_active = True
@@ -398,6 +427,19 @@ class SMTPServer:
         if handler is not None:
             return handler(arg)
         self._reply(R.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED else R.UNRECOGNIZED)
+        return None
+
+    def _refused_command(self, text: str):
+        verb = text.strip(" ").partition(" ")[0].upper()
+        if verb in _SERVED_AFTER_REFUSAL:
+            return SMTPServer._command(self, text)
+        code, reply = self._refusal
+        self._send(code, reply)                 # the session logged and counted it once
+        if code >= 500:
+            self.errors += 1
+            if self.errors >= self.max_errors:
+                self._send(*R.TOO_MANY_ERRORS)
+                self.closed = True
         return None
 
     def _sync_error(self) -> bool:

@@ -50,7 +50,9 @@ class IMAPSession:
         self.name = self.listener.name
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.facts = Facts(self.listener.name, client_addr[0], client_addr[1])
-        rt.stages.client_level(self.facts, log)
+        # every stage is decided there (policy/), as for SMTP
+        self.policy = rt.stages.for_session(self)
+        self.policy.client_level(self.facts, log)
         level = ClientLevel(self.facts.client_level)
         self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
@@ -63,6 +65,7 @@ class IMAPSession:
             offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
             require_tls=level.requires_tls,
             require_client_cert=level.verifies)
+        self._gate_login()
 
     # --- the session ------------------------------------------------------------------------
 
@@ -75,6 +78,9 @@ class IMAPSession:
                 if not await self._handshake():
                     return
                 self.core.tls_established(self.tls.verified)
+                self._gate_login()
+            if not await self._connect_stage():
+                return
             self.core.greeting()
             await self._flush()
             await self._prelogin()
@@ -100,8 +106,8 @@ class IMAPSession:
         core = self.core
         while True:
             event = core.next_event()
-            for line in core.take_rejections():
-                self._rejected(line)
+            for line, label in core.take_rejections():
+                self._rejected(line, label)
             if event is S.NEED_DATA:
                 await self._flush()
                 data = await self._receive()
@@ -128,6 +134,7 @@ class IMAPSession:
                 if not await self._handshake():
                     return
                 core.tls_established(self.tls.verified)
+                self._gate_login()
                 continue
             if isinstance(event, S.Login):
                 await self._login(event)
@@ -161,12 +168,37 @@ class IMAPSession:
             self.bytes_out += len(out)
             await self.stream.send_all(out)
 
-    def _rejected(self, line: str) -> None:
+    def _rejected(self, line: str, label: str | None = None) -> None:
+        """Log a refusal; count it under *label*, a policy verdict's (never from its text)."""
         tag, _, rest = line.partition(" ")
         self.log.event("reject", code=rest.split(" ", 1)[0], reason=rest)
-        if "[PRIVACYREQUIRED]" in rest:
-            reason = "client_cert" if "certificate" in rest else "tls_required"
-            self.metrics.policy_rejections_total.labels(self.name, f"imap_{reason}").inc()
+        if label is not None:
+            self.metrics.policy_rejections_total.labels(self.name, label).inc()
+
+    # --- the stages (policy/) ---------------------------------------------------------------
+
+    async def _connect_stage(self) -> bool:
+        """The connect stage (§4.7's order, as for SMTP): a refusal there is the session's
+        `* BYE` with the verdict's text, counted under its label. False: refused."""
+        verdict = await self.policy.connect(self.facts)
+        if not verdict.refused:
+            return True
+        code, text = verdict.reply
+        text = unavailable_text((code, text if isinstance(text, str) else " ".join(text)))
+        self._rejected(f"* BYE {text}", verdict.label)
+        self.core.bye(f"* BYE {text}\r\n".encode("utf-8", "replace"))
+        await self._flush()
+        return False
+
+    def _gate_login(self) -> None:
+        """The login stage's TLS and certificate checks for the session as it stands (§5),
+        handed to the core, which answers LOGIN/AUTHENTICATE with them."""
+        verdict = self.policy.login(self.facts)
+        if verdict.refused:
+            code, text = verdict.reply
+            self.core.gate_login((f"{code} {text}", verdict.label))
+        else:
+            self.core.gate_login(None)
 
     # --- TLS on the client leg --------------------------------------------------------------
 
@@ -183,7 +215,7 @@ class IMAPSession:
 
     async def _login(self, event: S.Login) -> None:
         user = event.user.decode("utf-8", "replace")
-        level = self.rt.stages.session_leg_level(self.facts)
+        level = self.policy.session_leg_level(self.facts)
         try:
             if self.leg is None or self.leg.closed:
                 await self._flush()

@@ -8,7 +8,8 @@ Postfix sends by default, and turns the milter's answers into the seam's verdict
 - continue / accept: go on (accept spares the milter the rest, as the client core knows);
 - reject, tempfail, replycode: a refusal with the milter's reply (at RCPT for that recipient,
   at MAIL, DATA or the end of the message for the transaction; a refusal at connect or HELO
-  answers every later MAIL);
+  answers every later command of the session but QUIT, NOOP and RSET: the session's core
+  does that, `SMTPServer.refuse_session`);
 - discard: the message is dropped at its end (250 2.7.0), never relayed;
 - quarantine (end of message): relayed with `X-Gateway-Quarantine: <milter>: <reason>`;
 - the end of message's changes ride on the verdict (`edits`).

@@ -88,7 +88,6 @@ class SMTPSession:
         self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._transactions = 0            # MAIL FROMs so far: the transactions' ids count them
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
-        self._auth_failures = 0
         self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
         self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._rx_scope: trio.CancelScope | None = None
@@ -97,19 +96,7 @@ class SMTPSession:
         self._data_start = 0.0                  # DATA: when the 354 went out,
         self._data_blocked = 0.0                # the time spent blocked writing upstream,
         self._data_received = 0                 # and the client's bytes since
-        self.core = S.SMTPServer(
-            hostname=rt.hostname,
-            esmtp=self.listener.esmtp,
-            max_message_size=self.listener.max_message_size,
-            smtputf8=self.listener.smtputf8,
-            dsn=self.listener.dsn,
-            max_recipients=self.listener.max_recipients,
-            bare_newline=self.listener.bare_newline,
-            auth_mechanisms=(self.listener.auth_mechanisms
-                             if self.listener.auth != "off" else ()),
-            offer_starttls=self.listener.tls == "starttls" and level.offers_tls,
-            require_tls=level.requires_tls,
-        )
+        self.core = S.SMTPServer.for_listener(self.listener, rt.hostname, level)
 
     # --- the session ------------------------------------------------------------------------
 
@@ -124,9 +111,11 @@ class SMTPSession:
             if self.listener.pregreet_wait and not await self._pregreet():
                 return
             if self._hooks:
-                # a refusal here answers every MAIL of the session (the hooks keep it)
-                await self.policy.connect(self.facts)
-            self.core.greeting()
+                verdict = await self.policy.connect(self.facts)
+                if verdict.refused:
+                    self._refuse_session(verdict)
+            if not self.core.closed:
+                self.core.greeting()
             await self._flush()
             # one scope for every wait on the client (see _receive), not one per read
             with trio.CancelScope() as self._rx_scope:
@@ -322,7 +311,9 @@ class SMTPSession:
         self.facts.helo = event.name
         await self._end_transaction()
         if self._hooks:
-            await self.policy.helo(self.facts)
+            verdict = await self.policy.helo(self.facts)
+            if verdict.refused:
+                self._refuse_session(verdict)
 
     async def _on_Reset(self, event) -> None:
         await self._end_transaction()
@@ -406,9 +397,11 @@ class SMTPSession:
             if leg is None:
                 await self._flush()
                 self.leg = leg = await self._open_leg(level)
-            if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
-                self._refuse(R.NO_SMTPUTF8_UPSTREAM)
-                return
+            if "SMTPUTF8" in txn.mail.params:
+                verdict = self.policy.upstream_extensions(leg)
+                if verdict.refused:
+                    self._refuse_by(verdict)
+                    return
             if not leg.in_transaction:
                 mail, reply = await self._start_transaction(txn, event, level)
                 leg = self.leg               # the envelope reached the upstream on this leg
@@ -531,6 +524,18 @@ class SMTPSession:
         """A policy stage's refusal: answered, logged and counted by the verdict's label."""
         self._refuse(verdict.reply, close=verdict.close, label=verdict.label)
 
+    def _refuse_session(self, verdict: Verdict) -> None:
+        """A refusal at connect or HELO (§4.7): logged and counted once, by the verdict's
+        label; the core then answers every later command but QUIT, NOOP and RSET with it,
+        so nothing of the session reaches the upstream. A closing one (or a 421) is sent
+        at once and ends the session."""
+        code, text = verdict.reply
+        self._rejected(code, text, label=verdict.label)
+        if verdict.close or code == 421:
+            self.core.respond(code, text, close=True)
+        else:
+            self.core.refuse_session(code, text)
+
     def _refuse(self, reply: tuple[int, str], close: bool = False, label: str | None = None
                 ) -> None:
         if self.txn is not None:
@@ -629,9 +634,9 @@ class SMTPSession:
         self._auth_done(result or ("cancelled" if cancelled else "failure"))
         self.core.respond(*(answer or relayed(reply)))
         if not cancelled:
-            self._auth_failures += 1
-            if self._auth_failures >= 3:
-                self._refuse(R.AUTH_TOO_MANY_FAILURES, close=True)
+            verdict = self.policy.auth_failed(self.facts)
+            if verdict.refused:
+                self._refuse_by(verdict)
 
     def _auth_done(self, result: str) -> "_AuthExchange":
         """The exchange is over: logged and counted (never its lines); returns it."""
