@@ -23,7 +23,6 @@ from ..levels import ClientLevel
 from ..policy.stages import Facts
 from ..proto import imap_server as S
 from ..proto.imap_boundary import ResponseBoundary
-from ..proto import replies as R
 from .imap_upstream import IMAPUpstreamLeg
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import FAILURE_KINDS, UpstreamFailure
