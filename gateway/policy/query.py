@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ..proto import replies as R
 from ..rules import cipher_meets, domain_of
 from .levels import ClientLevel, UpstreamLevel
+from .route import destination_key
 from .stages import Facts, StagePolicy, resolve, run_now
 
 UPSTREAM_FACTS = ("offered", "absent", "failed")
@@ -69,6 +70,7 @@ class Leg:
     tls_failed: bool
     closed: bool = False
     in_transaction: bool = False
+    dest_key: tuple = ()            # its destination (route.destination_key)
 
     def describe(self) -> str:
         if self.tls is not None:
@@ -296,6 +298,7 @@ def ask(config, q: Question) -> dict:
                 failed[rcpt_level] = failure
                 entry["reply"] = _reply(failure)
                 continue
+            leg.dest_key = destination_key(listener.upstream)
             entry["leg"] = f"opens the upstream leg at {rcpt_level}: {leg.describe()}"
         leg.in_transaction = True
         facts.recipients.append(rcpt)           # the first one fixed the leg (§4.3)

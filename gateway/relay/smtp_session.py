@@ -43,8 +43,8 @@ class Transaction:
     mail: S.Mail
     rcpts: list[str] = field(default_factory=list)
     failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
-    # a level whose TLS could not be had (451 4.7.5): its later RCPTs get that reply, the
-    # others are decided on their own (§4.3)
+    # (destination key, level) whose TLS could not be had (451 4.7.5): its later RCPTs get
+    # that reply, the others are decided on their own (§4.3)
     failed_levels: dict = field(default_factory=dict)
     refusal: object = None                     # the upstream's refusal of MAIL, likewise
     attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
@@ -387,25 +387,27 @@ class SMTPSession:
             return
         if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
             txn.discard = verdict.reason
-        level = verdict.level if verdict.level is not None else leg.level
+        route = verdict.route
         if verdict.new_leg:
             # between transactions, or no recipient accepted on it yet: RSET and let go
             await self._release_leg(end_transaction=True)
             leg = None
-        if leg is None and level in txn.failed_levels:
-            # TLS at this level failed once in this transaction: the same tempfail, no
-            # second connection (nor alert) for each such recipient
-            self._refuse(txn.failed_levels[level])
-            return
+        if leg is None and txn.failed_levels:
+            failed = txn.failed_levels.get((route.key, route.level))
+            if failed is not None:
+                # TLS at this level failed once in this transaction: the same tempfail, no
+                # second connection (nor alert) for each such recipient
+                self._refuse(failed)
+                return
         try:
             if leg is None:
                 await self._flush()
-                self.leg = leg = await self._open_leg(level)
+                self.leg = leg = await self._open_leg(route)
             if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
                 self._refuse(R.NO_SMTPUTF8_UPSTREAM)
                 return
             if not leg.in_transaction:
-                mail, reply = await self._start_transaction(txn, event, level)
+                mail, reply = await self._start_transaction(txn, event, route)
                 leg = self.leg               # the envelope reached the upstream on this leg
                 txn.upstream_leg = "tls" if leg.tls is not None else "plain"
                 txn.upstream_tls = f"{leg.tls.version} {leg.tls.cipher}" if leg.tls else None
@@ -422,7 +424,7 @@ class SMTPSession:
             if failure.tls_required:
                 # this recipient's level could not be had: its own 451 4.7.5, and the leg
                 # is closed; a later recipient at another level may open one (§4.3)
-                txn.failed_levels[level] = failure.reply
+                txn.failed_levels[(route.key, route.level)] = failure.reply
             else:
                 txn.failure = failure.reply     # the upstream is unreachable or was lost
             self._refuse(failure.reply)
@@ -436,7 +438,7 @@ class SMTPSession:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
 
-    async def _start_transaction(self, txn: Transaction, rcpt: S.Rcpt, level: str):
+    async def _start_transaction(self, txn: Transaction, rcpt: S.Rcpt, route):
         """MAIL replayed with the first RCPT, pipelined where the upstream allows. On a leg
         just taken from the pool, a failure or a 421 to MAIL means the upstream gave up on the
         idle connection: once more on a new connection (nothing was accepted on the old one)."""
@@ -458,7 +460,7 @@ class SMTPSession:
         await leg.close()
         self.leg = None
         self.log.event("upstream_reuse_failed", level="debug")
-        self.leg = leg = await self._open_leg(level, pooled=False)
+        self.leg = leg = await self._open_leg(route, pooled=False)
         return await leg.start_transaction(mail, rcpt)
 
     def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
@@ -469,9 +471,12 @@ class SMTPSession:
             if dropped:
                 self.log.event("dsn_dropped", params=",".join(dropped))
 
-    async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
+    async def _open_leg(self, route, *, pooled: bool = True) -> UpstreamLeg:
+        """A leg for *route*: from the pool when one there satisfies it, else a new one to
+        the route's destination (today always the listener's upstream) at its level."""
         pool = self.rt.state.pool
-        leg = pool.take(self.rt.upstream, level) if pooled else None
+        level = route.level
+        leg = pool.take(route, self.rt.upstream) if pooled else None
         if leg is not None:
             self._leg_from_pool = True
             record_upstream_leg(self.rt, self.log, leg, level, reused=True)
@@ -563,10 +568,10 @@ class SMTPSession:
         await self._release_leg()
         self._auth = _AuthExchange(event.mechanism)
         self._auth.user_from(event.initial)
-        level = self.policy.session_leg_level(self.facts)
+        route = self.policy.session_route(self.facts)
         try:
             await self._flush()
-            self.leg = await self._open_leg(level, pooled=False)
+            self.leg = await self._open_leg(route, pooled=False)
         except UpstreamFailure as failure:
             await self._leg_failed(failure, [])
             self._auth_done("error")
