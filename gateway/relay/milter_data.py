@@ -76,7 +76,7 @@ async def transfer(session) -> None:
     `_on_Data` with milters)."""
     s = session
     txn = s.txn
-    leg = s.leg
+    leg = s.legs.leg
     if leg is None or leg.closed:
         s._refuse(R.UPSTREAM_LOST)
         return
@@ -182,7 +182,7 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
     elif state.spool is not None:
         reply = NO_SPOOL
     elif keepalive.failure is not None:
-        await s._leg_failed(keepalive.failure, txn.rcpts)
+        await s.legs.failed(keepalive.failure, txn.rcpts)
         reply = keepalive.failure.reply
     elif state.stop is not None:
         reply, result = _stopped(state.stop)
@@ -212,13 +212,13 @@ async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> N
                 relay = True
     await keepalive.stop()
     if keepalive.failure is not None and relay:
-        await s._leg_failed(keepalive.failure, txn.rcpts)
+        await s.legs.failed(keepalive.failure, txn.rcpts)
         reply, relay = keepalive.failure.reply, False
     if relay:
         if verdict.quarantine:
             held.quarantine(verdict.quarantine)
         reply, result = await _relay(s, txn, held, verdict.edits, deadline)
-    leg = s.leg
+    leg = s.legs.leg
     if leg is not None and not leg.closed and leg.in_transaction:
         await leg.reset()            # refused or discarded: RSET, never DATA
     await s._message_done(txn, reply, end.size, result, label=label)
@@ -232,7 +232,7 @@ def _stopped(verdict):
 
 async def _relay(s, txn, held: HeldMessage, edits, deadline: float):
     """Envelope changes, then DATA and the message, within the deadline: (reply, result)."""
-    leg = s.leg
+    leg = s.legs.leg
     if leg is None or leg.closed:
         return R.UPSTREAM_LOST, None
     with trio.CancelScope(deadline=deadline) as scope:
@@ -240,7 +240,7 @@ async def _relay(s, txn, held: HeldMessage, edits, deadline: float):
             refused = await _envelope(s, txn, edits)
             if refused is not None:
                 return refused
-            leg = s.leg
+            leg = s.legs.leg
             reply = await leg.command("DATA")
             if reply.code != 354:
                 return (reply.code, reply.relay_lines()), None
@@ -252,18 +252,15 @@ async def _relay(s, txn, held: HeldMessage, edits, deadline: float):
             final = await leg.finish_data()
             return (final.code, final.relay_lines()), None
         except UpstreamFailure as failure:
-            await s._leg_failed(failure, txn.rcpts)
+            await s.legs.failed(failure, txn.rcpts)
             return failure.reply, None
         except SpoolError as exc:
             s.log.event("spool_error", level="error", reason=str(exc))
-            await s.leg.close()           # before any final dot
-            s.leg = None
+            await s.legs.drop()           # before any final dot
             return NO_SPOOL, None
     # the deadline passed: drop the leg before any final dot (§4.7)
     assert scope.cancelled_caught
-    if s.leg is not None:
-        await s.leg.close()
-        s.leg = None
+    await s.legs.drop()
     s.log.event("upstream_error", level="warning", reason="deadline after the final dot",
                 code=451)
     return R.UPSTREAM_LOST, None
@@ -296,13 +293,11 @@ async def _envelope(s, txn, edits):
     if not rcpts:
         s.log.event("milter_no_recipients", level="warning")
         return DISCARDED, "discarded"
-    leg = s.leg
+    leg = s.legs.leg
     await leg.reset()
     if leg.closed:
         raise UpstreamFailure(R.UPSTREAM_LOST, "RSET before the changed envelope failed")
-    if "AUTH" in params and not s._leg_bound:
-        params["AUTH"] = "<>"
-    mail = S.Mail(sender, params)
+    mail = s.legs.mail_for_upstream(S.Mail(sender, params))
     first = None
     accepted: list[str] = []
     for address, rparams in rcpts:

@@ -27,8 +27,9 @@ from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
 from . import milter_data
-from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
+from .tls_legs import accept_client_tls
+from .legs import Legs
+from .upstream import UpstreamFailure, UpstreamLeg
 
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
 
@@ -77,19 +78,16 @@ class SMTPSession:
         self.name = self.listener.name
         self.type = self.listener.type          # public / private: a label (§2, §11)
         self.tls = None                 # client leg TLSInfo
-        self.leg: UpstreamLeg | None = None
+        self.legs = Legs(rt, log, client_addr)      # the upstream leg
         self.txn: Transaction | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.messages = 0
         self._msg_bytes = 0
         self._leg_broken = False
-        self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._tracked = 0
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
         self._auth_failures = 0
-        self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
-        self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
         self._line_start: float | None = None   # when the partial command line began
@@ -142,9 +140,9 @@ class SMTPSession:
                         await self.policy.close(self.facts)
                 if self._auth is not None:      # the client went away inside an exchange
                     self._auth_done("cancelled")
-                if self.leg is not None:
+                if self.legs.leg is not None:
                     with trio.move_on_after(2):
-                        await self._release_leg(end_transaction=True)
+                        await self.legs.release(end_transaction=True)
                 with trio.move_on_after(1):
                     try:
                         await self.stream.aclose()
@@ -163,7 +161,7 @@ class SMTPSession:
             for code, text in core.take_rejections():
                 self._rejected(code, text, own=True)
             if event is S.NEED_DATA:
-                leg = self.leg
+                leg = self.legs.leg
                 if leg is not None and leg.held_size and leg.in_data and not self._leg_broken:
                     await self._send_held()
                 await self._flush()
@@ -175,13 +173,13 @@ class SMTPSession:
                 core.receive_data(data)
                 continue
             if isinstance(event, (S.ConnectionClosed, S.Quit)):
-                if self.txn is not None and core.in_data and self.leg is not None:
-                    await self.leg.close()          # client vanished mid-message: drop it
+                if self.txn is not None and core.in_data and self.legs.leg is not None:
+                    await self.legs.leg.close()          # client vanished mid-message: drop it
                 await self._flush(last=True)
                 return
             handler = getattr(self, "_on_" + type(event).__name__)
             await handler(event)
-            if self._bound_leg_lost and not core.closed:
+            if self.legs.bound_lost and not core.closed:
                 self._refuse(R.AUTH_LEG_LOST, close=True)
             if core.closed:
                 await self._flush(last=True)
@@ -332,8 +330,8 @@ class SMTPSession:
             await self.policy.abort(self.facts)
         self.txn = None
         self.facts.sender = None
-        if self.leg is not None:
-            await self.leg.reset()
+        if self.legs.leg is not None:
+            await self.legs.leg.reset()
 
     async def _on_Mail(self, event: S.Mail) -> None:
         if self._hooks:
@@ -347,8 +345,8 @@ class SMTPSession:
             code, text = verdict.reply
             self._end(Transaction(event), _refused(code), f"{code} {_text(text)}", 0, [])
             return
-        if self.leg is not None:
-            await self.leg.reset()
+        if self.legs.leg is not None:
+            await self.legs.leg.reset()
         self._track_unsent()
         self.txn = Transaction(event)
         if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
@@ -366,19 +364,12 @@ class SMTPSession:
             txn.last_refusal = (txn.refusal.code, " / ".join(txn.refusal.lines))
             self.core.respond(*relayed(txn.refusal))
             return
-        leg = self.leg
-        if leg is not None and not leg.closed and not leg.in_transaction \
-                and not leg.idle_and_alive():
-            # the upstream spoke (a 421 before timing out, a stray line) or closed while the
-            # leg sat between transactions: retired, not reused; the next one is new (§6)
-            self.log.event("upstream_reuse_failed", level="debug", reason="unsolicited")
-            await leg.close()
-        if self._leg_bound and (leg is None or leg.closed):
+        legs = self.legs
+        leg = await legs.settle()
+        if leg is None and legs.bound:
             # the authenticated leg broke: no credentials to log in again (§4.6)
             self._refuse(R.UPSTREAM_LOST, close=True)
             return
-        if leg is not None and leg.closed:
-            self.leg = leg = None
         # the leg is fixed by the transaction's first accepted recipient (§4.3)
         self.facts.recipients = txn.rcpts
         verdict = await self.policy.rcpt(self.facts, event.address, event.params, leg)
@@ -390,7 +381,7 @@ class SMTPSession:
         route = verdict.route
         if verdict.new_leg:
             # between transactions, or no recipient accepted on it yet: RSET and let go
-            await self._release_leg(end_transaction=True)
+            await legs.release(end_transaction=True)
             leg = None
         if leg is None and txn.failed_levels:
             failed = txn.failed_levels.get((route.key, route.level))
@@ -402,13 +393,13 @@ class SMTPSession:
         try:
             if leg is None:
                 await self._flush()
-                self.leg = leg = await self._open_leg(route)
+                leg = await legs.open(route, helo=self.core.helo)
             if "SMTPUTF8" in txn.mail.params and "SMTPUTF8" not in leg.extensions:
                 self._refuse(R.NO_SMTPUTF8_UPSTREAM)
                 return
             if not leg.in_transaction:
                 mail, reply = await self._start_transaction(txn, event, route)
-                leg = self.leg               # the envelope reached the upstream on this leg
+                leg = self.legs.leg               # the envelope reached the upstream on this leg
                 txn.upstream_leg = "tls" if leg.tls is not None else "plain"
                 txn.upstream_tls = f"{leg.tls.version} {leg.tls.cipher}" if leg.tls else None
                 if mail.code // 100 != 2:
@@ -420,7 +411,7 @@ class SMTPSession:
                 self._note_dsn(event.params, leg)
                 reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [event.address])
+            await legs.failed(failure, [event.address])
             if failure.tls_required:
                 # this recipient's level could not be had: its own 451 4.7.5, and the leg
                 # is closed; a later recipient at another level may open one (§4.3)
@@ -439,29 +430,11 @@ class SMTPSession:
         self.core.respond(*relayed(reply))
 
     async def _start_transaction(self, txn: Transaction, rcpt: S.Rcpt, route):
-        """MAIL replayed with the first RCPT, pipelined where the upstream allows. On a leg
-        just taken from the pool, a failure or a 421 to MAIL means the upstream gave up on the
-        idle connection: once more on a new connection (nothing was accepted on the old one)."""
-        leg = self.leg
-        reused = self._leg_from_pool
-        self._leg_from_pool = False
-        mail = txn.mail
-        self._note_dsn({**mail.params, **rcpt.params}, leg)
-        if "AUTH" in mail.params and not self._leg_bound:
-            # RFC 4954 §5: the submitter is not vouched for on an unauthenticated session
-            mail = S.Mail(mail.address, {**mail.params, "AUTH": "<>"})
-        try:
-            mail, reply = await leg.start_transaction(mail, rcpt)
-            if not reused or mail.code != 421:
-                return mail, reply
-        except UpstreamFailure:
-            if not reused:
-                raise
-        await leg.close()
-        self.leg = None
-        self.log.event("upstream_reuse_failed", level="debug")
-        self.leg = leg = await self._open_leg(route, pooled=False)
-        return await leg.start_transaction(mail, rcpt)
+        """MAIL replayed with the first RCPT (`Legs.start_transaction`)."""
+        legs = self.legs
+        self._note_dsn({**txn.mail.params, **rcpt.params}, legs.leg)
+        return await legs.start_transaction(legs.mail_for_upstream(txn.mail), rcpt, route,
+                                            helo=self.core.helo)
 
     def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
         """DSN parameters towards an upstream without DSN are dropped (it would refuse them)
@@ -470,62 +443,6 @@ class SMTPSession:
             dropped = [k for k in _DSN_PARAMS if k in params]
             if dropped:
                 self.log.event("dsn_dropped", params=",".join(dropped))
-
-    async def _open_leg(self, route, *, pooled: bool = True) -> UpstreamLeg:
-        """A leg for *route*: from the pool when one there satisfies it, else a new one to
-        the route's destination (today always the listener's upstream) at its level."""
-        pool = self.rt.state.pool
-        level = route.level
-        leg = pool.take(route, self.rt.upstream) if pooled else None
-        if leg is not None:
-            self._leg_from_pool = True
-            record_upstream_leg(self.rt, self.log, leg, level, reused=True)
-            return leg
-        leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                     client_helo=self.core.helo,
-                                     on_tls_error=fallback_logger(self.rt, self.log))
-        record_upstream_leg(self.rt, self.log, leg, level)
-        return leg
-
-    async def _release_leg(self, *, end_transaction: bool = False) -> None:
-        """Give the leg to the worker's pool, or QUIT it; an open transaction is reset first
-        when the session ends (never in the middle of DATA: that leg is closed)."""
-        leg, self.leg = self.leg, None
-        if leg is None:
-            return
-        if self._leg_bound:             # never pooled, never handed on (§4.6)
-            self._leg_bound = False
-            await leg.quit()
-            return
-        try:
-            if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
-                    and self.rt.state.pool.poolable(leg.settings):
-                await leg.reset()
-            if not self.rt.state.pool.give(leg):
-                await leg.quit()
-        except BaseException:             # cancelled (the session's 2 s bound): close now
-            leg.abandon()
-            raise
-
-    async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
-        kind = FAILURE_KINDS.get(failure.reply, "other")
-        self.log.event("upstream_error", level="warning", reason=failure.reason,
-                       code=failure.reply[0])
-        self.metrics.upstream_errors_total.labels(self.name, kind).inc()
-        if failure.tls_required:
-            domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
-            self.log.event("tls_alert", level="warning", domains=",".join(domains),
-                           reason=failure.reason)
-            self.metrics.tls_alerts_total.labels(self.name, kind).inc()
-            if self.rt.alerts is not None:
-                self.rt.alerts.notify(domains, kind, failure.reason)
-        if self.leg is not None:
-            await self.leg.close()
-            self.leg = None
-        if self._leg_bound:
-            # the authenticated leg is gone and no credentials are kept to log in again:
-            # the session ends (SPEC 4.6) once this event is answered
-            self._bound_leg_lost = True
 
     def _refuse_by(self, verdict: Verdict) -> None:
         """A policy stage's refusal: answered, logged and counted by the verdict's label."""
@@ -565,38 +482,37 @@ class SMTPSession:
             self._auth_done("error")
             self._refuse(R.AUTH_BAD_RESPONSE)
             return
-        await self._release_leg()
+        await self.legs.release()
         self._auth = _AuthExchange(event.mechanism)
         self._auth.user_from(event.initial)
         route = self.policy.session_route(self.facts)
         try:
             await self._flush()
-            self.leg = await self._open_leg(route, pooled=False)
+            leg = await self.legs.open(route, helo=self.core.helo, pooled=False)
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [])
+            await self.legs.failed(failure, [])
             self._auth_done("error")
             self._refuse(failure.reply)
             return
-        self.leg.client.max_line = S.MAX_SASL_LINE       # a 334 challenge may be that long
-        await self._auth_relay(self.leg.auth(event.mechanism, event.initial))
+        await self._auth_relay(leg.auth(event.mechanism, event.initial))
 
     async def _on_AuthResponse(self, event: S.AuthResponse) -> None:
         auth = self._auth
         if event.too_long:
             auth.cancelled = True
-            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_LINE_TOO_LONG)
+            await self._auth_relay(self.legs.leg.auth_response("*"), answer=R.AUTH_LINE_TOO_LONG)
             return
         if event.malformed:
             # a bare CR, LF or NUL: never relayed; `*` ends the exchange upstream (§4.6)
             auth.cancelled = True
-            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_BAD_RESPONSE,
+            await self._auth_relay(self.legs.leg.auth_response("*"), answer=R.AUTH_BAD_RESPONSE,
                                    result="error")
             return
         if event.line == "*":
             auth.cancelled = True
         else:
             auth.user_from(event.line)
-        await self._auth_relay(self.leg.auth_response(event.line))
+        await self._auth_relay(self.legs.leg.auth_response(event.line))
 
     async def _auth_relay(self, sending, answer=None, result: str | None = None) -> None:
         """Await *sending* (the leg sending one line of the exchange: `leg.auth()` or
@@ -606,25 +522,22 @@ class SMTPSession:
         try:
             reply = await sending
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [])
+            await self.legs.failed(failure, [])
             self._auth_done(result or "error")
             self._refuse(answer or failure.reply)
             return
         if reply.code == 334 and answer is None:
             self.core.respond(*relayed(reply))
             return
-        leg = self.leg
-        leg.client.max_line = _MAX_REPLY_LINE
         if reply.code == 235 and answer is None:
             auth = self._auth_done("success")
             self.facts.auth_mechanism = auth.mechanism
             self.facts.auth_user = auth.user or ""
-            self._leg_bound = True
+            self.legs.bind()
             self.core.respond(*relayed(reply))
             return
         # refused or cancelled: the leg is closed, never pooled (§4.6)
-        self.leg = None
-        await leg.close()
+        await self.legs.drop()
         cancelled = self._auth.cancelled
         self._auth_done(result or ("cancelled" if cancelled else "failure"))
         self.core.respond(*(answer or relayed(reply)))
@@ -653,7 +566,7 @@ class SMTPSession:
         if self.policy.body_hooks:
             await milter_data.transfer(self)      # the gateway's own 354, held (§4.7)
             return
-        leg = self.leg
+        leg = self.legs.leg
         if leg is None:
             self._refuse(R.UPSTREAM_LOST)
             return
@@ -673,7 +586,7 @@ class SMTPSession:
                 self.txn.last_refusal = (reply.code, " / ".join(reply.lines))
                 self.core.respond(*relayed(reply))
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, self.txn.rcpts)
+            await self.legs.failed(failure, self.txn.rcpts)
             self._refuse(failure.reply)
 
     async def _on_DataChunk(self, event: S.DataChunk) -> None:
@@ -683,24 +596,24 @@ class SMTPSession:
         self._msg_bytes += len(event.data)
         if self._leg_broken:
             return
-        self.leg.hold_data(event.data)
-        if self.leg.held_size >= _HOLD_LIMIT:
+        self.legs.leg.hold_data(event.data)
+        if self.legs.leg.held_size >= _HOLD_LIMIT:
             await self._send_held()
 
     async def _send_held(self) -> None:
         start = trio.current_time()
         try:
-            await self.leg.send_data()
+            await self.legs.leg.send_data()
             self._data_blocked += trio.current_time() - start
         except UpstreamFailure as failure:
             self._leg_broken = True
-            await self._leg_failed(failure, self.txn.rcpts)
+            await self.legs.failed(failure, self.txn.rcpts)
 
     async def _on_DataAbort(self, event: S.DataAbort) -> None:
         # drop the upstream before the terminating dot: it discards the partial message (§4.4)
         self._leg_broken = True
-        if self.leg is not None:
-            await self.leg.close()
+        if self.legs.leg is not None:
+            await self.legs.leg.close()
 
     async def _on_DataEnd(self, event: S.DataEnd) -> None:
         txn = self.txn
@@ -712,10 +625,10 @@ class SMTPSession:
             reply = R.UPSTREAM_LOST
         else:
             try:
-                code, lines = relayed(await self.leg.finish_data())
+                code, lines = relayed(await self.legs.leg.finish_data())
                 reply = (code, lines)
             except UpstreamFailure as failure:
-                await self._leg_failed(failure, txn.rcpts)
+                await self.legs.failed(failure, txn.rcpts)
                 reply = failure.reply
         await self._message_done(txn, reply, event.size)
 
@@ -730,10 +643,9 @@ class SMTPSession:
         if result not in ("accepted", "discarded"):
             self._rejected(code, reply[1], label=label)
         self._end(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
-        leg = self.leg
+        leg = self.legs.leg
         if leg is not None and (leg.closed or self._leg_broken):
-            await leg.close()
-            self.leg = None
+            await self.legs.drop()
         self.txn = None
         self.core.respond(*reply)
 
@@ -765,7 +677,7 @@ class SMTPSession:
         if result == "accepted":
             self.messages += 1
             self.metrics.message_bytes_total.labels(self.name, self.type).inc(size)
-        leg = self.leg
+        leg = self.legs.leg
         self.log.event(
             "message", result=result, mail_from=txn.mail.address, rcpts=",".join(rcpts),
             size=size, reply=reply, client_tls=self.tls.version if self.tls else "none",
@@ -778,7 +690,7 @@ class SMTPSession:
         tracking = self.rt.state.tracking
         if tracking is None:
             return
-        leg = self.leg
+        leg = self.legs.leg
         tracking.write(TrackingRecord(
             id=f"{self.conn_id}.{self._tracked}", time=now_rfc3339(), listener=self.name,
             client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
@@ -828,7 +740,6 @@ _received_date = per_second(lambda second: email.utils.format_datetime(
     datetime.datetime.fromtimestamp(second, datetime.timezone.utc)))
 
 
-_MAX_REPLY_LINE = 512       # the reply line bound outside a SASL exchange (SPEC §4.5)
 _HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
