@@ -15,7 +15,8 @@ carry edits. Metric labels come from the verdict (`Verdict.label`), not from rep
 
 Hooks that hold state per client session (a milter's connection) join through factories:
 `StagePolicy(listener, session_hooks=(factory, ...))`, and each session works with
-`policy.for_session(session)`, a copy holding that session's own hooks (without factories
+`policy.for_session(txn)` (the factories get the session's transaction, relay.transaction's
+`Transaction`, not the session), a copy holding that session's own hooks (without factories
 that is the listener's policy itself: nothing is built, nothing costs more).
 
 The message goes to the body hooks as the session holds it (`body()` with each chunk of the
@@ -160,13 +161,14 @@ class StagePolicy:
         self.session_hooks = tuple(session_hooks)     # factories: session -> Hook
         self._streaming: tuple[Hook, ...] | None = None   # fixed at DATA for the message
 
-    def for_session(self, session) -> "StagePolicy":
+    def for_session(self, txn) -> "StagePolicy":
         """The policy one client session works with: with hook factories, a copy holding
-        the session's own hooks after the listener's; without, this policy itself."""
+        the session's own hooks (each made from the session's transaction, *txn*) after the
+        listener's; without, this policy itself."""
         if not self.session_hooks:
             return self
         policy = copy.copy(self)
-        policy.hooks = self.hooks + tuple(make(session) for make in self.session_hooks)
+        policy.hooks = self.hooks + tuple(make(txn) for make in self.session_hooks)
         policy.body_hooks = tuple(h for h in policy.hooks if h.wants_body)
         return policy
 
