@@ -151,6 +151,7 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             pool_size=up.pool_size if listener.protocol == "smtp" else 0,
             pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
             tls_resumption=config.profiles[up.profile].session_resumption,
+            profile=up.profile, certificate=up.certificate,
             on_result=upstream_result_recorder(state.metrics, listener.name))
         smtp = listener.protocol == "smtp"
         alerts = None

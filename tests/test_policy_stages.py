@@ -48,8 +48,11 @@ def _facts(policy, ip="198.51.100.7", tls=None, sender="a@x.test"):
 
 
 def _leg(tls=None, offered=True, failed=False, in_transaction=True):
+    """A leg to the policy's destination (upstream port 25, server_name mx.internal.test)."""
     return SimpleNamespace(closed=False, tls=tls, tls_offered=offered, tls_failed=failed,
-                           in_transaction=in_transaction)
+                           in_transaction=in_transaction,
+                           dest_key=("127.0.0.1", 25, "starttls", "mx.internal.test", "default",
+                                     None))
 
 
 def test_connect_stage_sets_level_and_strength_from_a_network_rule():
@@ -241,3 +244,58 @@ def test_auth_failures_smtputf8_and_the_imap_login_gate_are_verdicts():
         ("NO", "[PRIVACYREQUIRED] Client certificate required"), "imap_client_cert")
     f.tls = TLS_VERIFIED
     assert p.login(f) is CONTINUE
+
+
+def test_rcpt_stage_gives_a_route_built_once_per_level_and_rule():
+    """SPEC §4.8: the RCPT stage decides a route — the destination (the listener's upstream),
+    the level, the names to verify and the policy that set it; the same route object each
+    time (deciding a recipient allocates none)."""
+    p = _policy()
+    facts = _facts(p, tls=TLS13)
+    v = run_now(p.rcpt(facts, "b@bank.example", {}))
+    route = v.route
+    assert route.destination is p.listener.upstream
+    assert (route.level, route.rule, route.policy) == ("verify", 0, "rule")
+    assert route.names == ("mx.internal.test",)          # server_name, checked at verify
+    assert run_now(p.rcpt(facts, "c@bank.example", {})).route is route
+    other = run_now(p.rcpt(facts, "b@other.test", {})).route
+    assert (other.level, other.rule, other.policy, other.names) == (
+        "preferred", None, "upstream.tls", ())
+    facts.auth_user = "alice"
+    auth = run_now(p.rcpt(facts, "b@bank.example", {})).route
+    assert (auth.level, auth.policy) == ("preferred", "auth")
+
+
+def test_a_route_is_satisfied_only_by_a_leg_to_its_destination():
+    p = _policy()
+    route = p.route("required")
+    leg = _leg(tls=TLS13)
+    assert route.satisfied_by(leg)
+    leg.dest_key = ("127.0.0.1", 2525) + leg.dest_key[2:]
+    assert not route.satisfied_by(leg)
+    facts = _facts(p, tls=TLS13)
+    facts.recipients = ["a@accepted.test"]
+    assert run_now(p.rcpt(facts, "b@other.test", {}, leg)).reply == R.NEEDS_OTHER_POLICY
+
+
+class Tightener(Hook):
+    name = "tightener"
+
+    def __init__(self, route):
+        self.route = route
+
+    async def rcpt(self, facts, address, params):
+        return Verdict(route=self.route)
+
+
+def test_a_hook_tightens_the_route_but_never_loosens_it():
+    p = _policy()
+    p.hooks = (Tightener(p.route("verify", policy="tightener")),)
+    facts = _facts(p, tls=TLS13)
+    v = run_now(p.rcpt(facts, "b@other.test", {}))        # the rules say preferred
+    assert (v.level, v.route.policy) == ("verify", "tightener")
+    facts.recipients = ["a@accepted.test"]                # a TLS leg fixed: 452 now
+    assert run_now(p.rcpt(facts, "b@other.test", {}, _leg(tls=TLS13))).refused
+    p.hooks = (Tightener(p.route("none", policy="loose")),)
+    v = run_now(p.rcpt(_facts(p, tls=TLS13), "b@bank.example", {}))
+    assert (v.level, v.route.policy) == ("verify", "rule")

@@ -548,3 +548,23 @@ def test_the_greeting_and_a_partial_reply_in_progress_are_solicited():
     assert c.next_reply().code == 250 and not c.unsolicited
     c.receive_data(b"25")                                # a byte of something unasked
     assert c.unsolicited
+
+
+def test_the_auth_mode_takes_long_challenges_and_ends_with_the_exchange():
+    """SPEC §4.5/§4.6: inside a SASL exchange a 334 challenge may be 12,288 octets; the
+    client core raises its line bound itself when AUTH goes out and drops it back to 512
+    when the exchange ends (nobody sets `max_line` from outside)."""
+    c = _ready()
+    long_line = b"A" * 12000
+    c.auth("XOAUTH2")
+    c.data_to_send()
+    c.receive_data(b"334 " + long_line + b"\r\n")
+    assert c.next_reply().text == long_line.decode()          # whole, not cut at 512
+    c.auth_response("")
+    c.data_to_send()
+    c.receive_data(b"535 5.7.8 failed\r\n")
+    assert c.next_reply().code == 535 and c.max_line == 512   # the exchange is over
+    c.command("NOOP")
+    c.data_to_send()
+    c.receive_data(b"250 " + long_line + b"\r\n")
+    assert len(c.next_reply().text) == 512 - 4

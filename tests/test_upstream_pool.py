@@ -7,12 +7,15 @@ from __future__ import annotations
 import smtplib
 from contextlib import asynccontextmanager
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from gateway.config import parse_config
 from gateway.logs import EventLog
+from gateway.levels import UpstreamLevel
+from gateway.policy.route import Route, destination_key, leg_key
 from gateway.relay.pool import UpstreamPool
 from gateway.relay.upstream import UpstreamSettings
 from gateway.server import serve
@@ -346,9 +349,13 @@ async def test_bytes_between_transactions_retire_the_sessions_own_leg(extra):
 
 
 class _Leg:
-    def __init__(self, settings, level="none", alive=True):
+    """A plaintext leg whose upstream offered STARTTLS (as opened at `none`), or with *tls*."""
+
+    def __init__(self, settings, level="none", alive=True, tls=None, offered=True):
         self.settings, self.level, self.alive = settings, level, alive
         self.uses, self.closed, self.quitted = 1, False, False
+        self.tls, self.tls_offered, self.tls_failed = tls, offered, False
+        self.dest_key = destination_key(settings)
 
     def reusable(self):
         return not self.closed
@@ -366,6 +373,10 @@ class _Leg:
         self.closed = True
 
 
+def _route(settings, level) -> Route:
+    return Route(settings, UpstreamLevel(level))
+
+
 def _settings(**kw) -> UpstreamSettings:
     base = dict(host="127.0.0.1", port=25, mode="starttls", server_name=None, helo_name="gw",
                 tls_context=None, connect_timeout=5, reply_timeout=5, data_done_timeout=5,
@@ -379,18 +390,53 @@ async def test_pool_hands_out_newest_first_by_level_and_bounds_its_size():
     a, b, c = _Leg(s), _Leg(s), _Leg(s)
     assert pool.give(a) and pool.give(b)
     assert not pool.give(c)                       # pool_size 2
-    assert pool.take(s, "required") is None       # another level
-    assert pool.take(_settings(), "none") is None  # another listener's upstream
-    assert pool.take(s, "none") is b and b.uses == 2
-    assert pool.take(s, "none") is a
-    assert pool.take(s, "none") is None
+    assert pool.take(_route(s, "required"), s) is None    # another level
+    assert pool.take(_route(s, "preferred"), s) is None   # STARTTLS was offered on them
+    other = _settings(port=2525)
+    assert pool.take(_route(other, "none"), other) is None   # another destination
+    assert pool.take(_route(s, "none"), s) is b and b.uses == 2
+    assert pool.take(_route(s, "none"), s) is a
+    assert pool.take(_route(s, "none"), s) is None
+
+
+async def test_pool_keys_a_leg_by_what_it_is_and_a_route_takes_what_satisfies_it():
+    """SPEC §4.8: the key is the leg's destination (address, mode, SNI, profile, client
+    certificate), the level it achieved and the names it verified — not who opened it; a
+    route takes any leg that satisfies it."""
+    tls = SimpleNamespace(verified=False)
+    verified = SimpleNamespace(verified=True)
+    pool, s = UpstreamPool(), _settings(pool_size=4)
+    other_listener = _settings(pool_size=4, reply_timeout=9)   # same destination
+    tls_leg = _Leg(s, "preferred", tls=tls)
+    assert pool.give(tls_leg)
+    assert pool.take(_route(s, "verify"), s) is None          # not verified
+    assert pool.take(_route(s, "none"), s) is None            # TLS does not carry `none`
+    assert pool.take(_route(s, "required"), other_listener) is tls_leg
+    assert tls_leg.settings is other_listener                 # serves the taker's listener
+    plain = _Leg(s, "preferred", offered=False)               # no STARTTLS upstream
+    assert pool.give(plain)
+    assert pool.take(_route(s, "required"), s) is None
+    assert pool.take(_route(s, "none"), s) is plain           # plaintext, nothing offered
+    # verified, but its name was never checked (opened at `required`): no `verify` route
+    unnamed = _Leg(s, "required", tls=verified)
+    named = _Leg(s, "verify", tls=verified)
+    assert pool.give(unnamed) and pool.give(named)
+    assert pool.take(_route(s, "verify"), s) is named
+    assert pool.take(_route(s, "verify"), s) is None
+    assert pool.take(_route(s, "required"), s) is unnamed
+    for changed in (dict(server_name="mx.other.test"), dict(profile="strict"),
+                    dict(certificate="client"), dict(mode="implicit"), dict(host="127.0.0.2")):
+        leg = _Leg(_settings(pool_size=4, **changed), "preferred", tls=tls)
+        assert pool.give(leg)
+        assert pool.take(_route(s, "required"), s) is None, changed
+    assert pool.idle_count() == 5
 
 
 async def test_pool_drops_dead_expired_and_worn_out_legs():
     pool, s = UpstreamPool(), _settings()
     dead = _Leg(s, alive=False)
     pool.give(dead)
-    assert pool.take(s, "none") is None and dead.closed and not dead.quitted
+    assert pool.take(_route(s, "none"), s) is None and dead.closed and not dead.quitted
     worn = _Leg(s)
     worn.uses = 3                                 # pool_max_reuse 3
     assert not pool.give(worn)
@@ -398,7 +444,7 @@ async def test_pool_drops_dead_expired_and_worn_out_legs():
         pool.nursery = nursery
         old = _Leg(s)
         pool.give(old)
-        pool._idle[pool.key(s, "none")][0] = (old, trio.current_time() - 6)   # idle 6 s
+        pool._idle[leg_key(old)][0] = (old, trio.current_time() - 6)   # idle 6 s
         pool.expire()
     assert old.quitted                            # an idle leg is closed politely
     assert pool.idle_count() == 0

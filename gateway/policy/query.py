@@ -32,6 +32,7 @@ from ..proto import replies as R
 from ..proto.smtp_server import ConnectionClosed, SMTPServer
 from ..rules import cipher_meets, domain_of
 from ..levels import ClientLevel, UpstreamLevel
+from .route import destination_key
 from .stages import Facts, StagePolicy, resolve, run_now
 
 UPSTREAM_FACTS = ("offered", "absent", "failed")
@@ -73,6 +74,7 @@ class Leg:
     tls_failed: bool
     closed: bool = False
     in_transaction: bool = False
+    dest_key: tuple = ()            # its destination (route.destination_key)
 
     def describe(self) -> str:
         if self.tls is not None:
@@ -350,6 +352,7 @@ def _recipients(listener, policy, facts: Facts, q: Question, dialogue: _Dialogue
                 dialogue.answer(failure)
                 entry["reply"] = _reply(failure)
                 continue
+            leg.dest_key = destination_key(listener.upstream)
             entry["leg"] = f"opens the upstream leg at {rcpt_level}: {leg.describe()}"
         dialogue.answer(_RCPT_OK)
         leg.in_transaction = True

@@ -23,7 +23,8 @@ sessions go through theirs.
 
 Hooks that hold state per client session (a milter's connection) join through factories:
 `StagePolicy(listener, session_hooks=(factory, ...))`, and each session works with
-`policy.for_session(session)`, a copy holding that session's own hooks (without factories
+`policy.for_session(txn)` (the factories get the session's transaction, relay.transaction's
+`Transaction`, not the session), a copy holding that session's own hooks (without factories
 that is the listener's policy itself: nothing is built, nothing costs more).
 
 The message goes to the body hooks as the session holds it (`body()` with each chunk of the
@@ -45,6 +46,7 @@ from enum import Enum
 from ..proto import replies as R
 from ..proto.imap_server import PRIVACY_CERT, PRIVACY_TLS
 from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from .route import Route
 from ..rules import ClientPolicy, EncryptionPolicy, cipher_meets
 
 
@@ -61,8 +63,7 @@ class Verdict:
     reply: tuple[int | str, object] | None = None   # (code, text); IMAP: ("NO", text)
     close: bool = False
     label: str | None = None     # gateway_policy_rejections_total's reason for a refusal
-    level: str | None = None     # RCPT: the recipient's upstream level, `allowed` resolved
-    rule: int | None = None      # RCPT: index of the encryption rule (None: the default)
+    route: Route | None = None   # RCPT: the recipient's destination and TLS requirement
     new_leg: bool = False        # RCPT: the open leg can't carry it, but may be replaced
     reason: str = ""             # for the log (quarantine reason, hook name, ...)
     edits: tuple = ()            # end of message: the hooks' changes, in order
@@ -71,6 +72,16 @@ class Verdict:
     @property
     def refused(self) -> bool:
         return self.action is Action.REFUSE
+
+    @property
+    def level(self) -> UpstreamLevel | None:
+        """RCPT: the recipient's upstream level (`allowed` resolved), its route's."""
+        return self.route.level if self.route is not None else None
+
+    @property
+    def rule(self) -> int | None:
+        """RCPT: index of the encryption rule that set the route (None: the default)."""
+        return self.route.rule if self.route is not None else None
 
 
 CONTINUE = Verdict()
@@ -166,19 +177,24 @@ class StagePolicy:
         self.client_rules = ClientPolicy(listener)
         self.encryption = EncryptionPolicy(listener) if listener.protocol == "smtp" else None
         self.upstream_level = listener.upstream.tls
+        self.destination = listener.upstream     # every route's, until §4.8's destinations
+        # (level, rule, policy) -> (route, its verdict, its verdict with new_leg): built
+        # once each, so deciding a recipient allocates neither
+        self._routes: dict[tuple, tuple[Route, Verdict, Verdict]] = {}
         self.auth_required = listener.auth == "required"
         self.hooks = tuple(hooks)
         self.body_hooks = tuple(h for h in self.hooks if h.wants_body)
         self.session_hooks = tuple(session_hooks)     # factories: session -> Hook
         self._streaming: tuple[Hook, ...] | None = None   # fixed at DATA for the message
 
-    def for_session(self, session) -> "StagePolicy":
+    def for_session(self, txn) -> "StagePolicy":
         """The policy one client session works with: with hook factories, a copy holding
-        the session's own hooks after the listener's; without, this policy itself."""
+        the session's own hooks (each made from the session's transaction, *txn*) after the
+        listener's; without, this policy itself."""
         if not self.session_hooks:
             return self
         policy = copy.copy(self)
-        policy.hooks = self.hooks + tuple(make(session) for make in self.session_hooks)
+        policy.hooks = self.hooks + tuple(make(txn) for make in self.session_hooks)
         policy.body_hooks = tuple(h for h in policy.hooks if h.wants_body)
         return policy
 
@@ -284,34 +300,57 @@ class StagePolicy:
 
     # --- RCPT TO ----------------------------------------------------------------------------
 
+    def route(self, level: UpstreamLevel, rule: int | None = None,
+              policy: str = "upstream.tls") -> Route:
+        """The route of this listener's destination at *level* (resolved), set by *policy*
+        (`rule` with the rule's index)."""
+        return self._route_entry(level, rule, policy)[0]
+
+    def _route_entry(self, level, rule, policy) -> tuple[Route, Verdict, Verdict]:
+        entry = self._routes.get((level, rule, policy))
+        if entry is None:
+            route = Route(self.destination, level, rule=rule, policy=policy)
+            entry = self._routes[(level, rule, policy)] = (
+                route, Verdict(route=route), Verdict(route=route, new_leg=True))
+        return entry
+
     def rcpt_rules(self, facts: Facts, address: str, leg=None) -> Verdict:
-        """The recipient's encryption rule (§4.3) and whether the transaction's open *leg*
-        (None: none yet) can carry it: `level` to carry it at, `new_leg` when the leg must
-        be replaced first (no recipient of the transaction accepted on it yet:
-        `facts.recipients` is empty), or `452 4.5.3`."""
-        rule = None
+        """The recipient's route by the encryption rules (§4.3) and whether the
+        transaction's open *leg* (None: none yet) can carry it: the verdict's `route`,
+        `new_leg` when the leg must be replaced first (no recipient of the transaction
+        accepted on it yet: `facts.recipients` is empty), or `452 4.5.3`."""
         if facts.auth_user is not None:
             # authenticated: the upstream is the submission server, which applies the
             # outbound policy itself; its leg carries every transaction (§4.6)
-            return Verdict()
+            return self._route_entry(self.session_leg_level(facts), None, "auth")[1]
         if self.encryption is None:
-            level = self.upstream_level
+            level, rule, policy = self.upstream_level, None, "upstream.tls"
         else:
             decision = self.encryption.decide(facts.sender or "", address)
             if SenderEncryption(decision.sender_encryption).requires_tls and facts.tls is None:
                 # the pair must not travel in the clear on the client leg (§4.3)
                 return refuse(R.MUST_USE_TLS)
             level, rule = decision.recipient_encryption, decision.rule
-        level = resolve(level, facts.tls is not None)
-        new_leg = False
-        if leg is not None and not leg.closed and not level.satisfied_by(leg):
-            if leg.in_transaction and facts.recipients:
-                # the first accepted recipient fixed the leg (§4.3)
-                return refuse(R.NEEDS_OTHER_POLICY)
-            new_leg = True
-        return Verdict(level=level, rule=rule, new_leg=new_leg)
+            policy = "upstream.tls" if rule is None else "rule"
+        return self.fit(self._route_entry(resolve(level, facts.tls is not None), rule, policy),
+                        facts, leg)
+
+    @staticmethod
+    def fit(entry: tuple[Route, Verdict, Verdict], facts: Facts, leg) -> Verdict:
+        """The verdict for a route (*entry*: the route and its two verdicts) given the open
+        *leg*: carried, carried on a new leg, or `452 4.5.3` once the first accepted
+        recipient fixed a leg that can't carry it (§4.3)."""
+        route = entry[0]
+        if leg is None or leg.closed or route.satisfied_by(leg):
+            return entry[1]
+        if leg.in_transaction and facts.recipients:
+            return refuse(R.NEEDS_OTHER_POLICY)
+        return entry[2]
 
     async def rcpt(self, facts: Facts, address: str, params: dict, leg=None) -> Verdict:
+        """The rules' route, then each hook: a refusal ends it, a hook's route that is
+        stricter than the one so far tightens it (refitted to the open leg), a discard is
+        kept for the end of the message."""
         verdict = self.rcpt_rules(facts, address, leg)
         if verdict.refused:
             return verdict
@@ -319,8 +358,15 @@ class StagePolicy:
             answer = await hook.rcpt(facts, address, params)
             if answer.refused:
                 return answer
+            route = answer.route
+            if route is not None and verdict.route is not None \
+                    and route.stricter_than(verdict.route):
+                verdict = self.fit((route, Verdict(route=route),
+                                    Verdict(route=route, new_leg=True)), facts, leg)
+                if verdict.refused:
+                    return verdict
             if answer.action is Action.DISCARD:
-                verdict = Verdict(Action.DISCARD, level=verdict.level, rule=verdict.rule,
+                verdict = Verdict(Action.DISCARD, route=verdict.route,
                                   new_leg=verdict.new_leg, reason=answer.reason)
         return verdict
 
@@ -335,6 +381,10 @@ class StagePolicy:
         """The level of a leg a session opens for itself, not for a recipient: an IMAP login's,
         an SMTP AUTH's (§3.2, §4.6): `upstream.tls`, `allowed` resolved."""
         return resolve(self.upstream_level, facts.tls is not None)
+
+    def session_route(self, facts: Facts) -> Route:
+        """The route of a leg a session opens for itself (`session_leg_level`)."""
+        return self._route_entry(self.session_leg_level(facts), None, "auth")[0]
 
     # --- the message ------------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ message, the reply to the final dot or RSET's 250 ends it). The trio leg only mo
 never sets these flags itself.
 
 SASL (SPEC §4.6): an AUTH command (`auth()`, or any command line whose verb is AUTH) begins an
-exchange; while it lasts (`in_sasl`: until a reply other than 334) only `auth_response()` may
+exchange, the client's AUTH mode; while it lasts (`in_sasl`: until a reply other than 334) a
+reply line may be `MAX_CHALLENGE_LINE` (12,288) octets, not 512, and only `auth_response()` may
 send, and any other command is a ProtocolError, so a command of the gateway's can never be
 read by the server as a user name or password. `sasl_used` stays True for the life of the
 connection, whatever the exchange ended in, and makes the client unfit for reuse: `reusable`
@@ -63,6 +64,7 @@ from ..errors import ProtocolError
 from .replies import render
 
 MAX_LINE = 512           # octets of a reply line kept, line end excluded (SPEC §4.5)
+MAX_CHALLENGE_LINE = 12288   # ... inside a SASL exchange, where a 334 challenge may be that long
 MAX_LINES = 100          # lines in one reply (SPEC §4.5)
 
 # RFC 3463 status code at the start of a line's text: class 2/4/5, subject and detail 1-3 digits.
@@ -134,7 +136,7 @@ class SMTPClient:
         self._texts: list[str] = []             # texts of the open reply's lines so far
         self._pending: deque[str] = deque()     # verbs of commands sent, awaiting replies
         self._greeting = greeting
-        self.max_line = MAX_LINE                # raised for a SASL exchange's 334 challenges
+        self.max_line = MAX_LINE                # MAX_CHALLENGE_LINE in a SASL exchange
         self.last_command: str | None = None    # verb the last reply answered (None: greeting)
         # the client role's state (moved by _TRANSITIONS as replies are read)
         self.extensions: dict[str, str] = {}    # of the last 250 EHLO (HELO: none)
@@ -230,7 +232,9 @@ class SMTPClient:
         data = command.encode("utf-8", "surrogateescape") + b"\r\n"
         verb = command.split(" ", 1)[0].upper()
         if verb == "AUTH":
+            # the AUTH mode: until the exchange ends a 334 challenge may be a long line
             self.sasl_used = self.in_sasl = True
+            self.max_line = MAX_CHALLENGE_LINE
         self._outstanding(verb)
         return data
 
@@ -443,6 +447,8 @@ def _rset_reply(client: SMTPClient, reply: Reply) -> None:
 def _auth_reply(client: SMTPClient, reply: Reply) -> None:
     # a 334 asks for a response; any other reply ends the exchange (235: authenticated)
     client.in_sasl = reply.code == 334
+    if not client.in_sasl:
+        client.max_line = MAX_LINE          # the exchange is over: the AUTH mode ends
     if reply.code == 235:
         client.authenticated = True
 

@@ -1,5 +1,6 @@
-"""DATA with milters (SPEC §4.7): the part of an SMTP session between the client's DATA and
-the answer to its final dot, when the listener has milters.
+"""DATA with milters (SPEC §4.7): `HeldData`, the mode of the session's one DATA loop between
+the client's DATA and the answer to its final dot when the listener has milters (the other
+mode is `streamed_data.StreamedData`). It sees the session only as a `Transaction`.
 
 The upstream has accepted at least one recipient; the gateway answers DATA with its own
 `354`, holds the message (`HeldMessage`: memory, then an unlinked spool file) and streams it
@@ -25,6 +26,7 @@ from ..proto.milter import AddRecipient, ChangeFrom, DeleteRecipient
 from .held_message import HeldMessage
 from .milter_hook import MILTER_TEMPFAIL
 from .spool import SpoolError
+from .transaction import GATEWAY, Transaction
 from .upstream import UpstreamFailure
 
 NOOP_INTERVAL = 30.0            # seconds between NOOPs on the waiting upstream leg (<= 60)
@@ -71,43 +73,6 @@ class _Keepalive:
         self._scope.cancel()
 
 
-async def transfer(session) -> None:
-    """Answer the client's DATA, read the message and answer its final dot (the session's
-    `_on_Data` with milters)."""
-    s = session
-    txn = s.txn
-    leg = s.leg
-    if leg is None or leg.closed:
-        s._refuse(R.UPSTREAM_LOST)
-        return
-    verdict = await s.policy.data(s.facts)
-    if verdict.refused:
-        s._refuse_by(verdict)
-        return
-    if verdict.action is Action.DISCARD:
-        txn.discard = verdict.reason
-    s.core.respond(*GATEWAY_354)
-    txn.data_started = True
-    s._msg_bytes = 0
-    # the DATA clock, as without milters: a grace of `data` seconds from the 354, then the
-    # data_min_rate floor, time the gateway spends blocked on its milters not counted (§9)
-    s._data_start = trio.current_time()
-    s._data_blocked = 0.0
-    s._data_received = 0
-    config = s.rt.milter_spool
-    held = HeldMessage(config[0], config[1])
-    keepalive = _Keepalive(leg)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(keepalive.run)
-            try:
-                await _message(s, txn, held, keepalive)
-            finally:
-                keepalive.cancel()
-    finally:
-        held.close()
-
-
 class _Reading:
     """What happened while the client sent the message."""
     aborted: str | None = None          # DataAbort's reason (size, bare_newline)
@@ -115,113 +80,153 @@ class _Reading:
     spool: SpoolError | None = None
 
 
-async def _message(s, txn, held: HeldMessage, keepalive: _Keepalive) -> None:
-    core = s.core
-    facts = s.facts
-    policy = s.policy
-    state = _Reading()
-    unstuff = Unstuffer()
+class HeldData:
+    """DATA with milters: a mode of the session's one DATA loop (its calls are the ones
+    `streamed_data.StreamedData` documents). `begin()` sets `keepalive`, which the session
+    runs beside the loop while the message is read."""
 
-    async def take(text: bytes) -> None:
+    def __init__(self, tx: Transaction):
+        self.tx = tx
+        self.keepalive: _Keepalive | None = None
+        self.held: HeldMessage | None = None
+        self.state = _Reading()
+        self.unstuff = Unstuffer()
+
+    async def begin(self):
+        """(the gateway's own 354, None) once the DATA stage lets it, or a refusal: (its
+        reply, the stage's verdict), or (the gateway's own reply, GATEWAY)."""
+        tx = self.tx
+        leg = tx.leg
+        if leg is None or leg.closed:
+            return R.UPSTREAM_LOST, GATEWAY
+        verdict = await tx.policy.data(tx.facts)
+        if verdict.refused:
+            return verdict.reply, verdict
+        if verdict.action is Action.DISCARD:
+            tx.envelope.discard = verdict.reason
+        # the DATA clock, as without milters: a grace of `data` seconds from the 354, then
+        # the data_min_rate floor, time the gateway spends blocked on its milters not
+        # counted (§9)
+        tx.data_begins(trio.current_time())
+        config = tx.rt.milter_spool
+        self.held = HeldMessage(config[0], config[1])
+        self.keepalive = _Keepalive(leg)
+        self.state = _Reading()
+        self.unstuff = Unstuffer()
+        return GATEWAY_354, None
+
+    async def start(self, header: bytes | None) -> None:
+        if header is not None:
+            await self._take(header)
+
+    async def chunk(self, data: bytes) -> None:
+        await self._take(self.unstuff.feed(data))
+
+    async def send(self) -> None:
+        return None                      # nothing goes upstream before the final dot
+
+    async def abort(self, reason: str) -> None:
+        self.state.aborted = reason
+
+    async def gone(self) -> None:
+        """The client went away mid-message: the milters forget it."""
+        await self.tx.policy.abort(self.tx.facts)
+
+    def close(self) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            held.close()
+        keepalive, self.keepalive = self.keepalive, None
+        if keepalive is not None:
+            keepalive.cancel()
+
+    async def _take(self, text: bytes) -> None:
+        state = self.state
+        tx = self.tx
         if state.aborted is not None or state.spool is not None or state.stop is not None \
-                or txn.discard is not None:
+                or tx.envelope.discard is not None:
             return                       # refused already: nothing more is held or sent
         start = trio.current_time()
         try:
-            held.feed(text)
+            self.held.feed(text)
         except SpoolError as exc:
             state.spool = exc
-            s.log.event("spool_error", level="error", reason=str(exc))
+            tx.log.event("spool_error", level="error", reason=str(exc))
             return
         try:
-            verdict = await policy.body(facts, text)
+            verdict = await tx.policy.body(tx.facts, text)
         finally:
             # the spool and the first milter's answers are the gateway's time, not the
             # client's: like time blocked writing upstream, not held against its rate
-            s._data_blocked += trio.current_time() - start
+            tx.data_blocked += trio.current_time() - start
         if verdict.action in (Action.REFUSE, Action.DISCARD):
             state.stop = verdict
 
-    if s.listener.received_header:
-        await take(s._received_header())
-    while True:
-        event = core.next_event()
-        for code, text in core.take_rejections():
-            s._rejected(code, text, own=True)
-        if event is S.NEED_DATA:
-            await s._flush()
-            core.receive_data(await s._receive())
-            continue
-        if isinstance(event, S.DataChunk):
-            s._msg_bytes += len(event.data)
-            await take(unstuff.feed(event.data))
-            continue
-        if isinstance(event, S.DataAbort):
-            state.aborted = event.reason
-            continue
-        if isinstance(event, S.DataEnd):
-            break
-        # the client went away mid-message (ConnectionClosed): the session's loop sees it
-        # again and ends; the milters forget the message
-        await policy.abort(facts)
-        return
-    await _finish(s, txn, held, keepalive, state, event)
+    async def end(self, end: S.DataEnd):
+        """After the client's final dot, within `upstream_data_done`: the milters' ends of
+        message, then the (changed) message upstream. (reply, result, label)."""
+        tx = self.tx
+        reply, result, label = await self._refused(end)
+        deadline = trio.current_time() + tx.rt.listener.timeouts.upstream_data_done
+        verdict = None
+        if reply is None:
+            reply, result, label, verdict = await self._eom(deadline)
+        keepalive = self.keepalive
+        await keepalive.stop()
+        if keepalive.failure is not None and verdict is not None:
+            await tx.failed(keepalive.failure, tx.envelope.rcpts)
+            reply, verdict = keepalive.failure.reply, None
+        if verdict is not None:
+            if verdict.quarantine:
+                self.held.quarantine(verdict.quarantine)
+            reply, result = await _relay(tx, self.held, verdict.edits, deadline)
+        leg = tx.leg
+        if leg is not None and not leg.closed and leg.in_transaction:
+            await leg.reset()            # refused or discarded: RSET, never DATA
+        return reply, result, label
 
+    async def _refused(self, end: S.DataEnd):
+        """(reply, result, label) when the message was refused before its end, else
+        (None, None, None)."""
+        tx = self.tx
+        state = self.state
+        reply = result = label = None
+        if end.aborted == "size" or state.aborted == "size":
+            reply = R.TOO_BIG
+        elif end.aborted == "bare_newline" or state.aborted == "bare_newline":
+            reply = R.BARE_NEWLINE
+        elif state.spool is not None:
+            reply = NO_SPOOL
+        elif self.keepalive.failure is not None:
+            await tx.failed(self.keepalive.failure, tx.envelope.rcpts)
+            reply = self.keepalive.failure.reply
+        elif state.stop is not None:
+            reply, result = _stopped(state.stop)
+            label = state.stop.label
+        elif tx.envelope.discard is not None:
+            reply, result = DISCARDED, "discarded"
+        if reply is not None:
+            await tx.policy.abort(tx.facts)
+        return reply, result, label
 
-async def _finish(s, txn, held, keepalive, state: _Reading, end: S.DataEnd) -> None:
-    facts = s.facts
-    policy = s.policy
-    result = None
-    reply = None
-    label = None                   # a milter's refusal: its policy_rejections label
-    relay = False
-    if end.aborted == "size" or state.aborted == "size":
-        reply = R.TOO_BIG
-    elif end.aborted == "bare_newline" or state.aborted == "bare_newline":
-        reply = R.BARE_NEWLINE
-    elif state.spool is not None:
-        reply = NO_SPOOL
-    elif keepalive.failure is not None:
-        await s._leg_failed(keepalive.failure, txn.rcpts)
-        reply = keepalive.failure.reply
-    elif state.stop is not None:
-        reply, result = _stopped(state.stop)
-        label = state.stop.label
-    elif txn.discard is not None:
-        reply, result = DISCARDED, "discarded"
-    if reply is not None:
-        await policy.abort(facts)
-    deadline = trio.current_time() + s.listener.timeouts.upstream_data_done
-    if reply is None:
-        held.finish()
+    async def _eom(self, deadline: float):
+        """Every milter's end of message within *deadline*: (reply, result, label, and
+        the verdict to relay the message with, None when it is refused)."""
+        tx = self.tx
+        self.held.finish()
         with trio.CancelScope(deadline=deadline) as scope:
             try:
-                verdict = await policy.eom(facts, held)
+                verdict = await tx.policy.eom(tx.facts, self.held)
             except SpoolError as exc:
-                s.log.event("spool_error", level="error", reason=str(exc))
-                verdict = None
-                reply = NO_SPOOL
+                tx.log.event("spool_error", level="error", reason=str(exc))
+                return NO_SPOOL, None, None, None
         if scope.cancelled_caught:
-            reply, label = MILTER_TEMPFAIL, "milter_timeout"
-            await policy.abort(facts)
-        elif verdict is not None:
-            if verdict.action in (Action.REFUSE, Action.DISCARD):
-                reply, result = _stopped(verdict)
-                label = verdict.label
-            else:
-                relay = True
-    await keepalive.stop()
-    if keepalive.failure is not None and relay:
-        await s._leg_failed(keepalive.failure, txn.rcpts)
-        reply, relay = keepalive.failure.reply, False
-    if relay:
-        if verdict.quarantine:
-            held.quarantine(verdict.quarantine)
-        reply, result = await _relay(s, txn, held, verdict.edits, deadline)
-    leg = s.leg
-    if leg is not None and not leg.closed and leg.in_transaction:
-        await leg.reset()            # refused or discarded: RSET, never DATA
-    await s._message_done(txn, reply, end.size, result, label=label)
+            await tx.policy.abort(tx.facts)
+            return MILTER_TEMPFAIL, None, "milter_timeout", None
+        if verdict.action in (Action.REFUSE, Action.DISCARD):
+            reply, result = _stopped(verdict)
+            return reply, result, verdict.label, None
+        return None, None, None, verdict
 
 
 def _stopped(verdict):
@@ -230,17 +235,17 @@ def _stopped(verdict):
     return verdict.reply, None
 
 
-async def _relay(s, txn, held: HeldMessage, edits, deadline: float):
+async def _relay(tx: Transaction, held: HeldMessage, edits, deadline: float):
     """Envelope changes, then DATA and the message, within the deadline: (reply, result)."""
-    leg = s.leg
+    leg = tx.leg
     if leg is None or leg.closed:
         return R.UPSTREAM_LOST, None
     with trio.CancelScope(deadline=deadline) as scope:
         try:
-            refused = await _envelope(s, txn, edits)
+            refused = await _envelope(tx, edits)
             if refused is not None:
                 return refused
-            leg = s.leg
+            leg = tx.leg
             reply = await leg.command("DATA")
             if reply.code != 354:
                 return (reply.code, reply.relay_lines()), None
@@ -252,29 +257,27 @@ async def _relay(s, txn, held: HeldMessage, edits, deadline: float):
             final = await leg.finish_data()
             return (final.code, final.relay_lines()), None
         except UpstreamFailure as failure:
-            await s._leg_failed(failure, txn.rcpts)
+            await tx.failed(failure, tx.envelope.rcpts)
             return failure.reply, None
         except SpoolError as exc:
-            s.log.event("spool_error", level="error", reason=str(exc))
-            await s.leg.close()           # before any final dot
-            s.leg = None
+            tx.log.event("spool_error", level="error", reason=str(exc))
+            await tx.drop()           # before any final dot
             return NO_SPOOL, None
     # the deadline passed: drop the leg before any final dot (§4.7)
     assert scope.cancelled_caught
-    if s.leg is not None:
-        await s.leg.close()
-        s.leg = None
-    s.log.event("upstream_error", level="warning", reason="deadline after the final dot",
+    await tx.drop()
+    tx.log.event("upstream_error", level="warning", reason="deadline after the final dot",
                 code=451)
     return R.UPSTREAM_LOST, None
 
 
-async def _envelope(s, txn, edits):
+async def _envelope(tx: Transaction, edits):
     """The milters' envelope changes on the leg: RSET, MAIL, the RCPTs. None when done
     (or nothing changed), else (reply, result) for the client."""
     changes = [e for e in edits if isinstance(e, (ChangeFrom, AddRecipient, DeleteRecipient))]
     if not changes:
         return None
+    txn = tx.envelope
     sender, params = txn.mail.address, dict(txn.mail.params)
     rcpts: list[tuple[str, dict]] = [(r, txn.rcpt_params.get(r, {})) for r in txn.rcpts]
     added: set[str] = set()
@@ -291,32 +294,30 @@ async def _envelope(s, txn, edits):
             address = _bare(change.address).lower()
             rcpts = [(r, p) for r, p in rcpts if r.lower() != address]
     txn.rcpts = []
-    facts = s.facts
+    facts = tx.facts
     facts.sender = sender
     if not rcpts:
-        s.log.event("milter_no_recipients", level="warning")
+        tx.log.event("milter_no_recipients", level="warning")
         return DISCARDED, "discarded"
-    leg = s.leg
+    leg = tx.leg
     await leg.reset()
     if leg.closed:
         raise UpstreamFailure(R.UPSTREAM_LOST, "RSET before the changed envelope failed")
-    if "AUTH" in params and not s._leg_bound:
-        params["AUTH"] = "<>"
-    mail = S.Mail(sender, params)
+    mail = tx.mail_for_upstream(S.Mail(sender, params))
     first = None
     accepted: list[str] = []
     for address, rparams in rcpts:
         if address in added:
-            verdict = s.policy.rcpt_rules(facts, address, leg)
+            verdict = tx.policy.rcpt_rules(facts, address, leg)
             if verdict.refused or verdict.new_leg:
-                _dropped(s, address, "the leg cannot carry its level")
+                _dropped(tx, address, "the leg cannot carry its level")
                 continue
         rcpt = S.Rcpt(address, rparams)
         if first is None:
             first = rcpt
             mail_reply, reply = await leg.start_transaction(mail, rcpt)
             if mail_reply.code // 100 != 2:
-                s.log.event("milter_sender_refused", level="warning", mail_from=sender,
+                tx.log.event("milter_sender_refused", level="warning", mail_from=sender,
                             reply=f"{mail_reply.code} {mail_reply.text}")
                 return MILTER_TEMPFAIL, None
         else:
@@ -324,7 +325,7 @@ async def _envelope(s, txn, edits):
         if reply is not None and reply.code // 100 == 2:
             accepted.append(address)
         else:
-            _dropped(s, address, f"{reply.code} {reply.text}" if reply else "refused")
+            _dropped(tx, address, f"{reply.code} {reply.text}" if reply else "refused")
     txn.rcpts = accepted
     facts.recipients = accepted
     txn.mail = mail
@@ -333,13 +334,13 @@ async def _envelope(s, txn, edits):
     return None
 
 
-def _dropped(s, address: str, why: str) -> None:
+def _dropped(tx: Transaction, address: str, why: str) -> None:
     """A recipient a milter added that the leg cannot take: logged, and tracked under the
     milter that added it."""
-    by = next((h.name for h in s.policy.body_hooks
+    by = next((h.name for h in tx.policy.body_hooks
                if address in getattr(h, "added", ())), "")
-    s.log.event("milter_rcpt_dropped", level="warning", milter=by, rcpt=address, reason=why)
-    s.facts.milter_log.append({"milter": by, "stage": "eom", "result": "rcpt_dropped",
+    tx.log.event("milter_rcpt_dropped", level="warning", milter=by, rcpt=address, reason=why)
+    tx.facts.milter_log.append({"milter": by, "stage": "eom", "result": "rcpt_dropped",
                                "rcpt": address})
 
 

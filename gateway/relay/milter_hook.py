@@ -2,7 +2,9 @@
 
 `milter_factories(listener)` gives the `StagePolicy` one factory per configured milter; each
 client session gets its own `MilterHook` (its own milter connection) from
-`policy.for_session(session)`. The hook drives `MilterClient` stage by stage with the macros
+`policy.for_session(txn)`, where *txn* is the session's `Transaction`
+(relay.transaction: the listener's runtime, the log, the facts — never the session object).
+The hook drives `MilterClient` stage by stage with the macros
 Postfix sends by default, and turns the milter's answers into the seam's verdicts:
 
 - continue / accept: go on (accept spares the milter the rest, as the client core knows);
@@ -63,10 +65,10 @@ def milter_factories(listener) -> tuple:
 class MilterHook(Hook):
     wants_body = True
 
-    def __init__(self, spec, session):
+    def __init__(self, spec, txn):
         self.spec = spec
         self.name = spec.name
-        self.session = session
+        self.txn = txn                  # the session's Transaction, never the session
         self.client = MilterClient(spec.address, name=spec.name,
                                    connect_timeout=spec.connect_timeout,
                                    command_timeout=spec.command_timeout,
@@ -93,12 +95,12 @@ class MilterHook(Hook):
     # --- stages -----------------------------------------------------------------------------
 
     async def connect(self, facts) -> Verdict:
-        session = self.session
+        rt = self.txn.rt
         # {daemon_name}: the gateway's hostname, Postfix's milter_macro_daemon_name default
         # ($myhostname); rspamd takes its authserv-id from it
-        macros = {"j": session.rt.hostname, "_": f"unknown [{facts.client_ip}]",
-                  "v": MTA_NAME, "{daemon_name}": session.rt.hostname,
-                  "{daemon_addr}": session.listener.host,
+        macros = {"j": rt.hostname, "_": f"unknown [{facts.client_ip}]",
+                  "v": MTA_NAME, "{daemon_name}": rt.hostname,
+                  "{daemon_addr}": rt.listener.host,
                   "{client_addr}": facts.client_ip, "{client_port}": str(facts.client_port),
                   "{client_name}": "unknown"}
 
@@ -126,7 +128,7 @@ class MilterHook(Hook):
         self._in_message = True
         self._spent = 0.0
         macros = {"i": facts.queue_id or "", "{mail_addr}": address,
-                  "{mail_host}": self.session.rt.upstream.host, "{mail_mailer}": "smtp"}
+                  "{mail_host}": self.txn.rt.upstream.host, "{mail_mailer}": "smtp"}
         if facts.auth_user is not None:
             macros.update({"{auth_type}": facts.auth_mechanism or "",
                            "{auth_authen}": facts.auth_user})
@@ -140,7 +142,7 @@ class MilterHook(Hook):
             args, macros=self._stage(macros)))
 
     async def rcpt(self, facts, address: str, params: dict) -> Verdict:
-        macros = {"{rcpt_addr}": address, "{rcpt_host}": self.session.rt.upstream.host,
+        macros = {"{rcpt_addr}": address, "{rcpt_host}": self.txn.rt.upstream.host,
                   "{rcpt_mailer}": "smtp"}
         args = [f"<{address}>", *_params(params)]
         return await self._run("rcpt", lambda: self.client.rcpt(
@@ -173,8 +175,9 @@ class MilterHook(Hook):
         self._splitter = None
         self._in_message = False
         self.added = ()
-        spool_dir, memory = self.session.rt.milter_spool
-        limit = self.session.listener.max_message_size
+        rt = self.txn.rt
+        spool_dir, memory = rt.milter_spool
+        limit = rt.listener.max_message_size
         self._new_body = new_body = ReplacementBody(spool_dir, memory, limit)
         verdict = CONTINUE
         try:
@@ -186,7 +189,7 @@ class MilterHook(Hook):
             self._new_body = None
             if not any(edit is new_body for edit in verdict.edits):
                 new_body.close()             # not handed over with the changes
-        self.session.metrics.milter_seconds.labels(self.session.name, self.name).observe(
+        rt.state.metrics.milter_seconds.labels(rt.listener.name, self.name).observe(
             self._spent)
         return verdict
 
@@ -313,7 +316,7 @@ class MilterHook(Hook):
 
     def _record(self, stage: str, result: str, answer: M.Verdict | None = None,
                 reason: str | None = None) -> None:
-        session = self.session
+        txn = self.txn
         fields = {}
         if answer is not None and answer.reply is not None:
             code, text = answer.reply
@@ -323,10 +326,11 @@ class MilterHook(Hook):
         if reason is not None:
             fields["reason"] = reason
         level = "warning" if result in ("error", "timeout") else "info"
-        session.log.event("milter", level=level, milter=self.name, stage=stage, result=result,
-                          **fields)
-        session.metrics.milter_results_total.labels(session.name, self.name, result).inc()
-        session.facts.milter_log.append({"milter": self.name, "stage": stage,
+        txn.log.event("milter", level=level, milter=self.name, stage=stage, result=result,
+                      **fields)
+        txn.rt.state.metrics.milter_results_total.labels(txn.rt.listener.name, self.name,
+                                                         result).inc()
+        txn.facts.milter_log.append({"milter": self.name, "stage": stage,
                                          "result": result})
 
 

@@ -2,10 +2,12 @@
 
 Like Postfix's connection cache: when a client session ends with its upstream leg between
 transactions, the leg waits here instead of being closed, and a later session of the same
-worker and listener whose transaction needs that listener's upstream at the same level takes
-it instead of connecting, reading a greeting, saying EHLO and doing a TLS handshake again. The
-key is the listener's `UpstreamSettings` object (one per listener per worker) and the level,
-so two listeners never share a leg even when their upstream addresses are equal.
+worker whose route the leg satisfies takes it instead of connecting, reading a greeting,
+saying EHLO and doing a TLS handshake again. A leg is keyed by what it is (SPEC §4.8,
+`policy.route.leg_key`): its destination's address, mode, SNI, profile and client certificate,
+the level it achieved and the names it verified; a route takes one under any of its
+`pool_keys` (a `required` route takes a TLS leg or a verified one, a `preferred` one a TLS leg
+or a plaintext leg whose upstream offered no TLS, ...).
 
 - A leg is kept only when it is clean: open, in its idle command state (no transaction, no
   reply awaited, nothing buffered either way), not tied to one client (XCLIENT), used fewer
@@ -14,7 +16,7 @@ so two listeners never share a leg even when their upstream addresses are equal.
   after a 334, the client gone, an error, a success). That is the leg's own property
   (`UpstreamLeg.reusable()`, from the client core's `SMTPClient.reusable`), not a flag a
   session must remember to set.
-- At most `pool_size` idle legs per upstream and level; one more is closed with QUIT.
+- At most `pool_size` idle legs per key; one more is closed with QUIT.
 - A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
 - A leg is handed out only if nothing was heard since its last reply, neither in its parser
   nor on its socket (`leg.idle_and_alive()`): an upstream that closed it or said something (a
@@ -33,17 +35,14 @@ import collections
 
 import trio
 
+from ..policy.route import leg_key
+
 
 class UpstreamPool:
     def __init__(self) -> None:
         self._idle: dict[tuple, collections.deque] = {}
         self.nursery = None            # set by serve(): QUITs run there
         self.closed = False
-
-    @staticmethod
-    def key(settings, level: str) -> tuple:
-        """The listener's upstream settings (by identity) and the leg's level."""
-        return (id(settings), level)
 
     @staticmethod
     def poolable(settings) -> bool:
@@ -54,22 +53,34 @@ class UpstreamPool:
 
     # --- taking and giving back -------------------------------------------------------------
 
-    def take(self, settings, level: str):
-        """A live idle leg for *settings* at *level*, or None."""
-        queue = self._idle.get(self.key(settings, level))
-        if not queue:
+    def take(self, route, settings):
+        """A live idle leg that satisfies *route* (`route.pool_keys`), or None; it serves
+        the taking session with *settings* (its listener's timeouts and pool bounds). A
+        session that forwards its client (XCLIENT) takes none: its leg must carry its own
+        client's address, and legs are shared across listeners with the same destination."""
+        if not self.poolable(settings):
             return None
+        for key in route.pool_keys:
+            queue = self._idle.get(key)
+            if queue:
+                leg = self._take(queue, settings)
+                if leg is not None:
+                    return leg
+        return None
+
+    def _take(self, queue: collections.deque, settings):
         now = trio.current_time()
         while queue:
             leg, since = queue.pop()               # newest first
-            if now - since > settings.pool_idle:
+            if now - since > leg.settings.pool_idle:
                 self._dispose(leg, polite=True)
-                self._expire(queue, now, settings.pool_idle)
+                self._expire(queue, now, leg.settings.pool_idle)
                 continue
             if not leg.idle_and_alive():
                 self._dispose(leg, polite=False)
                 continue
             leg.uses += 1
+            leg.settings = settings
             return leg
         return None
 
@@ -80,7 +91,7 @@ class UpstreamPool:
         if (self.closed or not self.poolable(s) or not leg.reusable()
                 or leg.uses >= s.pool_max_reuse):
             return False
-        queue = self._idle.setdefault(self.key(s, leg.level), collections.deque())
+        queue = self._idle.setdefault(leg_key(leg), collections.deque())
         if len(queue) >= s.pool_size:
             return False
         queue.append((leg, trio.current_time()))

@@ -1,9 +1,13 @@
 """One client SMTP session: joins the sans-IO server core to the upstream leg (SPEC §4).
 
-The session moves bytes between the client stream and `SMTPServer`, performs the client-side
-TLS handshake when the core says STARTTLS (or at once on an implicit listener), opens the
-upstream leg lazily at the first RCPT TO, and answers the core's events with the upstream's own
-replies or the gateway's tempfails. It never answers DATA with 250 before the upstream did.
+The session is the event loop: it moves bytes between the client stream and `SMTPServer`,
+performs the client-side TLS handshake when the core says STARTTLS (or at once on an implicit
+listener), asks the policy seam at each stage, and answers the core's events with the
+upstream's own replies or the gateway's tempfails. It never answers DATA with 250 before the
+upstream did. Its transaction side (`transaction.SessionTransaction`, `self.tx`) owns the
+upstream leg — opened lazily at the first RCPT TO for the recipient's route — and the open
+envelope; DATA is one loop (`_data_loop`) in one of two modes, the message streamed to the
+upstream or held for the milters, which see the transaction, never this session.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import email.utils
 import math
 import re
 import time
-from dataclasses import dataclass, field
 
 import trio
 
@@ -26,37 +29,13 @@ from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
 from ..tracking import TrackingRecord, now_rfc3339
-from . import milter_data
-from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
+from .milter_data import HeldData
+from .streamed_data import StreamedData
+from .tls_legs import accept_client_tls
+from .transaction import GATEWAY, Envelope, SessionTransaction, relayed
+from .upstream import UpstreamFailure, UpstreamLeg
 
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
-
-
-def relayed(reply) -> tuple[int, list[str]]:
-    """An upstream reply as the client sees it (enhanced code added, text sanitised, §4.1)."""
-    return reply.code, reply.relay_lines()
-
-
-@dataclass
-class Transaction:
-    mail: S.Mail
-    id: str                                    # made at MAIL FROM: tracking, macro i, Received
-    rcpts: list[str] = field(default_factory=list)
-    failure: tuple[int, str] | None = None     # a leg failure answers every later RCPT
-    # a level whose TLS could not be had (451 4.7.5): its later RCPTs get that reply, the
-    # others are decided on their own (§4.3)
-    failed_levels: dict = field(default_factory=dict)
-    refusal: object = None                     # the upstream's refusal of MAIL, likewise
-    attempted: list[str] = field(default_factory=list)   # every RCPT, accepted or not
-    last_refusal: tuple[int, str] | None = None
-    upstream_leg: str | None = None            # "tls" / "plain": the leg MAIL went over
-    upstream_tls: str | None = None            # that leg's "version cipher"
-    discard: str | None = None                 # a milter discards the message at its end
-    rcpt_params: dict = field(default_factory=dict)   # accepted RCPTs' parameters (milters)
-    data_started: bool = False                 # the client got 354: the message is under way
-    data_refused: bool = False                 # DATA was refused (last_refusal says how)
-    ended: bool = False                        # counted, logged and tracked (_end)
 
 
 class SMTPSession:
@@ -68,8 +47,13 @@ class SMTPSession:
         self.log = log
         self.conn_id = conn_id
         self.facts = facts = Facts(self.listener.name, client_addr[0], client_addr[1])
-        # every stage is decided there (policy/); with milters, this session's own copy
-        self.policy = rt.stages.for_session(self)
+        # the transaction side: the upstream leg, the open envelope, the DATA clock, and
+        # the policy every stage is decided by (policy/; with milters, this session's own
+        # copy, whose hooks see the transaction, never this session)
+        self.tx = tx = SessionTransaction(rt, log, client_addr, facts)
+        self.policy = tx.policy
+        # the one DATA loop's mode: the message streamed upstream, or held for milters
+        self._data_mode = HeldData(tx) if self.policy.body_hooks else StreamedData(tx)
         self._hooks = bool(self.policy.hooks)
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.policy.client_level(facts, log)
@@ -78,24 +62,14 @@ class SMTPSession:
         self.name = self.listener.name
         self.type = self.listener.type          # public / private: a label (§2, §11)
         self.tls = None                 # client leg TLSInfo
-        self.leg: UpstreamLeg | None = None
-        self.txn: Transaction | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.messages = 0
-        self._msg_bytes = 0
-        self._leg_broken = False
-        self._leg_from_pool = False       # the leg came from the pool, no transaction yet
         self._transactions = 0            # MAIL FROMs so far: the transactions' ids count them
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
-        self._leg_bound = False           # an authenticated leg: this session's alone (§4.6)
-        self._bound_leg_lost = False      # ... and it broke: 421 4.4.2, close
         self._rx_scope: trio.CancelScope | None = None
         self._rx_idle = False
         self._line_start: float | None = None   # when the partial command line began
-        self._data_start = 0.0                  # DATA: when the 354 went out,
-        self._data_blocked = 0.0                # the time spent blocked writing upstream,
-        self._data_received = 0                 # and the client's bytes since
         self.core = S.SMTPServer.for_listener(self.listener, rt.hostname, level)
 
     # --- the session ------------------------------------------------------------------------
@@ -132,9 +106,9 @@ class SMTPSession:
                         await self.policy.close(self.facts)
                 if self._auth is not None:      # the client went away inside an exchange
                     self._auth_done("cancelled")
-                if self.leg is not None:
+                if self.tx.leg is not None:
                     with trio.move_on_after(2):
-                        await self._release_leg(end_transaction=True)
+                        await self.tx.release(end_transaction=True)
                 with trio.move_on_after(1):
                     try:
                         await self.stream.aclose()
@@ -153,9 +127,6 @@ class SMTPSession:
             for code, text in core.take_rejections():
                 self._rejected(code, text, own=True)
             if event is S.NEED_DATA:
-                leg = self.leg
-                if leg is not None and leg.held_size and leg.in_data and not self._leg_broken:
-                    await self._send_held()
                 await self._flush()
                 data = await self._receive()
                 if data is _SHUTDOWN:
@@ -165,13 +136,13 @@ class SMTPSession:
                 core.receive_data(data)
                 continue
             if isinstance(event, (S.ConnectionClosed, S.Quit)):
-                if self.txn is not None and core.in_data and self.leg is not None:
-                    await self.leg.close()          # client vanished mid-message: drop it
+                if self.tx.envelope is not None and core.in_data and self.tx.leg is not None:
+                    await self.tx.leg.close()          # client vanished mid-message: drop it
                 await self._flush(last=True)
                 return
             handler = getattr(self, "_on_" + type(event).__name__)
             await handler(event)
-            if self._bound_leg_lost and not core.closed:
+            if self.tx.bound_lost and not core.closed:
                 self._refuse(R.AUTH_LEG_LOST, close=True)
             if core.closed:
                 await self._flush(last=True)
@@ -197,8 +168,9 @@ class SMTPSession:
             if t.data_min_rate:
                 # after a grace of `data` seconds DATA keeps up data_min_rate bytes a second,
                 # not counting the time spent blocked on the upstream (§9)
-                floor = (self._data_start + self._data_blocked + t.data
-                         + self._data_received / t.data_min_rate)
+                tx = self.tx
+                floor = (tx.data_start + tx.data_blocked + t.data
+                         + tx.data_received / t.data_min_rate)
                 if floor < deadline:
                     deadline = floor
         elif core.buffered:
@@ -235,7 +207,7 @@ class SMTPSession:
                 state.idle_scopes.discard(scope)
         self.bytes_in += len(data)
         if in_data:
-            self._data_received += len(data)
+            self.tx.data_received += len(data)
         return data
 
     async def _pregreet(self) -> bool:
@@ -320,12 +292,12 @@ class SMTPSession:
 
     async def _end_transaction(self) -> None:
         self._track_unsent()
-        if self._hooks and self.txn is not None:
+        if self._hooks and self.tx.envelope is not None:
             await self.policy.abort(self.facts)
-        self.txn = None
+        self.tx.envelope = None
         self.facts.sender = None
-        if self.leg is not None:
-            await self.leg.reset()
+        if self.tx.leg is not None:
+            await self.tx.leg.reset()
 
     async def _on_Mail(self, event: S.Mail) -> None:
         # the transaction's one id (§7): its tracking record, the milters' macro i, the
@@ -340,20 +312,20 @@ class SMTPSession:
             self._refuse_by(verdict)
             # a refusal at MAIL FROM is counted and tracked too (§7, §11)
             code, text = verdict.reply
-            self._end(Transaction(event, txn_id), _refused(code), f"{code} {_text(text)}",
+            self._end(Envelope(event, txn_id), _refused(code), f"{code} {_text(text)}",
                       0, [])
             return
-        if self.leg is not None:
-            await self.leg.reset()
+        if self.tx.leg is not None:
+            await self.tx.leg.reset()
         self._track_unsent()
-        self.txn = Transaction(event, txn_id)
+        self.tx.envelope = Envelope(event, txn_id)
         if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
-            self.txn.discard = verdict.reason
+            self.tx.envelope.discard = verdict.reason
         self.facts.sender = event.address
         self.core.respond(*R.MAIL_OK)
 
     async def _on_Rcpt(self, event: S.Rcpt) -> None:
-        txn = self.txn
+        txn = self.tx.envelope
         txn.attempted.append(event.address)
         if txn.failure is not None:
             self._refuse(txn.failure)
@@ -362,19 +334,12 @@ class SMTPSession:
             txn.last_refusal = (txn.refusal.code, " / ".join(txn.refusal.lines))
             self.core.respond(*relayed(txn.refusal))
             return
-        leg = self.leg
-        if leg is not None and not leg.closed and not leg.in_transaction \
-                and not leg.idle_and_alive():
-            # the upstream spoke (a 421 before timing out, a stray line) or closed while the
-            # leg sat between transactions: retired, not reused; the next one is new (§6)
-            self.log.event("upstream_reuse_failed", level="debug", reason="unsolicited")
-            await leg.close()
-        if self._leg_bound and (leg is None or leg.closed):
+        legs = self.tx
+        leg = await legs.settle()
+        if leg is None and legs.bound:
             # the authenticated leg broke: no credentials to log in again (§4.6)
             self._refuse(R.UPSTREAM_LOST, close=True)
             return
-        if leg is not None and leg.closed:
-            self.leg = leg = None
         # the leg is fixed by the transaction's first accepted recipient (§4.3)
         self.facts.recipients = txn.rcpts
         verdict = await self.policy.rcpt(self.facts, event.address, event.params, leg)
@@ -383,28 +348,30 @@ class SMTPSession:
             return
         if verdict.action is Action.DISCARD:     # a milter: dropped at its end (§4.7)
             txn.discard = verdict.reason
-        level = verdict.level if verdict.level is not None else leg.level
+        route = verdict.route
         if verdict.new_leg:
             # between transactions, or no recipient accepted on it yet: RSET and let go
-            await self._release_leg(end_transaction=True)
+            await legs.release(end_transaction=True)
             leg = None
-        if leg is None and level in txn.failed_levels:
-            # TLS at this level failed once in this transaction: the same tempfail, no
-            # second connection (nor alert) for each such recipient
-            self._refuse(txn.failed_levels[level])
-            return
+        if leg is None and txn.failed_levels:
+            failed = txn.failed_levels.get((route.key, route.level))
+            if failed is not None:
+                # TLS at this level failed once in this transaction: the same tempfail, no
+                # second connection (nor alert) for each such recipient
+                self._refuse(failed)
+                return
         try:
             if leg is None:
                 await self._flush()
-                self.leg = leg = await self._open_leg(level)
+                leg = await legs.open(route, helo=self.core.helo)
             if "SMTPUTF8" in txn.mail.params:
                 verdict = self.policy.upstream_extensions(leg)
                 if verdict.refused:
                     self._refuse_by(verdict)
                     return
             if not leg.in_transaction:
-                mail, reply = await self._start_transaction(txn, event, level)
-                leg = self.leg               # the envelope reached the upstream on this leg
+                mail, reply = await self._start_transaction(txn, event, route)
+                leg = self.tx.leg               # the envelope reached the upstream on this leg
                 txn.upstream_leg = "tls" if leg.tls is not None else "plain"
                 txn.upstream_tls = f"{leg.tls.version} {leg.tls.cipher}" if leg.tls else None
                 if mail.code // 100 != 2:
@@ -416,11 +383,11 @@ class SMTPSession:
                 self._note_dsn(event.params, leg)
                 reply = await leg.rcpt(event)
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [event.address])
+            await legs.failed(failure, [event.address])
             if failure.tls_required:
                 # this recipient's level could not be had: its own 451 4.7.5, and the leg
                 # is closed; a later recipient at another level may open one (§4.3)
-                txn.failed_levels[level] = failure.reply
+                txn.failed_levels[(route.key, route.level)] = failure.reply
             else:
                 txn.failure = failure.reply     # the upstream is unreachable or was lost
             self._refuse(failure.reply)
@@ -434,30 +401,12 @@ class SMTPSession:
             txn.last_refusal = (reply.code, " / ".join(reply.lines))
         self.core.respond(*relayed(reply))
 
-    async def _start_transaction(self, txn: Transaction, rcpt: S.Rcpt, level: str):
-        """MAIL replayed with the first RCPT, pipelined where the upstream allows. On a leg
-        just taken from the pool, a failure or a 421 to MAIL means the upstream gave up on the
-        idle connection: once more on a new connection (nothing was accepted on the old one)."""
-        leg = self.leg
-        reused = self._leg_from_pool
-        self._leg_from_pool = False
-        mail = txn.mail
-        self._note_dsn({**mail.params, **rcpt.params}, leg)
-        if "AUTH" in mail.params and not self._leg_bound:
-            # RFC 4954 §5: the submitter is not vouched for on an unauthenticated session
-            mail = S.Mail(mail.address, {**mail.params, "AUTH": "<>"})
-        try:
-            mail, reply = await leg.start_transaction(mail, rcpt)
-            if not reused or mail.code != 421:
-                return mail, reply
-        except UpstreamFailure:
-            if not reused:
-                raise
-        await leg.close()
-        self.leg = None
-        self.log.event("upstream_reuse_failed", level="debug")
-        self.leg = leg = await self._open_leg(level, pooled=False)
-        return await leg.start_transaction(mail, rcpt)
+    async def _start_transaction(self, txn: Envelope, rcpt: S.Rcpt, route):
+        """MAIL replayed with the first RCPT (`Legs.start_transaction`)."""
+        legs = self.tx
+        self._note_dsn({**txn.mail.params, **rcpt.params}, legs.leg)
+        return await legs.start_transaction(legs.mail_for_upstream(txn.mail), rcpt, route,
+                                            helo=self.core.helo)
 
     def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
         """DSN parameters towards an upstream without DSN are dropped (it would refuse them)
@@ -466,59 +415,6 @@ class SMTPSession:
             dropped = [k for k in _DSN_PARAMS if k in params]
             if dropped:
                 self.log.event("dsn_dropped", params=",".join(dropped))
-
-    async def _open_leg(self, level: str, *, pooled: bool = True) -> UpstreamLeg:
-        pool = self.rt.state.pool
-        leg = pool.take(self.rt.upstream, level) if pooled else None
-        if leg is not None:
-            self._leg_from_pool = True
-            record_upstream_leg(self.rt, self.log, leg, level, reused=True)
-            return leg
-        leg = await UpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                     client_helo=self.core.helo,
-                                     on_tls_error=fallback_logger(self.rt, self.log))
-        record_upstream_leg(self.rt, self.log, leg, level)
-        return leg
-
-    async def _release_leg(self, *, end_transaction: bool = False) -> None:
-        """Give the leg to the worker's pool, or QUIT it; an open transaction is reset first
-        when the session ends (never in the middle of DATA: that leg is closed)."""
-        leg, self.leg = self.leg, None
-        if leg is None:
-            return
-        if self._leg_bound:             # never pooled, never handed on (§4.6)
-            self._leg_bound = False
-            await leg.quit()
-            return
-        try:
-            if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
-                    and self.rt.state.pool.poolable(leg.settings):
-                await leg.reset()
-            if not self.rt.state.pool.give(leg):
-                await leg.quit()
-        except BaseException:             # cancelled (the session's 2 s bound): close now
-            leg.abandon()
-            raise
-
-    async def _leg_failed(self, failure: UpstreamFailure, rcpts: list[str]) -> None:
-        kind = FAILURE_KINDS.get(failure.reply, "other")
-        self.log.event("upstream_error", level="warning", reason=failure.reason,
-                       code=failure.reply[0])
-        self.metrics.upstream_errors_total.labels(self.name, kind).inc()
-        if failure.tls_required:
-            domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
-            self.log.event("tls_alert", level="warning", domains=",".join(domains),
-                           reason=failure.reason)
-            self.metrics.tls_alerts_total.labels(self.name, kind).inc()
-            if self.rt.alerts is not None:
-                self.rt.alerts.notify(domains, kind, failure.reason)
-        if self.leg is not None:
-            await self.leg.close()
-            self.leg = None
-        if self._leg_bound:
-            # the authenticated leg is gone and no credentials are kept to log in again:
-            # the session ends (SPEC 4.6) once this event is answered
-            self._bound_leg_lost = True
 
     def _refuse_by(self, verdict: Verdict) -> None:
         """A policy stage's refusal: answered, logged and counted by the verdict's label."""
@@ -538,8 +434,8 @@ class SMTPSession:
 
     def _refuse(self, reply: tuple[int, str], close: bool = False, label: str | None = None
                 ) -> None:
-        if self.txn is not None:
-            self.txn.last_refusal = (reply[0], _text(reply[1]))
+        if self.tx.envelope is not None:
+            self.tx.envelope.last_refusal = (reply[0], _text(reply[1]))
         self._rejected(*reply, label=label)
         self.core.respond(*reply, close=close)
 
@@ -570,38 +466,37 @@ class SMTPSession:
             self._auth_done("error")
             self._refuse(R.AUTH_BAD_RESPONSE)
             return
-        await self._release_leg()
+        await self.tx.release()
         self._auth = _AuthExchange(event.mechanism)
         self._auth.user_from(event.initial)
-        level = self.policy.session_leg_level(self.facts)
+        route = self.policy.session_route(self.facts)
         try:
             await self._flush()
-            self.leg = await self._open_leg(level, pooled=False)
+            leg = await self.tx.open(route, helo=self.core.helo, pooled=False)
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [])
+            await self.tx.failed(failure, [])
             self._auth_done("error")
             self._refuse(failure.reply)
             return
-        self.leg.client.max_line = S.MAX_SASL_LINE       # a 334 challenge may be that long
-        await self._auth_relay(self.leg.auth(event.mechanism, event.initial))
+        await self._auth_relay(leg.auth(event.mechanism, event.initial))
 
     async def _on_AuthResponse(self, event: S.AuthResponse) -> None:
         auth = self._auth
         if event.too_long:
             auth.cancelled = True
-            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_LINE_TOO_LONG)
+            await self._auth_relay(self.tx.leg.auth_response("*"), answer=R.AUTH_LINE_TOO_LONG)
             return
         if event.malformed:
             # a bare CR, LF or NUL: never relayed; `*` ends the exchange upstream (§4.6)
             auth.cancelled = True
-            await self._auth_relay(self.leg.auth_response("*"), answer=R.AUTH_BAD_RESPONSE,
+            await self._auth_relay(self.tx.leg.auth_response("*"), answer=R.AUTH_BAD_RESPONSE,
                                    result="error")
             return
         if event.line == "*":
             auth.cancelled = True
         else:
             auth.user_from(event.line)
-        await self._auth_relay(self.leg.auth_response(event.line))
+        await self._auth_relay(self.tx.leg.auth_response(event.line))
 
     async def _auth_relay(self, sending, answer=None, result: str | None = None) -> None:
         """Await *sending* (the leg sending one line of the exchange: `leg.auth()` or
@@ -611,25 +506,22 @@ class SMTPSession:
         try:
             reply = await sending
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, [])
+            await self.tx.failed(failure, [])
             self._auth_done(result or "error")
             self._refuse(answer or failure.reply)
             return
         if reply.code == 334 and answer is None:
             self.core.respond(*relayed(reply))
             return
-        leg = self.leg
-        leg.client.max_line = _MAX_REPLY_LINE
         if reply.code == 235 and answer is None:
             auth = self._auth_done("success")
             self.facts.auth_mechanism = auth.mechanism
             self.facts.auth_user = auth.user or ""
-            self._leg_bound = True
+            self.tx.bind()
             self.core.respond(*relayed(reply))
             return
         # refused or cancelled: the leg is closed, never pooled (§4.6)
-        self.leg = None
-        await leg.close()
+        await self.tx.drop()
         cancelled = self._auth.cancelled
         self._auth_done(result or ("cancelled" if cancelled else "failure"))
         self.core.respond(*(answer or relayed(reply)))
@@ -648,83 +540,67 @@ class SMTPSession:
     # --- message ----------------------------------------------------------------------------
 
     async def _on_Data(self, event) -> None:
-        txn = self.txn
-        await self._data_command()
+        """The one DATA loop, in its mode (`_data_mode`): the message streamed to the
+        upstream after its 354 (`StreamedData`), or held for the milters after the
+        gateway's own (`HeldData`, §4.7)."""
+        tx = self.tx
+        txn = tx.envelope
+        mode = self._data_mode
+        header = self._received_header() if self.listener.received_header else None
+        reply, refusal = await mode.begin()
         if not txn.data_started:
             # DATA refused: the message ends with that refusal when the transaction does
             txn.data_refused = True
-
-    async def _data_command(self) -> None:
-        if self.policy.body_hooks:
-            await milter_data.transfer(self)      # the gateway's own 354, held (§4.7)
+            if refusal is None:             # the upstream's own, relayed
+                self.core.respond(*reply)
+            elif refusal is GATEWAY:
+                self._refuse(reply)
+            else:                           # a policy stage's
+                self._refuse_by(refusal)
             return
-        leg = self.leg
-        if leg is None:
-            self._refuse(R.UPSTREAM_LOST)
-            return
+        self.core.respond(*reply)
         try:
-            reply = await leg.command("DATA")
-            if reply.code == 354:
-                self._data_start = trio.current_time()
-                self._data_blocked = 0.0
-                self._data_received = 0
-                self._leg_broken = False
-                self._msg_bytes = 0
-                self.txn.data_started = True
-                self.core.respond(*relayed(reply))
-                if self.listener.received_header:
-                    leg.hold_data(self._received_header())   # goes out with the first chunk
-            else:
-                self.txn.last_refusal = (reply.code, " / ".join(reply.lines))
-                self.core.respond(*relayed(reply))
-        except UpstreamFailure as failure:
-            await self._leg_failed(failure, self.txn.rcpts)
-            self._refuse(failure.reply)
+            if mode.keepalive is None:
+                await mode.start(header)
+                await self._data_loop(mode)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mode.keepalive.run)
+                await mode.start(header)
+                await self._data_loop(mode)
+                mode.keepalive.cancel()
+        finally:
+            mode.close()
 
-    async def _on_DataChunk(self, event: S.DataChunk) -> None:
-        """Message data is held and sent when the session next waits for the client (or at
-        _HOLD_LIMIT): the chunks of one read, and the final dot when it came in the same
-        read, go upstream in one write."""
-        self._msg_bytes += len(event.data)
-        if self._leg_broken:
-            return
-        self.leg.hold_data(event.data)
-        if self.leg.held_size >= _HOLD_LIMIT:
-            await self._send_held()
+    async def _data_loop(self, mode) -> None:
+        """The client's message, event by event, to *mode*, until the final dot is
+        answered; a client gone mid-message is left for `_loop()` to see and end on."""
+        core = self.core
+        tx = self.tx
+        while True:
+            event = core.next_event()
+            for code, text in core.take_rejections():
+                self._rejected(code, text, own=True)
+            if event is S.NEED_DATA:
+                await mode.send()           # what one read brought goes out in one write
+                await self._flush()
+                core.receive_data(await self._receive())
+                continue
+            kind = type(event)
+            if kind is S.DataChunk:
+                tx.msg_bytes += len(event.data)
+                await mode.chunk(event.data)
+            elif kind is S.DataAbort:
+                await mode.abort(event.reason)
+            elif kind is S.DataEnd:
+                reply, result, label = await mode.end(event)
+                await self._message_done(tx.envelope, reply, event.size, result, label=label)
+                return
+            else:                           # ConnectionClosed: the client went away
+                await mode.gone()
+                return
 
-    async def _send_held(self) -> None:
-        start = trio.current_time()
-        try:
-            await self.leg.send_data()
-            self._data_blocked += trio.current_time() - start
-        except UpstreamFailure as failure:
-            self._leg_broken = True
-            await self._leg_failed(failure, self.txn.rcpts)
-
-    async def _on_DataAbort(self, event: S.DataAbort) -> None:
-        # drop the upstream before the terminating dot: it discards the partial message (§4.4)
-        self._leg_broken = True
-        if self.leg is not None:
-            await self.leg.close()
-
-    async def _on_DataEnd(self, event: S.DataEnd) -> None:
-        txn = self.txn
-        if event.aborted == "size":
-            reply = R.TOO_BIG
-        elif event.aborted == "bare_newline":
-            reply = R.BARE_NEWLINE
-        elif self._leg_broken:
-            reply = R.UPSTREAM_LOST
-        else:
-            try:
-                code, lines = relayed(await self.leg.finish_data())
-                reply = (code, lines)
-            except UpstreamFailure as failure:
-                await self._leg_failed(failure, txn.rcpts)
-                reply = failure.reply
-        await self._message_done(txn, reply, event.size)
-
-    async def _message_done(self, txn: Transaction, reply, size: int,
+    async def _message_done(self, txn: Envelope, reply, size: int,
                             result: str | None = None, label: str | None = None) -> None:
         """The answer to the final dot: the transaction ends (`_end`), the reply is sent; the
         leg dropped when it broke. *result* overrides the one the reply code gives
@@ -735,11 +611,10 @@ class SMTPSession:
         if result not in ("accepted", "discarded"):
             self._rejected(code, reply[1], label=label)
         self._end(txn, result, f"{code} {_text(reply[1])}", size, txn.rcpts)
-        leg = self.leg
-        if leg is not None and (leg.closed or self._leg_broken):
-            await leg.close()
-            self.leg = None
-        self.txn = None
+        leg = self.tx.leg
+        if leg is not None and leg.closed:
+            await self.tx.drop()
+        self.tx.envelope = None
         self.core.respond(*reply)
 
     def _track_unsent(self, cut=None) -> None:
@@ -749,17 +624,17 @@ class SMTPSession:
         tempfail; with every recipient refused, or DATA refused, it ends with that refusal.
         A transaction the client gave up before DATA, with a recipient accepted, is no
         message and is not counted."""
-        txn = self.txn
+        txn = self.tx.envelope
         if txn is None or txn.ended:
             return
         if txn.data_started:
             reply = f"{cut[0]} {_text(cut[1])}" if cut is not None else ""
-            self._end(txn, "tempfail", reply, self._msg_bytes, txn.rcpts)
+            self._end(txn, "tempfail", reply, self.tx.msg_bytes, txn.rcpts)
         elif txn.last_refusal is not None and (not txn.rcpts or txn.data_refused):
             code, text = txn.last_refusal
             self._end(txn, _refused(code), f"{code} {text}", 0, txn.rcpts or txn.attempted)
 
-    def _end(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+    def _end(self, txn: Envelope, result: str, reply: str, size: int, rcpts) -> None:
         """The one place a transaction ends (SPEC §7, §11): counted in messages_total (and
         /status), logged as event=message, tracked; once per transaction, whatever calls."""
         if txn.ended:
@@ -770,7 +645,7 @@ class SMTPSession:
         if result == "accepted":
             self.messages += 1
             self.metrics.message_bytes_total.labels(self.name, self.type).inc(size)
-        leg = self.leg
+        leg = self.tx.leg
         self.log.event(
             "message", id=txn.id, result=result, mail_from=txn.mail.address, rcpts=",".join(rcpts),
             size=size, reply=reply, client_tls=self.tls.version if self.tls else "none",
@@ -778,11 +653,11 @@ class SMTPSession:
         )
         self._track(txn, result, reply, size, rcpts)
 
-    def _track(self, txn: Transaction, result: str, reply: str, size: int, rcpts) -> None:
+    def _track(self, txn: Envelope, result: str, reply: str, size: int, rcpts) -> None:
         tracking = self.rt.state.tracking
         if tracking is None:
             return
-        leg = self.leg
+        leg = self.tx.leg
         tracking.write(TrackingRecord(
             id=txn.id, time=now_rfc3339(), listener=self.name,
             client=f"{self.client_addr[0]}:{self.client_addr[1]}", helo=self.core.helo,
@@ -817,10 +692,10 @@ class SMTPSession:
             esmtp += "S"
         if self.core.authenticated:
             esmtp += "A"                # ESMTPSA (ESMTPA on plaintext), as Postfix writes
-        for_part = (f"\n\tfor <{_header_text(self.txn.rcpts[0])}>"
-                    if len(self.txn.rcpts) == 1 else "")
+        for_part = (f"\n\tfor <{_header_text(self.tx.envelope.rcpts[0])}>"
+                    if len(self.tx.envelope.rcpts) == 1 else "")
         date = _received_date(int(time.time()))
-        lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {self.txn.id}"
+        lines.append(f"\tby {self.rt.hostname} (mail-tls-gateway) with {esmtp} id {self.tx.envelope.id}"
                      f"{for_part}; {date}")
         text = "\n".join(lines).replace("\n", "\r\n") + "\r\n"
         return text.encode("utf-8", "surrogateescape")
@@ -831,7 +706,6 @@ _received_date = per_second(lambda second: email.utils.format_datetime(
     datetime.datetime.fromtimestamp(second, datetime.timezone.utc)))
 
 
-_MAX_REPLY_LINE = 512       # the reply line bound outside a SASL exchange (SPEC §4.5)
 _HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -877,7 +751,6 @@ _COUNTED_CODES = frozenset((421, 530, 550, 552, 553, 554, 555))   # refusals cou
 _OWN_REPLIES = frozenset(v for v in vars(R).values()
                          if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int)
                          and isinstance(v[1], str))
-_HOLD_LIMIT = 262144         # message bytes held for one upstream write at most
 _DATA_READ = 262144          # client bytes read at once during DATA (commands: 64 KiB)
 
 

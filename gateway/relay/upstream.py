@@ -12,6 +12,7 @@ import trio
 
 from ..errors import ProtocolError, TLSError
 from ..levels import UpstreamLevel
+from ..policy.route import destination_key
 from ..proto import replies as R
 from ..proto.smtp_client import Reply, SMTPClient
 from ..net.sockstream import open_tcp
@@ -63,6 +64,10 @@ class UpstreamSettings:
     pool_idle: float = 5.0
     pool_max_reuse: int = 100
     tls_resumption: bool = True    # the upstream profile's session_resumption
+    # the upstream profile's name and the client certificate's: with the address, what a
+    # pooled leg is (policy.route)
+    profile: str = "default"
+    certificate: str | None = None
     # this worker's last TLS session to the upstream and whether it was verified (tls_legs)
     last_tls_session: tuple | None = field(default=None, compare=False, repr=False)
     # called with each opening's result (one of UPSTREAM_RESULTS); None: not recorded
@@ -94,6 +99,7 @@ class UpstreamLegBase:
         self.handshake_seconds = 0.0
         self.closed = False
         self.uses = 1                   # client sessions served (a pooled leg is reused)
+        self.dest_key = destination_key(settings)   # its destination (policy.route)
 
     @property
     def requires_tls(self) -> bool:

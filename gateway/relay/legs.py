@@ -1,0 +1,150 @@
+"""The upstream leg of one client SMTP session (SPEC §4.3, §4.4, §4.6, §6, §8).
+
+`Legs` owns the session's leg: opening one for a route (taken from the worker's pool when one
+there satisfies the route, else connected anew), replaying MAIL with the first RCPT on it
+(once more on a new leg when a pooled one turns out dead), retiring a leg the upstream spoke
+on between transactions, giving it back to the pool or QUITting it, the AUTH binding (an
+authenticated leg is the session's alone, never pooled, and its loss ends the session), and
+reporting a failed leg (logged, counted, a TLS alert where the level required TLS).
+
+It decides no reply: the session answers the client (and the policy seam decides routes); a
+leg that failed is reported here and the caller answers with `failure.reply`.
+"""
+from __future__ import annotations
+
+from .tls_legs import fallback_logger, record_upstream_leg
+from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
+
+
+class Legs:
+    def __init__(self, rt, log, client_addr: tuple[str, int]):
+        self.rt = rt                    # ListenerRuntime (gateway.runtime)
+        self.log = log
+        self.client_addr = client_addr
+        self.leg: UpstreamLeg | None = None
+        self.from_pool = False          # the leg came from the pool, no transaction yet
+        self.bound = False              # an authenticated leg: this session's alone (§4.6)
+        self.bound_lost = False         # ... and it broke: the session ends (421 4.4.2)
+
+    # --- opening ----------------------------------------------------------------------------
+
+    async def open(self, route, *, helo: str | None = None, pooled: bool = True
+                   ) -> UpstreamLeg:
+        """The session's leg for *route*: from the pool when one there satisfies it, else a
+        new one to the route's destination (today always the listener's upstream) at its
+        level; *helo* is the client's, for XCLIENT. UpstreamFailure when it can't be had."""
+        rt = self.rt
+        level = route.level
+        leg = rt.state.pool.take(route, rt.upstream) if pooled else None
+        if leg is not None:
+            self.from_pool = True
+            record_upstream_leg(rt, self.log, leg, level, reused=True)
+        else:
+            leg = await UpstreamLeg.open(rt.upstream, level, client_addr=self.client_addr,
+                                         client_helo=helo,
+                                         on_tls_error=fallback_logger(rt, self.log))
+            record_upstream_leg(rt, self.log, leg, level)
+        self.leg = leg
+        return leg
+
+    async def settle(self) -> UpstreamLeg | None:
+        """The leg a transaction may use now, or None: a leg the upstream spoke on (a 421
+        before timing out, a stray line) or closed while it sat between transactions is
+        retired, never reused (§6); a closed leg is forgotten."""
+        leg = self.leg
+        if leg is None:
+            return None
+        if not leg.closed and not leg.in_transaction and not leg.idle_and_alive():
+            self.log.event("upstream_reuse_failed", level="debug", reason="unsolicited")
+            await leg.close()
+        if leg.closed:
+            if not self.bound:          # a bound leg's loss is the session's to answer
+                self.leg = None
+            return None
+        return leg
+
+    async def start_transaction(self, mail, rcpt, route, *, helo: str | None = None):
+        """MAIL replayed with the first RCPT, pipelined where the upstream allows: (MAIL's
+        reply, RCPT's reply or None). On a leg just taken from the pool, a failure or a 421
+        to MAIL means the upstream gave up on the idle connection: once more on a new
+        connection (nothing was accepted on the old one)."""
+        leg = self.leg
+        reused, self.from_pool = self.from_pool, False
+        try:
+            replies = await leg.start_transaction(mail, rcpt)
+            if not reused or replies[0].code != 421:
+                return replies
+        except UpstreamFailure:
+            if not reused:
+                raise
+        await leg.close()
+        self.leg = None
+        self.log.event("upstream_reuse_failed", level="debug")
+        leg = await self.open(route, helo=helo, pooled=False)
+        return await leg.start_transaction(mail, rcpt)
+
+    def mail_for_upstream(self, mail):
+        """MAIL as it goes upstream: its AUTH= parameter as given on an authenticated
+        session, `AUTH=<>` on another (RFC 4954 §5: the submitter is not vouched for)."""
+        if "AUTH" in mail.params and not self.bound:
+            return type(mail)(mail.address, {**mail.params, "AUTH": "<>"})
+        return mail
+
+    # --- AUTH (§4.6) ------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """The leg carried a successful AUTH: the session's alone from now on."""
+        self.bound = True
+
+    # --- letting go -------------------------------------------------------------------------
+
+    async def release(self, *, end_transaction: bool = False) -> None:
+        """Give the leg to the worker's pool, or QUIT it; an open transaction is reset first
+        when the session ends (never in the middle of DATA: that leg is closed). A bound leg
+        is never pooled (§4.6), nor is any leg that ever began a SASL exchange (the pool
+        asks the leg, `reusable()`)."""
+        leg, self.leg = self.leg, None
+        if leg is None:
+            return
+        if self.bound:                  # never pooled, never handed on (§4.6)
+            self.bound = False
+            await leg.quit()
+            return
+        pool = self.rt.state.pool
+        try:
+            if end_transaction and leg.in_transaction and not leg.in_data and not leg.closed \
+                    and pool.poolable(leg.settings):
+                await leg.reset()
+            if not pool.give(leg):
+                await leg.quit()
+        except BaseException:             # cancelled (the session's 2 s bound): close now
+            leg.abandon()
+            raise
+
+    async def drop(self) -> None:
+        """Close the leg now (mid-DATA: before any final dot) and forget it."""
+        leg, self.leg = self.leg, None
+        if leg is not None:
+            await leg.close()
+
+    async def failed(self, failure: UpstreamFailure, rcpts) -> None:
+        """The leg could not be had or was lost: logged and counted, a TLS alert naming the
+        recipients' domains when the level required TLS (§8); the leg is closed. A bound
+        leg's loss ends the session (`bound_lost`): no credentials are kept to log in
+        again (§4.6)."""
+        rt = self.rt
+        name, metrics = rt.listener.name, rt.state.metrics
+        kind = FAILURE_KINDS.get(failure.reply, "other")
+        self.log.event("upstream_error", level="warning", reason=failure.reason,
+                       code=failure.reply[0])
+        metrics.upstream_errors_total.labels(name, kind).inc()
+        if failure.tls_required:
+            domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
+            self.log.event("tls_alert", level="warning", domains=",".join(domains),
+                           reason=failure.reason)
+            metrics.tls_alerts_total.labels(name, kind).inc()
+            if rt.alerts is not None:
+                rt.alerts.notify(domains, kind, failure.reason)
+        await self.drop()
+        if self.bound:
+            self.bound_lost = True
