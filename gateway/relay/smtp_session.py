@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..clock import per_second
+from ..observe.clock import per_second
 from ..errors import TLSError
 from ..levels import ClientLevel
 from ..policy.stages import Action, Facts, Verdict
 from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
-from ..tracking import TrackingRecord, now_rfc3339
+from ..observe.tracking_log import TrackingRecord, now_rfc3339
 from . import milter_data
 from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
 from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
