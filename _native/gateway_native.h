@@ -1,8 +1,9 @@
 /* The native core's whole exported API. _native/build.py hands this file, without its
- * preprocessor lines, to cffi's cdef; gateway/native.py wraps it and checks
- * every argument, so the C functions trust what they get. Semantics: gateway/pyscan.py (scanner),
- * gateway/pymatch.py (rule matcher), gateway/pyperip.py (per-address counts); the verify
- * callback has no twin (gateway/tls/context.py uses a Python callback without the native core). */
+ * preprocessor lines, to cffi's cdef; gateway/native/scanner.py wraps it and checks
+ * every argument, so the C functions trust what they get. Semantics:
+ * gateway/native/scanner_py.py (scanner), gateway/native/matcher_py.py (rule matcher),
+ * gateway/native/perip_py.py (per-address counts); the verify callback has no twin
+ * (gateway/tls/context.py uses a Python callback without the native core). */
 #ifndef GATEWAY_NATIVE_H
 #define GATEWAY_NATIVE_H
 #include <stddef.h>
@@ -49,10 +50,11 @@ int gw_tls_server_name(const unsigned char *buf, size_t len, unsigned char *name
 /* OpenSSL's certificate verify callback (_native/verify.c, SPEC §3.3): accepts every chain
  * (returns 1), so a handshake never fails on verification; the result is read afterwards with
  * SSL_get_verify_result. x509_store_ctx is OpenSSL's X509_STORE_CTX *, passed through unused.
- * gateway/native.py exports its address, gateway/tls/_ossl.py hands it to SSL_CTX_set_verify. */
+ * gateway/native/scanner.py exports its address, gateway/tls/_ossl.py hands it to
+ * SSL_CTX_set_verify. */
 int gw_verify_accept(int preverify_ok, void *x509_store_ctx);
 
-/* Rule matcher (_native/match.c; semantics: gateway/pymatch.py). Opaque compiled tables,
+/* Rule matcher (_native/match.c; semantics: gateway/native/matcher_py.py). Opaque compiled tables,
  * freed by gw_rm_free / gw_nm_free. */
 typedef struct gw_rm gw_rm_t;
 typedef struct gw_nm gw_nm_t;
@@ -79,12 +81,12 @@ void gw_nm_free(gw_nm_t *m);
 /* The lowest index of a network containing the address text ip[0:n], -1 none or invalid. */
 int gw_nm_match(const gw_nm_t *m, const unsigned char *ip, size_t n);
 
-/* Per-address connection counts (_native/perip.c; semantics: gateway/pyperip.py). The tables
- * lie in memory shared by all workers: `rows` tables of `slots` entries each (slots a power of
- * two), row r at tables[r * slots * GW_PIP_SLOT]. An entry is a 16-byte address key at offset
- * 0, the listener index (int32, native byte order) at 16 and the count (int32) at 20; count 0
- * is an empty entry. Row `row` is written only by its worker (linear probing, backward-shift
- * deletion); every row is read.
+/* Per-address connection counts (_native/perip.c; semantics: gateway/native/perip_py.py). The
+ * tables lie in memory shared by all workers: `rows` tables of `slots` entries each (slots a
+ * power of two), row r at tables[r * slots * GW_PIP_SLOT]. An entry is a 16-byte address key at
+ * offset 0, the listener index (int32, native byte order) at 16 and the count (int32) at 20;
+ * count 0 is an empty entry. Row `row` is written only by its worker (linear probing,
+ * backward-shift deletion); every row is read.
  *
  * gw_pip_update adds delta (+1, -1 or 0) to the count of (key, listener) in row `row` and
  * returns the sum of that count over all rows afterwards; GW_PIP_FULL when delta is +1 and the

@@ -1,6 +1,7 @@
-/* Rule matcher (SPEC sections 4.3 and 10). The semantics are those of gateway/pymatch.py, its
- * pure-Python twin; tests/test_rulematch.py compares the two and a naive reference.
- * gateway/rulematch.py checks and packs the arguments before they get here.
+/* Rule matcher (SPEC sections 4.3 and 10). The semantics are those of
+ * gateway/native/matcher_py.py, its pure-Python twin; tests/test_rulematch.py compares the two
+ * and a naive reference.
+ * gateway/native/matcher.py checks and packs the arguments before they get here.
  *
  * Domain rules: each side's patterns become keys in two open-addressing hash tables (exact
  * domains, and the parent X of `*.X`) plus one `*` key; a pair table maps (sender key,

@@ -1,6 +1,6 @@
 /* Per-address connection counts (SPEC section 2). The semantics are those of
- * gateway/pyperip.py, its pure-Python twin; tests/test_perip.py compares the two and a naive
- * model. gateway/perip.py checks the arguments before they get here.
+ * gateway/native/perip_py.py, its pure-Python twin; tests/test_perip.py compares the two and a
+ * naive model. gateway/native/perip.py checks the arguments before they get here.
  *
  * One open-addressing table per row of the shared memory, written by the row's worker only:
  * linear probing, and backward-shift deletion when a count drops to 0 (no tombstones, so a

@@ -1,6 +1,6 @@
 /* Line scanner for the gateway's hot path (SPEC section 10). The semantics are those of
- * gateway/pyscan.py, its pure-Python twin; the tests compare the two on generated input.
- * Arguments are checked by gateway/native.py before they get here. */
+ * gateway/native/scanner_py.py, its pure-Python twin; the tests compare the two on generated input.
+ * Arguments are checked by gateway/native/scanner.py before they get here. */
 #include <string.h>
 #include "gateway_native.h"
 

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 
-from gateway import pymatch, rulematch
+from gateway.native import matcher, matcher_py
 
 TLDS = ["com", "net", "org", "de", "fr", "example", "test"]
 
@@ -75,9 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lookups", type=int, default=20_000, help="lookups per measurement")
     args = ap.parse_args()
-    nat = rulematch.native_backend
+    nat = matcher.native_backend
     if nat is None:
-        sys.exit(f"native core not loaded (BACKEND={rulematch.BACKEND}): "
+        sys.exit(f"native core not loaded (BACKEND={matcher.BACKEND}): "
                  "build it with `python setup.py build_ext --inplace` or `pip install .`")
     print(f"{'rules':>6} {'measure':>13} {'native ns':>10} {'python ns':>10} {'speedup':>8}"
           f" {'hits':>6}")
@@ -85,7 +85,7 @@ def main() -> None:
         rnd = random.Random(n)
         rules, doms = rule_set(n, rnd)
         pairs = lookups(doms, args.lookups, rnd)
-        mn, mp = nat.DomainRuleMatcher(rules), pymatch.DomainRuleMatcher(rules)
+        mn, mp = nat.DomainRuleMatcher(rules), matcher_py.DomainRuleMatcher(rules)
         res = mn.match_many(pairs)
         assert res == mp.match_many(pairs)                    # same answers before timing
         hits = sum(1 for i in res if i != len(rules) - 1) / len(res)

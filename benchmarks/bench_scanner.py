@@ -15,7 +15,7 @@ import random
 import sys
 import time
 
-from gateway import native, pyscan
+from gateway.native import scanner, scanner_py
 
 
 def message(size: int) -> bytes:
@@ -85,23 +85,23 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=65536, help="bytes per feed")
     ap.add_argument("--calls", type=int, default=200_000, help="calls per per-call benchmark")
     args = ap.parse_args()
-    nat = native.native_backend
+    nat = scanner.native_backend
     if nat is None:
-        sys.exit(f"native core not loaded (BACKEND={native.BACKEND}): "
+        sys.exit(f"native core not loaded (BACKEND={scanner.BACKEND}): "
                  "build it with `python setup.py build_ext --inplace` or `pip install .`")
     data = message(int(args.mb * 1e6))
-    out_py = pyscan.DataScanner().feed(data)
+    out_py = scanner_py.DataScanner().feed(data)
     assert nat.DataScanner().feed(data) == out_py             # same result before timing
 
     rows = []
-    n, p = data_mbps(nat, data, args.chunk), data_mbps(pyscan, data, args.chunk)
+    n, p = data_mbps(nat, data, args.chunk), data_mbps(scanner_py, data, args.chunk)
     rows.append((f"DataScanner {len(data) / 1e6:.1f} MB, {args.chunk} B feeds", "MB/s",
                  n, p, n / p))
     n = per_call_ns(nat.scan_line, COMMANDS, args.calls)
-    p = per_call_ns(pyscan.scan_line, COMMANDS, args.calls)
+    p = per_call_ns(scanner_py.scan_line, COMMANDS, args.calls)
     rows.append(("scan_line, SMTP command lines", "ns/call", n, p, p / n))
     n = per_call_ns(nat.find_literal, IMAP_LINES, args.calls)
-    p = per_call_ns(pyscan.find_literal, IMAP_LINES, args.calls)
+    p = per_call_ns(scanner_py.find_literal, IMAP_LINES, args.calls)
     rows.append(("find_literal, IMAP command lines", "ns/call", n, p, p / n))
 
     print(f"{'benchmark':42} {'unit':>8} {'native':>10} {'python':>10} {'speedup':>8}")

@@ -60,7 +60,7 @@ def gateway_importable() -> str | None:
     if p.returncode != 0:
         return ((p.stderr or p.stdout).strip().splitlines() or [f"exit {p.returncode}"])[-1]
     c = subprocess.run([sys.executable, "-c",
-                        "import gateway.cli, gateway.server, gateway.config, gateway.rules"],
+                        "import gateway.cli, gateway.serve.server, gateway.config, gateway.rules"],
                        capture_output=True, text=True, timeout=60, env=gateway_env(), cwd=GATEWAY_CWD)
     if c.returncode != 0:
         return (c.stderr.strip().splitlines() or ["import failed"])[-1]

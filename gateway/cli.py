@@ -34,9 +34,9 @@ EXIT_CONFIG = 2
 
 def backends() -> tuple[str, str]:
     """What the line scanner and the rule matcher use, "native" or "python" each (python
-    where the compiled core cannot load); see gateway/backend.py."""
+    where the compiled core cannot load); see gateway/native/backend.py."""
     try:
-        from . import backend
+        from .native import backend
         return backend.SCANNER, backend.MATCHER
     except Exception:
         return "python", "python"
@@ -229,7 +229,7 @@ def cmd_check(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import demo_config, load_config
-    from .logs import EventLog
+    from .observe.logs import EventLog
     try:
         config = demo_config() if args.demo else load_config(args.config)
     except ConfigError as exc:
@@ -246,7 +246,7 @@ def cmd_run(args) -> int:
     log = EventLog(args.log_format or config.log_format, stream=target)
     for warning in config.warnings:
         log.event("config_warning", level="warning", message=warning)
-    from . import launch
+    from .process import launch
     try:
         result = launch.run(config, log=log, demo=bool(args.demo))
     except ConfigError as exc:
@@ -262,10 +262,10 @@ def cmd_run(args) -> int:
 def _log_target(config):
     """log_file's target (None: stderr); a file this process creates goes to the workers'
     user, so that they can reopen it after logrotate."""
-    from .logs import open_target
+    from .observe.logs import open_target
     owner = None
     if config.log_file and os.geteuid() == 0 and (config.user or config.group):
-        from .worker import resolve_ids
+        from .process.worker import resolve_ids
         try:
             owner = resolve_ids(config.user, config.group)
         except KeyError:
@@ -279,7 +279,7 @@ def _log_target(config):
 
 def cmd_sink(args) -> int:
     from .config import parse_hostport
-    from .logs import EventLog
+    from .observe.logs import EventLog
     try:
         host, port = parse_hostport(args.listen, "--listen", port_zero_ok=True)
     except ConfigError as exc:
@@ -329,7 +329,7 @@ def cmd_certs_demo(args) -> int:
 
 
 def cmd_track(args) -> int:
-    from . import track
+    from .observe import track_query
     files = list(args.file or ()) + list(args.files)
     if not files:
         if not args.config:
@@ -343,36 +343,36 @@ def cmd_track(args) -> int:
         if not path:
             _error(f"{args.config}: gateway.tracking_log is not set")
             return EXIT_CONFIG
-        files = track.rotated_files(path)
-    now = track.local_now()
-    filters = track.Filters(mail_from=args.mail_from, rcpt=args.to, addr=args.addr,
+        files = track_query.rotated_files(path)
+    now = track_query.local_now()
+    filters = track_query.Filters(mail_from=args.mail_from, rcpt=args.to, addr=args.addr,
                             tls=args.tls, client_tls=args.client_tls,
                             upstream_tls=args.upstream_tls)
     for name in ("since", "until"):
         text = getattr(args, name)
         if text is not None:
             try:
-                setattr(filters, name, track.parse_time(text, now))
+                setattr(filters, name, track_query.parse_time(text, now))
             except ValueError as exc:
                 _error(f"--{name}: {exc}")
                 return EXIT_CONFIG
     results = {r.strip() for value in args.result or () for r in value.split(",") if r.strip()}
-    unknown = sorted(results - set(track.RESULTS))
+    unknown = sorted(results - set(track_query.RESULTS))
     if unknown:
-        _error(f"--result: unknown result {unknown[0]!r} (one of {', '.join(track.RESULTS)})")
+        _error(f"--result: unknown result {unknown[0]!r} (one of {', '.join(track_query.RESULTS)})")
         return EXIT_CONFIG
     filters.results = frozenset(results)
     try:
-        records = track.query(files, filters, warn=lambda message: print(
+        records = track_query.query(files, filters, warn=lambda message: print(
             f"warning: {message}", file=sys.stderr))
-    except track.TrackError as exc:
+    except track_query.TrackError as exc:
         _error(str(exc))
         return EXIT_FAILURE
     if args.json:
         for rec in records:
-            print(track.format_json(rec))
+            print(track_query.format_json(rec))
     else:
-        print(track.format_table(records))
+        print(track_query.format_table(records))
     return EXIT_OK
 
 
@@ -414,7 +414,7 @@ def cmd_status(args) -> int:
     """The running gateway's `/status` as tables (or its JSON): 0, or 1 when unreachable."""
     import json
 
-    from . import status
+    from .observe import status
     url = args.url
     if url is None and args.config:
         # only the metrics address is read from the file, so that status works while the

@@ -4,7 +4,7 @@
 recipient) pair: whether the client leg must be encrypted and the recipient's upstream level.
 `ClientPolicy` holds the client rules: by client address (the connection's level and cipher
 strength at connect time) and by sender domain (checked at MAIL FROM, can only tighten).
-The lookups are done by `gateway.rulematch` (native, or its pure-Python twin); this module
+The lookups are done by `gateway.native.matcher` (native, or its pure-Python twin); this module
 only turns addresses into the normalised domains the matcher takes and rules into decisions.
 
 `shadowed_rules()` finds rules that can never match because an earlier enabled rule covers
@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from .config import ClientRule, Listener, Rule
 from .levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
-from .rulematch import DomainPatternMatcher, DomainRuleMatcher, NetworkMatcher
+from .native.matcher import DomainPatternMatcher, DomainRuleMatcher, NetworkMatcher
 from .tls.grades import grade_suites
 
 

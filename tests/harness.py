@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 import trio
 
 from gateway.config import parse_config
-from gateway.logs import EventLog
-from gateway.server import serve
+from gateway.observe.logs import EventLog
+from gateway.serve.server import serve
 from gateway.sink import Sink
 
 

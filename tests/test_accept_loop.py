@@ -9,7 +9,7 @@ import errno
 
 import trio
 
-from gateway.logs import EventLog
+from gateway.observe.logs import EventLog
 from gateway.net.accept import accept_loop
 from harness import LogCapture
 

@@ -1,5 +1,5 @@
 """The alert e-mail limit shared by every worker and kept across reloads (SPEC §8, §13; issue
-#21 item 14): state_dir/state.sqlite (gateway.state), its atomic claim raced by processes, and
+#21 item 14): state_dir/state.sqlite (gateway.serve.state), its atomic claim raced by processes, and
 a supervised gateway with two workers and a reload delivering exactly one alert per domain and
 reason per alert_interval to a sink upstream; state_dir errors name the key."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ import trio
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from gateway.state import FILENAME, StateStore, prepare_state_dir
+from gateway.serve.state import FILENAME, StateStore, prepare_state_dir
 from harness import (NEUTRAL_CWD, config_dict, gateway_subprocess_env, in_thread,
                      listener_dict, running_sink, to_toml)
 from peers import free_port
@@ -102,7 +102,7 @@ def test_the_state_dir_is_made_0700_for_the_workers_user(tmp_path):
 async def test_without_a_usable_store_each_worker_still_limits_its_alerts(tmp_path):
     """The database cannot be opened (its directory is a file): alerts go out under this
     process' own limit, and the failure is logged once."""
-    from gateway.alerts import AlertMailer
+    from gateway.serve.alerts import AlertMailer
 
     class Log:
         events = []

@@ -1,4 +1,4 @@
-"""gateway.backend: the compiled core loaded once, and which backend the line scanner and the
+"""gateway.native.backend: the compiled core loaded once, and which backend the line scanner and the
 rule matcher use under GATEWAY_PURE_PYTHON / GATEWAY_REQUIRE_NATIVE (each case in a fresh
 interpreter: the choice is made at import)."""
 from __future__ import annotations
@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 
 import gateway
-from gateway import backend, native, rulematch
+from gateway.native import backend, matcher, scanner
 
 ROOT = str(Path(gateway.__file__).resolve().parent.parent)
 
 
 def test_the_facades_follow_the_loader():
-    assert native.BACKEND == backend.SCANNER
-    assert rulematch.BACKEND == backend.MATCHER
+    assert scanner.BACKEND == backend.SCANNER
+    assert matcher.BACKEND == backend.MATCHER
     if backend.SCANNER == "native":
-        assert native._lib is backend._lib          # one module, loaded once
+        assert scanner._lib is backend._lib          # one module, loaded once
     if backend.MATCHER == "native":
-        assert rulematch._lib is backend._lib
+        assert matcher._lib is backend._lib
 
 
 def test_core_refuses_an_unknown_part():
@@ -55,11 +55,11 @@ elif mode == "old-build":
 
     sys.modules["gateway._native"] = types.SimpleNamespace(ffi=real.ffi, lib=OldLib())
 out = {{}}
-import gateway.backend as b
+import gateway.native.backend as b
 out["loader"] = [b.SCANNER, b.MATCHER]
-for name in ("native", "rulematch"):
+for name in ("scanner", "matcher"):
     try:
-        m = __import__("gateway." + name, fromlist=["BACKEND"])
+        m = __import__("gateway.native." + name, fromlist=["BACKEND"])
     except ImportError as exc:
         out[name] = "ImportError: " + str(exc)
     else:
@@ -72,29 +72,29 @@ _OLD = "gateway._native was built without the rule matcher (rebuild it)"
 
 
 @pytest.mark.parametrize("env,mode,expect", [
-    ({}, "real", {"loader": ["native", "native"], "native": "native", "rulematch": "native"}),
+    ({}, "real", {"loader": ["native", "native"], "scanner": "native", "matcher": "native"}),
     ({"GATEWAY_REQUIRE_NATIVE": "1"}, "real",
-     {"loader": ["native", "native"], "native": "native", "rulematch": "native"}),
+     {"loader": ["native", "native"], "scanner": "native", "matcher": "native"}),
     ({"GATEWAY_PURE_PYTHON": "1"}, "real",
-     {"loader": ["python", "python"], "native": "python", "rulematch": "python"}),
-    ({}, "blocked", {"loader": ["python", "python"], "native": "python", "rulematch": "python"}),
+     {"loader": ["python", "python"], "scanner": "python", "matcher": "python"}),
+    ({}, "blocked", {"loader": ["python", "python"], "scanner": "python", "matcher": "python"}),
     ({"GATEWAY_REQUIRE_NATIVE": "1"}, "blocked",
      {"loader": ["python", "python"],
-      "native": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native core gateway._native "
-                f"cannot be imported: {_BLOCKED}",
-      "rulematch": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native rule matcher in "
-                   f"gateway._native cannot be imported: {_BLOCKED}"}),
+      "scanner": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native core gateway._native "
+                 f"cannot be imported: {_BLOCKED}",
+      "matcher": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native rule matcher in "
+                 f"gateway._native cannot be imported: {_BLOCKED}"}),
     ({"GATEWAY_PURE_PYTHON": "1", "GATEWAY_REQUIRE_NATIVE": "1"}, "blocked",
-     {"loader": ["python", "python"], "native": "python", "rulematch": "python"}),
-    ({}, "old-build", {"loader": ["native", "python"], "native": "native",
-                       "rulematch": "python"}),
+     {"loader": ["python", "python"], "scanner": "python", "matcher": "python"}),
+    ({}, "old-build", {"loader": ["native", "python"], "scanner": "native",
+                       "matcher": "python"}),
     ({"GATEWAY_REQUIRE_NATIVE": "1"}, "old-build",
-     {"loader": ["native", "python"], "native": "native",
-      "rulematch": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native rule matcher in "
-                   f"gateway._native cannot be imported: {_OLD}"}),
+     {"loader": ["native", "python"], "scanner": "native",
+      "matcher": "ImportError: GATEWAY_REQUIRE_NATIVE=1 but the native rule matcher in "
+                 f"gateway._native cannot be imported: {_OLD}"}),
 ])
 def test_backend_selection(env, mode, expect):
-    if mode != "blocked" and not env.get("GATEWAY_PURE_PYTHON") and native.native_backend is None:
+    if mode != "blocked" and not env.get("GATEWAY_PURE_PYTHON") and scanner.native_backend is None:
         pytest.skip("native core not built")
     clean = {k: v for k, v in os.environ.items()
              if k not in ("GATEWAY_PURE_PYTHON", "GATEWAY_REQUIRE_NATIVE")}

@@ -120,18 +120,18 @@ def test_run_config_error_exits_2(tmp_path):
 
 @pytest.fixture
 def fake_server(monkeypatch):
-    """Replace gateway.launch.run (another module) with a recorder."""
+    """Replace gateway.process.launch.run (another module) with a recorder."""
     import types
     calls = []
-    module = types.ModuleType("gateway.launch")
+    module = types.ModuleType("gateway.process.launch")
 
     def run(config, log, demo=False):
         calls.append((config, log, demo))
         return 0
     module.run = run
-    monkeypatch.setitem(sys.modules, "gateway.launch", module)
-    import gateway
-    monkeypatch.setattr(gateway, "launch", module, raising=False)
+    monkeypatch.setitem(sys.modules, "gateway.process.launch", module)
+    import gateway.process
+    monkeypatch.setattr(gateway.process, "launch", module, raising=False)
     return calls
 
 

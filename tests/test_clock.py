@@ -1,10 +1,10 @@
-"""gateway.clock.per_second: a value recomputed at most once per wall-clock second."""
+"""gateway.observe.clock.per_second: a value recomputed at most once per wall-clock second."""
 from __future__ import annotations
 
 import time
 
-from gateway import logs
-from gateway.clock import per_second
+from gateway.observe import logs
+from gateway.observe.clock import per_second
 
 
 def test_computed_once_per_second():

@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from gateway import native, pyscan
+from gateway.native import scanner as facade, scanner_py
 from harness import config_dict, in_thread, listener_dict, running_gateway, running_sink
 
 INVALID = (501, b"5.5.2 Invalid EHLO argument")
@@ -20,11 +20,11 @@ INVALID = (501, b"5.5.2 Invalid EHLO argument")
 def scanner(request, monkeypatch):
     """The line scanner the server core uses: the compiled one or the pure-Python twin."""
     if request.param == "native":
-        if native.native_backend is None:
+        if facade.native_backend is None:
             pytest.skip("no compiled core")
-        monkeypatch.setattr(native, "scan_line", native.native_backend.scan_line)
+        monkeypatch.setattr(facade, "scan_line", facade.native_backend.scan_line)
     else:
-        monkeypatch.setattr(native, "scan_line", pyscan.scan_line)
+        monkeypatch.setattr(facade, "scan_line", scanner_py.scan_line)
     return request.param
 
 

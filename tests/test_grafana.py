@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway import metrics as M
+from gateway.observe import metrics as M
 from harness import client_context, in_thread, running_sink, server_ssl_context
 from milters import scripted_milter
 from peers import free_port, require
@@ -57,7 +57,7 @@ def targets(board: dict) -> list[tuple[str, str]]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The gateway metrics an expression reads, as named in gateway/metrics.py's table."""
+    """The gateway metrics an expression reads, as named in gateway/observe/metrics.py's table."""
     names = set()
     for name in re.findall(r"\b(gateway_[a-z_]+)", expr):
         names.add(re.sub(r"_(bucket|sum|count)$", "", name)

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import native, pyscan
+from gateway.native import scanner, scanner_py
 from gateway.errors import ProtocolError
 from gateway.proto import imap_wire as W
 from gateway.proto.imap_client import IMAPClient
 
-BACKENDS = ["python"] + (["native"] if native.native_backend is not None else [])
+BACKENDS = ["python"] + (["native"] if scanner.native_backend is not None else [])
 
 
 @pytest.fixture(params=BACKENDS, autouse=True)
 def backend(request, monkeypatch):
-    impl = pyscan if request.param == "python" else native.native_backend
-    monkeypatch.setattr(W, "native", impl)
+    impl = scanner_py if request.param == "python" else scanner.native_backend
+    monkeypatch.setattr(W, "scanner", impl)
 
 
 def responses(client: IMAPClient, data: bytes, *, byte_at_a_time=False) -> list:

@@ -14,7 +14,7 @@ from dovecot import DovecotInstance
 from harness import client_context, config_dict, in_thread, listener_dict, running_gateway
 from peers import instance_dir, openssl_s_client_starttls_async, parse_tls_version, require
 
-from gateway import pyscan
+from gateway.native import scanner_py
 
 MESSAGE = (b"From: alice@example.test\r\nTo: alice@example.test\r\nSubject: gateway test\r\n"
            b"\r\nline one\r\n.dot line\r\n{5}\r\na LOGOUT\r\n\r\nend\r\n")
@@ -253,7 +253,7 @@ class FakeUpstream:
                     buf += data
                 i = buf.index(b"\n")
                 line, buf = bytes(buf[:i + 1]), buf[i + 1:]
-                n, plus = pyscan.find_literal(line.rstrip(b"\r\n"))
+                n, plus = scanner_py.find_literal(line.rstrip(b"\r\n"))
                 while n >= 0:                       # read the literal and the rest
                     if not plus:
                         await stream.send_all(b"+ go\r\n")
@@ -265,7 +265,7 @@ class FakeUpstream:
                         buf += data
                     j = buf.index(b"\n", n)
                     rest, buf = bytes(buf[n:j + 1]), buf[j + 1:]
-                    n, plus = pyscan.find_literal(rest.rstrip(b"\r\n"))
+                    n, plus = scanner_py.find_literal(rest.rstrip(b"\r\n"))
                 tag, _, rest = line.partition(b" ")
                 name = rest.split(b" ", 1)[0].strip().upper()
                 if name == b"STARTTLS" and self.starttls_answer is not None:
@@ -483,10 +483,10 @@ async def test_unverifiable_upstream_certificate(dovecot, server_cert):
 
 
 class RecordingMetrics:
-    """Stands in for gateway.metrics.Metrics: keeps (metric, labels) -> total."""
+    """Stands in for gateway.observe.metrics.Metrics: keeps (metric, labels) -> total."""
 
     def __init__(self):
-        from gateway.metrics import ATTRIBUTES
+        from gateway.observe.metrics import ATTRIBUTES
         self.values: dict = {}
         for name in ATTRIBUTES:
             setattr(self, name, _Family(self.values, name))
@@ -515,9 +515,9 @@ class _Family:
 async def test_metrics_of_an_imap_session(dovecot, server_cert):
     from harness import LogCapture
     from gateway.config import parse_config
-    from gateway.logs import EventLog
-    from gateway.runtime import WorkerState
-    from gateway.server import serve
+    from gateway.observe.logs import EventLog
+    from gateway.serve.runtime import WorkerState
+    from gateway.serve.server import serve
     metrics = RecordingMetrics()
     config = parse_config(gateway_config(imap_listener("imap", dovecot.port), server_cert))
     async with trio.open_nursery() as nursery:

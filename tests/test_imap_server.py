@@ -5,18 +5,18 @@ import base64
 
 import pytest
 
-from gateway import native, pyscan
+from gateway.native import scanner, scanner_py
 from gateway.proto import imap_server as S
 from gateway.proto import imap_wire as W
 
-BACKENDS = ["python"] + (["native"] if native.native_backend is not None else [])
+BACKENDS = ["python"] + (["native"] if scanner.native_backend is not None else [])
 
 
 @pytest.fixture(params=BACKENDS, autouse=True)
 def backend(request, monkeypatch):
     """Every test runs with the Python twin and with the compiled scanner."""
-    impl = pyscan if request.param == "python" else native.native_backend
-    monkeypatch.setattr(W, "native", impl)
+    impl = scanner_py if request.param == "python" else scanner.native_backend
+    monkeypatch.setattr(W, "scanner", impl)
     return request.param
 
 

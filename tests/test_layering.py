@@ -10,10 +10,12 @@ The rules:
 - the sans-IO cores in gateway/proto/ never reach trio, socket, ssl or OpenSSL, not even
   through another gateway module;
 - the supervisor never reaches gateway/relay/ or gateway/proto/: it builds TLS contexts, binds
-  sockets and forks, and only the forked child enters the worker (gateway.worker, whose
+  sockets and forks, and only the forked child enters the worker (gateway.process.worker, whose
   imports are therefore not followed);
 - the module graph has no import cycle, and neither has the graph of gateway's folders (each
   package directly under gateway/, each module loose at its top, as one node);
+- at most 8 modules lie loose at the top of gateway/: the rest live in packages named for their
+  job (process/, serve/, observe/, native/, ...);
 - no level word (`verify`, `none`, ...) is compared as a string outside the level module and
   the configuration parser: a decision reads the level's members and properties.
 """
@@ -32,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gateway"
 
 PROTO_FORBIDDEN = {"trio", "socket", "ssl", "OpenSSL"}
-SUPERVISOR = "gateway.supervisor"
-SUPERVISOR_ENTRY_TO_WORKER = "gateway.worker"
+SUPERVISOR = "gateway.process.supervisor"
+SUPERVISOR_ENTRY_TO_WORKER = "gateway.process.worker"
 SUPERVISOR_FORBIDDEN = ("gateway.relay", "gateway.proto")
 
 # Known cycles outside this change, each the exact set of modules of one strongly connected
@@ -181,11 +183,11 @@ def _cycle_in(edges, component: set[str]) -> list[str]:
 def test_the_graph_is_read():
     """The reader sees the imports these rules depend on (else every rule passes vacuously)."""
     edges, external = _graph()
-    assert "gateway.proto.smtp_server" in edges and "gateway.supervisor" in edges
+    assert "gateway.proto.smtp_server" in edges and "gateway.process.supervisor" in edges
     assert "gateway.relay.upstream" in edges["gateway.relay.smtp_session"]
     assert {"gateway.proto", "gateway.proto.smtp_client"} <= edges["gateway.relay.upstream"]
-    assert "gateway.native" in edges["gateway.proto.smtp_server"]      # `from .. import native`
-    assert "gateway.worker" in edges[SUPERVISOR]                        # lazy, in the child
+    assert "gateway.native.scanner" in edges["gateway.proto.smtp_server"]  # from ..native
+    assert "gateway.process.worker" in edges[SUPERVISOR]    # lazy, in the child
     assert "trio" in external["gateway.relay.pool"]
 
 
@@ -253,6 +255,17 @@ def _folder_graph(edges) -> tuple[dict, dict]:
                 graph[a].add(b)
                 why.setdefault((a, b), []).append((module, target))
     return graph, why
+
+
+MAX_LOOSE = 8
+
+
+def test_few_modules_lie_loose():
+    """The top of gateway/ shows the architecture: its packages, and only a few modules (the
+    entry points and what every package reads) outside them."""
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert "cli.py" in loose and "__init__.py" in loose          # the reader sees the top
+    assert len(loose) <= MAX_LOOSE, f"{len(loose)} modules loose at the top of gateway/: {loose}"
 
 
 def test_no_folder_loops():

@@ -8,7 +8,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.logs import EventLog, format_logfmt, new_conn_id, timestamp
+from gateway.observe.logs import EventLog, format_logfmt, new_conn_id, timestamp
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
@@ -186,7 +186,7 @@ def test_bound_logfmt_fast_path_writes_what_the_general_path_writes(bound, field
                                                                      level):
     """BoundLog formats its bound fields once; the lines must equal the general formatter's
     for any fields, including ones that repeat a bound key or a reserved one."""
-    import gateway.logs as L
+    import gateway.observe.logs as L
     out = io.StringIO()
     log = EventLog("logfmt", stream=out)
     bound_log = log.bind(**bound)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import gateway
-from gateway import metrics as M
+from gateway.observe import metrics as M
 from gateway.cli import build_parser
 from gateway.config import parse_config
 from gateway.config import parse as P
@@ -34,8 +34,8 @@ from gateway.proto.smtp_server import SMTPServer
 from gateway.relay import upstream
 from gateway.relay.milter_client import MilterError
 from gateway.relay.smtp_session import _COUNTED_CODES
-from gateway.track import RESULTS
-from gateway.tracking import TrackingRecord
+from gateway.observe.track_query import RESULTS
+from gateway.observe.tracking_log import TrackingRecord
 
 from peers import require
 
@@ -610,7 +610,7 @@ def test_ehlo_keywords_documented():
 
 
 _IMAP_FILES = {"proto/imap_server.py", "proto/imap_wire.py", "relay/imap_session.py",
-               "server.py"}
+               "serve/server.py"}
 
 
 @functools.cache

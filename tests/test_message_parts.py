@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import native
+from gateway.native import scanner
 from gateway.proto import milter as M
 from gateway.proto.message import (HeaderSplitter, Stuffer, Unstuffer, apply_header_edits,
                                    clean_body, split_field)
@@ -35,9 +35,9 @@ def test_unstuff_and_stuff_invert_each_other_across_any_chunking(lines, cuts):
     # the server core's framing of that text: what DataScanner makes of the stuffed wire form
     wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
                     for line in lines)
-    scanner = native.DataScanner(False)
-    framed, used = scanner.feed(bytearray(wire + b".\r\n"))
-    assert scanner.done and framed == wire
+    data_scanner = scanner.DataScanner(False)
+    framed, used = data_scanner.feed(bytearray(wire + b".\r\n"))
+    assert data_scanner.done and framed == wire
     unstuff, stuff = Unstuffer(), Stuffer()
     plain = b"".join(unstuff.feed(c) for c in _chunks(wire, cuts))
     assert plain == text

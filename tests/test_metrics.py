@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 import gateway
-from gateway import metrics as M
+from gateway.observe import metrics as M
 
 ROOT = Path(gateway.__file__).resolve().parent.parent
 
 PRELUDE = textwrap.dedent("""
     import json, os, sys, urllib.error, urllib.request
-    from gateway import metrics as M
+    from gateway.observe import metrics as M
 
     def fetch(port, path):
         try:
@@ -162,14 +162,14 @@ def test_two_workers_are_summed(tmp_path):
 
 
 def test_build_info_native_label():
-    from gateway import native
+    from gateway.native import scanner
     out = run_script("""
         M.prepare_multiprocess_dir()
         m = M.Metrics()
         body, ctype = M.render()
         print(json.dumps(families(body.decode())))
     """)
-    expect = "yes" if native.BACKEND == "native" else "no"
+    expect = "yes" if scanner.BACKEND == "native" else "no"
     assert value(out, "gateway_build_info", "gateway_build_info",
                  version=gateway.__version__, native=expect) == 1
 

@@ -14,7 +14,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics as M
+from gateway.observe import metrics as M
 from peers import free_port
 from supervised import GatewayProcess, children, fetch, healthz, poll, write_config
 

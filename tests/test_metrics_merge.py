@@ -1,4 +1,4 @@
-"""Merging the value files of dead processes (gateway/metricsfiles.py, SPEC §9, §11):
+"""Merging the value files of dead processes (gateway/observe/metric_files.py, SPEC §9, §11):
 prometheus-client has no merge API, so these prove on files written by its own MmapedDict that
 no counter or histogram sample goes backwards across a merge (exact sums, the archive rounded
 up), that gauges keep their multiprocess mode's meaning, that the files stay flat, that a merge
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from gateway import metricsfiles as F
-from gateway import recent
+from gateway.observe import metric_files as F
+from gateway.observe import recent
 
 LABELS = {"listener": "mx", "protocol": "smtp"}
 BOUNDS = ("0.5", "1.0", "+Inf")

@@ -1,6 +1,6 @@
 """A scrape of the multiprocess value files while workers are created, killed and reaped
-(gateway/metrics.py). The value files are written with prometheus_client's own MmapedDict, as
-the workers do; the races are set up by hand, so every test is deterministic.
+(gateway/observe/metrics.py). The value files are written with prometheus_client's own
+MmapedDict, as the workers do; the races are set up by hand, so every test is deterministic.
 
 The failure these guard against: MmapedDict creates a value file empty and only then sizes it;
 a scrape in between made prometheus_client's MultiProcessCollector raise
@@ -19,7 +19,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics as M
+from gateway.observe import metrics as M
 
 
 @pytest.fixture

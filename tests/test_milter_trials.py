@@ -283,10 +283,10 @@ async def test_a_failed_milters_default_action_is_counted_as_milter_error_or_tim
         tmp_path, behaviour, expect):
     from functools import partial
 
-    from gateway.logs import EventLog
+    from gateway.observe.logs import EventLog
     from gateway.config import parse_config
-    from gateway.runtime import WorkerState
-    from gateway.server import serve
+    from gateway.serve.runtime import WorkerState
+    from gateway.serve.server import serve
     from harness import LogCapture
     from milters import scripted_milter
     from test_imap_gateway import RecordingMetrics

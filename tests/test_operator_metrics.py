@@ -236,7 +236,7 @@ async def test_status_and_gateway_status_while_sessions_are_open(tmp_path, serve
 
 
 def test_recent_counts_sum_processes_within_the_minute(tmp_path):
-    from gateway.recent import SUBDIR, RecentCounts, read_recent
+    from gateway.observe.recent import SUBDIR, RecentCounts, read_recent
 
     (tmp_path / SUBDIR).mkdir()
     a = RecentCounts(str(tmp_path / SUBDIR / "1.bin"), ["in", "out"])

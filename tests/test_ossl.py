@@ -293,7 +293,7 @@ def test_verify_result(server_cert):
 
 
 def test_set_verify_native_accepts_every_chain_and_keeps_openssls_result(server_cert):
-    from gateway.native import VERIFY_ACCEPT_ADDRESS
+    from gateway.native.scanner import VERIFY_ACCEPT_ADDRESS
     if VERIFY_ACCEPT_ADDRESS is None:
         pytest.skip("the native core is not loaded (pure-Python fallback)")
     cctx = _client_ctx()                                       # no CA: the chain is unknown

@@ -1,6 +1,6 @@
 """Connections per client address (SPEC §2 `max_connections_per_ip`): the shared-memory
-tables of gateway/perip.py, the native core (_native/perip.c) against its pure-Python twin
-(gateway/pyperip.py) and a naive model, the address keys (IPv4 mapped, IPv6 per prefix), and
+tables of gateway/native/perip.py, the native core (_native/perip.c) against its pure-Python twin
+(gateway/native/perip_py.py) and a naive model, the address keys (IPv4 mapped, IPv6 per prefix), and
 the configuration keys."""
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway
-from gateway import backend, perip, pyperip
+from gateway.native import backend, perip, perip_py
 from gateway.config import ConfigError, parse_config
-from gateway.conncount import ConnectionCounts
-from gateway.perip import FULL, MISSING, SLOT, PerIPTable, address_key
+from gateway.serve.conncount import ConnectionCounts
+from gateway.native.perip import FULL, MISSING, SLOT, PerIPTable, address_key
 
 REQUIRE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
 NATIVE = perip.native_backend
 needs_native = pytest.mark.skipif(NATIVE is None and not REQUIRE, reason="native core not built")
 
-BACKENDS = [pytest.param(pyperip, id="python"),
+BACKENDS = [pytest.param(perip_py, id="python"),
             pytest.param(NATIVE, id="native", marks=needs_native)]
 
 SEED = 0x0123456789ABCDEF
@@ -53,10 +53,10 @@ class OldLib:                          # a build from before the per-address cou
         return getattr(real.lib, name)
 
 sys.modules["gateway._native"] = types.SimpleNamespace(ffi=real.ffi, lib=OldLib())
-import gateway.backend as b
+import gateway.native.backend as b
 out = {{"loader": b.PERIP}}
 try:
-    import gateway.perip as p
+    import gateway.native.perip as p
 except ImportError as exc:
     out["perip"] = "ImportError: " + str(exc)
 else:
@@ -94,7 +94,7 @@ def keys_with_home(home: int, slots: int, count: int, listener: int = 0, seed: i
     out, n = [], skip
     while len(out) < count:
         k = v4(n)
-        if pyperip.slot_hash(k, listener, seed) & (slots - 1) == home:
+        if perip_py.slot_hash(k, listener, seed) & (slots - 1) == home:
             out.append(k)
         n += 1
     return out
@@ -122,7 +122,7 @@ class Table:
     def entry(self, row: int, i: int) -> tuple[bytes, int, int]:
         """(key, listener, count) of entry *i* of *row*."""
         off = (row * self.slots + i) * SLOT
-        lst, count = pyperip._LC.unpack_from(self.mem, off + 16)
+        lst, count = perip_py._LC.unpack_from(self.mem, off + 16)
         return bytes(self.mem[off:off + 16]), lst, count
 
 
@@ -256,7 +256,7 @@ OPS = st.lists(st.tuples(st.sampled_from((1, 1, -1, 0)), st.integers(0, 2), st.i
 def test_twins_agree_with_each_other_and_a_model(seed, slots, rows, ops):
     keys = [v4(n) for n in range(6)] + [address_key(f"2001:db8:{n}::1") for n in range(6)]
     model = Model(rows, slots)
-    py = Table(pyperip, rows, slots, seed)
+    py = Table(perip_py, rows, slots, seed)
     nat = Table(NATIVE, rows, slots, seed) if NATIVE is not None else None
     for delta, row, listener, ki in ops:
         row %= rows

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from gateway.net.proxy_protocol import build_v1, build_v2
-from gateway.perip import PerIPTable, address_key
+from gateway.native.perip import PerIPTable, address_key
 from harness import config_dict, in_thread, listener_dict, running_gateway, running_sink
 from peers import free_port
 from supervised import GatewayProcess, gone, poll, scrape, total, write_config

@@ -311,7 +311,7 @@ async def test_a_second_instance_on_the_same_address_exits_2(tmp_path, server_ce
 def test_foreign_listener_sees_a_socket_of_another_group():
     """The check after listen(): a LISTEN socket on the address that is not one of ours
     (what the probe cannot see when another process binds between probe and bind)."""
-    from gateway.addrcheck import foreign_listener, listening
+    from gateway.process.addrcheck import foreign_listener, listening
 
     def reuseport(port=0):
         sock = socket.socket()
@@ -445,8 +445,8 @@ DEMO_SUPERVISOR = """
 import os, sys
 os.umask(0o077)                       # as the systemd unit's UMask
 from gateway.config import load_config
-from gateway.logs import EventLog
-from gateway.supervisor import Supervisor
+from gateway.observe.logs import EventLog
+from gateway.process.supervisor import Supervisor
 config = load_config(sys.argv[1])
 sys.exit(Supervisor(config, EventLog(config.log_format), demo=True).run())
 """

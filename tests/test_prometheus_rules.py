@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peers import require
 
-from gateway import metrics as M
+from gateway.observe import metrics as M
 from gateway.relay import milter_client
 from gateway.relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS
 
@@ -21,7 +21,7 @@ RULES = DEPLOY / "alerts.yml"
 RULE_TESTS = DEPLOY / "alerts.test.yml"
 SCRAPE = DEPLOY / "scrape.yml"
 EXAMPLE = DEPLOY.parent / "gateway.example.toml"
-# exported by the supervisor (SPEC §9, §11), not by gateway/metrics.py's table
+# exported by the supervisor (SPEC §9, §11), not by gateway/observe/metrics.py's table
 SUPERVISOR_METRICS: set[str] = set()      # every name the rules read is in the metric table
 
 

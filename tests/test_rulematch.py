@@ -10,22 +10,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import pymatch, rulematch
+from gateway.native import matcher, matcher_py
 
 REQUIRE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
-NATIVE = rulematch.native_backend
+NATIVE = matcher.native_backend
 needs_native = pytest.mark.skipif(NATIVE is None and not REQUIRE, reason="native core not built")
 
-BACKENDS = [pytest.param(pymatch, id="python"),
+BACKENDS = [pytest.param(matcher_py, id="python"),
             pytest.param(NATIVE, id="native", marks=needs_native)]
 
 
 def test_backend_env():
     if os.environ.get("GATEWAY_PURE_PYTHON") == "1":
-        assert rulematch.BACKEND == "python" and NATIVE is None
+        assert matcher.BACKEND == "python" and NATIVE is None
     elif REQUIRE:
-        assert rulematch.BACKEND == "native" and NATIVE is not None
-    assert rulematch.python_backend is pymatch
+        assert matcher.BACKEND == "native" and NATIVE is not None
+    assert matcher.python_backend is matcher_py
 
 
 # --- naive reference --------------------------------------------------------------------------
@@ -165,7 +165,7 @@ RULE = st.tuples(st.booleans(), PATTERN, PATTERN)
 
 
 def _impls():
-    out = [pymatch]
+    out = [matcher_py]
     if NATIVE is not None or REQUIRE:
         out.append(NATIVE)
     return out
@@ -219,4 +219,4 @@ def test_networks_generated(nets, ips):
 @given(st.text(alphabet="0123456789abcdefABCDEF:.%x/ ", max_size=45))
 def test_ip_parsing_matches_ipaddress(text):
     n = NATIVE.NetworkMatcher(["0.0.0.0/0", "::/0"])
-    assert n.match(text) == pymatch.NetworkMatcher(["0.0.0.0/0", "::/0"]).match(text)
+    assert n.match(text) == matcher_py.NetworkMatcher(["0.0.0.0/0", "::/0"]).match(text)

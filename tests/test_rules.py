@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway import pymatch, rulematch
+from gateway.native import matcher, matcher_py
 from gateway.config import Rule, parse_config
 from gateway.rules import (ClientPolicy, EncryptionPolicy, cipher_meets, domain_of,
                            pattern_covers, shadowed_rules)
@@ -61,11 +61,11 @@ def _listener(rules=(), client_rules=(), client_tls="optional"):
 def backend(request, monkeypatch):
     """Run the policy on one matcher implementation."""
     if request.param == "native":
-        if rulematch.native_backend is None:
+        if matcher.native_backend is None:
             pytest.skip("native matcher not built")
-        impl = rulematch.native_backend
+        impl = matcher.native_backend
     else:
-        impl = pymatch
+        impl = matcher_py
     import gateway.rules as rules_module
     for name in ("DomainRuleMatcher", "DomainPatternMatcher", "NetworkMatcher"):
         monkeypatch.setattr(rules_module, name, getattr(impl, name))
@@ -144,7 +144,7 @@ def test_cipher_meets():
 
 
 def test_alert_mailer_rate_limit():
-    from gateway.alerts import AlertMailer
+    from gateway.serve.alerts import AlertMailer
     now = [1000.0]
     mailer = AlertMailer(None, sender="gw@x.test", recipients=["ops@x.test"],
                          hostname="gw.x.test", listener="in", log=None, interval=3600,
@@ -223,9 +223,9 @@ sender_encryption = "required"
 def test_network_rule_cipher_strength_gets_its_own_server_context():
     from OpenSSL import SSL
 
-    from gateway.logs import EventLog
+    from gateway.observe.logs import EventLog
     from gateway.tls.grades import grade_suites as cipher_names
-    from gateway.runtime import build_runtimes
+    from gateway.serve.runtime import build_runtimes
     # an operator list with a MEDIUM suite (CCM8) among HIGH ones
     data = config_dict([listener_dict(upstream_port=25, profile="ccm", client_rules=[
         {"match": "192.0.2.0/24", "cipher_strength": "high"}])])

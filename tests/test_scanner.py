@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gateway
-from gateway import native, pyscan
+from gateway.native import scanner, scanner_py
 
 REQUIRE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
-NATIVE = native.native_backend
+NATIVE = scanner.native_backend
 needs_native = pytest.mark.skipif(NATIVE is None and not REQUIRE, reason="native core not built")
 
-BACKENDS = [pytest.param(pyscan, id="python"),
+BACKENDS = [pytest.param(scanner_py, id="python"),
             pytest.param(NATIVE, id="native", marks=needs_native)]
 
-BARE_CR, BARE_LF, NUL = pyscan.BARE_CR, pyscan.BARE_LF, pyscan.NUL
+BARE_CR, BARE_LF, NUL = scanner_py.BARE_CR, scanner_py.BARE_LF, scanner_py.NUL
 END = b".\r\n"
 
 
@@ -121,18 +121,18 @@ def assert_clean(out: bytes):
 def test_require_native_means_native_from_the_installed_package():
     if not REQUIRE:
         pytest.skip("GATEWAY_REQUIRE_NATIVE is not set")
-    assert native.BACKEND == "native" and native.native_backend is not None
+    assert scanner.BACKEND == "native" and scanner.native_backend is not None
     source_pkg = Path(__file__).resolve().parent.parent / "gateway"
     assert Path(gateway.__file__).resolve().parent != source_pkg
 
 
 def test_facade_exports_the_active_backend():
-    assert native.BACKEND in ("native", "python")
-    active = NATIVE if native.BACKEND == "native" else pyscan
-    assert native.scan_line is active.scan_line
-    assert native.find_literal is active.find_literal
-    assert native.DataScanner is active.DataScanner
-    assert (native.BARE_CR, native.BARE_LF, native.NUL) == (1, 2, 4)
+    assert scanner.BACKEND in ("native", "python")
+    active = NATIVE if scanner.BACKEND == "native" else scanner_py
+    assert scanner.scan_line is active.scan_line
+    assert scanner.find_literal is active.find_literal
+    assert scanner.DataScanner is active.DataScanner
+    assert (scanner.BARE_CR, scanner.BARE_LF, scanner.NUL) == (1, 2, 4)
     if NATIVE is not None:
         assert (NATIVE.BARE_CR, NATIVE.BARE_LF, NATIVE.NUL) == (1, 2, 4)
 
@@ -147,7 +147,7 @@ if {block!r}:
                 raise ImportError("blocked for the test")
     sys.meta_path.insert(0, Block())
 try:
-    import gateway.native as n
+    import gateway.native.scanner as n
 except ImportError as e:
     print("ImportError", e)
 else:
@@ -156,11 +156,11 @@ else:
 
 
 @pytest.mark.parametrize("env,block,expect", [
-    ({"GATEWAY_PURE_PYTHON": "1"}, False, "python True gateway.pyscan"),
-    ({}, True, "python True gateway.pyscan"),
+    ({"GATEWAY_PURE_PYTHON": "1"}, False, "python True gateway.native.scanner_py"),
+    ({}, True, "python True gateway.native.scanner_py"),
     ({"GATEWAY_REQUIRE_NATIVE": "1"}, True, "ImportError"),
     ({"GATEWAY_PURE_PYTHON": "1", "GATEWAY_REQUIRE_NATIVE": "1"}, True,
-     "python True gateway.pyscan"),
+     "python True gateway.native.scanner_py"),
 ])
 def test_backend_selection(env, block, expect):
     root = str(Path(gateway.__file__).resolve().parent.parent)
@@ -237,7 +237,7 @@ def test_multibyte_buffers_are_read_as_bytes(b):
 ], ids=range(12))
 def test_bad_arguments_raise_the_same_error(call):
     errors = []
-    for m in (pyscan, NATIVE):
+    for m in (scanner_py, NATIVE):
         with pytest.raises((TypeError, ValueError, BufferError)) as info:
             call(m)
         errors.append(info.type)
@@ -455,7 +455,7 @@ def test_chunking_does_not_matter(b, data, cuts):
 @given(data=messages, cuts=cut_lists)
 def test_native_and_python_agree_feed_by_feed(data, cuts):
     pieces = split_at(data + b"\r\n.\r\n" if len(data) % 3 else data, cuts)
-    p = feed_pieces(pyscan, pieces)
+    p = feed_pieces(scanner_py, pieces)
     n = feed_pieces(NATIVE, pieces)
     assert p[3] == n[3]                                       # every feed's full result
     assert p[:2] == n[:2]
@@ -466,7 +466,7 @@ def test_native_and_python_agree_feed_by_feed(data, cuts):
 @given(data=messages, start=st.integers(0, 70))
 def test_native_and_python_agree_on_scan_line(data, start):
     expect = ref_scan_line(data, start)
-    assert pyscan.scan_line(data, start) == expect
+    assert scanner_py.scan_line(data, start) == expect
     assert NATIVE.scan_line(data, start) == expect
     assert NATIVE.scan_line(bytearray(data), start) == expect
 
@@ -474,7 +474,7 @@ def test_native_and_python_agree_on_scan_line(data, start):
 @given(data=messages, start=st.integers(0, 70))
 @settings(max_examples=200, deadline=None)
 def test_scan_line_on_generated_bytes(data, start):
-    assert pyscan.scan_line(data, start) == ref_scan_line(data, start)
+    assert scanner_py.scan_line(data, start) == ref_scan_line(data, start)
 
 
 literal_lines = st.one_of(
@@ -498,5 +498,5 @@ def test_find_literal_matches_the_reference(b, line):
 @settings(max_examples=300, deadline=None)
 @given(line=literal_lines)
 def test_native_and_python_agree_on_find_literal(line):
-    assert NATIVE.find_literal(line) == pyscan.find_literal(line)
-    assert NATIVE.find_literal(memoryview(line)) == pyscan.find_literal(bytearray(line))
+    assert NATIVE.find_literal(line) == scanner_py.find_literal(line)
+    assert NATIVE.find_literal(memoryview(line)) == scanner_py.find_literal(bytearray(line))

@@ -414,7 +414,8 @@ def test_main_sink_cli_entry(server_cert, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from gateway.sink import main_sink; from gateway.logs import EventLog;"
+    code = ("import sys; from gateway.sink import main_sink; "
+            "from gateway.observe.logs import EventLog;"
             f"main_sink('127.0.0.1', 0, {str(server_cert.cert)!r}, {str(server_cert.key)!r},"
             f" {str(tmp_path)!r}, EventLog('json', sys.stdout))")
     proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE,

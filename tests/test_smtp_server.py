@@ -355,13 +355,13 @@ def test_sasl_response_over_12288_octets_is_reported_not_executed():
 def scanner(request, monkeypatch):
     """The core's line scanner: the compiled one or the pure-Python twin (which reports a
     bare CR, a bare LF and a NUL alike)."""
-    from gateway import native, pyscan
+    from gateway.native import scanner as facade, scanner_py
     if request.param == "native":
-        if native.native_backend is None:
+        if facade.native_backend is None:
             pytest.skip("no compiled core")
-        monkeypatch.setattr(native, "scan_line", native.native_backend.scan_line)
+        monkeypatch.setattr(facade, "scan_line", facade.native_backend.scan_line)
     else:
-        monkeypatch.setattr(native, "scan_line", pyscan.scan_line)
+        monkeypatch.setattr(facade, "scan_line", scanner_py.scan_line)
     return request.param
 
 

@@ -14,8 +14,8 @@ import trio
 import trustme
 
 from gateway.config import ConfigError, parse_config
-from gateway.listener_tls import build_tls
-from gateway.logs import EventLog
+from gateway.serve.listener_tls import build_tls
+from gateway.observe.logs import EventLog
 from gateway.tls.sni import SNISelector
 
 from harness import (NEUTRAL_CWD, config_dict, gateway_subprocess_env, listener_dict,

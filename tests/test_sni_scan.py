@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from gateway import native, pyscan
+from gateway.native import scanner, scanner_py
 
 REQUIRE = os.environ.get("GATEWAY_REQUIRE_NATIVE") == "1"
-NATIVE = native.native_backend
+NATIVE = scanner.native_backend
 needs_native = pytest.mark.skipif(NATIVE is None and not REQUIRE, reason="native core not built")
-BACKENDS = [pytest.param(pyscan, id="python"),
+BACKENDS = [pytest.param(scanner_py, id="python"),
             pytest.param(NATIVE, id="native", marks=needs_native)]
-MORE, NONE = pyscan.SNI_MORE, pyscan.SNI_NONE
+MORE, NONE = scanner_py.SNI_MORE, scanner_py.SNI_NONE
 
 
 def openssl_hello(name: str | None, *, max_version=SSL.TLS1_3_VERSION) -> bytes:
@@ -127,8 +127,8 @@ def test_a_name_longer_than_cap_is_none(b):
 
 
 def test_the_facade_exports_the_active_backend():
-    assert native.server_name(openssl_hello("x.test")) == (6, b"x.test")
-    assert (native.SNI_MORE, native.SNI_NONE) == (MORE, NONE)
+    assert scanner.server_name(openssl_hello("x.test")) == (6, b"x.test")
+    assert (scanner.SNI_MORE, scanner.SNI_NONE) == (MORE, NONE)
 
 
 # --- native and python on generated input --------------------------------------------------
@@ -165,7 +165,7 @@ def mutated_hellos(draw):
                       st.binary(max_size=60).map(lambda b: b"\x16\x03\x01" + b)),
        cap=st.sampled_from([0, 3, 14, 255]))
 def test_native_and_python_agree(data, cap):
-    expect = pyscan.server_name(data, cap)
+    expect = scanner_py.server_name(data, cap)
     assert NATIVE.server_name(data, cap) == expect
     status, name = expect
     assert status in (MORE, NONE) or (status == len(name) and 1 <= status <= cap)

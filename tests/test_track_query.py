@@ -13,10 +13,11 @@ from dataclasses import asdict
 
 import pytest
 
-from gateway import cli, track
+from gateway import cli
+from gateway.observe import track_query
 from gateway.proto import replies as R
 from gateway.relay.milter_data import DISCARDED
-from gateway.tracking import TrackingRecord, encode_record
+from gateway.observe.tracking_log import TrackingRecord, encode_record
 from harness import NEUTRAL_CWD, gateway_subprocess_env
 
 UTC = datetime.timezone.utc
@@ -152,12 +153,12 @@ def test_records_without_upstream_leg_are_inferred(tmp_path, capsys):
             if k not in ("upstream_leg", "auth_user", "milter")} for r in RECORDS]
     path = tmp_path / "old.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in old))
-    assert [track.upstream_leg(r) for r in old] == ["tls", "tls", "plain", None, None, None,
+    assert [track_query.upstream_leg(r) for r in old] == ["tls", "tls", "plain", None, None, None,
                                                     None]
     assert ids(capsys, path, "--no-upstream-tls") == ["m.3"]     # m.4 is unknown: no leg
     assert ids(capsys, path, "--upstream-tls") == ["m.1", "m.2"]
     # the session writes null for "no leg": the same inference applies
-    assert track.upstream_leg({"upstream_leg": None, "upstream_tls": None,
+    assert track_query.upstream_leg({"upstream_leg": None, "upstream_tls": None,
                                "result": "tempfail"}) is None
 
 
@@ -228,7 +229,7 @@ def test_config_reads_the_log_and_its_rotated_siblings(tmp_path, capsys):
     write(base, RECORDS[4:])
     (tmp_path / "tracking.jsonl.bak").write_text("not a rotated file\n")
     (tmp_path / "tracking.jsonl.1.tmp").write_text("nor this\n")
-    assert track.rotated_files(str(base)) == [str(tmp_path / n) for n in (
+    assert track_query.rotated_files(str(base)) == [str(tmp_path / n) for n in (
         "tracking.jsonl-20261120.gz", "tracking.jsonl.10.gz", "tracking.jsonl.2.gz",
         "tracking.jsonl.1", "tracking.jsonl")]
     config = tmp_path / "gateway.toml"
@@ -245,22 +246,22 @@ def test_config_reads_the_log_and_its_rotated_siblings(tmp_path, capsys):
 
 def test_parse_time_forms():
     now = datetime.datetime(2026, 11, 24, 15, 30, tzinfo=UTC)
-    assert track.parse_time("2026-11-24T10:00Z", now) == datetime.datetime(
+    assert track_query.parse_time("2026-11-24T10:00Z", now) == datetime.datetime(
         2026, 11, 24, 10, 0, tzinfo=UTC)
-    assert track.parse_time("2026-11-24T10:00:00+02:00", now) == datetime.datetime(
+    assert track_query.parse_time("2026-11-24T10:00:00+02:00", now) == datetime.datetime(
         2026, 11, 24, 8, 0, tzinfo=UTC)
-    assert track.parse_time("2026-11-24 10:00", now) == datetime.datetime(     # no offset: UTC
+    assert track_query.parse_time("2026-11-24 10:00", now) == datetime.datetime(  # no offset: UTC
         2026, 11, 24, 10, 0, tzinfo=UTC)
-    assert track.parse_time("2026-11-24", now) == datetime.datetime(2026, 11, 24, tzinfo=UTC)
-    assert track.parse_time("30m", now) == now - datetime.timedelta(minutes=30)
-    assert track.parse_time("24h", now) == now - datetime.timedelta(hours=24)
-    assert track.parse_time("7d", now) == now - datetime.timedelta(days=7)
-    assert track.parse_time("90s", now) == now - datetime.timedelta(seconds=90)
-    assert track.parse_time("2w", now) == now - datetime.timedelta(weeks=2)
-    assert track.parse_time("now", now) == now
+    assert track_query.parse_time("2026-11-24", now) == datetime.datetime(2026, 11, 24, tzinfo=UTC)
+    assert track_query.parse_time("30m", now) == now - datetime.timedelta(minutes=30)
+    assert track_query.parse_time("24h", now) == now - datetime.timedelta(hours=24)
+    assert track_query.parse_time("7d", now) == now - datetime.timedelta(days=7)
+    assert track_query.parse_time("90s", now) == now - datetime.timedelta(seconds=90)
+    assert track_query.parse_time("2w", now) == now - datetime.timedelta(weeks=2)
+    assert track_query.parse_time("now", now) == now
     for bad in ("", "soon", "10:00", "24x", "-3h", "2026-13-01", "99999999999d"):
         with pytest.raises(ValueError):
-            track.parse_time(bad, now)
+            track_query.parse_time(bad, now)
 
 
 @pytest.fixture
@@ -275,14 +276,15 @@ def local_tz(monkeypatch):
 
 def test_today_and_yesterday_are_local_midnights(local_tz):
     now = datetime.datetime(2026, 11, 24, 1, 0, tzinfo=local_tz)      # 2026-11-23 22:00 UTC
-    assert track.parse_time("today", now) == datetime.datetime(2026, 11, 23, 21, 0, tzinfo=UTC)
-    assert track.parse_time("yesterday", now) == datetime.datetime(2026, 11, 22, 21, 0,
-                                                                   tzinfo=UTC)
+    assert track_query.parse_time("today", now) == datetime.datetime(2026, 11, 23, 21, 0,
+                                                                     tzinfo=UTC)
+    assert track_query.parse_time("yesterday", now) == datetime.datetime(2026, 11, 22, 21, 0,
+                                                                         tzinfo=UTC)
 
 
 def test_relative_times_on_the_command_line(log, capsys, local_tz, monkeypatch):
     now = datetime.datetime(2026, 11, 24, 15, 0, tzinfo=local_tz)     # 12:00 UTC
-    monkeypatch.setattr(track, "local_now", lambda: now)
+    monkeypatch.setattr(track_query, "local_now", lambda: now)
     # yesterday (local) = 2026-11-22T21:00Z .. 2026-11-23T21:00Z; until is exclusive
     assert ids(capsys, log, "--since", "yesterday", "--until", "today") == ["m.1"]
     assert ids(capsys, log, "--since", "today") == ["m.2", "m.3", "m.4", "m.5", "m.6", "m.7"]

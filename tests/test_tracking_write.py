@@ -15,10 +15,10 @@ import pytest
 import trio
 
 from gateway.config import parse_config
-from gateway.conncount import ConnectionCounts
-from gateway.logs import EventLog
-from gateway.server import WorkerState, serve
-from gateway.tracking import TrackingLog, TrackingRecord, encode_record
+from gateway.serve.conncount import ConnectionCounts
+from gateway.observe.logs import EventLog
+from gateway.serve.server import WorkerState, serve
+from gateway.observe.tracking_log import TrackingLog, TrackingRecord, encode_record
 from harness import (NEUTRAL_CWD, LogCapture, config_dict, gateway_subprocess_env, in_thread,
                      listener_dict, running_sink, smtp_send)
 
@@ -157,7 +157,7 @@ def test_a_torn_line_left_by_another_process_is_not_glued_on(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from gateway.tracking import TrackingLog, TrackingRecord
+    from gateway.observe.tracking_log import TrackingLog, TrackingRecord
     path, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     t = TrackingLog(path)
     sys.stdin.read()                          # every writer starts at once
@@ -242,7 +242,7 @@ def test_reopen_follows_a_rotated_file(tmp_path):
 
 def test_without_a_log_the_error_is_a_logfmt_line_on_stderr():
     script = textwrap.dedent("""
-        from gateway.tracking import TrackingLog, TrackingRecord
+        from gateway.observe.tracking_log import TrackingLog, TrackingRecord
         t = TrackingLog("/dev/full")
         t.write(TrackingRecord(id="x.1", time="2026-11-24T10:00:00Z", listener="l",
                                client="c", helo=None, mail_from="", recipients=[], size=0,
@@ -261,10 +261,10 @@ def test_without_a_log_the_error_is_a_logfmt_line_on_stderr():
 def test_the_error_counter_is_exposed(tmp_path):
     script = textwrap.dedent("""
         import json
-        from gateway import metrics as M
+        from gateway.observe import metrics as M
         M.prepare_multiprocess_dir()
-        from gateway.logs import EventLog
-        from gateway.tracking import TrackingLog, TrackingRecord
+        from gateway.observe.logs import EventLog
+        from gateway.observe.tracking_log import TrackingLog, TrackingRecord
         import io
         m = M.Metrics()
         t = TrackingLog("/dev/full", log=EventLog(stream=io.StringIO()), metrics=m)

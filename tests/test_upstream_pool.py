@@ -13,12 +13,12 @@ import pytest
 import trio
 
 from gateway.config import parse_config
-from gateway.logs import EventLog
+from gateway.observe.logs import EventLog
 from gateway.levels import UpstreamLevel
 from gateway.policy.route import Route, destination_key, leg_key
 from gateway.relay.pool import UpstreamPool
 from gateway.relay.upstream import UpstreamSettings
-from gateway.server import serve
+from gateway.serve.server import serve
 from harness import (LogCapture, config_dict, in_thread, listener_dict,
                      running_gateway, running_sink, server_ssl_context, smtp_send)
 

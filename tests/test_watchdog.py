@@ -6,10 +6,10 @@ import smtplib
 import trio
 
 from gateway.config import parse_config
-from gateway.logs import EventLog
+from gateway.observe.logs import EventLog
 from gateway.relay.watchdog import ReceiveWatchdog, tick_for
-from gateway.runtime import WorkerState
-from gateway.server import serve
+from gateway.serve.runtime import WorkerState
+from gateway.serve.server import serve
 from harness import LogCapture, config_dict, in_thread, listener_dict, running_sink
 
 

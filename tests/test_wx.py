@@ -442,7 +442,7 @@ def _check(example: Example, *, pure_python: bool) -> subprocess.CompletedProces
 
 
 def test_check_warns_that_wx_will_not_hold_only_without_the_native_core(tmp_path, ca):
-    from gateway.native import VERIFY_ACCEPT_ADDRESS
+    from gateway.native.scanner import VERIFY_ACCEPT_ADDRESS
     example = Example(tmp_path, ca, upstream_port=9)
     pure = _check(example, pure_python=True)
     assert pure.returncode == 0, pure.stderr

@@ -16,7 +16,7 @@ for its tail (to read a literal's size), so memory stays bounded whatever the se
 """
 from __future__ import annotations
 
-from .. import native
+from ..native import scanner
 
 _TAIL = 32          # bytes of a partial line kept: enough for "{" 18 digits "+}" and CR
 
@@ -53,7 +53,7 @@ class ResponseBoundary:
             pos = nl + 1
             if line_end.endswith(b"\r"):
                 line_end = line_end[:-1]
-            n, _ = native.find_literal(line_end)
+            n, _ = scanner.find_literal(line_end)
             if n > 0:
                 self._literal = n
                 self._mid_line = True

@@ -4,7 +4,8 @@ tokenizer for the few pre-login commands, and argument rendering.
 The reader assembles one whole IMAP "line" — a command (server side) or a response (client
 side) — including the literals it announces (``{N}``, and ``{N+}`` of LITERAL+, RFC 7888), so
 a literal's bytes are never taken for a command. The literal announcement at the end of each
-line part is found by the native scanner (`gateway.native.find_literal`, or its Python twin).
+line part is found by the native scanner (`gateway.native.scanner.find_literal`, or its
+Python twin).
 
 Everything is bounded by `max_size` (a whole command, lines and literals: 64 KiB before login):
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import native
+from ..native import scanner
 
 
 class _NeedData:
@@ -160,7 +161,7 @@ class LineReader:
         self._scan = 0
         text = seg[:-2] if seg.endswith(b"\r\n") else seg[:-1]
         self._size += len(seg)
-        n, plus = native.find_literal(text) if self.literals else (-1, False)
+        n, plus = scanner.find_literal(text) if self.literals else (-1, False)
         if self._size > self.max_size:          # the line itself is over the cap
             self._head = self._head_of((self._parts[0] if self._parts else text)[:64])
             self._drop_line()
@@ -238,7 +239,7 @@ class LineReader:
         self._tail = b""
         if tail.endswith(b"\r"):
             tail = tail[:-1]
-        n, plus = native.find_literal(tail) if self.literals else (-1, False)
+        n, plus = scanner.find_literal(tail) if self.literals else (-1, False)
         return self._literal_after_drop(n, plus)
 
     def _drop_line(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .. import native
+from ..native import scanner
 from . import replies as R
 
 
@@ -131,7 +131,7 @@ _ALLOWED_BEFORE_TLS = {"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"}
 _SERVED_AFTER_REFUSAL = frozenset(("QUIT", "NOOP", "RSET"))
 # a line with any of these is never relayed as a SASL response nor kept as a HELO name (§4.4,
 # §4.6): a CR not before the line's LF, a LF without its CR (the line is not a CRLF line), NUL
-_BARE = native.BARE_CR | native.BARE_LF | native.NUL
+_BARE = scanner.BARE_CR | scanner.BARE_LF | scanner.NUL
 # verbs whose line with a NUL gets its own reply (501) rather than 500 NUL_IN_COMMAND
 _NUL_CHECKED = (b"EHLO", b"HELO", b"AUTH")
 # control characters never allowed in an EHLO/HELO argument: it goes into the Received header
@@ -257,7 +257,7 @@ class SMTPServer:
         elif isinstance(event, Rcpt) and ok:
             self.rcpt_count += 1
         elif isinstance(event, Data) and code == 354:
-            self._scanner = native.DataScanner(self.normalize)
+            self._scanner = scanner.DataScanner(self.normalize)
             self._aborted = None
         elif isinstance(event, DataEnd):
             self._reset_transaction()
@@ -375,7 +375,7 @@ class SMTPServer:
             del buf[: nl + 1]
             self._discarding = False
             return self._TOO_LONG, 0
-        end, flags = native.scan_line(buf)
+        end, flags = scanner.scan_line(buf)
         if end < 0:
             if len(buf) > limit + 1:
                 self._discarding = True
@@ -408,7 +408,7 @@ class SMTPServer:
             return None
         if line.__class__ is not bytes:
             return line                                 # NEED_DATA, closed, or go on
-        if flags & native.NUL and line.split(b" ", 1)[0].upper() not in _NUL_CHECKED:
+        if flags & scanner.NUL and line.split(b" ", 1)[0].upper() not in _NUL_CHECKED:
             self._reply(R.NUL_IN_COMMAND)
             return None
         self._flags = flags

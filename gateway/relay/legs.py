@@ -18,7 +18,7 @@ from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
 
 class Legs:
     def __init__(self, rt, log, client_addr: tuple[str, int]):
-        self.rt = rt                    # ListenerRuntime (gateway.runtime)
+        self.rt = rt                    # ListenerRuntime (gateway.serve.runtime)
         self.log = log
         self.client_addr = client_addr
         self.leg: UpstreamLeg | None = None

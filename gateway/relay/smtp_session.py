@@ -21,14 +21,14 @@ import time
 
 import trio
 
-from ..clock import per_second
+from ..observe.clock import per_second
 from ..errors import TLSError
 from ..levels import ClientLevel
 from ..policy.stages import Action, Facts, Verdict
 from ..proto import replies as R
 from ..proto import smtp_server as S
 from ..tls.stream import TLSStream
-from ..tracking import TrackingRecord, now_rfc3339
+from ..observe.tracking_log import TrackingRecord, now_rfc3339
 from .milter_data import HeldData
 from .streamed_data import StreamedData
 from .tls_legs import accept_client_tls
@@ -40,7 +40,7 @@ _SHUTDOWN = object()         # _receive(): the worker is draining and this sessi
 
 class SMTPSession:
     def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
-        self.rt = rt                    # ListenerRuntime (gateway.runtime)
+        self.rt = rt                    # ListenerRuntime (gateway.serve.runtime)
         self.listener = rt.listener
         self.stream = stream
         self.client_addr = client_addr

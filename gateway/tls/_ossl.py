@@ -133,7 +133,8 @@ RELEASE_BUFFERS_MODE: int | None = getattr(_lib, "SSL_MODE_RELEASE_BUFFERS", Non
 
 def set_verify_native(ctx: SSL.Context, mode: int, callback_address: int) -> None:
     """SSL_CTX_set_verify(ctx, mode, callback) with a C verify callback given by its address
-    (gateway.native.VERIFY_ACCEPT_ADDRESS), cast to OpenSSL's callback type in pyOpenSSL's ffi.
+    (gateway.native.scanner.VERIFY_ACCEPT_ADDRESS), cast to OpenSSL's callback type in
+    pyOpenSSL's ffi.
     Unlike Context.set_verify with a Python callable, this allocates no `ffi.callback`
     (write+execute memory, refused under MemoryDenyWriteExecute) and runs no Python per
     certificate. The function must outlive the context (a loaded extension's does). Call it

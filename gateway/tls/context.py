@@ -26,7 +26,7 @@ import os
 from OpenSSL import SSL
 
 from . import _ossl
-from ..native import VERIFY_ACCEPT_ADDRESS
+from ..native.scanner import VERIFY_ACCEPT_ADDRESS
 from ._ossl import verify_error_string
 from .certs import load_pem_bytes, load_pem_files
 from .profiles import Profile, validate_profile

@@ -18,7 +18,7 @@ Verification never fails the handshake (see gateway.tls.context): after do_hands
 
 A server with several certificates (SPEC §3.4) passes `sni`, a callable from the client's
 server name (or None) to a context: the handshake then first reads the ClientHello as far as
-its server name (gateway.native.server_name, the native scanner) and builds the connection
+its server name (gateway.native.scanner.server_name, the native scanner) and builds the connection
 with the chosen context, so OpenSSL runs no servername callback (§3.3). Without `sni` nothing
 is read ahead.
 """
@@ -32,8 +32,8 @@ import trio
 from OpenSSL import SSL
 
 from ..errors import TLSError
-from ..native import SNI_MORE
-from ..native import server_name as _scan_server_name
+from ..native.scanner import SNI_MORE
+from ..native.scanner import server_name as _scan_server_name
 from ._ossl import connection_handles, session_reused, verify_error_string, verify_result
 from ._ossl import mem_bio_pending as _bio_pending
 from ._ossl import ssl_pending as _ssl_pending

@@ -1,6 +1,6 @@
 """`gateway status`: the metrics endpoint's `/status` as tables (SPEC §11).
 
-`fetch()` reads the JSON `gateway.metrics.status()` serves; `format_table()` prints it: one
+`fetch()` reads the JSON `gateway.observe.metrics.status()` serves; `format_table()` prints it: one
 row per listener (open connections, sessions and messages in the last minute, the upstream's
 last result and how long ago), the workers as the supervisor reports them, the certificates
 with their expiry.

@@ -16,20 +16,20 @@ from functools import partial
 
 import trio
 
-from .config import GatewayConfig
+from ..config import GatewayConfig
 from .conncount import ConnectionCounts
-from .lifecycle import REOPEN_SIGNAL, RETIRE_SIGNAL
-from .logs import new_conn_id
-from .net.accept import accept_loop
-from .net.bind import bind_socket
-from .net.proxy_protocol import is_trusted
-from .net.proxy_stream import read_proxy_header
-from .net.sockstream import LeanSocketStream
-from .perip import address_key
-from .proto import replies as R
-from .relay.imap_session import IMAPSession
-from .relay.smtp_session import SMTPSession
-from .relay.watchdog import tick_for
+from .signals import REOPEN_SIGNAL, RETIRE_SIGNAL
+from ..observe.logs import new_conn_id
+from ..net.accept import accept_loop
+from ..net.bind import bind_socket
+from ..net.proxy_protocol import is_trusted
+from ..net.proxy_stream import read_proxy_header
+from ..net.sockstream import LeanSocketStream
+from ..native.perip import address_key
+from ..proto import replies as R
+from ..relay.imap_session import IMAPSession
+from ..relay.smtp_session import SMTPSession
+from ..relay.watchdog import tick_for
 from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
@@ -207,7 +207,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
     state = state if state is not None else WorkerState(
         ConnectionCounts.for_config(config))
     if state.tracking is None and config.tracking_log:
-        from .tracking import TrackingLog
+        from ..observe.tracking_log import TrackingLog
         state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
     if runtimes is None:
         runtimes, demo = build_runtimes(config, log, state)

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-from .config import ConfigError, GatewayConfig, check_files, load_config
-from .conncount import ORDER_CUT, ORDER_RETIRE, ROWS_PER_SLOT, ConnectionCounts
-from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
+from ..config import ConfigError, GatewayConfig, check_files, load_config
+from ..serve.conncount import ORDER_CUT, ORDER_RETIRE, ROWS_PER_SLOT, ConnectionCounts
+from ..serve.signals import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
 from .notify import Notifier
 
 EXIT_START = 2                 # unusable configuration or environment, found before serving
@@ -135,7 +135,7 @@ class Supervisor:
                                  f"{exc.strerror or exc}") from None
         if config.pid_file:
             self._write_pid_file(config.pid_file)
-        from .listener_tls import build_tls
+        from ..serve.listener_tls import build_tls
         try:
             self.tls = build_tls(config, self.base_log)
         except Exception as exc:             # a certificate or key OpenSSL refuses
@@ -143,8 +143,8 @@ class Supervisor:
         self.counts = ConnectionCounts.for_config(config, self.rows, self.n)
         self._health_rules()
         if config.metrics:
-            from . import metrics as M
-            from .metricsfiles import hand_over
+            from ..observe import metrics as M
+            from ..observe.metric_files import hand_over
             self.metrics = M.Metrics()
             self.metrics.workers_configured.set(self.n)
             self.metrics.workers_healthy.set(0)
@@ -203,15 +203,15 @@ class Supervisor:
         return resolve_ids(self.config.user, self.config.group)
 
     def _metrics_dir(self) -> None:
-        """The prometheus multiprocess directory (metricsfiles.create_run_dir), after
+        """The prometheus multiprocess directory (metric_files.create_run_dir), after
         removing those of instances killed with kill -9; the workers and the metrics
         process, which run as `user`, write there."""
-        from . import metricsfiles
-        if "prometheus_client" in sys.modules and not os.environ.get(metricsfiles.ENV):
+        from ..observe import metric_files
+        if "prometheus_client" in sys.modules and not os.environ.get(metric_files.ENV):
             raise RuntimeError("prometheus_client was imported before "
                                "PROMETHEUS_MULTIPROC_DIR was set")
         try:
-            self.metrics_dir = metricsfiles.create_run_dir(*self._owner())
+            self.metrics_dir = metric_files.create_run_dir(*self._owner())
         except OSError as exc:                # root without CAP_CHOWN (a systemd unit)
             key = "gateway.user" if self.config.user else "gateway.group"
             raise StartError(
@@ -219,13 +219,13 @@ class Supervisor:
                 f"{self.config.user or self.config.group}: {exc.strerror or exc} (running "
                 f"as root needs CAP_CHOWN, CAP_SETUID and CAP_SETGID; see "
                 f"deploy/systemd/run-as-root.conf)") from None
-        os.environ[metricsfiles.ENV] = self.metrics_dir.values
+        os.environ[metric_files.ENV] = self.metrics_dir.values
 
     def _bind_listeners(self) -> None:
         """The SO_REUSEPORT group of every listener, one socket per slot; StartError when an
         address cannot be bound or another process serves it."""
         from .addrcheck import ALREADY_SERVED, foreign_listener, probe
-        from .net.bind import bind_socket
+        from ..net.bind import bind_socket
         groups = []
         try:
             for listener in self.config.listeners:
@@ -252,7 +252,7 @@ class Supervisor:
 
     def _build_tls(self, config: GatewayConfig):
         """A reload's TLS contexts (listener_tls.build_tls), or None (logged)."""
-        from .listener_tls import build_tls
+        from ..serve.listener_tls import build_tls
         try:
             return build_tls(config, self.base_log)
         except Exception as exc:       # a certificate or key OpenSSL refuses
@@ -385,7 +385,7 @@ class Supervisor:
             self._vacate(info)
             self.counts.clear_row(info.row)
             if self.metrics_dir is not None:
-                from . import metrics as M
+                from ..observe import metrics as M
                 M.mark_process_dead(pid)
             self.log.event("worker_exit", level="info" if code == 0 else "warning",
                            worker_pid=pid, slot=info.slot, code=code)

@@ -2,11 +2,12 @@
 the per-address connection counts (SPEC §10, §2).
 
 GATEWAY_PURE_PYTHON=1: the compiled module is not even imported; every part uses its
-pure-Python twin (`gateway.pyscan`, `gateway.pymatch`, `gateway.pyperip`). Otherwise
-`gateway._native` is imported here, once. A part it cannot provide (the import fails, or an
-older build lacks the part's functions) uses its twin, unless GATEWAY_REQUIRE_NATIVE=1 (CI):
-then importing that part's facade (`gateway.native`, `gateway.rulematch`, `gateway.perip`)
-raises ImportError.
+pure-Python twin (`gateway.native.scanner_py`, `gateway.native.matcher_py`,
+`gateway.native.perip_py`). Otherwise `gateway._native` is imported here, once. A part it
+cannot provide (the import fails, or an older build lacks the part's functions) uses its twin,
+unless GATEWAY_REQUIRE_NATIVE=1 (CI): then importing that part's facade
+(`gateway.native.scanner`, `gateway.native.matcher`, `gateway.native.perip`) raises
+ImportError.
 
     SCANNER, MATCHER, PERIP
                         "native" or "python": what the line scanner / the rule matcher / the
@@ -37,7 +38,7 @@ _ffi = _lib = None
 _import_error: ImportError | None = None
 if not PURE_PYTHON:
     try:
-        from ._native import ffi as _ffi, lib as _lib
+        from .._native import ffi as _ffi, lib as _lib
     except ImportError as exc:
         _ffi = _lib = None
         _import_error = exc

@@ -24,8 +24,8 @@ from functools import partial
 
 import trio
 
-from .lifecycle import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
-from .lifeline import die_with_parent
+from ..serve.signals import BOOT_ERROR, REOPEN_SIGNAL, RETIRE_SIGNAL
+from .parent_death import die_with_parent
 
 HELD_SIGNALS = {signal.SIGTERM, RETIRE_SIGNAL, REOPEN_SIGNAL}
 
@@ -104,11 +104,11 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None,
     for sig in (signal.SIGHUP, signal.SIGCHLD, *HELD_SIGNALS):
         signal.signal(sig, signal.SIG_DFL)             # (an ignored signal is not kept)
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # ^C reaches the supervisor, which drains
-    from .runtime import WorkerState, build_runtimes
+    from ..serve.runtime import WorkerState, build_runtimes
     log = log.bind(worker=os.getpid())
     metrics = None
     if config.metrics:
-        from .metrics import Metrics
+        from ..observe.metrics import Metrics
         metrics = Metrics()
     state = WorkerState(counts=counts, row=row, metrics=metrics)
     try:
@@ -116,10 +116,10 @@ def run_worker(config, sockets, log, counts, row: int, slot: int, tls=None,
         # still privileged
         runtimes = build_runtimes(config, log, state, tls)
         if config.tracking_log:
-            from .tracking import TrackingLog
+            from ..observe.tracking_log import TrackingLog
             state.tracking = TrackingLog(config.tracking_log, log=log, metrics=state.metrics)
         if config.metrics and os.getuid() == 0 and (config.user or config.group):
-            from .metricsfiles import hand_over       # made as root: the user's to read
+            from ..observe.metric_files import hand_over       # made as root: the user's to read
             hand_over(*resolve_ids(config.user, config.group))
         drop_privileges(config.user, config.group)
         if parent_pid is not None and not die_with_parent(parent_pid, signal.SIGTERM):
@@ -147,8 +147,8 @@ async def serve_worker(config, log, *, sockets, state, runtimes, interval: float
     listens, and the inherited listening sockets are closed once serve() has its own
     duplicates, so that when accepting stops nothing of this process keeps them listening:
     new clients are refused, not left queued on a socket nobody accepts from.)"""
-    from .conncount import ORDER_CUT
-    from .server import SERVE_SIGNALS, serve_then_cancel, until_stopped
+    from ..serve.conncount import ORDER_CUT
+    from ..serve.server import SERVE_SIGNALS, serve_then_cancel, until_stopped
     with trio.open_signal_receiver(*SERVE_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         async with trio.open_nursery() as outer:

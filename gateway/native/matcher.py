@@ -1,12 +1,12 @@
 """The rule matcher facade: the compiled cffi core or its pure-Python twin (SPEC §4.3, §10).
 
-Which one is gateway/backend.py's choice, by the same rules as the line scanner's
-(GATEWAY_PURE_PYTHON=1 forces the twin, `gateway.pymatch`; a compiled core that cannot be
+Which one is gateway/native/backend.py's choice, by the same rules as the line scanner's
+(GATEWAY_PURE_PYTHON=1 forces the twin, `gateway.native.matcher_py`; a compiled core that cannot be
 loaded, or an older build without the matcher, is an ImportError here under
 GATEWAY_REQUIRE_NATIVE=1, else the twin is used).
 
 Exports BACKEND ("native" or "python") and DomainRuleMatcher, DomainPatternMatcher,
-NetworkMatcher with the semantics documented in gateway/pymatch.py:
+NetworkMatcher with the semantics documented in gateway/native/matcher_py.py:
 
     m = DomainRuleMatcher([(enabled, sender_pattern, recipient_pattern), ...])
     m.match(sender_domain, recipient_domain) -> int      # first enabled rule, -1
@@ -20,7 +20,7 @@ hold the two side by side. The compiled matchers free their C tables when collec
 """
 from __future__ import annotations
 
-from . import backend, pymatch
+from . import backend, matcher_py
 
 __all__ = ["BACKEND", "DomainRuleMatcher", "DomainPatternMatcher", "NetworkMatcher",
            "native_backend", "python_backend"]
@@ -67,7 +67,7 @@ def _new_rm(triples):
 
 
 class _NativeDomainRuleMatcher:
-    """pymatch.DomainRuleMatcher over the C tables (same API and results)."""
+    """matcher_py.DomainRuleMatcher over the C tables (same API and results)."""
 
     __slots__ = ("_m", "size")
 
@@ -104,7 +104,7 @@ class _NativeDomainRuleMatcher:
 
 
 class _NativeDomainPatternMatcher:
-    """pymatch.DomainPatternMatcher over the C tables: the rules (True, pattern, "*") matched
+    """matcher_py.DomainPatternMatcher over the C tables: the rules (True, pattern, "*") matched
     with the recipient "" (which only `*` matches)."""
 
     __slots__ = ("_m", "size")
@@ -126,12 +126,12 @@ class _NativeDomainPatternMatcher:
 
 
 class _NativeNetworkMatcher:
-    """pymatch.NetworkMatcher over two C binary tries (same API and results)."""
+    """matcher_py.NetworkMatcher over two C binary tries (same API and results)."""
 
     __slots__ = ("_m", "size")
 
     def __init__(self, networks):
-        nets = pymatch.parse_networks(networks)
+        nets = matcher_py.parse_networks(networks)
         self.size = len(nets)
         fams = bytes(f for f, _, _ in nets)
         addrs = b"".join(a.to_bytes(4, "big") + bytes(12) if f == 4 else a.to_bytes(16, "big")
@@ -159,7 +159,7 @@ class _NativeBackend:
     NetworkMatcher = _NativeNetworkMatcher
 
 
-python_backend = pymatch
+python_backend = matcher_py
 
 if _lib is not None:
     _rm_match = _lib.gw_rm_match
@@ -172,6 +172,6 @@ if _lib is not None:
 else:
     native_backend = None
     BACKEND = "python"
-    DomainRuleMatcher = pymatch.DomainRuleMatcher
-    DomainPatternMatcher = pymatch.DomainPatternMatcher
-    NetworkMatcher = pymatch.NetworkMatcher
+    DomainRuleMatcher = matcher_py.DomainRuleMatcher
+    DomainPatternMatcher = matcher_py.DomainPatternMatcher
+    NetworkMatcher = matcher_py.NetworkMatcher

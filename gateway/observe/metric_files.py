@@ -25,7 +25,7 @@ gauges of a dead process are dropped (as mark_process_dead does); `all` gauges a
 they are. A new archive is written under a temporary name and renamed into place (it names
 the processes it took in), then the old archive and the merged files go; a merge cut short
 is finished or undone by the next one. The last minute's counts of dead workers
-(gateway.recent) merge into `recent/merged.bin` the same way.
+(gateway.observe.recent) merge into `recent/merged.bin` the same way.
 """
 from __future__ import annotations
 

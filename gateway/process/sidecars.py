@@ -9,7 +9,7 @@ the workers, dying with it (PR_SET_PDEATHSIG) and restarted by it when they die.
 The metrics process serves a socket the supervisor bound (so a bind error ends the start, and
 a restarted metrics process serves the same socket) and answers /healthz from the workers'
 heartbeats in shared memory (conncount.py); it merges the files of dead workers
-(metricsfiles.py). Like the workers, every helper drops to `user`/`group` with no capability
+(metric_files.py). Like the workers, every helper drops to `user`/`group` with no capability
 left (worker.drop_privileges) before it serves (SPEC §9): only the supervisor keeps root. A
 helper's body is given `settle()`, which drops and then asks to die with the supervisor (a
 credential change clears that request); it calls it once it has what it needs as root (the
@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 
-from .lifeline import die_with_parent
+from .parent_death import die_with_parent
 
 
 def fork_child(name: str, body, *, parent_pid: int, close=(), log=None, user=None,
@@ -79,7 +79,7 @@ def bind_metrics(address: str) -> socket.socket:
 def serve_metrics(sock: socket.socket, counts, settle) -> None:
     """The metrics process: /metrics, /status and /healthz (200 while counts.healthy()),
     merging dead workers' files, until killed (SIGTERM's default action)."""
-    from . import metrics
+    from ..observe import metrics
     for warm_up in (metrics.render, metrics.status):    # read only: the merge writes as user
         try:                                # import all they use while it can read anything
             warm_up()
@@ -97,7 +97,7 @@ def serve_demo_sink(config, log, ready_fd: int, settle) -> None:
     *ready_fd*."""
     import trio
 
-    from .sink import run_demo_sink
+    from ..sink import run_demo_sink
 
     async def main():
         async with trio.open_nursery() as nursery:

@@ -1,14 +1,15 @@
 """The line scanner facade: the compiled cffi core or its pure-Python twin (SPEC §10).
 
-Which one is gateway/backend.py's choice (GATEWAY_PURE_PYTHON=1 forces the twin,
-`gateway.pyscan`; GATEWAY_REQUIRE_NATIVE=1 makes a compiled core that cannot be loaded an
-ImportError here instead of a fallback).
+Which one is gateway/native/backend.py's choice (GATEWAY_PURE_PYTHON=1 forces the twin,
+`gateway.native.scanner_py`; GATEWAY_REQUIRE_NATIVE=1 makes a compiled core that cannot be
+loaded an ImportError here instead of a fallback).
 
 Exports BACKEND ("native" or "python"), the flags BARE_CR/BARE_LF/NUL and scan_line,
 find_literal, DataScanner, and server_name (the SNI of a ClientHello, with SNI_MORE/SNI_NONE)
-with the semantics documented in gateway/pyscan.py, and VERIFY_ACCEPT_ADDRESS: the address of
-the C certificate verify callback `gw_verify_accept` (SPEC §3.3; gateway/tls/context.py hands it
-to OpenSSL), or None without the compiled core (the twin has none: a Python callback is used).
+with the semantics documented in gateway/native/scanner_py.py, and VERIFY_ACCEPT_ADDRESS: the
+address of the C certificate verify callback `gw_verify_accept` (SPEC §3.3;
+gateway/tls/context.py hands it to OpenSSL), or None without the compiled core (the twin has
+none: a Python callback is used).
 `native_backend` is the compiled implementation under those same names (None when it is not
 loaded), so tests and benchmarks can hold the two side by side.
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import operator
 
-from . import backend, pyscan
-from .pyscan import BARE_CR, BARE_LF, NUL, SNI_MORE, SNI_NAME_CAP, SNI_NONE, _check_start
+from . import backend, scanner_py
+from .scanner_py import BARE_CR, BARE_LF, NUL, SNI_MORE, SNI_NAME_CAP, SNI_NONE, _check_start
 
 __all__ = ["BACKEND", "BARE_CR", "BARE_LF", "NUL", "SNI_MORE", "SNI_NONE", "scan_line",
            "find_literal", "server_name", "DataScanner", "native_backend",
@@ -69,7 +70,7 @@ def _native_server_name(buf, cap: int = SNI_NAME_CAP) -> tuple[int, bytes]:
 
 
 class _NativeDataScanner:
-    """pyscan.DataScanner over the C transducer (same API and results)."""
+    """scanner_py.DataScanner over the C transducer (same API and results)."""
 
     __slots__ = ("normalize", "_st", "_outlen", "_out", "_cap")
 
@@ -131,7 +132,7 @@ if _lib is not None:
     find_literal = _native_find_literal
     # a build older than the SNI scanner lacks it: its twin then (rebuild to get it)
     server_name = _native_server_name if hasattr(_lib, "gw_tls_server_name") \
-        else pyscan.server_name
+        else scanner_py.server_name
     DataScanner = _NativeDataScanner
     # an integer, so the pointer can be cast into pyOpenSSL's own ffi (gateway/tls/_ossl.py);
     # the function lives as long as the loaded module, i.e. the process
@@ -141,8 +142,8 @@ if _lib is not None:
 else:
     native_backend = None
     BACKEND = "python"
-    scan_line = pyscan.scan_line
-    find_literal = pyscan.find_literal
-    server_name = pyscan.server_name
-    DataScanner = pyscan.DataScanner
+    scan_line = scanner_py.scan_line
+    find_literal = scanner_py.find_literal
+    server_name = scanner_py.server_name
+    DataScanner = scanner_py.DataScanner
     VERIFY_ACCEPT_ADDRESS = None

@@ -1,10 +1,10 @@
 """Connections per client address across all workers (SPEC §2 `max_connections_per_ip`): the
 compiled core or its pure-Python twin over tables in shared memory.
 
-Which backend is gateway/backend.py's choice, by the same rules as the line scanner's
-(GATEWAY_PURE_PYTHON=1 forces the twin, `gateway.pyperip`; under GATEWAY_REQUIRE_NATIVE=1 a
+Which backend is gateway/native/backend.py's choice, by the same rules as the line scanner's
+(GATEWAY_PURE_PYTHON=1 forces the twin, `gateway.native.perip_py`; under GATEWAY_REQUIRE_NATIVE=1 a
 compiled core that cannot be loaded is an ImportError here). The table layout and the
-semantics of `update` are documented in gateway/pyperip.py.
+semantics of `update` are documented in gateway/native/perip_py.py.
 
     table = PerIPTable(rows, slots_for(connections))   # before the fork: every worker
                                              # must see the same memory
@@ -31,8 +31,8 @@ import os
 import socket
 from types import SimpleNamespace
 
-from . import backend, pyperip
-from .pyperip import FULL, MISSING, SLOT
+from . import backend, perip_py
+from .perip_py import FULL, MISSING, SLOT
 
 __all__ = ["BACKEND", "DEFAULT_SLOTS", "FULL", "MAX_SLOTS", "MISSING", "PerIPTable",
            "address_key", "native_backend", "python_backend", "slots_for"]
@@ -44,7 +44,7 @@ MAX_SLOTS = 1 << 20     # 24 MiB a row; beyond max_connections of 512K in all, r
 
 _ffi, _lib = backend.core("perip")
 BACKEND = "python" if _lib is None else "native"
-python_backend = pyperip
+python_backend = perip_py
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
@@ -115,7 +115,7 @@ class PerIPTable:
                 ptr, rows, slots, row, key, listener, delta, seed)
         else:
             mem = memoryview(self._raw).cast("B")
-            self._update = lambda row, key, listener, delta: pyperip.update(
+            self._update = lambda row, key, listener, delta: perip_py.update(
                 mem, rows, slots, row, key, listener, delta, seed)
 
     def _check(self, row: int, listener: int, key: bytes) -> None:

@@ -14,7 +14,7 @@ adds *delta* (+1, -1 or 0) to the count of (key, listener) in *row*'s table and 
 sum of that count over all rows afterwards; FULL when delta is +1 and the table has no free
 entry, MISSING when delta is -1 and the table has no such entry (then nothing changed).
 *mem* is a writable buffer of rows * slots * SLOT bytes; the caller checks the arguments
-(gateway/perip.py).
+(gateway/native/perip.py).
 """
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """Prometheus metrics (SPEC §11) in prometheus-client's multiprocess mode.
 
-The supervisor makes its directory (`metricsfiles.create_run_dir()`, which also removes those
+The supervisor makes its directory (`metric_files.create_run_dir()`, which also removes those
 of instances killed with kill -9) before anything imports prometheus_client (the value class
 is chosen at import), forks workers that each build `Metrics()`, and marks reaped workers
 dead (`mark_process_dead`). Its metrics process serves one endpoint (`MetricsServer`): a
 single thread, a few seconds for a request to arrive, a cap on connections, so no client of
 that port can starve `/healthz`; before a scrape it merges the files of dead workers into one
-archive (`metricsfiles.compact`), so a scrape reads as many files after a thousand reloads as
+archive (`metric_files.compact`), so a scrape reads as many files after a thousand reloads as
 after one. A scrape reads the value files as MultiProcessCollector does, with exact sums; a
 file being created, removed or left unreadable by a killed worker is skipped, never a failed
-scrape (`metricsfiles.collect`). Without metrics, `NullMetrics` offers the same attributes
+scrape (`metric_files.collect`). Without metrics, `NullMetrics` offers the same attributes
 as no-ops, so call sites never check. `/status` (`status()`) answers JSON from the same files
-and the workers' last-minute counts (gateway.recent).
+and the workers' last-minute counts (gateway.observe.recent).
 
 prometheus_client is imported lazily (inside functions) so that importing this module never
 fixes the value class too early.
@@ -30,8 +30,8 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-from . import metricsfiles
-from .metricsfiles import ENV, HEADER as _HEADER
+from . import metric_files
+from .metric_files import ENV, HEADER as _HEADER
 
 HANDSHAKE_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 SESSION_BUCKETS = (.01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -170,7 +170,7 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         import gateway
-        from . import native
+        from ..native import scanner
 
         for spec in METRICS:
             if spec.kind == "counter":
@@ -186,7 +186,7 @@ class Metrics:
                                    registry=None)
             setattr(self, spec.attribute, metric)
         self.build_info.labels(gateway.__version__,
-                               "yes" if native.BACKEND == "native" else "no").set(1)
+                               "yes" if scanner.BACKEND == "native" else "no").set(1)
 
 
 class _Null:
@@ -239,13 +239,13 @@ def mark_process_dead(pid: int) -> None:
 
 class _TolerantCollector:
     """The value files of every process and the archive of dead ones, merged
-    (metricsfiles.collect: a file that cannot be read whole is left out of this scrape)."""
+    (metric_files.collect: a file that cannot be read whole is left out of this scrape)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def collect(self):
-        return metricsfiles.collect(self.path)
+        return metric_files.collect(self.path)
 
 
 def render() -> tuple[bytes, str]:
@@ -368,7 +368,7 @@ class MetricsServer:
     supervisor's to give; without it the list is empty. *sock*: a socket bound and listening
     already (the supervisor's, served by its metrics process), else one is bound to
     host:port. *compact*: merge the files of dead processes before each scrape and every few
-    seconds (metricsfiles.compact; only the metrics process, the one reader, may).
+    seconds (metric_files.compact; only the metrics process, the one reader, may).
 
     `serve_forever()` serves in the calling thread (the metrics process); `start()` in a
     daemon thread until `stop()`."""
@@ -558,7 +558,7 @@ class MetricsServer:
     def _compact(self) -> None:
         self._compacted = time.monotonic()
         try:
-            metricsfiles.compact()
+            metric_files.compact()
         except Exception:                    # a merge must never cost a scrape
             pass
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from .config import GatewayConfig
+from ..config import GatewayConfig
 
 
 def run(config: GatewayConfig, log, demo: bool = False) -> int:
@@ -16,8 +16,8 @@ def run(config: GatewayConfig, log, demo: bool = False) -> int:
 
 
 def run_single(config: GatewayConfig, log, demo: bool = False) -> int:
-    from .server import serve_until_signal
-    from .sink import run_demo_sink
+    from ..serve.server import serve_until_signal
+    from ..sink import run_demo_sink
 
     async def main():
         async with trio.open_nursery() as nursery:

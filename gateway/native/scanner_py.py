@@ -1,6 +1,6 @@
 """Pure-Python twin of the native line scanner (_native/scan.c): same API, same results.
 
-`gateway.native` picks the backend; the tests run both and compare them on generated input.
+`gateway.native.scanner` picks the backend; the tests run both and compare them on generated input.
 Buffers may be bytes, bytearray or any C-contiguous buffer (memoryview...), read as bytes.
 
 - scan_line(buf, start=0) -> (end, flags): the line starting at buf[start:] ends just before

@@ -3,7 +3,7 @@
 With `[gateway] alert_recipients` set, a short plain-text report goes through the listener's
 upstream (STARTTLS when offered: the report names domains, not mail) at most once per
 (domain, reason) per `alert_interval` seconds (default one hour), across every worker, listener
-and reload: each send is claimed first in the shared state database (gateway.state, under
+and reload: each send is claimed first in the shared state database (gateway.serve.state, under
 `state_dir`), and only the worker whose claim succeeds sends. The `tls_alert` log event and
 `gateway_tls_alerts_total` are raised for every failure regardless; the e-mail is the
 operator's nudge, never a flood. Claiming and sending run in the background (the claim, a
@@ -21,8 +21,8 @@ import time
 
 import trio
 
-from .levels import UpstreamLevel
-from .relay.upstream import UpstreamFailure, UpstreamLeg, UpstreamSettings
+from ..levels import UpstreamLevel
+from ..relay.upstream import UpstreamFailure, UpstreamLeg, UpstreamSettings
 
 SEND_TIMEOUT = 60.0          # the whole delivery of one alert, connect to final reply
 
@@ -38,7 +38,7 @@ class AlertMailer:
         self.log = log
         self.interval = interval
         self.clock = clock
-        self.store = store                           # gateway.state.StateStore, shared
+        self.store = store                           # gateway.serve.state.StateStore, shared
         self.nursery: trio.Nursery | None = None     # set by serve(): where sends run
         self._last: dict[tuple[str, str], float] = {}
         self._store_failed = False

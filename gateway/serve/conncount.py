@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from multiprocessing.sharedctypes import RawArray
 
-from .perip import DEFAULT_SLOTS, PerIPTable, slots_for
+from ..native.perip import DEFAULT_SLOTS, PerIPTable, slots_for
 
 ROWS_PER_SLOT = 8      # a serving generation and up to 7 draining ones
 ORDER_SERVE, ORDER_RETIRE, ORDER_CUT = 0, 1, 2   # ORDER_CUT: retired, and its IMAP sessions end

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 import trio
 
 from .alerts import AlertMailer
-from .config import GatewayConfig, Listener
+from ..config import GatewayConfig, Listener
 from .conncount import ConnectionCounts
 from .listener_tls import ListenerTLS, build_tls
-from .metrics import MESSAGE_RESULTS, REJECT_REASONS, NullMetrics
-from .recent import NullRecent, RecentCounts
-from .relay.milter_hook import milter_factories
-from .relay.pool import UpstreamPool
-from .relay.spool import prepare_spool_dir
-from .relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
-from .relay.watchdog import ReceiveWatchdog
-from .policy.stages import StagePolicy
+from ..observe.metrics import MESSAGE_RESULTS, REJECT_REASONS, NullMetrics
+from ..observe.recent import NullRecent, RecentCounts
+from ..relay.milter_hook import milter_factories
+from ..relay.pool import UpstreamPool
+from ..relay.spool import prepare_spool_dir
+from ..relay.upstream import FAILURE_KINDS, TLS_ALERT_REASONS, UpstreamSettings
+from ..relay.watchdog import ReceiveWatchdog
+from ..policy.stages import StagePolicy
 
 
 class WorkerState:

@@ -10,7 +10,7 @@ Looking at the last byte and appending are one step under an exclusive lock on t
 (flock, per open file, let go when the process dies): without it another worker's record,
 in the middle of being appended (the file's size grows a page at a time), looked like a torn
 one, and the newline put before the next record left an empty line.
-`gateway track` (gateway/track.py) reads the file back.
+`gateway track` (gateway/observe/track_query.py) reads the file back.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class TrackingRecord:
     upstream_leg: "tls" or "plain" when the transaction reached the upstream (its envelope was
     sent on a leg, with or without TLS); None when it never did (refused before a leg was used,
     the leg could not be opened, or the TLS its level requires was not obtained). Readers infer
-    it for records written before the field existed (gateway/track.py `upstream_leg`).
+    it for records written before the field existed (gateway/observe/track_query.py `upstream_leg`).
     auth_user: the SMTP AUTH identity (SPEC §4.6), None when the client did not authenticate.
     milter: the milters' verdicts (SPEC §4.7), a list of {"milter", "stage", "result"}; None
     when no milter ran. Fields left None are written as null and not shown by `gateway track`'s

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 
-from .relay.spool import prepare_spool_dir
+from ..relay.spool import prepare_spool_dir
 
 FILENAME = "state.sqlite"
 BUSY_TIMEOUT = 5.0             # seconds a statement waits for another process' write lock

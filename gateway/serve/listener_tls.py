@@ -12,11 +12,11 @@ from functools import partial
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from .config import Certificate, GatewayConfig, Listener
-from .tls import context as tls_context
-from .tls.certs import demo_certificate, dns_names, load_pairs
-from .tls.profiles import clone as clone_profile
-from .tls.sni import SNISelector
+from ..config import Certificate, GatewayConfig, Listener
+from ..tls import context as tls_context
+from ..tls.certs import demo_certificate, dns_names, load_pairs
+from ..tls.profiles import clone as clone_profile
+from ..tls.sni import SNISelector
 
 
 def _needs_server_tls(listener: Listener) -> bool:
