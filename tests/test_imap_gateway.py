@@ -553,10 +553,10 @@ async def test_a_refusal_at_the_connect_stage_ends_the_session_with_bye(server_c
     fixed label."""
     from gateway import runtime
     from gateway.config import parse_config
-    from gateway.logs import EventLog
+    from gateway.observe.logs import EventLog
     from gateway.policy.stages import Action, Hook, Verdict
-    from gateway.runtime import WorkerState
-    from gateway.server import serve
+    from gateway.serve.runtime import WorkerState
+    from gateway.serve.server import serve
     from harness import LogCapture
 
     class Refusing(Hook):

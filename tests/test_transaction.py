@@ -7,13 +7,13 @@ import gc
 import types
 
 from gateway.config import parse_config
-from gateway.logs import EventLog
+from gateway.observe.logs import EventLog
 from gateway.relay.milter_data import HeldData
 from gateway.relay.milter_hook import MilterHook
 from gateway.relay.smtp_session import SMTPSession
 from gateway.relay.streamed_data import StreamedData
 from gateway.relay.transaction import SessionTransaction, Transaction
-from gateway.runtime import build_runtimes
+from gateway.serve.runtime import build_runtimes
 from harness import config_dict, listener_dict
 
 _SKIP = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
