@@ -167,7 +167,7 @@ ERRORS = [
     ("bind-bad-host", L(0, bind="bad host:25"), "listeners[0].bind", "host name"),
     ("upstream-port-zero", U(1, address="10.0.0.6:0"), "listeners[1].upstream.address",
      "between 1 and 65535"),
-    ("metrics-bad", G(metrics="9108"), "gateway.observe.metrics", "host:port"),
+    ("metrics-bad", G(metrics="9108"), "gateway.metrics", "host:port"),
     # names and references
     ("duplicate-name", L(1, name="inbound"), "listeners[1].name", "duplicate"),
     ("duplicate-bind", L(1, bind="0.0.0.0:25"), "listeners[1].bind", "already bound"),

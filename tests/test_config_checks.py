@@ -99,7 +99,7 @@ def test_every_wrong_key_of_the_gateway_section_is_reported_at_once():
     data = base()
     data["gateway"] = {"workers": -1, "hostname": "bad host", "shutdown_grace": "long",
                        "spool_dir": "relative", "log_format": "xml", "metrics": "nowhere"}
-    assert paths_of(data) == ["gateway.hostname", "gateway.workers", "gateway.observe.metrics",
+    assert paths_of(data) == ["gateway.hostname", "gateway.workers", "gateway.metrics",
                               "gateway.log_format", "gateway.shutdown_grace",
                               "gateway.spool_dir"]
 

@@ -361,7 +361,7 @@ def test_start_errors_exit_2_with_one_line_and_leave_nothing(tmp_path, server_ce
         metrics_blocker.bind(("127.0.0.1", metrics_port))
         metrics_blocker.listen()
         results.append((run_gateway(tmp_path / "bind.toml", runs),
-                        f"gateway.observe.metrics 127.0.0.1:{metrics_port}: "))
+                        f"gateway.metrics 127.0.0.1:{metrics_port}: "))
     finally:
         blocker.close()
         metrics_blocker.close()
