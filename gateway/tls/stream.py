@@ -262,6 +262,12 @@ class TLSStream(trio.abc.Stream):
         read, i.e. after the first receive)."""
         return self._conn.get_session()
 
+    def peer_chain(self) -> list:
+        """After the handshake, the certificates the peer presented as cryptography objects:
+        on the client side leaf first, as the server sent them (what DANE matches, SPEC
+        §4.8); [] when none. Computed on each call, not kept in TLSInfo."""
+        return self._conn.get_peer_cert_chain(as_cryptography=True) or []
+
     def quiet(self) -> bool:
         """Usable, no plaintext held in OpenSSL and nothing waiting on the transport (an idle
         pooled leg's check, see LeanSocketStream.quiet)."""
