@@ -8,6 +8,10 @@
 # named below so that it stays if the IMAP package goes.
 # man-db (with groff-base) renders the manual pages for tests/test_manpages.py
 # (`man --warnings -l`).
+# unbound, nsd and ldnsutils serve the destinations' DNS tests (tests/dnszones.py): zones signed
+# with ldns-signzone, served by a private nsd and validated by a private unbound, both on
+# ephemeral loopback ports with their own configs; the system unbound (which would take port 53
+# and, through unbound-resolvconf, /etc/resolv.conf) and nsd are kept stopped and disabled.
 # promtool (tests/test_prometheus_rules.py checks deploy/prometheus/alerts.yml) comes with
 # Debian's prometheus package, installed without its recommends (node exporter and friends):
 # 9 packages instead of 31. Its prometheus service is kept stopped and disabled like the rest.
@@ -22,10 +26,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server prometheus)
+SERVICES=(postfix dovecot haproxy nginx rspamd opendkim redis-server prometheus unbound unbound-resolvconf nsd)
 # build tools for the venv and the native core, then the real peers the tests talk to
 PACKAGES=(python3-venv python3-dev gcc postfix dovecot-core dovecot-imapd swaks libnet-ssleay-perl haproxy openssl nginx libnginx-mod-mail
-          rspamd opendkim opendkim-tools man-db)
+          rspamd opendkim opendkim-tools man-db unbound nsd ldnsutils)
 # only what is needed of these (see above)
 NO_RECOMMENDS=(prometheus)
 
@@ -78,7 +82,8 @@ fi
 
 # Sanity check: every tool the peers need is there.
 missing=
-for tool in postfix postconf swaks openssl haproxy dovecot rspamd opendkim opendkim-genkey promtool; do
+for tool in postfix postconf swaks openssl haproxy dovecot rspamd opendkim opendkim-genkey promtool \
+            unbound unbound-checkconf nsd nsd-checkconf ldns-keygen ldns-signzone ldns-key2ds; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
         echo "install-peers.sh: $tool missing after install" >&2
         missing=1

@@ -62,3 +62,13 @@ def upstream_cert(ca, pubdir):
 def client_cert(ca, pubdir):
     """A client certificate issued by the test CA (for client_tls = verify)."""
     return CertFiles(pubdir, "client", ca.issue_cert("client.test"), ca)
+
+
+@pytest.fixture(scope="session")
+def dns_testbed(pubdir):
+    """Signed, unsigned and bogus test zones: a private nsd behind a private validating
+    unbound (tests/dnszones.py says what is in them); `.resolver` is "127.0.0.1:PORT"."""
+    from dnszones import DNSTestbed
+    from peers import instance_dir
+    with DNSTestbed(instance_dir(pubdir, "dns")) as bed:
+        yield bed
