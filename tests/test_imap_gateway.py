@@ -551,7 +551,7 @@ async def test_a_refusal_at_the_connect_stage_ends_the_session_with_bye(server_c
     listener's policy refuses at connect: the client gets `* BYE` with the refusal's text,
     the upstream never hears of the session, and the refusal is counted under the verdict's
     fixed label."""
-    from gateway import runtime
+    from gateway.serve import runtime
     from gateway.config import parse_config
     from gateway.observe.logs import EventLog
     from gateway.policy.stages import Action, Hook, Verdict
