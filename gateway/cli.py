@@ -484,18 +484,17 @@ TRACK_TIMES = "ISO 8601 (2026-11-24T10:00Z; UTC without an offset), 30m, 24h, 7d
     "yesterday (local midnight)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gateway", description="Mail TLS gateway: owns the TLS of SMTP and IMAP servers.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_check_command(sub) -> None:
+    """`gateway check`: validate a configuration file."""
     p = sub.add_parser("check", help="validate a configuration file and summarise it")
     p.add_argument("-c", "--config", required=True, metavar="FILE")
     p.add_argument("--syntax-only", action="store_true",
                    help="skip the checks of certificate/key files and user/group")
     p.set_defaults(func=cmd_check)
 
+
+def _add_run_command(sub) -> None:
+    """`gateway run`: the configuration (or --demo), workers, log format."""
     p = sub.add_parser("run", help="run the gateway")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", "--config", metavar="FILE")
@@ -510,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override gateway.log_format")
     p.set_defaults(func=cmd_run)
 
+
+def _add_sink_command(sub) -> None:
+    """`gateway sink`: the test SMTP sink."""
     p = sub.add_parser("sink", help="run the test sink (an SMTP server that stores mail)")
     p.add_argument("--listen", default="127.0.0.1:2526", metavar="HOST:PORT")
     p.add_argument("--starttls", action="store_true",
@@ -520,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt")
     p.set_defaults(func=cmd_sink)
 
+
+def _add_track_command(sub) -> None:
+    """`gateway track`: the tracking-log query and its filters."""
     p = sub.add_parser(
         "track", help="query the message tracking log",
         description="Query message tracking files (rotated and gzip-compressed ones too). "
@@ -551,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=cmd_track)
 
+
+def _add_policy_command(sub) -> None:
+    """`gateway policy`: a listener's policy over the facts given."""
     p = sub.add_parser(
         "policy", help="what the policy would do with a session, without sending mail",
         description="Run a listener's policy stages (client rules, MAIL FROM, encryption "
@@ -581,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the answer as JSON")
     p.set_defaults(func=cmd_policy)
 
+
+def _add_status_command(sub) -> None:
+    """`gateway status`: the running gateway's /status."""
     p = sub.add_parser(
         "status", help="the running gateway's listeners, workers and certificates",
         description="Read /status from the metrics endpoint: per listener the open "
@@ -593,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the JSON as served")
     p.set_defaults(func=cmd_status)
 
+
+def _add_certs_command(sub) -> None:
+    """`gateway certs`: certificate helpers (demo)."""
     p = sub.add_parser("certs", help="certificate helpers")
     certs = p.add_subparsers(dest="certs_command", metavar="ACTION")
     demo = certs.add_parser("demo", help="write a self-signed demonstration certificate")
@@ -600,6 +614,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hostname", metavar="H", help="default: this machine's FQDN")
     demo.set_defaults(func=cmd_certs_demo)
     p.set_defaults(func=None, subparser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Mail TLS gateway: owns the TLS of SMTP and IMAP servers.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_check_command(sub)
+    _add_run_command(sub)
+    _add_sink_command(sub)
+    _add_track_command(sub)
+    _add_policy_command(sub)
+    _add_status_command(sub)
+    _add_certs_command(sub)
     return parser
 
 

@@ -228,7 +228,7 @@ class _Conn:
                 self.reply(b"552 5.3.4 Message size exceeds fixed limit\r\n")
                 self.reset()
                 return
-            self.sink._record(SinkMessage(
+            self.sink.record(SinkMessage(
                 mail_from=self.mail_from, rcpts=list(self.rcpts), data=data, tls=self.tls,
                 tls_version=self.tls_version, xclient=dict(self.xclient), helo=self.helo,
                 auth_user=self.auth_user, mail_params=self.mail_params))
@@ -408,7 +408,8 @@ class Sink:
                 except Exception:
                     pass
 
-    def _record(self, msg: SinkMessage) -> None:
+    def record(self, msg: SinkMessage) -> None:
+        """A message a session accepted: counted, kept, written to the maildir, announced."""
         self.message_count += 1
         if self.keep_messages:
             self.messages.append(msg)

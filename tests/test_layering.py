@@ -17,7 +17,11 @@ The rules:
 - at most 8 modules lie loose at the top of gateway/: the rest live in packages named for their
   job (process/, serve/, observe/, native/, ...);
 - no level word (`verify`, `none`, ...) is compared as a string outside the level module and
-  the configuration parser: a decision reads the level's members and properties.
+  the configuration parser: a decision reads the level's members and properties;
+- no function or method in gateway/ is over 100 lines;
+- no module touches another object's underscore attribute (`x._attr` where x is not `self` or
+  `cls`) outside the pyOpenSSL shim gateway/tls/_ossl.py: what a caller needs is the owner's
+  public interface.
 """
 from __future__ import annotations
 
@@ -334,3 +338,73 @@ def test_no_level_word_compared_as_a_string():
         for line, text in _level_word_comparisons(ast.parse(path.read_text(), str(path))):
             found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
     assert not found, "level words compared as strings:\n" + "\n".join(sorted(found))
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def _long_functions(tree: ast.AST) -> list[tuple[int, str, int]]:
+    return [(node.lineno, node.name, node.end_lineno - node.lineno + 1)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_the_length_scan_sees_long_functions():
+    def body(n: int) -> str:
+        return "".join(f"        x = {i}\n" for i in range(n - 1))
+    tree = ast.parse(f"class C:\n    def long(self):\n{body(101)}"
+                     f"    async def just(self):\n{body(100)}")
+    assert [(name, n) for _, name, n in _long_functions(tree)] == [("long", 101)]
+
+
+def test_no_function_over_100_lines():
+    """A function longer than a screenful does several jobs: split it into named parts."""
+    found = []
+    for path in _sources().values():
+        for line, name, n in _long_functions(ast.parse(path.read_text(), str(path))):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {name} ({n} lines)")
+    assert not found, "functions over 100 lines:\n" + "\n".join(sorted(found))
+
+
+# The pyOpenSSL shim reaches into OpenSSL.SSL's objects (their `_ssl` pointers) by design.
+PRIVATE_ACCESS_EXEMPT = {"gateway.tls._ossl"}
+# `os._exit` is the standard library's documented call for a forked child that must leave
+# without running its parent's cleanup (atexit, buffered files, trio's state): the underscore
+# is the name of the function, not a private attribute.
+PRIVATE_ACCESS_ALLOWED = {("os", "_exit")}
+
+
+def _private_accesses(tree: ast.AST) -> list[tuple[int, str]]:
+    """`x._attr` (read, written or deleted) where x is not `self`/`cls`; dunders are fine."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        attr, value = node.attr, node.value
+        if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+            continue
+        if isinstance(value, ast.Name) and (value.id in ("self", "cls")
+                                            or (value.id, attr) in PRIVATE_ACCESS_ALLOWED):
+            continue
+        found.append((node.lineno, ast.unparse(node)))
+    return sorted(found)
+
+
+def test_the_private_access_scan_sees_reads():
+    tree = ast.parse("a = leg._open\nself._ok = cls._ok\nb = Cls._cmd(self, t)\n"
+                     "c = x.__class__\nos._exit(0)\nd = super()._hook\ne = f(y)._z\n")
+    assert _private_accesses(tree) == [(1, "leg._open"), (3, "Cls._cmd"), (6, "super()._hook"),
+                                       (7, "f(y)._z")]
+
+
+def test_no_private_attribute_of_another_object():
+    """A module reads what another object publishes (a property, a method), never its
+    underscore attributes: those are the owner's to change."""
+    found = []
+    for name, path in _sources().items():
+        if name in PRIVATE_ACCESS_EXEMPT:
+            continue
+        for line, text in _private_accesses(ast.parse(path.read_text(), str(path))):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
+    assert not found, "private attributes of other objects:\n" + "\n".join(sorted(found))

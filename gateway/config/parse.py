@@ -312,8 +312,34 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
                     warnings: list[str]) -> Listener:
     """One [[listeners]] table. Every key is read on its own and every check between keys
     runs on what could be read (a wrong value stands in as a harmless default), so all of a
-    listener's errors are reported at once (SPEC §12); then they are raised together."""
+    listener's errors are reported at once (SPEC §12); then they are raised together.
+    The groups of keys are read in turn, each into `errors`: what the listener is and
+    where it binds, then what the later groups check against it."""
     errors = Collector()
+    f = _listener_identity(t, index, certificates, profiles, errors)
+    protocol, mode, level = f["protocol"], f["tls"], f["client_tls"]
+    profile = profiles.get(f["profile"]) if f["profile"] is not None else None
+    f["esmtp"] = _listener_esmtp(t, protocol, mode, level, errors, warnings)
+    f["auth"], f["auth_mechanisms"] = _listener_auth(t, protocol, level, errors)
+    f["proxy_protocol"], f["trusted_proxies"] = _listener_proxy(t, errors)
+    f["timeouts"] = _timeouts(t, errors)
+    f["upstream"] = _listener_upstream(t, f["host"], f["port"], f["auth"], certificates,
+                                       profiles, errors, warnings)
+    f.update(_listener_rules(t, protocol, mode, level, profile, f["profile"], f["upstream"],
+                             errors))
+    if f["certificate"] is None and not f["certificates"] and (
+            mode == "implicit" or (mode == "starttls" and level.offers_tls)):
+        warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
+                        "will be generated (insecure)")
+    f.update(_listener_limits(t, errors))
+    errors.raise_all()
+    return Listener(**f)
+
+
+def _listener_identity(t: Table, index: int, certificates, profiles,
+                       errors: Collector) -> dict:
+    """name, protocol, type and bind; the client side's TLS: tls mode, certificate(s),
+    profile and client_tls (checked against the profile)."""
     v = errors.value
 
     def name_of() -> str:
@@ -335,8 +361,15 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
     profile = profiles.get(profile_name) if profile_name is not None else None
     level = v(_client_level, t, mode, profile, profile_name,
               fallback=ClientLevel.REQUIRED if mode == "implicit" else ClientLevel.OPTIONAL)
+    return dict(name=name, protocol=protocol, type=ltype, host=host, port=port, tls=mode,
+                certificate=certificate, certificates=several, profile=profile_name,
+                client_tls=level)
 
-    esmtp = v(t.bool, "esmtp", True, fallback=True)
+
+def _listener_esmtp(t: Table, protocol: str, mode: str, level: ClientLevel,
+                    errors: Collector, warnings: list[str]) -> bool:
+    """`esmtp`: false takes STARTTLS away, so a client_tls that needs TLS is an error."""
+    esmtp = errors.value(t.bool, "esmtp", True, fallback=True)
     if protocol == "smtp" and mode == "starttls" and not esmtp:
         if level.requires_tls:
             errors.errors.append(ConfigError(
@@ -344,32 +377,47 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
                               f'could never be met'))
         if level is ClientLevel.OPTIONAL:
             warnings.append(f"{t.path}: esmtp = false disables STARTTLS")
+    return esmtp
 
-    auth = v(t.str, "auth", "off", choices=AUTH_MODES, fallback="off")
+
+def _listener_auth(t: Table, protocol: str, level: ClientLevel,
+                   errors: Collector) -> tuple[str, tuple[str, ...]]:
+    """`auth` and `auth_mechanisms`: SMTP only, and only where the client may have TLS."""
+    auth = errors.value(t.str, "auth", "off", choices=AUTH_MODES, fallback="off")
     if auth != "off" and not level.offers_tls:
         errors.errors.append(ConfigError(t.p("auth"), f'auth = "{auth}" needs TLS; this '
                                                       'listener\'s client_tls is "none"'))
     if auth != "off" and protocol != "smtp":
         errors.errors.append(ConfigError(t.p("auth"), "applies to SMTP listeners only (IMAP "
                                                       "relays its LOGIN/AUTHENTICATE already)"))
-    mechs = v(_auth_mechanisms, t, auth, fallback=("PLAIN",))
+    mechs = errors.value(_auth_mechanisms, t, auth, fallback=("PLAIN",))
+    return auth, mechs
 
-    proxy_protocol = v(t.bool, "proxy_protocol", False, fallback=False)
-    trusted = v(lambda: tuple(parse_network(n, f"{t.p('trusted_proxies')}[{i}]")
-                              for i, n in enumerate(t.str_list("trusted_proxies", []))),
-                fallback=None)
+
+def _listener_proxy(t: Table, errors: Collector) -> tuple[bool, tuple | None]:
+    """`proxy_protocol` and the `trusted_proxies` it needs."""
+    proxy_protocol = errors.value(t.bool, "proxy_protocol", False, fallback=False)
+    trusted = errors.value(
+        lambda: tuple(parse_network(n, f"{t.p('trusted_proxies')}[{i}]")
+                      for i, n in enumerate(t.str_list("trusted_proxies", []))),
+        fallback=None)
     if proxy_protocol and trusted == ():
         errors.errors.append(ConfigError(
             t.p("trusted_proxies"), "proxy_protocol = true needs the addresses of the proxies "
                                     "in trusted_proxies"))
-    timeouts = _timeouts(t, errors)
+    return proxy_protocol, trusted
 
+
+def _listener_upstream(t: Table, host: str, port: int, auth: str, certificates, profiles,
+                       errors: Collector, warnings: list[str]):
+    """[listeners.upstream] (required), checked against the listener: not its own bind
+    address, and a TLS leg for relayed AUTH credentials unless plaintext_auth says so."""
     upstream = None
     if not t.has("upstream"):
         errors.errors.append(ConfigError(t.p("upstream"), "is required ([listeners.upstream] "
                                                           "with address)"))
     else:
-        upstream_t = v(t.table, "upstream", _UPSTREAM_KEYS, errors)
+        upstream_t = errors.value(t.table, "upstream", _UPSTREAM_KEYS, errors)
         if upstream_t is not None:
             upstream = _parse_upstream(upstream_t, certificates, profiles, errors)
     if upstream is not None and port and upstream.port == port \
@@ -389,7 +437,14 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         else:
             warnings.append(f"{t.path}: upstream.plaintext_auth = true: AUTH credentials may "
                             f"cross the upstream link in plaintext")
+    return upstream
 
+
+def _listener_rules(t: Table, protocol: str, mode: str, level: ClientLevel, profile,
+                    profile_name: str | None, upstream, errors: Collector) -> dict:
+    """client_rules (narrowing the profile), encryption rules (SMTP only, read against the
+    upstream), pregreet_wait and milters."""
+    v = errors.value
     client_rules = []
     if profile is not None:               # rules narrow the profile: checked against it
         client_rules = [errors.attempt(_parse_client_rule, rt, mode, level, protocol, profile,
@@ -404,13 +459,15 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         if upstream is not None else []
     pregreet_wait = v(_pregreet_wait, t, protocol, mode, fallback=0.0)
     milters = v(_parse_milters, t, protocol, fallback=())
+    return dict(client_rules=tuple(client_rules), rules=tuple(rules),
+                pregreet_wait=pregreet_wait, milters=tuple(milters))
 
-    if certificate is None and not several and (
-            mode == "implicit" or (mode == "starttls" and level.offers_tls)):
-        warnings.append(f"{t.path}: no certificate; a self-signed demonstration certificate "
-                        "will be generated (insecure)")
 
-    fields = dict(
+def _listener_limits(t: Table, errors: Collector) -> dict:
+    """The limits and switches of a session: connections, message size, recipients, the
+    bare-newline policy, headers and extensions."""
+    v = errors.value
+    return dict(
         max_connections=v(t.int, "max_connections", 1000, minimum=1, fallback=1000),
         max_connections_per_ip=v(t.int, "max_connections_per_ip", 50, minimum=0, fallback=50),
         per_ip_ipv6_prefix=v(t.int, "per_ip_ipv6_prefix", 64, minimum=16, maximum=128,
@@ -426,14 +483,6 @@ def _parse_listener(t: Table, index: int, certificates, profiles,
         smtputf8=v(t.bool, "smtputf8", True, fallback=True),
         dsn=v(t.bool, "dsn", False, fallback=False),
     )
-    errors.raise_all()
-    return Listener(
-        name=name, protocol=protocol, host=host, port=port, upstream=upstream, type=ltype,
-        tls=mode, client_tls=level, certificate=certificate, certificates=several,
-        profile=profile_name, esmtp=esmtp, proxy_protocol=proxy_protocol,
-        trusted_proxies=trusted, auth=auth, auth_mechanisms=mechs, timeouts=timeouts,
-        client_rules=tuple(client_rules), rules=tuple(rules), pregreet_wait=pregreet_wait,
-        milters=tuple(milters), **fields)
 
 
 def _parse_milters(t: Table, protocol: str) -> tuple[Milter, ...]:

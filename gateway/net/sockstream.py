@@ -25,8 +25,11 @@ class LeanSocketStream(trio.abc.Stream):
     __slots__ = ("socket", "_sock", "_calls", "_closed")
 
     def __init__(self, tsock) -> None:
-        self.socket = tsock                  # the trio socket (close, shutdown, options)
-        self._sock = tsock._sock             # its stdlib socket, already non-blocking
+        """The stream takes the connection over from the trio socket *tsock*, which is left
+        detached (closing it does nothing): close the stream, or its `socket`."""
+        sock = _socket.socket(tsock.family, tsock.type, tsock.proto, tsock.detach())
+        self.socket = trio.socket.from_stdlib_socket(sock)  # close, shutdown, options
+        self._sock = sock                    # the calls, non-blocking (trio set it so)
         self._calls = 0
         self._closed = False
 

@@ -202,7 +202,7 @@ class EventLog:
         return BoundLog(self, _merge({}, fields))
 
     def event(self, event: str, level: str = "info", **fields: Any) -> None:
-        self._emit(event, level, {}, fields)
+        self.emit_event(event, level, {}, fields)
 
     def format(self, event: str, level: str = "info", **fields: Any) -> str:
         """The line (without newline) that `event` would write."""
@@ -218,8 +218,10 @@ class EventLog:
         record.update((k, v) for k, v in merged.items() if v is not None)
         return record
 
-    def _emit(self, event: str, level: str, bound: dict[str, Any],
-              fields: dict[str, Any], prefix: str | None = None) -> None:
+    def emit_event(self, event: str, level: str, bound: dict[str, Any],
+                   fields: dict[str, Any], prefix: str | None = None) -> None:
+        """Write one event with *bound* fields (a BoundLog's) under the call's *fields*;
+        *prefix* is the bound fields already in logfmt, when the BoundLog has made it."""
         try:
             if level in LEVELS and LEVELS.index(level) < self._min_rank:
                 return
@@ -265,7 +267,7 @@ def _logfmt_line(event: str, level: str, prefix: str, fields: dict[str, Any]) ->
              f"event={_logfmt_value(_text(event))}"]
     if prefix:
         parts.append(prefix)
-    for k, v in fields.items():         # no key is reserved or bound (see _emit)
+    for k, v in fields.items():         # no key is reserved or bound (see emit_event)
         if v is None:
             continue
         parts.append(f"{_logfmt_key(k)}={_logfmt_value(v)}")
@@ -394,4 +396,4 @@ class BoundLog:
             if prefix is None:
                 bound = {k: v for k, v in _order_bound(self.fields).items() if v is not None}
                 prefix = self._prefix = format_logfmt(bound)
-        log._emit(event, level, self.fields, fields, prefix)
+        log.emit_event(event, level, self.fields, fields, prefix)

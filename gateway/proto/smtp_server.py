@@ -414,7 +414,8 @@ class SMTPServer:
         self._flags = flags
         return self._command(line.decode("utf-8", "surrogateescape"))
 
-    def _command(self, text: str):
+    def _dispatch(self, text: str):
+        """One command line, to its `_cmd_<VERB>` handler (or the reply for an unknown one)."""
         verb, _, arg = text.strip(" ").partition(" ")
         verb = verb.upper()
         arg = arg.strip(" ")
@@ -429,10 +430,12 @@ class SMTPServer:
         self._reply(R.NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED else R.UNRECOGNIZED)
         return None
 
+    _command = _dispatch        # what a command line goes to; refuse_session() replaces it
+
     def _refused_command(self, text: str):
         verb = text.strip(" ").partition(" ")[0].upper()
         if verb in _SERVED_AFTER_REFUSAL:
-            return SMTPServer._command(self, text)
+            return self._dispatch(text)
         code, reply = self._refusal
         self._send(code, reply)                 # the session logged and counted it once
         if code >= 500:

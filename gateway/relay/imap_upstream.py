@@ -38,7 +38,7 @@ class IMAPUpstreamLeg(UpstreamLegBase):
         super().__init__(settings, level)
         self.client = IMAPClient()
 
-    async def _open(self, *, try_tls: bool, client_addr=None) -> None:
+    async def establish(self, *, try_tls: bool, client_addr=None) -> None:
         s = self.settings
         await self._connect()
         try:

@@ -86,7 +86,7 @@ class TLSFallback(Exception):
 class UpstreamLegBase:
     """What the SMTP and IMAP upstream legs share: the TLS state of the leg, opening with
     the `preferred` fallback, the TLS handshake and closing. A subclass provides
-    `_open(try_tls=..., **kwargs)` (connect, greeting, STARTTLS as the level asks)."""
+    `establish(try_tls=..., **kwargs)` (connect, greeting, STARTTLS as the level asks)."""
 
     def __init__(self, settings: UpstreamSettings, level: UpstreamLevel | str):
         self.settings = settings
@@ -124,7 +124,7 @@ class UpstreamLegBase:
     async def _open_leg(cls, settings: UpstreamSettings, level: str, on_tls_error, kwargs):
         leg = cls(settings, level)
         try:
-            await leg._open(try_tls=True, **kwargs)
+            await leg.establish(try_tls=True, **kwargs)
         except TLSFallback as fb:
             if on_tls_error is not None:
                 on_tls_error(fb.reason)
@@ -132,7 +132,7 @@ class UpstreamLegBase:
             leg = cls(settings, level)
             leg.tls_offered = leg.tls_failed = True
             leg.tls_error = fb.reason
-            await leg._open(try_tls=False, **kwargs)
+            await leg.establish(try_tls=False, **kwargs)
         if leg.tls is not None:         # the greeting/EHLO read after TLS brought the tickets
             remember_upstream_session(leg.stream, leg.tls, settings)
         return leg
@@ -275,7 +275,7 @@ class UpstreamLeg(UpstreamLegBase):
 
     # --- opening ----------------------------------------------------------------------------
 
-    async def _open(self, *, try_tls: bool, client_addr=None, client_helo=None) -> None:
+    async def establish(self, *, try_tls: bool, client_addr=None, client_helo=None) -> None:
         s = self.settings
         await self._connect()
         try:

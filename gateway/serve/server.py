@@ -81,22 +81,33 @@ class Gateway:
         else:
             self._cut = reason
 
+    def begin_drain(self, drain: "Drain") -> None:
+        """Accepting has stopped: *drain* retires or shuts down the sessions, as asked, and
+        carries out an IMAP cut asked for before it began."""
+        self.drain = drain
+        if self.retiring:
+            drain.retire()
+            if self._cut is not None:
+                drain.cut_imap(self._cut)
+        else:
+            drain.shutdown()
+
 
 async def _handle(rt: ListenerRuntime, sock) -> None:
     """One accepted connection (a trio socket), closed when this returns."""
+    stream = LeanSocketStream(sock)         # the connection is the stream's from here
     try:
-        await _session(rt, sock)
+        await _session(rt, stream)
     finally:
-        sock.close()
+        stream.socket.close()
 
 
-async def _session(rt: ListenerRuntime, sock) -> None:
+async def _session(rt: ListenerRuntime, stream: LeanSocketStream) -> None:
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = sock.getpeername()
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = stream.socket.getpeername()
     except OSError:
         return
-    stream = LeanSocketStream(sock)
     own_address = peer[0]
     if rt.listener.proxy_protocol:
         m, name, ltype = rt.state.metrics, rt.listener.name, rt.listener.type
@@ -266,13 +277,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
             watch_scope.cancel()
             grace_scope.cancel()                # no session left: the worker may exit
         handlers.start_soon(stop_watch_when_idle)
-        gateway.drain = Drain(config, state, handlers, log, grace_scope)
-        if gateway.retiring:
-            gateway.drain.retire()
-            if gateway._cut is not None:
-                gateway.drain.cut_imap(gateway._cut)
-        else:
-            gateway.drain.shutdown()
+        gateway.begin_drain(Drain(config, state, handlers, log, grace_scope))
 
 
 def session_deadline(rt: ListenerRuntime) -> float:
