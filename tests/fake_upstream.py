@@ -13,7 +13,8 @@ a reply (bytes, one or more whole lines) or to a handler ``async def h(conn, lin
 what it likes with the `Conn` (send, `answer` as by default, `close`, `stall`, read more).
 With `users`, AUTH PLAIN and LOGIN are run as Postfix does; with `starttls` (a server
 `ssl.SSLContext`), STARTTLS is offered and the connection goes on over TLS. `session`
-replaces the whole dialogue: ``async def s(conn)``.
+replaces the whole dialogue: ``async def s(conn)``. `ImapUpstream` is the IMAP one; `serving`
+listens for either.
 
 Each line read is kept in `Conn.lines` as (state, line): "command", "sasl" (read as a SASL
 response), "data" (a message line) or "end" (a message's final dot)."""
@@ -27,6 +28,8 @@ from functools import partial
 from typing import Awaitable, Callable, Union
 
 import trio
+
+from gateway.native import scanner_py
 
 Handler = Union[bytes, Callable[["Conn", bytes], Awaitable[None]]]
 
@@ -212,7 +215,7 @@ class ScriptedUpstream:
         else:
             await handler(conn, line)
 
-    async def handle(self, stream) -> None:
+    async def handler(self, stream) -> None:
         conn = Conn(self, stream, len(self.connections))
         self.connections.append(conn)
         try:
@@ -248,12 +251,81 @@ def stall(reply: bytes = b"") -> Handler:
 
 
 @asynccontextmanager
+async def serving(fake):
+    """*fake* (anything with an async `handler(stream)`) listening on 127.0.0.1 for the
+    block; yields the port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, fake.handler, 0,
+                                                host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def scripted_upstream(**script):
     """A `ScriptedUpstream(**script)` listening on 127.0.0.1 (its `port`) for the block."""
     upstream = ScriptedUpstream(**script)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, upstream.handle, 0,
-                                                host="127.0.0.1"))
-        upstream.port = listeners[0].socket.getsockname()[1]
+    async with serving(upstream) as upstream.port:
         yield upstream
-        nursery.cancel_scope.cancel()
+
+
+# --- IMAP ----------------------------------------------------------------------------------
+
+class ImapUpstream:
+    """A scripted IMAP server: `greeting` bytes, then for each command the tagged OK (the
+    capabilities to CAPABILITY, `starttls_answer` with TAG replaced to STARTTLS, BYE to
+    LOGOUT); every byte it received is kept in `received` (literals are read as the gateway's
+    reader does), and `connections` counts them. `session(upstream, stream)` replaces the
+    dialogue; each connection lasts at most `bound` seconds."""
+
+    def __init__(self, greeting: bytes, *, starttls_answer: bytes | None = None,
+                 capabilities: bytes = b"IMAP4rev1 AUTH=PLAIN", session=None, bound=10):
+        self.greeting = greeting
+        self.starttls_answer = starttls_answer
+        self.capabilities = capabilities
+        self.received = bytearray()
+        self.connections = 0
+        self.session, self.bound = session, bound
+
+    async def handler(self, stream):
+        self.connections += 1
+        if self.session is not None:
+            await self.session(self, stream)
+            return
+        await stream.send_all(self.greeting)
+        buf = bytearray()
+        with trio.move_on_after(self.bound):
+            while True:
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    self.received += data
+                    buf += data
+                i = buf.index(b"\n")
+                line, buf = bytes(buf[:i + 1]), buf[i + 1:]
+                n, plus = scanner_py.find_literal(line.rstrip(b"\r\n"))
+                while n >= 0:                       # read the literal and the rest
+                    if not plus:
+                        await stream.send_all(b"+ go\r\n")
+                    while len(buf) < n or b"\n" not in buf[n:]:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        self.received += data
+                        buf += data
+                    j = buf.index(b"\n", n)
+                    rest, buf = bytes(buf[n:j + 1]), buf[j + 1:]
+                    n, plus = scanner_py.find_literal(rest.rstrip(b"\r\n"))
+                tag, _, rest = line.partition(b" ")
+                name = rest.split(b" ", 1)[0].strip().upper()
+                if name == b"STARTTLS" and self.starttls_answer is not None:
+                    await stream.send_all(self.starttls_answer.replace(b"TAG", tag))
+                elif name == b"CAPABILITY":
+                    await stream.send_all(b"* CAPABILITY " + self.capabilities + b"\r\n"
+                                          + tag + b" OK done\r\n")
+                elif name == b"LOGOUT":
+                    await stream.send_all(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                    return
+                else:
+                    await stream.send_all(tag + b" OK done\r\n")
