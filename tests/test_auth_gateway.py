@@ -4,7 +4,6 @@ the offer only over TLS, 538 before TLS, the relayed exchange, failures, the bou
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 import smtplib
@@ -13,6 +12,7 @@ import ssl
 
 import trio
 
+from fake_upstream import hang_up, scripted_upstream
 from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
                      running_sink, server_ssl_context)
 
@@ -188,29 +188,10 @@ async def test_at_verify_the_certificate_is_checked_before_credentials_go_upstre
 async def test_a_broken_authenticated_leg_ends_the_session_with_421(nursery):
     """No credentials are kept to log in again: when the authenticated leg breaks, the
     session gets 421 4.4.2 and closes (SPEC §4.6)."""
-    async def upstream(stream):
-        await stream.send_all(b"220 up ESMTP\r\n")
-        buf = b""
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                verb = line.split(b" ")[0].upper()
-                if verb == b"EHLO":
-                    await stream.send_all(b"250-up\r\n250 AUTH PLAIN\r\n")
-                elif verb == b"AUTH":
-                    await stream.send_all(b"235 2.7.0 Authentication successful\r\n")
-                elif verb == b"MAIL":
-                    await stream.aclose()          # the upstream goes away mid-session
-                    return
-                else:
-                    await stream.send_all(b"250 2.0.0 ok\r\n")
-
-    listeners = await nursery.start(trio.serve_tcp, upstream, 0)
-    up_port = listeners[0].socket.getsockname()[1]
+    up = await nursery.start(_serve_upstream, dict(
+        ehlo=["AUTH PLAIN"], on={b"AUTH": b"235 2.7.0 Authentication successful\r\n",
+                                 b"MAIL": hang_up()}))    # goes away mid-session
+    up_port = up.port
     data = config_dict([listener_dict(upstream_port=up_port, tls="implicit", auth="required",
                                       upstream={"tls": "none", "plaintext_auth": True})])
     async with running_gateway(data) as (gw, logs):
@@ -235,118 +216,17 @@ async def test_a_broken_authenticated_leg_ends_the_session_with_421(nursery):
     assert closing == (421, b"4.4.2 Upstream connection lost")
 
 
-# --- a scripted SASL upstream that records what it received in which state ----------------
+async def _serve_upstream(script: dict, *, task_status=trio.TASK_STATUS_IGNORED):
+    """A fake upstream (tests/fake_upstream.py) for the rest of the test's nursery."""
+    async with scripted_upstream(**script) as up:
+        task_status.started(up)
+        await trio.sleep_forever()
 
-class SaslUpstream:
-    """An SMTP server with AUTH PLAIN/LOGIN (no TLS: the gateway's leg says `plaintext_auth`)
-    that records every line it received with the state it was in: ``("sasl", line)`` for a
-    line read as a SASL response, ``("command", line)`` otherwise, per connection. Like
-    Postfix, a response that is not base64 ends the exchange with 501, and LOGIN's first
-    response (the user name) is taken as given. `messages` holds each message's data."""
 
-    def __init__(self, users: dict[str, str]):
-        self.users = users
-        self.connections: list[list[tuple[str, bytes]]] = []
-        self.messages: list[bytes] = []
-        self.closed = 0                    # connections over (the gateway closed or QUIT)
-        self.port = 0
-
-    async def serve(self, nursery) -> None:
-        listeners = await nursery.start(trio.serve_tcp, self._handle, 0)
-        self.port = listeners[0].socket.getsockname()[1]
-
-    def sasl_lines(self) -> list[bytes]:
-        return [line for conn in self.connections for state, line in conn if state == "sasl"]
-
-    def commands(self) -> list[bytes]:
-        return [line for conn in self.connections for state, line in conn
-                if state == "command"]
-
-    async def _handle(self, stream) -> None:
-        seen: list[tuple[str, bytes]] = []
-        self.connections.append(seen)
-        buf = bytearray()
-
-        async def line(state: str) -> bytes:
-            while b"\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise EOFError
-                buf.extend(data)
-            end = buf.index(b"\r\n")
-            got = bytes(buf[:end])
-            del buf[:end + 2]
-            seen.append((state, got))
-            return got
-
-        async def response(challenge: bytes) -> bytes | None:
-            await stream.send_all(b"334 " + challenge + b"\r\n")
-            got = await line("sasl")
-            return None if got == b"*" else got
-
-        async def auth(arg: bytes) -> bytes:
-            mech, _, initial = arg.partition(b" ")
-            mech = mech.upper()
-            try:
-                if mech == b"PLAIN":
-                    raw = initial or await response(b"")
-                    if raw is None:
-                        return b"501 5.7.0 Authentication aborted\r\n"
-                    _, user, password = base64.b64decode(raw, validate=True).split(b"\0")
-                elif mech == b"LOGIN":
-                    raw = initial or await response(b"VXNlcm5hbWU6")
-                    if raw is None:
-                        return b"501 5.7.0 Authentication aborted\r\n"
-                    user = raw                       # decoded below
-                    raw = await response(b"UGFzc3dvcmQ6")
-                    if raw is None:
-                        return b"501 5.7.0 Authentication aborted\r\n"
-                    user = base64.b64decode(user, validate=True)
-                    password = base64.b64decode(raw, validate=True)
-                else:
-                    return b"504 5.5.4 Unsupported mechanism\r\n"
-            except (ValueError, binascii.Error):
-                return b"501 5.5.2 Cannot decode response\r\n"
-            if self.users.get(user.decode()) == password.decode():
-                return b"235 2.7.0 Authentication successful\r\n"
-            return b"535 5.7.8 Error: authentication failed\r\n"
-
-        try:
-            await stream.send_all(b"220 up.test ESMTP\r\n")
-            while True:
-                cmd = await line("command")
-                verb, _, arg = cmd.partition(b" ")
-                verb = verb.upper()
-                if verb == b"EHLO":
-                    out = b"250-up.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"
-                elif verb == b"AUTH":
-                    out = await auth(arg)
-                elif verb == b"MAIL":
-                    out = b"250 2.1.0 Ok\r\n"
-                elif verb == b"RCPT":
-                    out = b"250 2.1.5 Ok\r\n"
-                elif verb == b"DATA":
-                    await stream.send_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                    while b"\r\n.\r\n" not in buf:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            raise EOFError
-                        buf.extend(data)
-                    end = buf.index(b"\r\n.\r\n")
-                    self.messages.append(bytes(buf[:end + 2]))
-                    del buf[:end + 5]
-                    out = b"250 2.0.0 Ok: queued\r\n"
-                elif verb == b"QUIT":
-                    await stream.send_all(b"221 2.0.0 Bye\r\n")
-                    return
-                else:
-                    out = b"250 2.0.0 Ok\r\n"
-                await stream.send_all(out)
-        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed += 1
-            await stream.aclose()
+def _sasl_upstream(nursery):
+    """An upstream with AUTH PLAIN/LOGIN (no TLS: the gateway's leg says `plaintext_auth`)
+    that records every line it read with its state ("sasl" for a SASL response)."""
+    return nursery.start(_serve_upstream, dict(users={USER: PASSWORD}, name="up.test"))
 
 
 class RawClient:
@@ -432,8 +312,7 @@ async def test_an_abandoned_sasl_exchange_never_reaches_another_session(nursery)
     pool on, 8 exchanges abandoned after a 334 are followed by 6 ordinary sessions: each gets
     its own 250s and its message through, and the upstream never reads a MAIL FROM (or any
     command) as a SASL response."""
-    up = SaslUpstream({USER: PASSWORD})
-    await up.serve(nursery)
+    up = await _sasl_upstream(nursery)
     async with running_gateway(_sasl_config(up.port, pool_size=16)) as (gw, logs):
         port = gw.addresses["smtp"][1]
         with trio.fail_after(60):
@@ -456,8 +335,8 @@ async def test_an_abandoned_sasl_exchange_never_reaches_another_session(nursery)
         assert not line.upper().startswith((b"MAIL", b"RCPT", b"DATA", b"RSET", b"EHLO")), line
     # a connection that saw AUTH never carried a transaction
     for conn in up.connections:
-        verbs = {line.split(b" ")[0].upper() for state, line in conn if state == "command"}
-        assert not ({b"AUTH"} <= verbs and verbs & {b"MAIL", b"RCPT"}), conn
+        verbs = {line.split(b" ")[0].upper() for line in conn.commands()}
+        assert not ({b"AUTH"} <= verbs and verbs & {b"MAIL", b"RCPT"}), conn.lines
     assert [e["result"] for e in logs.of("auth")] == ["cancelled"] * 8
 
 
@@ -503,8 +382,7 @@ async def test_bare_cr_nul_or_lf_in_a_sasl_response_gets_501_and_the_session_goe
     """SPEC §4.6: `501 5.5.2 Syntax error in SASL response` from the gateway, nothing of the
     line upstream, `*` ending the exchange in progress there, an `auth` event, and the
     session goes on (a new AUTH succeeds; after a bad initial response mail still flows)."""
-    up = SaslUpstream({USER: PASSWORD})
-    await up.serve(nursery)
+    up = await _sasl_upstream(nursery)
     async with running_gateway(_sasl_config(up.port)) as (gw, logs):
         port = gw.addresses["smtp"][1]
         with trio.fail_after(60):

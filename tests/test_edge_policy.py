@@ -9,6 +9,7 @@ import socket
 
 import trio
 
+from fake_upstream import Conn, scripted_upstream, stall
 from harness import (client_context, config_dict, in_thread, listener_dict, running_gateway,
                      running_sink, server_ssl_context, smtp_send)
 
@@ -44,46 +45,16 @@ async def test_preferred_recipient_never_rides_a_none_leg_when_tls_was_offered(u
     assert plain_legs and plain_legs[0]["offered"] is True
 
 
-async def _serve(handler, *, task_status=trio.TASK_STATUS_IGNORED):
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+async def _serve(script: dict, *, task_status=trio.TASK_STATUS_IGNORED):
+    async with scripted_upstream(**script) as up:
+        task_status.started(up.port)
+        await trio.sleep_forever()
 
 
-def _upstream(silent_at: bytes):
+def _upstream(silent_at: bytes) -> dict:
     """A fake upstream that answers like a plain MTA until the command *silent_at* (or the
     final dot, b"."), then says nothing."""
-    async def handler(stream):
-        await stream.send_all(b"220 fake ESMTP\r\n")
-        buf, in_data = b"", False
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                if in_data:
-                    if line == b".":
-                        in_data = False
-                        if silent_at == b".":
-                            await trio.sleep_forever()
-                        await stream.send_all(b"250 2.0.0 queued\r\n")
-                    continue
-                verb = line.split(b" ")[0].upper()
-                if verb == silent_at:
-                    await trio.sleep_forever()
-                if verb == b"EHLO":
-                    await stream.send_all(b"250-fake\r\n250 8BITMIME\r\n")
-                elif verb == b"DATA":
-                    in_data = True
-                    await stream.send_all(b"354 go\r\n")
-                elif verb == b"QUIT":
-                    await stream.send_all(b"221 bye\r\n")
-                    return
-                else:
-                    await stream.send_all(b"250 2.0.0 ok\r\n")
-    return handler
+    return dict(ehlo=["8BITMIME"], on={silent_at: stall()})
 
 
 async def _through(upstream_port, **timeouts):
@@ -104,9 +75,7 @@ async def test_upstream_reply_timeout_is_451_4_4_1(nursery):
 
 
 async def test_greeting_timeout_is_451_4_4_1(nursery):
-    async def silent(stream):
-        await trio.sleep_forever()
-    port = await nursery.start(_serve, silent)
+    port = await nursery.start(_serve, dict(session=Conn.stall))     # not even a greeting
     reply, logs = await _through(port)
     assert reply == (451, b"4.4.1 Upstream server unavailable")
     assert logs.of("upstream_error", reason="greeting timeout")

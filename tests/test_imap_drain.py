@@ -4,14 +4,14 @@ boundary, and nothing inside a response (SPEC §9, issue #14 item 8, issue #21 i
 from __future__ import annotations
 
 import imaplib
-from functools import partial
 
 import pytest
 import trio
 
 from gateway.proto.imap_boundary import ResponseBoundary
+from fake_upstream import ImapUpstream, serving
 from harness import client_context, in_thread, running_gateway
-from test_imap_gateway import (T, FakeUpstream, dovecot, gateway_config,  # noqa: F401
+from test_imap_gateway import (T, dovecot, gateway_config,  # noqa: F401
                                imap_listener)
 
 BYE = b"* BYE [UNAVAILABLE] Server shutting down\r\n"
@@ -90,24 +90,21 @@ async def test_drain_says_bye_to_a_relayed_dovecot_session(dovecot, server_cert,
 async def test_drain_never_cuts_into_a_literal(server_cert):
     """The upstream stalls inside a literal: no BYE may be injected there; the session is
     closed without a word when shutdown_grace runs out."""
-    class Stalling(FakeUpstream):
-        async def handler(self, stream):
-            await stream.send_all(self.greeting)
-            buf = b""
-            while b"LOGIN" not in buf:
-                buf += await stream.receive_some(4096)
-            tag = buf.split(b" ", 1)[0]
-            await stream.send_all(tag + b" OK done\r\n")
-            while b"FETCH" not in buf:
-                buf += await stream.receive_some(4096)
-            await stream.send_all(b"* 1 FETCH (BODY[] {100}\r\n0123456789")
-            await trio.sleep_forever()
+    async def stall_in_a_literal(fake, stream):
+        await stream.send_all(fake.greeting)
+        buf = b""
+        while b"LOGIN" not in buf:
+            buf += await stream.receive_some(4096)
+        tag = buf.split(b" ", 1)[0]
+        await stream.send_all(tag + b" OK done\r\n")
+        while b"FETCH" not in buf:
+            buf += await stream.receive_some(4096)
+        await stream.send_all(b"* 1 FETCH (BODY[] {100}\r\n0123456789")
+        await trio.sleep_forever()
 
-    fake = Stalling(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
-    async with trio.open_nursery() as outer:
-        listeners = await outer.start(partial(trio.serve_tcp, fake.handler, 0,
-                                              host="127.0.0.1"))
-        up_port = listeners[0].socket.getsockname()[1]
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n",
+                        session=stall_in_a_literal)
+    async with serving(fake) as up_port:
         data = gateway_config(imap_listener("imap", up_port, client_tls="optional",
                                             upstream_tls="none"), server_cert)
         data["gateway"]["shutdown_grace"] = 1
@@ -127,6 +124,5 @@ async def test_drain_never_cuts_into_a_literal(server_cert):
                         got += chunk
                 except trio.BrokenResourceError:
                     pass
-        outer.cancel_scope.cancel()
     assert got.endswith(b"0123456789")
     assert b"BYE [UNAVAILABLE]" not in got

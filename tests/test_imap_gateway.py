@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from dovecot import DovecotInstance
+from fake_upstream import ImapUpstream, serving
 from harness import client_context, config_dict, in_thread, listener_dict, running_gateway
 from peers import instance_dir, openssl_s_client_starttls_async, parse_tls_version, require
 
-from gateway.native import scanner_py
 
 MESSAGE = (b"From: alice@example.test\r\nTo: alice@example.test\r\nSubject: gateway test\r\n"
            b"\r\nline one\r\n.dot line\r\n{5}\r\na LOGOUT\r\n\r\nend\r\n")
@@ -224,73 +224,16 @@ async def test_literal_password_is_not_executed(dovecot, server_cert):
     assert [e["result"] for e in logs.of("login")] == ["no", "ok"]
 
 
-# --- fake upstreams -----------------------------------------------------------------------------
+# --- fake upstreams (tests/fake_upstream.py) ----------------------------------------------------
 
-class FakeUpstream:
-    """A scripted IMAP server: `greeting` bytes, then `answers(tag, name)` for each command;
-    every byte it received is kept in `received` (literals are read as the reader does)."""
-
-    def __init__(self, greeting: bytes, *, starttls_answer: bytes | None = None,
-                 capabilities: bytes = b"IMAP4rev1 AUTH=PLAIN"):
-        self.greeting = greeting
-        self.starttls_answer = starttls_answer
-        self.capabilities = capabilities
-        self.received = bytearray()
-        self.connections = 0
-        self.port = None
-
-    async def handler(self, stream):
-        self.connections += 1
-        await stream.send_all(self.greeting)
-        buf = bytearray()
-        with trio.move_on_after(T):
-            while True:
-                while b"\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    self.received += data
-                    buf += data
-                i = buf.index(b"\n")
-                line, buf = bytes(buf[:i + 1]), buf[i + 1:]
-                n, plus = scanner_py.find_literal(line.rstrip(b"\r\n"))
-                while n >= 0:                       # read the literal and the rest
-                    if not plus:
-                        await stream.send_all(b"+ go\r\n")
-                    while len(buf) < n or b"\n" not in buf[n:]:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            return
-                        self.received += data
-                        buf += data
-                    j = buf.index(b"\n", n)
-                    rest, buf = bytes(buf[n:j + 1]), buf[j + 1:]
-                    n, plus = scanner_py.find_literal(rest.rstrip(b"\r\n"))
-                tag, _, rest = line.partition(b" ")
-                name = rest.split(b" ", 1)[0].strip().upper()
-                if name == b"STARTTLS" and self.starttls_answer is not None:
-                    await stream.send_all(self.starttls_answer.replace(b"TAG", tag))
-                elif name == b"CAPABILITY":
-                    await stream.send_all(b"* CAPABILITY " + self.capabilities + b"\r\n"
-                                          + tag + b" OK done\r\n")
-                elif name == b"LOGOUT":
-                    await stream.send_all(b"* BYE bye\r\n" + tag + b" OK done\r\n")
-                    return
-                else:
-                    await stream.send_all(tag + b" OK done\r\n")
-
-
-async def _with_fake(fake: FakeUpstream, server_cert, upstream_tls: str, talk, **extra):
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, fake.handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+async def _with_fake(fake: ImapUpstream, server_cert, upstream_tls: str, talk, **extra):
+    async with serving(fake) as port:
         kw = {"client_tls": "optional", **extra}
         data = gateway_config(imap_listener("imap", port, upstream_tls=upstream_tls, **kw),
                               server_cert)
         async with running_gateway(data) as (gw, logs):
             with trio.fail_after(30):
                 result = await in_thread(talk, gw.addresses["imap"][1])
-        nursery.cancel_scope.cancel()
     return result, logs
 
 
@@ -303,12 +246,12 @@ def _plain_login(port):
 
 
 @pytest.mark.parametrize("fake,reason", [
-    (FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
+    (ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
                   starttls_answer=b"TAG OK\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"),
      b"TLS handshake with upstream failed"),
-    (FakeUpstream(b"* PREAUTH [CAPABILITY IMAP4rev1] fake\r\n"),
+    (ImapUpstream(b"* PREAUTH [CAPABILITY IMAP4rev1] fake\r\n"),
      b"TLS is required, but was not offered by host"),
-    (FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n"),
+    (ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n"),
      b"TLS is required, but was not offered by host"),
 ], ids=["response-injection", "preauth", "no-starttls"])
 async def test_bad_upstreams_refused_under_required(fake, reason, server_cert):
@@ -321,7 +264,7 @@ async def test_bad_upstreams_refused_under_required(fake, reason, server_cert):
 
 
 async def test_untagged_data_after_starttls_aborts(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
                         starttls_answer=b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"
                                         b"TAG OK go\r\n")
     answer, logs = await _with_fake(fake, server_cert, "required", _plain_login)
@@ -330,7 +273,7 @@ async def test_untagged_data_after_starttls_aborts(server_cert):
 
 
 async def test_literal_reaches_upstream_as_literal_and_id_forwarded(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 ID AUTH=PLAIN] fake\r\n")
     password = b"x\r\nb LOGOUT\r\n"
 
     def talk(port):
@@ -354,7 +297,7 @@ async def test_literal_reaches_upstream_as_literal_and_id_forwarded(server_cert)
 
 async def test_authenticate_plain_with_continuation_relays(server_cert):
     import base64
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] fake\r\n")
     ir = base64.b64encode(b"\0alice\0secret")
 
     def talk(port):
@@ -371,7 +314,7 @@ async def test_authenticate_plain_with_continuation_relays(server_cert):
 
 
 async def test_oversized_literal_before_login_gets_bad_and_is_not_read(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
 
     def talk(port):
         with socket.create_connection(("127.0.0.1", port), timeout=T) as raw:
@@ -389,7 +332,7 @@ async def test_oversized_literal_before_login_gets_bad_and_is_not_read(server_ce
 
 
 async def test_too_many_connections_bye(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
 
     def talk(port):
         with socket.create_connection(("127.0.0.1", port), timeout=T) as first:
@@ -406,7 +349,7 @@ async def test_too_many_connections_bye(server_cert):
 
 
 async def test_login_timeout_says_bye(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
 
     def talk(port):
         with socket.create_connection(("127.0.0.1", port), timeout=T) as raw:
@@ -422,7 +365,7 @@ async def test_login_timeout_says_bye(server_cert):
 
 
 async def test_verify_needs_a_client_certificate(server_cert, client_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
 
     def talk(port):
         anon = client_context(server_cert.ca)
@@ -442,7 +385,7 @@ async def test_verify_needs_a_client_certificate(server_cert, client_cert):
 
 
 async def test_preferred_falls_back_to_plaintext_after_refused_starttls(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] fake\r\n",
                         starttls_answer=b"TAG NO not today\r\n")
     answer, logs = await _with_fake(fake, server_cert, "preferred", _plain_login)
     assert answer == ("OK", [b"done"])
@@ -452,7 +395,7 @@ async def test_preferred_falls_back_to_plaintext_after_refused_starttls(server_c
 
 
 async def test_idle_timeout_after_login_says_bye(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
 
     def talk(port):
         with socket.create_connection(("127.0.0.1", port), timeout=T) as raw:
@@ -564,13 +507,11 @@ async def test_a_refusal_at_the_connect_stage_ends_the_session_with_bye(server_c
             return Verdict(Action.REFUSE, (554, "5.7.1 Go away"), label="milter_reject")
 
     monkeypatch.setattr(runtime, "milter_factories", lambda listener: (lambda s: Refusing(),))
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
     metrics = RecordingMetrics()
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, fake.handler, 0,
-                                                host="127.0.0.1"))
+    async with trio.open_nursery() as nursery, serving(fake) as up_port:
         config = parse_config(gateway_config(imap_listener(
-            "imap", listeners[0].socket.getsockname()[1], client_tls="optional",
+            "imap", up_port, client_tls="optional",
             upstream_tls="none"), server_cert))
         gw = await nursery.start(partial(serve, config, EventLog(fmt="json", stream=LogCapture()),
                                          state=WorkerState(metrics=metrics)))
@@ -586,11 +527,9 @@ async def test_a_refusal_at_the_connect_stage_ends_the_session_with_bye(server_c
 
 
 async def test_shutdown_says_bye_before_login(server_cert):
-    fake = FakeUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, fake.handler, 0,
-                                                host="127.0.0.1"))
-        data = gateway_config(imap_listener("imap", listeners[0].socket.getsockname()[1],
+    fake = ImapUpstream(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake\r\n")
+    async with serving(fake) as up_port:
+        data = gateway_config(imap_listener("imap", up_port,
                                             client_tls="optional", upstream_tls="none"),
                               server_cert)
         async with running_gateway(data) as (gw, logs):
@@ -603,5 +542,4 @@ async def test_shutdown_says_bye_before_login(server_cert):
                 rest = b""
                 while chunk := await stream.receive_some(4096):
                     rest += chunk
-        nursery.cancel_scope.cancel()
     assert rest == b"* BYE Server shutting down\r\n"

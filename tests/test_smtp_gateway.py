@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import smtplib
 import socket
-from functools import partial
 
 import pytest
 import trio
 
+from fake_upstream import scripted_upstream
 from harness import (client_context, config_dict, in_thread, listener_dict, raw_starttls,
                      running_gateway, running_sink, server_ssl_context, smtp_send)
 
@@ -400,41 +400,21 @@ async def test_over_max_connections_gets_421():
     assert out == b"421 4.7.0 Too many connections, try again later\r\n"
 
 
-async def _dropping_upstream(task_status=trio.TASK_STATUS_IGNORED):
-    """An upstream that accepts the envelope and DATA, then dies mid-message."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-
-    async def handle(stream):
-        await stream.send_all(b"220 drop.test ESMTP\r\n")
-        buf = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    await stream.send_all(b"250-drop.test\r\n250 PIPELINING\r\n")
-                elif verb == b"DATA":
-                    await stream.send_all(b"354 go ahead\r\n")
-                    await stream.receive_some(10)
-                    await stream.aclose()
-                    return
-                else:
-                    await stream.send_all(b"250 2.0.0 ok\r\n")
-    await trio.serve_listeners(handle, listeners)
+async def _drop_mid_message(conn, line):
+    """DATA: 354, then the upstream dies mid-message."""
+    await conn.send(b"354 go ahead\r\n")
+    await conn.receive_some(10)
+    await conn.close()
 
 
-async def test_upstream_lost_mid_message(nursery):
-    up_port = await nursery.start(_dropping_upstream)
-    data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
-    async with running_gateway(data) as (gw, logs):
-        port = gw.addresses["smtp"][1]
-        with trio.fail_after(30):
-            reply = await in_thread(lambda: smtp_send(port, body=b"x" * 300_000 + b"\r\n"))
+async def test_upstream_lost_mid_message():
+    async with scripted_upstream(on={b"DATA": _drop_mid_message}) as up:
+        data = config_dict([listener_dict(upstream_port=up.port, client_tls="none")])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(30):
+                reply = await in_thread(lambda: smtp_send(port,
+                                                          body=b"x" * 300_000 + b"\r\n"))
     assert reply == (451, b"4.4.2 Upstream connection lost")
     assert logs.of("message", result="tempfail")
 
@@ -460,36 +440,11 @@ async def test_upstream_refusal_of_mail_answers_every_rcpt(pipelining):
     """MAIL is replayed with the first RCPT (pipelined when the upstream offers PIPELINING);
     the upstream's refusal of MAIL answers that RCPT and every later one (SPEC §4.4), and
     without PIPELINING no RCPT follows the refused MAIL."""
-    received: list[bytes] = []
-
-    async def fake_upstream(stream):
-        await stream.send_all(b"220 fake.test ESMTP\r\n")
-        buf = b""
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                received.append(line)
-                verb = line.split(b" ")[0].upper()
-                if verb == b"EHLO":
-                    ext = b"250-PIPELINING\r\n" if pipelining else b""
-                    await stream.send_all(b"250-fake.test\r\n" + ext + b"250 8BITMIME\r\n")
-                elif verb == b"MAIL":
-                    await stream.send_all(b"550 5.7.1 Sender blocked here\r\n")
-                elif verb == b"QUIT":
-                    await stream.send_all(b"221 bye\r\n")
-                    return
-                else:
-                    await stream.send_all(b"503 5.5.1 Need MAIL\r\n")
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, fake_upstream, 0,
-                                                host="127.0.0.1"))
-        up_port = listeners[0].socket.getsockname()[1]
-        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+    need_mail = dict.fromkeys([b"RCPT", b"DATA", b"RSET", b"NOOP"], b"503 5.5.1 Need MAIL\r\n")
+    script = dict(ehlo=["PIPELINING", "8BITMIME"] if pipelining else ["8BITMIME"],
+                  on={b"MAIL": b"550 5.7.1 Sender blocked here\r\n", **need_mail})
+    async with scripted_upstream(**script) as up:
+        data = config_dict([listener_dict(upstream_port=up.port, client_tls="none")])
         async with running_gateway(data) as (gw, logs):
             port = gw.addresses["smtp"][1]
 
@@ -500,9 +455,8 @@ async def test_upstream_refusal_of_mail_answers_every_rcpt(pipelining):
                     return s.rcpt("bob@example.test"), s.rcpt("carol@example.test")
             with trio.fail_after(30):
                 first, second = await in_thread(session)
-        nursery.cancel_scope.cancel()
     assert first == second == (550, b"5.7.1 Sender blocked here")
-    verbs = [line.split(b" ")[0].split(b":")[0] for line in received]
+    verbs = [line.split(b" ")[0].split(b":")[0] for line in up.commands()]
     assert verbs.count(b"MAIL") == 1
     assert verbs.count(b"RCPT") == (1 if pipelining else 0)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import smtplib
 from contextlib import asynccontextmanager
-from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,7 @@ from gateway.policy.route import Route, destination_key, leg_key
 from gateway.relay.pool import UpstreamPool
 from gateway.relay.upstream import UpstreamSettings
 from gateway.serve.server import serve
+from fake_upstream import hang_up, scripted_upstream
 from harness import (LogCapture, config_dict, in_thread, listener_dict,
                      running_gateway, running_sink, server_ssl_context, smtp_send)
 
@@ -105,64 +105,27 @@ async def test_max_reuse_and_forward_client_limit_reuse():
     assert all(m.xclient.get("ADDR") == "127.0.0.1" for m in sink.messages[3:])
 
 
-async def _fake_upstream(stream, *, conns: list, close_after_message: bool,
-                         refuse_second_mail: bool):
-    """A PIPELINING upstream; optionally closes after each message, or answers a connection's
-    second MAIL with 421 and closes (it gave up on the idle connection)."""
-    conns.append(0)
-    me = len(conns) - 1
-    await stream.send_all(b"220 fake.test ESMTP\r\n")
-    buf, in_data = b"", False
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            return
-        buf += data
-        while b"\r\n" in buf:
-            line, buf = buf.split(b"\r\n", 1)
-            if in_data:
-                if line == b".":
-                    in_data = False
-                    conns[me] += 1
-                    await stream.send_all(b"250 2.0.0 queued\r\n")
-                    if close_after_message:
-                        await stream.aclose()
-                        return
-                continue
-            verb = line.split(b" ")[0].split(b":")[0].upper()
-            if verb == b"EHLO":
-                await stream.send_all(b"250-fake.test\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL":
-                if refuse_second_mail and conns[me] >= 1:
-                    await stream.send_all(b"421 4.4.2 fake.test idle too long\r\n")
-                    await stream.aclose()
-                    return
-                await stream.send_all(b"250 2.1.0 ok\r\n")
-            elif verb in (b"RCPT", b"RSET", b"NOOP"):
-                await stream.send_all(b"250 2.1.5 ok\r\n")
-            elif verb == b"DATA":
-                in_data = True
-                await stream.send_all(b"354 go\r\n")
-            elif verb == b"QUIT":
-                await stream.send_all(b"221 bye\r\n")
-                return
-            else:
-                await stream.send_all(b"502 5.5.2 what\r\n")
+async def _through_fake_upstream(*, close_after_message: bool, refuse_second_mail: bool
+                                 ) -> tuple[list, list, LogCapture]:
+    """Through a PIPELINING upstream that optionally closes after each message, or answers
+    a connection's second MAIL with 421 and closes (it gave up on the idle connection).
+    Returns the replies, each connection's message count and the logs."""
+    async def mail(conn, line):
+        if refuse_second_mail and conn.messages:
+            await hang_up(b"421 4.4.2 fake.test idle too long\r\n")(conn, line)
+        await conn.answer(line)
 
+    async def dot(conn, line):
+        await conn.answer(line)
+        if close_after_message:
+            await conn.close()
 
-async def _through_fake_upstream(**behaviour) -> tuple[list, list, LogCapture]:
-    conns: list = []
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(
-            trio.serve_tcp, partial(_fake_upstream, conns=conns, **behaviour), 0,
-            host="127.0.0.1"))
-        up_port = listeners[0].socket.getsockname()[1]
-        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+    async with scripted_upstream(on={b"MAIL": mail, b".": dot}) as up:
+        data = config_dict([listener_dict(upstream_port=up.port, client_tls="none")])
         async with running_gateway(data) as (gw, logs):
             with trio.fail_after(30):
                 replies = await _send_n(gw.addresses["smtp"][1], 2)
-        nursery.cancel_scope.cancel()
-    return replies, conns, logs
+    return replies, [len(c.messages) for c in up.connections], logs
 
 
 async def test_an_idle_connection_the_upstream_closed_is_not_reused():
@@ -207,71 +170,43 @@ MSG = b"Subject: hostile\r\n\r\nx\r\n"
 
 
 class _Script:
-    """A scripted hostile upstream (PIPELINING, answers everything). `seen[conn]` holds each
-    connection's command verbs as they arrive (b"." for a message's final dot). On connection
-    `conn` after its reply to `verb`, it writes `extra` unasked: in the same write as that
-    reply, or (`later`) in a write of its own once `poke` is set, then sets `sent`."""
+    """A scripted hostile upstream (PIPELINING, answers everything); `up.verbs(conn)` holds
+    each connection's command verbs as they arrive (b"." for a message's final dot). On
+    connection `conn` after its reply to `verb`, it writes `extra` unasked: in the same write
+    as that reply, or (`later`) in a write of its own once `poke` is set, then sets `sent`."""
 
     def __init__(self, conn: int, verb: bytes, extra: bytes, *, later: bool = False):
         self.conn, self.verb, self.extra, self.later = conn, verb, extra, later
-        self.seen: list[list[bytes]] = []
         self.poke = trio.Event()
         self.sent = trio.Event()
+        self.up = None
 
-    async def serve(self, stream) -> None:
-        self.seen.append([])
-        try:
-            await self._serve(stream, len(self.seen) - 1)
-        except trio.BrokenResourceError:          # the gateway dropped the connection
-            pass
+    async def hostile(self, conn, line) -> None:
+        if conn.index != self.conn:
+            await conn.answer(line)
+        elif not self.later:
+            await conn.send(conn.reply_for(line) + self.extra)
+        else:
+            await conn.answer(line)
+            await self.poke.wait()
+            await conn.send(self.extra)
+            self.sent.set()
 
-    async def _serve(self, stream, me: int) -> None:
-        await stream.send_all(b"220 fake.test ESMTP\r\n")
-        buf, in_data = b"", False
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                if in_data and line != b".":
-                    continue
-                verb = b"." if in_data else line.split(b" ")[0].split(b":")[0].upper()
-                in_data = False
-                self.seen[me].append(verb)
-                reply = {b"EHLO": b"250-fake.test\r\n250 PIPELINING\r\n",
-                         b"MAIL": b"250 2.1.0 ok\r\n", b"RCPT": b"250 2.1.5 ok\r\n",
-                         b"RSET": b"250 2.0.0 ok\r\n", b"NOOP": b"250 2.0.0 ok\r\n",
-                         b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n",
-                         b"QUIT": b"221 bye\r\n"}.get(verb, b"502 5.5.2 what\r\n")
-                in_data = verb == b"DATA"
-                hostile = (me, verb) == (self.conn, self.verb)
-                if hostile and not self.later:
-                    reply += self.extra
-                await stream.send_all(reply)
-                if verb == b"QUIT":
-                    return
-                if hostile and self.later:
-                    await self.poke.wait()
-                    await stream.send_all(self.extra)
-                    self.sent.set()
+    def seen(self, conn: int) -> list[bytes]:
+        return self.up.verbs(conn)
 
     def messages(self, conn: int) -> int:
-        return self.seen[conn].count(b".") if conn < len(self.seen) else 0
+        return self.seen(conn).count(b".")
 
 
 @asynccontextmanager
 async def _scripted(script: _Script):
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, script.serve, 0,
-                                                host="127.0.0.1"))
-        up_port = listeners[0].socket.getsockname()[1]
-        data = config_dict([listener_dict(upstream_port=up_port, client_tls="none")])
+    async with scripted_upstream(on={script.verb: script.hostile}) as up:
+        script.up = up
+        data = config_dict([listener_dict(upstream_port=up.port, client_tls="none")])
         async with running_gateway(data) as (gw, logs):
             with trio.fail_after(30):
                 yield gw.addresses["smtp"][1], logs
-        nursery.cancel_scope.cancel()
 
 
 def _wait(event: trio.Event) -> None:
@@ -303,7 +238,7 @@ async def test_a_stray_line_after_rcpt_never_answers_data(later):
     assert rcpt[0] == 250
     assert data == LOST
     assert again == {}
-    assert b"DATA" not in script.seen[0] and b"." not in script.seen[0]
+    assert b"DATA" not in script.seen(0) and b"." not in script.seen(0)
     assert script.messages(1) == 1
     [error] = logs.of("upstream_error")
     assert "unsolicited" in error["reason"] and error["code"] == 451
@@ -319,7 +254,7 @@ async def test_an_idle_pooled_leg_that_got_a_421_is_retired_not_reused():
         await script.sent.wait()
         second = await in_thread(lambda: smtp_send(port))
     assert first[0] == 250 and second[0] == 250
-    assert script.seen[0].count(b"MAIL") == 1 and script.messages(1) == 1
+    assert script.seen(0).count(b"MAIL") == 1 and script.messages(1) == 1
     assert [e.get("reused") for e in logs.of("upstream")] == [None, None]
 
 
@@ -340,7 +275,7 @@ async def test_bytes_between_transactions_retire_the_sessions_own_leg(extra):
     async with _scripted(script) as (port, logs):
         first, second = await in_thread(client, port)
     assert first == {} and second == {}
-    assert script.seen[0].count(b"MAIL") == 1 and script.messages(0) == 1
+    assert script.seen(0).count(b"MAIL") == 1 and script.messages(0) == 1
     assert script.messages(1) == 1
     assert logs.of("upstream_reuse_failed", reason="unsolicited")
 
