@@ -392,3 +392,30 @@ def test_few_places_compare_a_protocol_name():
     assert len(found) <= MAX_PROTOCOL_BRANCHES, (
         f"{len(found)} places compare a protocol name (at most {MAX_PROTOCOL_BRANCHES}; ask "
         "the protocol's capabilities instead):\n" + "\n".join(sorted(found)))
+
+
+SESSION_MODULES = ("relay/smtp_session.py", "relay/imap_session.py")
+SHARED_SESSION_METHODS = {"_handshake", "_flush", "_closed"}
+
+
+def _session_duplicates(sources: dict[str, str]) -> list[str]:
+    """What the SMTP and IMAP sessions still write twice: a session class not built on
+    `ClientSession`, or one defining a method that class shares."""
+    found = []
+    for rel, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Session"):
+                if "ClientSession" not in {ast.unparse(b) for b in node.bases}:
+                    found.append(f"{rel}: {node.name} is not a ClientSession")
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                            and item.name in SHARED_SESSION_METHODS:
+                        found.append(f"{rel}:{item.lineno}: {node.name}.{item.name}")
+    return found
+
+
+def test_the_sessions_share_their_client_leg():
+    """The client leg's handshake, sending the core's output and the session's end are
+    written once (relay/client_session.py), not in each protocol's session."""
+    found = _session_duplicates({rel: (PACKAGE / rel).read_text() for rel in SESSION_MODULES})
+    assert not found, "SMTP/IMAP session duplicates:\n" + "\n".join(found)
