@@ -22,6 +22,9 @@ The rules:
 - no module touches another object's underscore attribute (`x._attr` where x is not `self` or
   `cls`) outside the pyOpenSSL shim gateway/tls/_ossl.py: what a caller needs is the owner's
   public interface.
+- at most 2 places in gateway/ compare a listener's protocol with a protocol's name (`"smtp"`,
+  `Protocol.IMAP`, ...): the rest asks the protocol's capabilities (gateway.config.protocols)
+  or the serve-side dispatch (gateway.serve.protocols).
 """
 from __future__ import annotations
 
@@ -408,3 +411,83 @@ def test_no_private_attribute_of_another_object():
         for line, text in _private_accesses(ast.parse(path.read_text(), str(path))):
             found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
     assert not found, "private attributes of other objects:\n" + "\n".join(sorted(found))
+PROTOCOL_WORDS = {"smtp", "imap"}
+MAX_PROTOCOL_BRANCHES = 2
+
+
+def _protocol_named(node: ast.expr) -> bool:
+    """Is *node* a name or attribute named like a protocol (`protocol`, `lst.protocol`)?"""
+    name = (node.id if isinstance(node, ast.Name) else
+            node.attr if isinstance(node, ast.Attribute) else None)
+    return name is not None and (name == "protocol" or name.endswith("_protocol")
+                                 and name != "proxy_protocol")
+
+
+def _protocol_names(node: ast.expr) -> bool:
+    """Does *node* spell a protocol: a word (`"smtp"`), a member (`Protocol.IMAP`), or a
+    tuple/list/set holding one?"""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return any(isinstance(i, ast.Constant) and isinstance(i.value, str)
+               and i.value.lower() in PROTOCOL_WORDS
+               or isinstance(i, ast.Attribute) and i.attr.lower() in PROTOCOL_WORDS
+               for i in items)
+
+
+def _protocol_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_protocol_named(a) and _protocol_names(b) or
+                   _protocol_named(b) and _protocol_names(a)
+                   for a, b in zip(sides, sides[1:])):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Match) and _protocol_named(node.subject):
+            found.append((node.lineno, f"match {ast.unparse(node.subject)}"))
+    return found
+
+
+def test_the_protocol_scan_sees_comparisons():
+    tree = ast.parse('if lst.protocol == "imap" or "smtp" != protocol: pass\n'
+                     'ok = rt.listener.protocol is Protocol.SMTP\n'
+                     'also = listener.protocol in ("smtp",)\n'
+                     'fine = lst.proxy_protocol == "smtp" or listener.tls == "imap"\n'
+                     'match listener.protocol:\n    case _: pass\n')
+    assert sorted(line for line, _ in _protocol_comparisons(tree)) == [1, 1, 2, 3, 5]
+
+
+def test_few_places_compare_a_protocol_name():
+    found = []
+    for path in _sources().values():
+        for line, text in _protocol_comparisons(ast.parse(path.read_text(), str(path))):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
+    assert len(found) <= MAX_PROTOCOL_BRANCHES, (
+        f"{len(found)} places compare a protocol name (at most {MAX_PROTOCOL_BRANCHES}; ask "
+        "the protocol's capabilities instead):\n" + "\n".join(sorted(found)))
+
+
+SESSION_MODULES = ("relay/smtp_session.py", "relay/imap_session.py")
+SHARED_SESSION_METHODS = {"_handshake", "_flush", "_closed"}
+
+
+def _session_duplicates(sources: dict[str, str]) -> list[str]:
+    """What the SMTP and IMAP sessions still write twice: a session class not built on
+    `ClientSession`, or one defining a method that class shares."""
+    found = []
+    for rel, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Session"):
+                if "ClientSession" not in {ast.unparse(b) for b in node.bases}:
+                    found.append(f"{rel}: {node.name} is not a ClientSession")
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                            and item.name in SHARED_SESSION_METHODS:
+                        found.append(f"{rel}:{item.lineno}: {node.name}.{item.name}")
+    return found
+
+
+def test_the_sessions_share_their_client_leg():
+    """The client leg's handshake, sending the core's output and the session's end are
+    written once (relay/client_session.py), not in each protocol's session."""
+    found = _session_duplicates({rel: (PACKAGE / rel).read_text() for rel in SESSION_MODULES})
+    assert not found, "SMTP/IMAP session duplicates:\n" + "\n".join(found)

@@ -610,7 +610,7 @@ def test_ehlo_keywords_documented():
 
 
 _IMAP_FILES = {"proto/imap_server.py", "proto/imap_wire.py", "relay/imap_session.py",
-               "serve/server.py"}
+               "serve/protocols.py"}
 
 
 @functools.cache

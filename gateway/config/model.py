@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..levels import CipherGrade, ClientLevel, SenderEncryption, UpstreamLevel
+from .protocols import Protocol
 from ..tls.profiles import Profile
 
 
@@ -109,7 +110,7 @@ class Milter:
 @dataclass(frozen=True)
 class Listener:
     name: str
-    protocol: str                     # smtp | imap
+    protocol: Protocol                # smtp | imap: ask its capabilities, not its name
     host: str
     port: int
     upstream: Upstream
@@ -142,7 +143,7 @@ class Listener:
     milters: tuple[Milter, ...] = ()  # content filters, in order (SMTP only, §4.7)
 
     def __post_init__(self):
-        _as_levels(self, client_tls=ClientLevel)
+        _as_levels(self, client_tls=ClientLevel, protocol=Protocol)
 
     @property
     def offers_client_tls(self) -> bool:

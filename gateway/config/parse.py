@@ -21,6 +21,7 @@ from ..tls.profiles import PREDEFINED, Profile
 from .model import (Certificate, ClientRule, GatewayConfig, Listener, Milter, Rule, Timeouts,
                     Upstream)
 from .profiles import parse_profiles
+from .protocols import PROTOCOLS, Protocol
 from .table import NAME_RE, Collector, Table, describe, key_path, quoted
 from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_domain_pattern,
                      parse_hostport, parse_network)
@@ -29,7 +30,6 @@ from .values import (HOSTNAME_RE, format_hostport, is_ip, looks_like_ip, parse_d
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
 
-PROTOCOLS = ("smtp", "imap")
 LISTENER_TYPES = ("public", "private")
 LISTENER_TLS = ("starttls", "implicit", "off")
 CLIENT_LEVELS = tuple(ClientLevel)
@@ -350,7 +350,7 @@ def _listener_identity(t: Table, index: int, certificates, profiles,
         return name
 
     name = v(name_of, fallback=f"listeners[{index}]")
-    protocol = v(t.str, "protocol", "smtp", choices=PROTOCOLS, fallback="smtp")
+    protocol = Protocol(v(t.str, "protocol", "smtp", choices=PROTOCOLS, fallback="smtp"))
     ltype = v(t.str, "type", "public", choices=LISTENER_TYPES, fallback="public")
     host, port = v(lambda: parse_hostport(t.raw("bind"), t.p("bind"), port_zero_ok=True),
                    fallback=("", 0))
@@ -366,11 +366,11 @@ def _listener_identity(t: Table, index: int, certificates, profiles,
                 client_tls=level)
 
 
-def _listener_esmtp(t: Table, protocol: str, mode: str, level: ClientLevel,
+def _listener_esmtp(t: Table, protocol: Protocol, mode: str, level: ClientLevel,
                     errors: Collector, warnings: list[str]) -> bool:
     """`esmtp`: false takes STARTTLS away, so a client_tls that needs TLS is an error."""
     esmtp = errors.value(t.bool, "esmtp", True, fallback=True)
-    if protocol == "smtp" and mode == "starttls" and not esmtp:
+    if protocol.esmtp_switch and mode == "starttls" and not esmtp:
         if level.requires_tls:
             errors.errors.append(ConfigError(
                 t.p("esmtp"), f'esmtp = false offers no STARTTLS, so client_tls = "{level}" '
@@ -380,14 +380,14 @@ def _listener_esmtp(t: Table, protocol: str, mode: str, level: ClientLevel,
     return esmtp
 
 
-def _listener_auth(t: Table, protocol: str, level: ClientLevel,
+def _listener_auth(t: Table, protocol: Protocol, level: ClientLevel,
                    errors: Collector) -> tuple[str, tuple[str, ...]]:
     """`auth` and `auth_mechanisms`: SMTP only, and only where the client may have TLS."""
     auth = errors.value(t.str, "auth", "off", choices=AUTH_MODES, fallback="off")
     if auth != "off" and not level.offers_tls:
         errors.errors.append(ConfigError(t.p("auth"), f'auth = "{auth}" needs TLS; this '
                                                       'listener\'s client_tls is "none"'))
-    if auth != "off" and protocol != "smtp":
+    if auth != "off" and not protocol.takes_auth:
         errors.errors.append(ConfigError(t.p("auth"), "applies to SMTP listeners only (IMAP "
                                                       "relays its LOGIN/AUTHENTICATE already)"))
     mechs = errors.value(_auth_mechanisms, t, auth, fallback=("PLAIN",))
@@ -440,7 +440,7 @@ def _listener_upstream(t: Table, host: str, port: int, auth: str, certificates, 
     return upstream
 
 
-def _listener_rules(t: Table, protocol: str, mode: str, level: ClientLevel, profile,
+def _listener_rules(t: Table, protocol: Protocol, mode: str, level: ClientLevel, profile,
                     profile_name: str | None, upstream, errors: Collector) -> dict:
     """client_rules (narrowing the profile), encryption rules (SMTP only, read against the
     upstream), pregreet_wait and milters."""
@@ -452,7 +452,7 @@ def _listener_rules(t: Table, protocol: str, mode: str, level: ClientLevel, prof
                         for rt in v(t.tables, "client_rules", _CLIENT_RULE_KEYS, errors,
                                     fallback=[])]
     rule_tables = v(t.tables, "rules", _RULE_KEYS, errors, fallback=[])
-    if t.data.get("rules") and protocol != "smtp":
+    if t.data.get("rules") and not protocol.takes_rules:
         errors.errors.append(ConfigError(t.p("rules"), "encryption rules apply to SMTP "
                                                        "listeners only"))
     rules = [errors.attempt(_parse_rule, rt, upstream) for rt in rule_tables] \
@@ -485,10 +485,10 @@ def _listener_limits(t: Table, errors: Collector) -> dict:
     )
 
 
-def _parse_milters(t: Table, protocol: str) -> tuple[Milter, ...]:
+def _parse_milters(t: Table, protocol: Protocol) -> tuple[Milter, ...]:
     """`[[listeners.milters]]` in order (§4.7): SMTP only, names unique."""
     milter_tables = t.tables("milters", _MILTER_KEYS)
-    if milter_tables and protocol != "smtp":
+    if milter_tables and not protocol.takes_milters:
         raise ConfigError(t.p("milters"), "milters apply to SMTP listeners only")
     milters: list[Milter] = []
     for mt in milter_tables:
@@ -521,10 +521,10 @@ def _certificate_list(t: Table, certificates) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _pregreet_wait(t: Table, protocol: str, mode: str) -> float:
+def _pregreet_wait(t: Table, protocol: Protocol, mode: str) -> float:
     """`pregreet_wait` (§4.1): only where the greeting is plaintext SMTP."""
     wait = t.seconds("pregreet_wait", 0.0, zero_ok=True)
-    if wait and (protocol != "smtp" or mode == "implicit"):
+    if wait and (not protocol.takes_pregreet or mode == "implicit"):
         raise ConfigError(t.p("pregreet_wait"), "applies to SMTP listeners that greet in "
                                                 'plaintext (tls = "starttls" or "off")')
     return wait
@@ -550,7 +550,7 @@ def _parse_milter(t: Table) -> Milter:
         content_timeout=t.seconds("content_timeout", 300.0))
 
 
-def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: str,
+def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protocol: Protocol,
                        profile: Profile, profile_name: str) -> ClientRule:
     raw = t.str("match")
     by_network = looks_like_ip(raw.strip())
@@ -561,7 +561,7 @@ def _parse_client_rule(t: Table, mode: str, listener_level: ClientLevel, protoco
     if level is None and strength is None:
         raise ConfigError(t.path, "a client rule must set client_tls or cipher_strength")
     if not by_network:
-        if protocol != "smtp":
+        if not protocol.knows_sender:
             raise ConfigError(t.p("match"), "sender-domain rules apply to SMTP listeners only")
         if not listener_level.offers_tls:
             raise ConfigError(t.p("match"), "a sender-domain rule cannot apply on a listener "

@@ -136,7 +136,7 @@ def _client_rule(listener, rule) -> dict | None:
 def _listener(config, name: str):
     for listener in config.listeners:
         if listener.name == name:
-            if listener.protocol != "smtp":
+            if not listener.protocol.carries_messages:
                 raise QueryError(f"listener {name!r} is {listener.protocol}: gateway policy "
                                  "answers for SMTP listeners")
             return listener

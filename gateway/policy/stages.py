@@ -175,7 +175,7 @@ class StagePolicy:
     def __init__(self, listener, hooks: tuple[Hook, ...] = (), session_hooks: tuple = ()):
         self.listener = listener
         self.client_rules = ClientPolicy(listener)
-        self.encryption = EncryptionPolicy(listener) if listener.protocol == "smtp" else None
+        self.encryption = EncryptionPolicy(listener) if listener.protocol.takes_rules else None
         self.upstream_level = listener.upstream.tls
         self.destination = listener.upstream     # every route's, until §4.8's destinations
         # (level, rule, policy) -> (route, its verdict, its verdict with new_leg): built

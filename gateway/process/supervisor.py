@@ -49,7 +49,7 @@ class WorkerInfo:
     row: int
     started: float
     generation: int = 0
-    imap: tuple[int, ...] = ()     # the indices of its IMAP listeners
+    imap: tuple[int, ...] = ()     # its listeners whose sessions outlive a reload (IMAP)
     retiring: bool = False
     cut: bool = False              # retired, and told to end its IMAP sessions (the cap)
     killed: bool = False           # SIGKILLed for a stale heartbeat, not reaped yet
@@ -358,7 +358,8 @@ class Supervisor:
                     pass
             finally:
                 os._exit(code)
-        imap = tuple(i for i, lst in enumerate(self.config.listeners) if lst.protocol == "imap")
+        imap = tuple(i for i, lst in enumerate(self.config.listeners)
+                     if lst.protocol.outlives_reload)
         self.workers[pid] = WorkerInfo(pid, slot, row, time.monotonic(), self.generation, imap)
         self.counts.set_worker(row, pid, self.generation)
         self.counts.set_slot(slot, row)                # the slot's worker from now on

@@ -20,12 +20,13 @@ import trio
 
 from ..errors import TLSError
 from ..levels import ClientLevel
-from ..policy.stages import Facts
 from ..proto import imap_server as S
 from ..proto.imap_boundary import ResponseBoundary
 from .imap_upstream import IMAPUpstreamLeg
-from .tls_legs import accept_client_tls, fallback_logger, record_upstream_leg
-from .upstream import FAILURE_KINDS, UpstreamFailure
+from .client_session import ClientSession
+from .legs import report_leg_failure
+from .tls_legs import fallback_logger, record_upstream_leg
+from .upstream import UpstreamFailure
 
 _SHUTDOWN = object()
 BYE_UNAVAILABLE = b"* BYE [UNAVAILABLE] Server shutting down\r\n"   # a relayed session cut (§9)
@@ -37,27 +38,16 @@ def unavailable_text(reply: tuple[int, str]) -> str:
     return reply[1].split(" ", 1)[1] if " " in reply[1] else reply[1]
 
 
-class IMAPSession:
+class IMAPSession(ClientSession):
     def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
-        self.rt = rt
-        self.listener = rt.listener
-        self.stream = stream
-        self.client_addr = client_addr
-        self.log = log
-        self.conn_id = conn_id
-        self.metrics = rt.state.metrics
-        self.name = self.listener.name
-        # a rule by client network sets the level and cipher strength at connect time (§4.3)
-        self.facts = Facts(self.listener.name, client_addr[0], client_addr[1])
+        super().__init__(rt, stream, client_addr, log, conn_id)
+        # a rule by client network sets the level and cipher strength at connect time (§4.3);
         # every stage is decided there (policy/), as for SMTP
         self.policy = rt.stages.for_session(self)
         self.policy.client_level(self.facts, log)
         level = ClientLevel(self.facts.client_level)
-        self.tls = None
         self.leg: IMAPUpstreamLeg | None = None
         self.user: str | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self._deadline = 0.0
         self.core = S.IMAPServer(
             hostname=rt.hostname,
@@ -91,15 +81,7 @@ class IMAPSession:
             with trio.CancelScope(shield=True):
                 if self.leg is not None:
                     await self.leg.close()
-                with trio.move_on_after(1):
-                    try:
-                        await self.stream.aclose()
-                    except Exception:
-                        pass
-            duration = trio.current_time() - start
-            self.metrics.session_seconds.labels(self.name, "imap").observe(duration)
-            self.log.event("conn_close", duration=round(duration, 3), bytes_in=self.bytes_in,
-                           bytes_out=self.bytes_out, user=self.user or "")
+                await self._closed(start, user=self.user or "")
 
     async def _prelogin(self) -> None:
         core = self.core
@@ -161,12 +143,6 @@ class IMAPSession:
                 state.imap_idle_scopes.discard(drain_scope)
         return _SHUTDOWN
 
-    async def _flush(self) -> None:
-        out = self.core.data_to_send()
-        if out:
-            self.bytes_out += len(out)
-            await self.stream.send_all(out)
-
     def _rejected(self, line: str, label: str | None = None) -> None:
         """Log a refusal; count it under *label*, a policy verdict's (never from its text)."""
         tag, _, rest = line.partition(" ")
@@ -198,17 +174,6 @@ class IMAPSession:
             self.core.gate_login((f"{code} {text}", verdict.label))
         else:
             self.core.gate_login(None)
-
-    # --- TLS on the client leg --------------------------------------------------------------
-
-    async def _handshake(self) -> bool:
-        tls = await accept_client_tls(self.rt, self.stream, self.facts.cipher_strength,
-                                      self.log)
-        if tls is None:
-            return False
-        self.stream = tls
-        self.tls = self.facts.tls = tls.info
-        return True
 
     # --- login ------------------------------------------------------------------------------
 
@@ -246,13 +211,7 @@ class IMAPSession:
         return leg
 
     async def _leg_failed(self, failure: UpstreamFailure, user: str) -> None:
-        kind = FAILURE_KINDS.get(failure.reply, "other")
-        self.log.event("upstream_error", level="warning", reason=failure.reason,
-                       code="NO [UNAVAILABLE]")
-        self.metrics.upstream_errors_total.labels(self.name, kind).inc()
-        if failure.tls_required:
-            self.log.event("tls_alert", level="warning", user=user, reason=failure.reason)
-            self.metrics.tls_alerts_total.labels(self.name, kind).inc()
+        report_leg_failure(self.rt, self.log, failure, "NO [UNAVAILABLE]", user=user)
         if self.leg is not None:
             await self.leg.close()
             self.leg = None

@@ -5,7 +5,8 @@ there satisfies the route, else connected anew), replaying MAIL with the first R
 (once more on a new leg when a pooled one turns out dead), retiring a leg the upstream spoke
 on between transactions, giving it back to the pool or QUITting it, the AUTH binding (an
 authenticated leg is the session's alone, never pooled, and its loss ends the session), and
-reporting a failed leg (logged, counted, a TLS alert where the level required TLS).
+reporting a failed leg (logged, counted, a TLS alert where the level required TLS:
+`report_leg_failure`, which the IMAP session's leg reports with too).
 
 It decides no reply: the session answers the client (and the policy seam decides routes); a
 leg that failed is reported here and the caller answers with `failure.reply`.
@@ -133,18 +134,27 @@ class Legs:
         leg's loss ends the session (`bound_lost`): no credentials are kept to log in
         again (§4.6)."""
         rt = self.rt
-        name, metrics = rt.listener.name, rt.state.metrics
-        kind = FAILURE_KINDS.get(failure.reply, "other")
-        self.log.event("upstream_error", level="warning", reason=failure.reason,
-                       code=failure.reply[0])
-        metrics.upstream_errors_total.labels(name, kind).inc()
-        if failure.tls_required:
-            domains = sorted({r.rpartition("@")[2].lower() for r in rcpts})
-            self.log.event("tls_alert", level="warning", domains=",".join(domains),
-                           reason=failure.reason)
-            metrics.tls_alerts_total.labels(name, kind).inc()
-            if rt.alerts is not None:
-                rt.alerts.notify(domains, kind, failure.reason)
+        domains = sorted({r.rpartition("@")[2].lower() for r in rcpts}) \
+            if failure.tls_required else ()
+        kind = report_leg_failure(rt, self.log, failure, failure.reply[0],
+                                  domains=",".join(domains))
+        if failure.tls_required and rt.alerts is not None:
+            rt.alerts.notify(domains, kind, failure.reason)
         await self.drop()
         if self.bound:
             self.bound_lost = True
+
+
+def report_leg_failure(rt, log, failure, code, **alert) -> str:
+    """A leg that could not be had or was lost: the `upstream_error` event (with the *code*
+    the client is answered with) and its count; where the level required TLS, the
+    `tls_alert` event (with *alert*: the recipients' domains, the IMAP user) and its count
+    (§8). Returns the failure's kind (its metric label)."""
+    name, metrics = rt.listener.name, rt.state.metrics
+    kind = FAILURE_KINDS.get(failure.reply, "other")
+    log.event("upstream_error", level="warning", reason=failure.reason, code=code)
+    metrics.upstream_errors_total.labels(name, kind).inc()
+    if failure.tls_required:
+        log.event("tls_alert", level="warning", **alert, reason=failure.reason)
+        metrics.tls_alerts_total.labels(name, kind).inc()
+    return kind

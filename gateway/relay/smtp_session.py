@@ -24,29 +24,23 @@ import trio
 from ..observe.clock import per_second
 from ..errors import TLSError
 from ..levels import ClientLevel
-from ..policy.stages import Action, Facts, Verdict
+from ..policy.stages import Action, Verdict
 from ..proto import replies as R
 from ..proto import smtp_server as S
-from ..tls.stream import TLSStream
 from ..observe.tracking_log import TrackingRecord, now_rfc3339
 from .milter_data import HeldData
 from .streamed_data import StreamedData
-from .tls_legs import accept_client_tls
+from .client_session import ClientSession
 from .transaction import GATEWAY, Envelope, SessionTransaction, relayed
 from .upstream import UpstreamFailure, UpstreamLeg
 
 _SHUTDOWN = object()         # _receive(): the worker is draining and this session is idle
 
 
-class SMTPSession:
+class SMTPSession(ClientSession):
     def __init__(self, rt, stream, client_addr: tuple[str, int], log, conn_id: str):
-        self.rt = rt                    # ListenerRuntime (gateway.serve.runtime)
-        self.listener = rt.listener
-        self.stream = stream
-        self.client_addr = client_addr
-        self.log = log
-        self.conn_id = conn_id
-        self.facts = facts = Facts(self.listener.name, client_addr[0], client_addr[1])
+        super().__init__(rt, stream, client_addr, log, conn_id)
+        facts = self.facts
         # the transaction side: the upstream leg, the open envelope, the DATA clock, and
         # the policy every stage is decided by (policy/; with milters, this session's own
         # copy, whose hooks see the transaction, never this session)
@@ -58,12 +52,7 @@ class SMTPSession:
         # a rule by client network sets the level and cipher strength at connect time (§4.3)
         self.policy.client_level(facts, log)
         level = ClientLevel(facts.client_level)
-        self.metrics = rt.state.metrics
-        self.name = self.listener.name
         self.type = self.listener.type          # public / private: a label (§2, §11)
-        self.tls = None                 # client leg TLSInfo
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.messages = 0
         self._transactions = 0            # MAIL FROMs so far: the transactions' ids count them
         self._auth: _AuthExchange | None = None     # the SASL exchange in progress
@@ -109,16 +98,7 @@ class SMTPSession:
                 if self.tx.leg is not None:
                     with trio.move_on_after(2):
                         await self.tx.release(end_transaction=True)
-                with trio.move_on_after(1):
-                    try:
-                        await self.stream.aclose()
-                    except Exception:
-                        pass
-            duration = trio.current_time() - start
-            self.metrics.session_seconds.labels(self.name, "smtp").observe(duration)
-            self.log.event("conn_close", duration=round(duration, 3),
-                           bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                           messages=self.messages)
+                await self._closed(start, messages=self.messages)
 
     async def _loop(self) -> None:
         core = self.core
@@ -243,27 +223,7 @@ class SMTPSession:
             self._track_unsent(R.TIMEOUT)       # a message cut by the timeout ends here
         await self._flush()
 
-    async def _flush(self, last: bool = False) -> None:
-        """Send the core's replies; *last*: the session ends, so a TLS stream sends them
-        with its close_notify in one write and closes."""
-        out = self.core.data_to_send()
-        if out:
-            self.bytes_out += len(out)
-            if last and isinstance(self.stream, TLSStream):
-                await self.stream.aclose_after(out)
-            else:
-                await self.stream.send_all(out)
-
-    # --- TLS on the client leg --------------------------------------------------------------
-
-    async def _handshake(self) -> bool:
-        tls = await accept_client_tls(self.rt, self.stream, self.facts.cipher_strength,
-                                      self.log)
-        if tls is None:
-            return False
-        self.stream = tls
-        self.tls = self.facts.tls = tls.info
-        return True
+    # --- TLS on the client leg (the handshake: ClientSession._handshake) --------------------
 
     async def _on_StartTLS(self, event) -> None:
         self.core.respond(*R.READY_TLS)

@@ -148,14 +148,13 @@ def build_runtimes(config: GatewayConfig, log, state: WorkerState | None = None,
             helo_name=config.hostname, tls_context=client_ctx,
             connect_timeout=t.upstream_connect, reply_timeout=t.upstream_reply,
             data_done_timeout=t.upstream_data_done, forward_client=listener.forward_client,
-            pool_size=up.pool_size if listener.protocol == "smtp" else 0,
+            pool_size=up.pool_size if listener.protocol.pools_legs else 0,
             pool_idle=up.pool_idle, pool_max_reuse=up.pool_max_reuse,
             tls_resumption=config.profiles[up.profile].session_resumption,
             profile=up.profile, certificate=up.certificate,
             on_result=upstream_result_recorder(state.metrics, listener.name))
-        smtp = listener.protocol == "smtp"
         alerts = None
-        if smtp and config.alert_recipients:
+        if listener.protocol.carries_messages and config.alert_recipients:
             alerts = AlertMailer(
                 settings, sender=config.alert_sender or f"postmaster@{config.hostname}",
                 recipients=config.alert_recipients, hostname=config.hostname,
@@ -178,7 +177,7 @@ def start_metrics(metrics, config: GatewayConfig, tls_list: list[ListenerTLS]) -
     for listener in config.listeners:
         for reason in REJECT_REASONS:
             metrics.connections_rejected_total.labels(listener.name, listener.type, reason)
-        if listener.protocol == "smtp":
+        if listener.protocol.carries_messages:
             for result in MESSAGE_RESULTS:
                 metrics.messages_total.labels(listener.name, listener.type, result)
         for reason in TLS_ALERT_REASONS:

@@ -26,20 +26,13 @@ from ..net.proxy_protocol import is_trusted
 from ..net.proxy_stream import read_proxy_header
 from ..net.sockstream import LeanSocketStream
 from ..native.perip import address_key
-from ..proto import replies as R
-from ..relay.imap_session import IMAPSession
-from ..relay.smtp_session import SMTPSession
 from ..relay.watchdog import tick_for
+from .protocols import serving
 from .runtime import ListenerRuntime, WorkerState, build_runtimes
 
 
 RETIRE_IDLE = 2.0       # seconds: on a retired worker, an SMTP session silent that long
                         # outside a transaction is idle and answered 421 4.3.2 (SPEC §9)
-IMAP_TOO_MANY_CONNECTIONS = b"* BYE Too many connections\r\n"     # SPEC §2
-IMAP_TOO_MANY_FROM_ADDRESS = b"* BYE Too many connections from your address\r\n"
-# the IMAP answer to a connection-limit verdict, by its label
-_IMAP_LIMIT_REPLIES = {"max_connections": IMAP_TOO_MANY_CONNECTIONS,
-                       "per_ip": IMAP_TOO_MANY_FROM_ADDRESS}
 
 
 @dataclass
@@ -153,10 +146,8 @@ async def _session(rt: ListenerRuntime, stream: LeanSocketStream) -> None:
         with trio.CancelScope(deadline=session_deadline(rt)) as own:
             state.session_scopes[own] = rt
             try:
-                if rt.listener.protocol == "smtp":
-                    await SMTPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
-                else:
-                    await IMAPSession(rt, stream, (peer[0], peer[1]), log, conn_id).run()
+                session = serving(rt.listener).session
+                await session(rt, stream, (peer[0], peer[1]), log, conn_id).run()
             except Exception as exc:           # a bug in one session must not end the worker
                 log.event("session_error", level="error", message=repr(exc))
                 with trio.move_on_after(1) as scope:
@@ -177,8 +168,7 @@ async def _refuse(rt: ListenerRuntime, stream, verdict) -> None:
     with trio.move_on_after(5):
         if rt.listener.tls != "implicit":
             try:
-                await stream.send_all(R.render(*verdict.reply) if rt.listener.protocol == "smtp"
-                                      else _IMAP_LIMIT_REPLIES[verdict.label])
+                await stream.send_all(serving(rt.listener).refusal(verdict))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
     await stream.aclose()
@@ -240,7 +230,7 @@ async def serve(config: GatewayConfig, log, *, sockets=None, state: WorkerState 
         handlers.start_soon(reap)
         watch_scope = trio.CancelScope()        # cancelled once drained sessions are gone
         state.watchdog.start(handlers, tick_for(
-            [t for rt in runtimes if rt.listener.protocol == "smtp"
+            [t for rt in runtimes if serving(rt.listener).watched
              for t in (rt.listener.timeouts.command, rt.listener.timeouts.data)]), watch_scope)
         async with trio.open_nursery() as acceptors:
             gateway.accept_scope = acceptors.cancel_scope
@@ -285,7 +275,7 @@ def session_deadline(rt: ListenerRuntime) -> float:
     worker, an SMTP session when upstream_data_done has passed since the retirement, an IMAP
     one when its cut (reload_grace, the supervisor's cap) is shutdown_grace old."""
     state = rt.state
-    if rt.listener.protocol == "smtp":
+    if not rt.listener.protocol.outlives_reload:
         if state.retired_at is None:
             return math.inf
         return state.retired_at + rt.listener.timeouts.upstream_data_done
@@ -321,7 +311,7 @@ class Drain:
         state.retired_at = trio.current_time()
         state.drain_smtp(RETIRE_IDLE)
         for scope, rt in list(state.session_scopes.items()):
-            if rt.listener.protocol == "smtp":
+            if not rt.listener.protocol.outlives_reload:
                 scope.deadline = min(scope.deadline, session_deadline(rt))
         self.handlers.start_soon(self._reload_grace)
 
@@ -340,7 +330,7 @@ class Drain:
         state = self.state
         per_listener: dict[str, int] = {}
         for rt in state.session_scopes.values():
-            if rt.listener.protocol == "imap":
+            if rt.listener.protocol.outlives_reload:
                 per_listener[rt.listener.name] = per_listener.get(rt.listener.name, 0) + 1
         for name, n in per_listener.items():
             state.metrics.reload_sessions_cut_total.labels(name, reason).inc(n)
@@ -350,7 +340,7 @@ class Drain:
         state.imap_deadline = trio.current_time() + self.config.shutdown_grace
         state.drain_imap()
         for scope, rt in list(state.session_scopes.items()):
-            if rt.listener.protocol == "imap":
+            if rt.listener.protocol.outlives_reload:
                 scope.deadline = min(scope.deadline, state.imap_deadline)
 
     def shutdown(self) -> None:
