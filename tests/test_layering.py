@@ -376,6 +376,9 @@ PRIVATE_ACCESS_EXEMPT = {"gateway.tls._ossl"}
 # without running its parent's cleanup (atexit, buffered files, trio's state): the underscore
 # is the name of the function, not a private attribute.
 PRIVATE_ACCESS_ALLOWED = {("os", "_exit")}
+# An enum member's `_value_` is set in the enum's own __new__ (the documented way to give a
+# member a value besides its extra attributes): enum's "sunder" name, not a private one.
+SUNDER_ALLOWED = {"_value_"}
 
 
 def _private_accesses(tree: ast.AST) -> list[tuple[int, str]]:
@@ -385,7 +388,8 @@ def _private_accesses(tree: ast.AST) -> list[tuple[int, str]]:
         if not isinstance(node, ast.Attribute):
             continue
         attr, value = node.attr, node.value
-        if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+        if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")) \
+                or attr in SUNDER_ALLOWED:
             continue
         if isinstance(value, ast.Name) and (value.id in ("self", "cls")
                                             or (value.id, attr) in PRIVATE_ACCESS_ALLOWED):
