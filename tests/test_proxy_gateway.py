@@ -174,3 +174,19 @@ async def test_proxy_refusals_are_counted_under_the_spec_names(tmp_path):
     # the refused connections never became sessions; the trusted one did
     assert samples_of(after, "gateway_connections_total", listener="edge", type="private",
                       protocol="smtp") == [1]
+
+
+async def test_a_trusted_proxy_that_sends_no_header_is_closed_at_the_handshake_timeout():
+    """No PROXY header at all (a client that waits for a greeting): closed when the listener's
+    tls_handshake timeout passes, logged with a reason that says so (it used to end in
+    "bad PROXY header: " and nothing)."""
+    async with running_sink() as sink:
+        listener = _proxy_listener(sink.port)
+        listener["timeouts"] = {"tls_handshake": 0.5}
+        data = config_dict([listener])
+        async with running_gateway(data) as (gw, logs):
+            port = gw.addresses["smtp"][1]
+            with trio.fail_after(20):
+                greeting = await in_thread(_session_with_header, port, b"")
+    assert greeting == b""
+    assert logs.of("reject")[0]["reason"] == "bad PROXY header: timeout"

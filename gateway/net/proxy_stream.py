@@ -56,7 +56,8 @@ async def read_proxy_header(stream, peer, log, *, trusted_proxies, timeout: floa
                     raise ProxyHeaderError("connection closed before the PROXY header")
                 buf += data
     except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {exc or 'timeout'}")
+        why = "timeout" if isinstance(exc, trio.TooSlowError) else (str(exc) or "closed")
+        log.event("reject", level="warning", code=0, reason=f"bad PROXY header: {why}")
         rejected("proxy_malformed")
         return None
     info, used = parsed
