@@ -495,3 +495,36 @@ def test_the_sessions_share_their_client_leg():
     written once (relay/client_session.py), not in each protocol's session."""
     found = _session_duplicates({rel: (PACKAGE / rel).read_text() for rel in SESSION_MODULES})
     assert not found, "SMTP/IMAP session duplicates:\n" + "\n".join(found)
+
+
+# Where a session's upstream leg is opened: the leg-owning object (`relay.legs.Legs`), for a
+# route, with the pool, the failure report and the AUTH binding; the TLS alert mail opens its
+# own leg to its relay (serve/alerts.py), not a session's.
+LEG_OPENERS = {"gateway.relay.legs", "gateway.serve.alerts"}
+
+
+def _leg_openings(tree: ast.AST) -> list[tuple[int, str]]:
+    """Calls of `<Something>UpstreamLeg.open(...)`."""
+    return [(node.lineno, ast.unparse(node.func)) for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "open" and isinstance(node.func.value, ast.Name)
+            and node.func.value.id.endswith("UpstreamLeg")]
+
+
+def test_the_leg_scan_sees_openings():
+    tree = ast.parse("leg = await IMAPUpstreamLeg.open(u, level)\n"
+                     "other = await UpstreamLeg.open(u, level, client_addr=a)\n"
+                     "fine = await legs.open(route)\nf = open(path)\n")
+    assert _leg_openings(tree) == [(1, "IMAPUpstreamLeg.open"), (2, "UpstreamLeg.open")]
+
+
+def test_sessions_open_their_legs_through_legs():
+    """The SMTP and the IMAP session both hold their upstream leg through `Legs` (#22 item
+    2): no session opens an `UpstreamLeg`/`IMAPUpstreamLeg` itself."""
+    found = []
+    for name, path in _sources().items():
+        if name in LEG_OPENERS:
+            continue
+        for line, text in _leg_openings(ast.parse(path.read_text(), str(path))):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {text}")
+    assert not found, "upstream legs opened outside relay/legs.py:\n" + "\n".join(found)

@@ -367,6 +367,33 @@ async def test_pool_keys_a_leg_by_what_it_is_and_a_route_takes_what_satisfies_it
     assert pool.idle_count() == 5
 
 
+async def test_pool_size_bounds_the_idle_legs_per_destination_address():
+    """SPEC §4.8: `pool_size` bounds the idle legs per worker per destination address, not
+    per key: legs of two keys on one address (a TLS leg, a plaintext one; another SNI) share
+    the bound; a leg taken or expired frees its place; another address has its own."""
+    tls = SimpleNamespace(verified=False)
+    pool, s = UpstreamPool(), _settings(pool_size=2)
+    sni = _settings(pool_size=2, server_name="mx.other.test")     # same address, other key
+    plain, secure = _Leg(s), _Leg(s, "preferred", tls=tls)
+    assert leg_key(plain) != leg_key(secure)
+    assert pool.give(plain) and pool.give(secure)
+    assert not pool.give(_Leg(s, "preferred", tls=tls))           # a third on 127.0.0.1:25
+    assert not pool.give(_Leg(sni, "preferred", tls=tls))
+    other = _settings(pool_size=2, host="127.0.0.2")
+    assert pool.give(_Leg(other)) and pool.give(_Leg(other, "preferred", tls=tls))
+    assert pool.take(_route(s, "required"), s) is secure          # frees a place
+    again = _Leg(sni, "preferred", tls=tls)
+    assert pool.give(again)
+    assert not pool.give(_Leg(s))
+    async with trio.open_nursery() as nursery:
+        pool.nursery = nursery
+        pool._idle[leg_key(plain)][0] = (plain, trio.current_time() - 6)   # idle 6 s
+        pool.expire()                                              # frees another
+    assert plain.quitted
+    assert pool.give(_Leg(s)) and not pool.give(_Leg(s))
+    assert pool.idle_count() == 4
+
+
 async def test_pool_drops_dead_expired_and_worn_out_legs():
     pool, s = UpstreamPool(), _settings()
     dead = _Leg(s, alive=False)

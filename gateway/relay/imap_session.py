@@ -2,10 +2,13 @@
 
 Before login the session moves bytes between the client stream and `IMAPServer`, does the
 client-side TLS handshake (at once on an implicit listener, or when the core says STARTTLS),
-and at LOGIN/AUTHENTICATE opens the upstream leg (level per §3.2) and sends the credentials
-there. The whole pre-login phase is bounded by `imap_login` seconds. After a successful login
-both directions are relayed unparsed (IDLE, COMPRESS and every extension pass through) until
-either side closes or nothing moved for `imap_idle` seconds (then `* BYE Autologout`).
+and at LOGIN/AUTHENTICATE opens the upstream leg and sends the credentials there: the leg is
+the session's `Legs`' (`legs.Legs`, as an SMTP session's), for the policy's session route (the
+listener's upstream at `upstream.tls` resolved against the client leg, §3.2), never pooled (it
+carries the user's login, §5), a failure reported as SMTP's are. The whole pre-login phase is
+bounded by `imap_login` seconds. After a successful login both directions are relayed unparsed
+(IDLE, COMPRESS and every extension pass through) until either side closes or nothing moved for
+`imap_idle` seconds (then `* BYE Autologout`).
 
 Draining (SPEC §9): a session still before login gets `* BYE Server shutting down`; a relayed
 session gets `* BYE [UNAVAILABLE] Server shutting down` at the next point where the
@@ -24,8 +27,7 @@ from ..proto import imap_server as S
 from ..proto.imap_boundary import ResponseBoundary
 from .imap_upstream import IMAPUpstreamLeg
 from .client_session import ClientSession
-from .legs import report_leg_failure
-from .tls_legs import fallback_logger, record_upstream_leg
+from .legs import Legs
 from .upstream import UpstreamFailure
 
 _SHUTDOWN = object()
@@ -46,7 +48,7 @@ class IMAPSession(ClientSession):
         self.policy = rt.stages.for_session(self)
         self.policy.client_level(self.facts, log)
         level = ClientLevel(self.facts.client_level)
-        self.leg: IMAPUpstreamLeg | None = None
+        self.legs = Legs(rt, log, client_addr, IMAPUpstreamLeg)   # the upstream leg
         self.user: str | None = None
         self._deadline = 0.0
         self.core = S.IMAPServer(
@@ -73,14 +75,13 @@ class IMAPSession(ClientSession):
             self.core.greeting()
             await self._flush()
             await self._prelogin()
-            if self.core.logged_in and self.leg is not None:
+            if self.core.logged_in and self.legs.leg is not None:
                 await self._relay()
         except _BROKEN:
             pass
         finally:
             with trio.CancelScope(shield=True):
-                if self.leg is not None:
-                    await self.leg.close()
+                await self.legs.drop()
                 await self._closed(start, user=self.user or "")
 
     async def _prelogin(self) -> None:
@@ -179,14 +180,15 @@ class IMAPSession(ClientSession):
 
     async def _login(self, event: S.Login) -> None:
         user = event.user.decode("utf-8", "replace")
-        level = self.policy.session_leg_level(self.facts)
+        legs = self.legs
         try:
-            if self.leg is None or self.leg.closed:
+            leg = legs.leg
+            if leg is None or leg.closed:
                 await self._flush()
-                self.leg = await self._open_leg(level)
-            ok, untagged, tagged = await self.leg.login(event)
+                leg = await legs.open(self.policy.session_route(self.facts))
+            ok, untagged, tagged = await leg.login(event)
         except UpstreamFailure as failure:
-            await self._leg_failed(failure, user)
+            await legs.lost(failure, "NO [UNAVAILABLE]", user=user)
             text = unavailable_text(failure.reply)
             self.core.login_result(False, f"{event.tag} NO [UNAVAILABLE] {text}\r\n".encode())
             self.log.event("login", user=user, mechanism=event.mechanism, result="unavailable",
@@ -196,7 +198,6 @@ class IMAPSession(ClientSession):
         data = b"".join(r.raw for r in untagged)
         data += event.tag.encode() + tagged.raw[len(tagged.tag):]
         self.core.login_result(ok, data)
-        leg = self.leg
         self.log.event("login", user=user, mechanism=event.mechanism,
                        result="ok" if ok else tagged.kind.lower(),
                        client_tls=self.tls.version if self.tls else "none",
@@ -204,25 +205,13 @@ class IMAPSession(ClientSession):
         if ok:
             self.user = user
 
-    async def _open_leg(self, level: str) -> IMAPUpstreamLeg:
-        leg = await IMAPUpstreamLeg.open(self.rt.upstream, level, client_addr=self.client_addr,
-                                         on_tls_error=fallback_logger(self.rt, self.log))
-        record_upstream_leg(self.rt, self.log, leg, level)
-        return leg
-
-    async def _leg_failed(self, failure: UpstreamFailure, user: str) -> None:
-        report_leg_failure(self.rt, self.log, failure, "NO [UNAVAILABLE]", user=user)
-        if self.leg is not None:
-            await self.leg.close()
-            self.leg = None
-
     # --- after login ------------------------------------------------------------------------
 
     async def _relay(self) -> None:
         """Both directions unparsed until either side closes or imap_idle passes. A drain
         (shutdown, or a reload retiring this worker) ends the session with `* BYE
         [UNAVAILABLE]` when the server→client stream is between responses (SPEC §9)."""
-        leg = self.leg
+        leg = self.legs.leg
         idle = self.listener.timeouts.imap_idle
         to_upstream = self.core.take_trailing()
         to_client = leg.client.take_leftover()

@@ -1,12 +1,13 @@
-"""The upstream leg of one client SMTP session (SPEC §4.3, §4.4, §4.6, §6, §8).
+"""The upstream leg of one client session, SMTP or IMAP (SPEC §4.3, §4.4, §4.6, §5, §6, §8).
 
 `Legs` owns the session's leg: opening one for a route (taken from the worker's pool when one
-there satisfies the route, else connected anew), replaying MAIL with the first RCPT on it
-(once more on a new leg when a pooled one turns out dead), retiring a leg the upstream spoke
-on between transactions, giving it back to the pool or QUITting it, the AUTH binding (an
-authenticated leg is the session's alone, never pooled, and its loss ends the session), and
-reporting a failed leg (logged, counted, a TLS alert where the level required TLS:
-`report_leg_failure`, which the IMAP session's leg reports with too).
+there satisfies the route and the listener's protocol `pools_legs`, else connected anew, a leg
+of the session's type: `UpstreamLeg`, or the IMAP session's `IMAPUpstreamLeg`), replaying MAIL
+with the first RCPT on it (once more on a new leg when a pooled one turns out dead), retiring a
+leg the upstream spoke on between transactions, giving it back to the pool or QUITting it, the
+AUTH binding (an authenticated leg is the session's alone, never pooled, and its loss ends the
+session), and reporting a failed leg (logged, counted, a TLS alert where the level required
+TLS: `failed` for a transaction's recipients, `lost` for any leg, e.g. an IMAP login's).
 
 It decides no reply: the session answers the client (and the policy seam decides routes); a
 leg that failed is reported here and the caller answers with `failure.reply`.
@@ -18,10 +19,11 @@ from .upstream import FAILURE_KINDS, UpstreamFailure, UpstreamLeg
 
 
 class Legs:
-    def __init__(self, rt, log, client_addr: tuple[str, int]):
+    def __init__(self, rt, log, client_addr: tuple[str, int], leg_type=UpstreamLeg):
         self.rt = rt                    # ListenerRuntime (gateway.serve.runtime)
         self.log = log
         self.client_addr = client_addr
+        self.leg_type = leg_type        # the protocol's upstream leg (its `open`)
         self.leg: UpstreamLeg | None = None
         self.from_pool = False          # the leg came from the pool, no transaction yet
         self.bound = False              # an authenticated leg: this session's alone (§4.6)
@@ -29,11 +31,12 @@ class Legs:
 
     # --- opening ----------------------------------------------------------------------------
 
-    async def open(self, route, *, helo: str | None = None, pooled: bool = True
-                   ) -> UpstreamLeg:
-        """The session's leg for *route*: from the pool when one there satisfies it, else a
-        new one to the route's destination (today always the listener's upstream) at its
-        level; *helo* is the client's, for XCLIENT. UpstreamFailure when it can't be had."""
+    async def open(self, route, *, pooled: bool = True, **establish):
+        """The session's leg for *route*: from the pool when one there satisfies it (never
+        for a protocol whose legs carry a login: its `pool_size` is 0, serve/runtime.py),
+        else a new one to the route's destination (today always the listener's upstream)
+        at its level; *establish* goes to the leg's opening (SMTP:
+        `client_helo`, the client's, for XCLIENT). UpstreamFailure when it can't be had."""
         rt = self.rt
         level = route.level
         leg = rt.state.pool.take(route, rt.upstream) if pooled else None
@@ -41,9 +44,9 @@ class Legs:
             self.from_pool = True
             record_upstream_leg(rt, self.log, leg, level, reused=True)
         else:
-            leg = await UpstreamLeg.open(rt.upstream, level, client_addr=self.client_addr,
-                                         client_helo=helo,
-                                         on_tls_error=fallback_logger(rt, self.log))
+            leg = await self.leg_type.open(rt.upstream, level, client_addr=self.client_addr,
+                                           on_tls_error=fallback_logger(rt, self.log),
+                                           **establish)
             record_upstream_leg(rt, self.log, leg, level)
         self.leg = leg
         return leg
@@ -64,7 +67,7 @@ class Legs:
             return None
         return leg
 
-    async def start_transaction(self, mail, rcpt, route, *, helo: str | None = None):
+    async def start_transaction(self, mail, rcpt, route, **establish):
         """MAIL replayed with the first RCPT, pipelined where the upstream allows: (MAIL's
         reply, RCPT's reply or None). On a leg just taken from the pool, a failure or a 421
         to MAIL means the upstream gave up on the idle connection: once more on a new
@@ -81,7 +84,7 @@ class Legs:
         await leg.close()
         self.leg = None
         self.log.event("upstream_reuse_failed", level="debug")
-        leg = await self.open(route, helo=helo, pooled=False)
+        leg = await self.open(route, pooled=False, **establish)
         return await leg.start_transaction(mail, rcpt)
 
     def mail_for_upstream(self, mail):
@@ -136,13 +139,19 @@ class Legs:
         rt = self.rt
         domains = sorted({r.rpartition("@")[2].lower() for r in rcpts}) \
             if failure.tls_required else ()
-        kind = report_leg_failure(rt, self.log, failure, failure.reply[0],
-                                  domains=",".join(domains))
+        kind = await self.lost(failure, failure.reply[0], domains=",".join(domains))
         if failure.tls_required and rt.alerts is not None:
             rt.alerts.notify(domains, kind, failure.reason)
+
+    async def lost(self, failure: UpstreamFailure, code, **alert) -> str:
+        """The leg could not be had or was lost (`report_leg_failure`: *code* is what the
+        client is answered with, *alert* names whom the TLS alert is about); the leg is
+        closed and forgotten, a bound one's loss noted (`bound_lost`). Returns the kind."""
+        kind = report_leg_failure(self.rt, self.log, failure, code, **alert)
         await self.drop()
         if self.bound:
             self.bound_lost = True
+        return kind
 
 
 def report_leg_failure(rt, log, failure, code, **alert) -> str:

@@ -16,7 +16,9 @@ or a plaintext leg whose upstream offered no TLS, ...).
   after a 334, the client gone, an error, a success). That is the leg's own property
   (`UpstreamLeg.reusable()`, from the client core's `SMTPClient.reusable`), not a flag a
   session must remember to set.
-- At most `pool_size` idle legs per key; one more is closed with QUIT.
+- At most `pool_size` idle legs per destination address (SPEC §4.8), whatever their keys (a
+  TLS leg and a plaintext one, another SNI or profile to the same address share it); one more
+  is closed with QUIT.
 - A leg idle longer than `pool_idle` seconds is closed with QUIT (by `reap()`, or when met).
 - A leg is handed out only if nothing was heard since its last reply, neither in its parser
   nor on its socket (`leg.idle_and_alive()`): an upstream that closed it or said something (a
@@ -41,6 +43,7 @@ from ..policy.route import leg_key
 class UpstreamPool:
     def __init__(self) -> None:
         self._idle: dict[tuple, collections.deque] = {}
+        self._held: dict[tuple, int] = {}    # idle legs per destination address (host, port)
         self.nursery = None            # set by serve(): QUITs run there
         self.closed = False
 
@@ -72,6 +75,7 @@ class UpstreamPool:
         now = trio.current_time()
         while queue:
             leg, since = queue.pop()               # newest first
+            self._left(leg)
             if now - since > leg.settings.pool_idle:
                 self._dispose(leg, polite=True)
                 self._expire(queue, now, leg.settings.pool_idle)
@@ -91,17 +95,31 @@ class UpstreamPool:
         if (self.closed or not self.poolable(s) or not leg.reusable()
                 or leg.uses >= s.pool_max_reuse):
             return False
-        queue = self._idle.setdefault(leg_key(leg), collections.deque())
-        if len(queue) >= s.pool_size:
+        key = leg_key(leg)
+        address = key[:2]                            # (host, port): policy.route's key
+        held = self._held.get(address, 0)
+        if held >= s.pool_size:
             return False
-        queue.append((leg, trio.current_time()))
+        self._held[address] = held + 1
+        self._idle.setdefault(key, collections.deque()).append((leg, trio.current_time()))
         return True
+
+    def _left(self, leg) -> None:
+        """*leg* left the pool (taken, dropped, expired): its address' place is free."""
+        address = leg.dest_key[:2]
+        held = self._held[address] - 1
+        if held:
+            self._held[address] = held
+        else:
+            del self._held[address]
 
     # --- expiry -----------------------------------------------------------------------------
 
     def _expire(self, queue: collections.deque, now: float, limit: float) -> None:
         while queue and now - queue[0][1] > limit:      # oldest are on the left
-            self._dispose(queue.popleft()[0], polite=True)
+            leg = queue.popleft()[0]
+            self._left(leg)
+            self._dispose(leg, polite=True)
 
     def expire(self) -> None:
         """Close every leg idle for longer than its pool_idle."""
@@ -121,6 +139,7 @@ class UpstreamPool:
         self.closed = True
         legs = [leg for q in self._idle.values() for leg, _ in q]
         self._idle.clear()
+        self._held.clear()
         if not legs:
             return
         with trio.move_on_after(3):

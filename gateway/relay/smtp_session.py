@@ -323,7 +323,7 @@ class SMTPSession(ClientSession):
         try:
             if leg is None:
                 await self._flush()
-                leg = await legs.open(route, helo=self.core.helo)
+                leg = await legs.open(route, client_helo=self.core.helo)
             if "SMTPUTF8" in txn.mail.params:
                 verdict = self.policy.upstream_extensions(leg)
                 if verdict.refused:
@@ -366,7 +366,7 @@ class SMTPSession(ClientSession):
         legs = self.tx
         self._note_dsn({**txn.mail.params, **rcpt.params}, legs.leg)
         return await legs.start_transaction(legs.mail_for_upstream(txn.mail), rcpt, route,
-                                            helo=self.core.helo)
+                                            client_helo=self.core.helo)
 
     def _note_dsn(self, params: dict, leg: UpstreamLeg) -> None:
         """DSN parameters towards an upstream without DSN are dropped (it would refuse them)
@@ -432,7 +432,7 @@ class SMTPSession(ClientSession):
         route = self.policy.session_route(self.facts)
         try:
             await self._flush()
-            leg = await self.tx.open(route, helo=self.core.helo, pooled=False)
+            leg = await self.tx.open(route, client_helo=self.core.helo, pooled=False)
         except UpstreamFailure as failure:
             await self.tx.failed(failure, [])
             self._auth_done("error")
