@@ -305,6 +305,15 @@ def _data(s: smtplib.SMTP):
         return exc.smtp_code, exc.smtp_error
 
 
+def _one_transaction(port: int, *rcpts: str):
+    """One plaintext transaction from alice@client.test: each RCPT's reply, then DATA's."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo("client.test")
+        s.mail("alice@client.test")
+        replies = [s.rcpt(r) for r in rcpts]
+        return replies, _data(s)
+
+
 async def test_failed_required_recipient_holds_no_later_recipient_hostage():
     """§4.3: a recipient whose `required` leg could not be had (the upstream offers no
     STARTTLS) gets its own 451 4.7.5; the next recipient is decided on its own: a `preferred`
@@ -317,16 +326,10 @@ async def test_failed_required_recipient_holds_no_later_recipient_hostage():
                                           rules=rules)])
         async with running_gateway(data) as (gw, logs):
             port = gw.addresses["smtp"][1]
-
-            def session():
-                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-                    s.ehlo("client.test")
-                    s.mail("alice@client.test")
-                    replies = [s.rcpt(r) for r in ("bob@secure.test", "dave@secure.test",
-                                                   "carol@other.test", "erin@secure.test")]
-                    return replies, _data(s)
             with trio.fail_after(30):
-                replies, done = await in_thread(session)
+                replies, done = await in_thread(
+                    _one_transaction, port, "bob@secure.test", "dave@secure.test",
+                    "carol@other.test", "erin@secure.test")
                 assert done[0] == 250, (replies, done)
                 await sink.wait_for_messages(1)
     not_offered = (451, b"4.7.5 TLS is required, but was not offered by host")
@@ -348,16 +351,9 @@ async def test_preferred_recipient_on_plaintext_leg_then_required_gets_452():
                                           rules=rules)])
         async with running_gateway(data) as (gw, logs):
             port = gw.addresses["smtp"][1]
-
-            def session():
-                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-                    s.ehlo("client.test")
-                    s.mail("alice@client.test")
-                    first = s.rcpt("carol@other.test")
-                    second = s.rcpt("bob@secure.test")
-                    return first, second, _data(s)
             with trio.fail_after(30):
-                first, second, done = await in_thread(session)
+                (first, second), done = await in_thread(_one_transaction, port,
+                                                        "carol@other.test", "bob@secure.test")
                 assert done[0] == 250, (first, second, done)
                 await sink.wait_for_messages(1)
     assert first[0] == 250 and done[0] == 250
@@ -379,16 +375,9 @@ async def test_leg_with_no_accepted_recipient_is_replaced_for_the_next_one(upstr
                                           rules=rules)])
         async with running_gateway(data) as (gw, logs):
             port = gw.addresses["smtp"][1]
-
-            def session():
-                with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
-                    s.ehlo("client.test")
-                    s.mail("alice@client.test")
-                    first = s.rcpt("nobody@legacy.test")
-                    second = s.rcpt("bob@secure.test")
-                    return first, second, _data(s)
             with trio.fail_after(30):
-                first, second, done = await in_thread(session)
+                (first, second), done = await in_thread(_one_transaction, port,
+                                                        "nobody@legacy.test", "bob@secure.test")
                 assert done[0] == 250, (first, second, done)
                 await sink.wait_for_messages(1)
     assert first == (550, b"5.1.1 No such user")
