@@ -5,7 +5,6 @@ STARTTLS sink, an AUTH exchange, a policy refusal and a pregreet refusal. A quer
 not parse or returns nothing fails the test."""
 from __future__ import annotations
 
-import base64
 import json
 import re
 import smtplib
